@@ -1,0 +1,37 @@
+# sglang-fairkv: `make serve` and `make test` are all a new machine needs.
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.fairkv-installed
+MODEL   := models/SmolLM2-135M-Instruct/fairkv_model.json
+HOST    ?= 127.0.0.1
+PORT    ?= 30000
+ARGS    ?=
+PYTEST_ARGS ?=
+
+.PHONY: install model serve test test-fast bench clean
+
+install: $(STAMP) $(MODEL)
+
+$(STAMP): scripts/install.sh requirements/cpu.txt requirements/cuda.txt python/pyproject.toml
+	VENV=$(VENV) scripts/install.sh
+	@touch $@
+
+$(MODEL): $(STAMP)
+	$(PY) -m sglang_fairkv.embedded_model
+
+model: $(MODEL)
+
+serve: install
+	@echo "Serving on http://$(HOST):$(PORT) once 'The server is fired up' appears. Try:"
+	@echo "  curl -s http://$(HOST):$(PORT)/generate -H 'Content-Type: application/json' \\"
+	@echo "       -d '{\"text\": \"The capital of France is\", \"sampling_params\": {\"max_new_tokens\": 16, \"temperature\": 0}}'"
+	$(PY) -m sglang_fairkv.launch_server --host $(HOST) --port $(PORT) $(ARGS)
+
+test: install
+	$(PY) -m pytest test $(PYTEST_ARGS)
+
+test-fast: install
+	$(PY) -m pytest test -m "not server" $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) models

@@ -1,0 +1,31 @@
+"""Every ``FAIRKV_*`` environment variable the project reads, in one place.
+
+Read through these accessors, never with ``os.environ`` elsewhere in the package.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+#: The repository checkout this package runs from (editable install), or None for a wheel install.
+_PKG_DIR = Path(__file__).resolve().parent
+_REPO_DIR = _PKG_DIR.parents[1] if (_PKG_DIR.parents[1] / "Makefile").exists() else None
+
+
+def model_dir() -> Path:
+    """``FAIRKV_MODEL_DIR``: where local models are prepared.
+
+    Default: ``<repo>/models`` in a checkout, else ``~/.cache/sglang-fairkv/models``.
+    """
+    v = os.environ.get("FAIRKV_MODEL_DIR")
+    if v:
+        return Path(v)
+    if _REPO_DIR is not None:
+        return _REPO_DIR / "models"
+    return Path.home() / ".cache" / "sglang-fairkv" / "models"
+
+
+def force_cpu() -> bool:
+    """``FAIRKV_FORCE_CPU=1``: behave as on a machine without CUDA even when CUDA is present."""
+    return os.environ.get("FAIRKV_FORCE_CPU", "") == "1"

@@ -1,0 +1,133 @@
+"""Start and stop real ``python -m sglang_fairkv.launch_server`` processes for end-to-end tests.
+
+Every server runs in its own process group (``start_new_session``), so stopping it kills the
+launcher and every process SGLang spawned, also when a test fails (the fixtures stop in ``finally``).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def group_alive(pgid: int) -> bool:
+    """True while any process of process group ``pgid`` exists."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Server:
+    """One launch_server process group; use as a context manager."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None, port: int | None = None,
+                 startup_timeout: float = 240.0):
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.args = [*args, "--port", str(self.port)]
+        self.env = {**os.environ, **(env or {})}
+        self.startup_timeout = startup_timeout
+        self.log = tempfile.NamedTemporaryFile(prefix="fairkv-server-", suffix=".log", delete=False)
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "Server":
+        cmd = [sys.executable, "-m", "sglang_fairkv.launch_server", *self.args]
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=self.env,
+                                     cwd=REPO, start_new_session=True)
+        deadline = time.time() + self.startup_timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                if requests.get(self.url + "/health", timeout=5).status_code == 200:
+                    return self
+            except requests.RequestException:
+                pass
+            time.sleep(1.0)
+        self.stop()
+        raise TimeoutError(f"server not healthy after {self.startup_timeout}s:\n{self.log_tail()}")
+
+    def log_tail(self, n: int = 60) -> str:
+        self.log.flush()
+        return "\n".join(Path(self.log.name).read_text(errors="replace").splitlines()[-n:])
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM the whole process group, SIGKILL what is left; assert nothing survives."""
+        if self.proc is None:
+            return
+        pgid = self.proc.pid
+        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
+            if not group_alive(pgid):
+                break
+            try:
+                os.killpg(pgid, sig)
+            except ProcessLookupError:
+                break
+            deadline = time.time() + wait
+            while time.time() < deadline and group_alive(pgid):
+                try:
+                    self.proc.wait(timeout=0.2)
+                except subprocess.TimeoutExpired:
+                    pass
+        self.proc.wait(timeout=10)
+        assert not group_alive(pgid), f"processes of server group {pgid} survived SIGKILL"
+        self.proc = None
+
+    def __enter__(self) -> "Server":
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -- HTTP helpers -------------------------------------------------------------------------
+    def generate(self, payload: dict, timeout: float = 300.0) -> dict:
+        r = requests.post(self.url + "/generate", json=payload, timeout=timeout)
+        r.raise_for_status()
+        return r.json()
+
+    def greedy_ids(self, input_ids: list[int], max_new_tokens: int) -> list[int]:
+        out = self.generate({
+            "input_ids": input_ids,
+            "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0.0,
+                                "ignore_eos": True},
+        })
+        return out["output_ids"]
+
+
+def run_launcher(args: list[str], timeout: float = 180.0, env: dict | None = None):
+    """Run the launcher to completion (for bad-input tests); returns (rc, output, pgid_alive)."""
+    proc = subprocess.Popen([sys.executable, "-m", "sglang_fairkv.launch_server", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+                            env={**os.environ, **(env or {})}, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    time.sleep(0.5)
+    return proc.returncode, out, group_alive(proc.pid)

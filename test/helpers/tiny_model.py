@@ -1,0 +1,61 @@
+"""Tiny random Llama-family checkpoints built locally (no hub), with a locally trained BPE tokenizer.
+
+Weights are drawn with std ``init_std`` (default 0.1): at HF's 0.02 attention is nearly uniform and
+scores tie, which makes kept-token and greedy comparisons meaningless.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+WORDS = ("alpha beta gamma delta river stone cloud paris france capital seven eleven green blue "
+         "the a of and is to in key value needle haystack city north south east west").split()
+
+
+def build_tokenizer(vocab_size: int = 512, seed: int = 0):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    rng = random.Random(seed)
+    corpus = [" ".join(rng.choice(WORDS) + str(rng.randint(0, 99)) * (rng.random() < 0.2)
+                       for _ in range(40)) for _ in range(400)]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", pad_token="</s>")
+
+
+def build_llama(dest: Path, *, num_layers: int = 2, hidden: int = 128, num_heads: int = 4,
+                num_kv_heads: int = 2, head_dim: int = 32, intermediate: int = 256,
+                init_std: float = 0.1, seed: int = 0, arch: str = "llama") -> Path:
+    """Write a float32 checkpoint + tokenizer to ``dest`` (idempotent) and return it."""
+    dest = Path(dest)
+    if (dest / "config.json").exists():
+        return dest
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+    tok = build_tokenizer(seed=seed)
+    cls_cfg, cls_model = {"llama": (LlamaConfig, LlamaForCausalLM),
+                          "mistral": (MistralConfig, MistralForCausalLM)}[arch]
+    cfg = cls_cfg(vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate,
+                  num_hidden_layers=num_layers, num_attention_heads=num_heads,
+                  num_key_value_heads=num_kv_heads, head_dim=head_dim,
+                  max_position_embeddings=4096, tie_word_embeddings=False,
+                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                  pad_token_id=tok.pad_token_id, dtype="float32")
+    torch.manual_seed(seed)
+    model = cls_model(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, init_std)
+    dest.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(dest)
+    tok.save_pretrained(dest)
+    return dest

@@ -1,0 +1,81 @@
+"""End-to-end: the real server on CPU (embedded SmolLM2, float32), over HTTP."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import requests
+
+from helpers import hf_ref
+
+pytestmark = pytest.mark.server
+
+PROMPTS = [
+    "The capital of France is",
+    "Here is a short story about a robot who learns to paint:",
+    "def fibonacci(n):\n    ",
+]
+
+
+def test_health_and_model_info(smollm2_server, smollm2_path):
+    assert requests.get(smollm2_server.url + "/health", timeout=10).status_code == 200
+    info = requests.get(smollm2_server.url + "/model_info", timeout=10).json()
+    assert info["model_path"] == str(smollm2_path)
+
+
+def test_generate_greedy_equals_hf_transformers(smollm2_server, smollm2_path):
+    tok, _ = hf_ref.load(str(smollm2_path))
+    for prompt in PROMPTS:
+        ids = tok(prompt)["input_ids"]
+        expected = hf_ref.greedy(str(smollm2_path), ids, 32)
+        got = smollm2_server.greedy_ids(ids, 32)
+        assert got == expected, f"prompt {prompt!r}: server {got} != HF {expected}"
+
+
+def test_generate_text_prompt(smollm2_server):
+    out = smollm2_server.generate({"text": "The capital of France is",
+                                   "sampling_params": {"max_new_tokens": 8, "temperature": 0}})
+    assert "Paris" in out["text"]
+
+
+def test_openai_chat_completion(smollm2_server):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=smollm2_server.url + "/v1", api_key="unused")
+    r = client.chat.completions.create(
+        model="default", temperature=0, max_tokens=32,
+        messages=[{"role": "user", "content": "What is the capital of France?"}])
+    assert "Paris" in r.choices[0].message.content
+    assert r.choices[0].finish_reason == "stop"  # stopped at <|im_end|>, the fixed eos
+
+
+def test_frontend_language_program(smollm2_server):
+    import sglang as sgl
+
+    @sgl.function
+    def quiz(s, question):
+        s += sgl.user(question)
+        s += sgl.assistant(sgl.gen("answer", max_tokens=12, temperature=0))
+        s += sgl.user("Is Paris in France? Answer yes or no.")
+        s += sgl.assistant(sgl.select("verdict", choices=["yes", "no"]))
+
+    state = quiz.run(question="What is the capital of France?",
+                     backend=sgl.RuntimeEndpoint(smollm2_server.url))
+    assert "Paris" in state["answer"]
+    assert state["verdict"] == "yes"
+
+
+def test_bench_serving_random_ids(smollm2_server, tmp_path):
+    out = tmp_path / "bench.jsonl"
+    cmd = [sys.executable, "-m", "sglang.benchmark.serving", "--backend", "sglang",
+           "--dataset-name", "random-ids", "--num-prompts", "32", "--max-concurrency", "8",
+           "--random-input-len", "128", "--random-output-len", "16", "--seed", "1",
+           "--host", "127.0.0.1", "--port", str(smollm2_server.port), "--output-file", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text().splitlines()[-1])
+    assert result["completed"] == 32, result
+    assert result["total_output_tokens"] > 0
