@@ -183,10 +183,9 @@ def _wrap_around(heads: list[int], a: np.ndarray, ranks: list[int], c_head: floa
                 remaining -= avail
             idx, load = idx + 1, 0.0  # rank full (or leftover too small to be worth a copy)
         if a[h] > 0:
-            out[h] = [(r, x / a[h]) for r, x in parts if x > 0] or [(parts[-1][0], 1.0)]
+            out[h] = [(r, float(x / a[h])) for r, x in parts if x > 0] or [(parts[-1][0], 1.0)]
         else:
             out[h] = [(parts[0][0], 1.0)]
-        # merge (can only repeat the same rank if wrap-around stayed there)
     return out
 
 
