@@ -1,0 +1,12 @@
+"""Per-head KV compression: scoring (SnapKV) and budget allocation (uniform, AdaKV, PyramidKV,
+HeadKV static). Pure torch, device-agnostic; semantics of NVIDIA kvpress 0.5.5 where it has them.
+"""
+
+from .budgets import (load_head_budgets, n_kept_for_budget, n_kept_for_ratio, pyramid_layer_budget,
+                      select_adakv, select_per_head, select_uniform)
+from .snapkv import SnapKVScorer
+
+METHODS = ("snapkv", "adakv", "pyramidkv", "headkv")
+
+__all__ = ["SnapKVScorer", "METHODS", "load_head_budgets", "n_kept_for_budget", "n_kept_for_ratio",
+           "pyramid_layer_budget", "select_adakv", "select_per_head", "select_uniform"]

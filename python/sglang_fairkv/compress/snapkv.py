@@ -1,0 +1,71 @@
+"""SnapKV scoring (Li et al. 2024, arXiv 2404.14469): attention of the last ``window`` queries.
+
+Same semantics as NVIDIA kvpress 0.5.5 ``SnapKVPress.score``: softmax over all keys in float32
+(causal inside the window), mean over the window queries, ``avg_pool1d`` (``count_include_pad``)
+over positions, then a mean (or max) over the query heads of each KV head's GQA group; the window
+positions get ``max + 1`` so they are always kept.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+GQA_REDUCTIONS = ("mean", "max")
+
+
+@dataclass(frozen=True)
+class SnapKVScorer:
+    """``window``: observation window (last prompt tokens); ``kernel``: pooling width (odd)."""
+
+    window: int = 64
+    kernel: int = 5
+    gqa: str = "mean"
+
+    def __post_init__(self):
+        if self.window < 1:
+            raise ValueError(f"window must be >= 1, got {self.window}")
+        if self.kernel < 1 or self.kernel % 2 == 0:
+            raise ValueError(f"kernel must be a positive odd number, got {self.kernel}")
+        if self.gqa not in GQA_REDUCTIONS:
+            raise ValueError(f"gqa must be one of {GQA_REDUCTIONS}, got {self.gqa!r}")
+
+    def score(self, q_window: torch.Tensor, k: torch.Tensor, sm_scale: float | None = None) -> torch.Tensor:
+        """Importance of every prompt position for every KV head.
+
+        Parameters
+        ----------
+        q_window : [num_q_heads, window, head_dim], post-RoPE queries of the last ``window`` tokens.
+        k : [num_kv_heads, seq_len, head_dim], post-RoPE keys of the whole prompt
+            (``seq_len > window``).
+        sm_scale : softmax scale, default ``head_dim ** -0.5``.
+
+        Returns
+        -------
+        scores : float32 [num_kv_heads, seq_len]; the last ``window`` positions hold ``max + 1``.
+        """
+        hq, w, d = q_window.shape
+        hkv, s, _ = k.shape
+        if w != self.window:
+            raise ValueError(f"q_window has {w} positions, scorer window is {self.window}")
+        if s <= w:
+            raise ValueError(f"prompt of {s} tokens must be longer than the window {w}")
+        if hq % hkv:
+            raise ValueError(f"{hq} query heads are not a multiple of {hkv} KV heads")
+        group = hq // hkv
+        scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
+        kk = k.repeat_interleave(group, dim=0)  # [hq, s, d]
+        logits = torch.matmul(q_window, kk.transpose(1, 2)) * scale  # [hq, w, s]
+        # causal mask inside the window: window query i sees keys < s - w + i + 1
+        mask = torch.triu(torch.full((w, s), float("-inf"), dtype=logits.dtype,
+                                     device=logits.device), diagonal=s - w + 1)
+        probs = torch.softmax(logits + mask, dim=-1, dtype=torch.float32).to(logits.dtype)
+        probs = probs[..., : s - w]  # [hq, w, s - w]
+        scores = probs.mean(dim=-2)  # [hq, s - w]
+        scores = F.avg_pool1d(scores, kernel_size=self.kernel, padding=self.kernel // 2, stride=1)
+        scores = scores.view(hkv, group, s - w)
+        scores = scores.mean(1) if self.gqa == "mean" else scores.amax(1)
+        return F.pad(scores, (0, w), value=scores.max().item() + 1).float()
