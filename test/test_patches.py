@@ -32,6 +32,13 @@ def test_pynccl_hook_forces_false_positional_and_keyword():
     assert kwargs["use_pynccl"] is False and len(args) == 3
 
 
+def _run_with_cpu_patches(code: str) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter set up like a CPU scheduler process."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "SGLANG_USE_CPU_ENGINE": "1",
+                               "PYTHONPATH": patches.cpu_pythonpath(os.environ.get("PYTHONPATH"))})
+
+
 def test_pynccl_hook_applies_to_sglang_and_is_verified():
     """The hook is installed on SGLang's real function, and a group built on CPU has no PyNccl."""
     code = (
@@ -49,9 +56,7 @@ def test_pynccl_hook_applies_to_sglang_and_is_verified():
         "    pass\n"
         "print(t, seen['use_pynccl'])\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "SGLANG_USE_CPU_ENGINE": "1",
-                              "PYTHONPATH": patches.cpu_pythonpath(os.environ.get("PYTHONPATH"))})
+    out = _run_with_cpu_patches(code)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().endswith("False"), out.stdout
     assert pynccl_cpu.TARGET in out.stdout
@@ -63,9 +68,7 @@ def test_unapplied_hook_refuses_to_start():
         "p.apply_process_patches(on_cpu=True, extra=[('sglang.srt.no_such_module.fn', "
         "lambda *a, **k: None, 'BEFORE')])\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "SGLANG_USE_CPU_ENGINE": "1",
-                              "PYTHONPATH": patches.cpu_pythonpath(os.environ.get("PYTHONPATH"))})
+    out = _run_with_cpu_patches(code)
     assert out.returncode != 0
     assert "did not apply to ['sglang.srt.no_such_module.fn']" in out.stderr
 

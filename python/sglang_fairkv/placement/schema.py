@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .jsonio import read_json, require_int
+
 FORMAT = "fairkv-plan/1"
 STRATEGIES = ("sha", "assign", "fairkv")
 SHARE_TOL = 1e-6
@@ -88,13 +90,8 @@ class Plan:
             raise PlanError(f"plan has {self.num_q_heads} query heads, model has {num_q_heads}")
 
 
-def _int(d: dict, key: str, where: str = "", lo: int = 1) -> int:
-    if key not in d:
-        raise PlanError(f"{where}missing field {key!r}")
-    v = d[key]
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-        raise PlanError(f"{where}{key} must be an integer >= {lo}, got {v!r}")
-    return v
+def _int(d: dict, key: str) -> int:
+    return require_int(d, key, PlanError)
 
 
 def plan_from_json(d: Any) -> Plan:
@@ -162,10 +159,4 @@ def plan_from_json(d: Any) -> Plan:
 
 def load_plan(path: str | Path) -> Plan:
     """Read and validate a plan file; raises :class:`PlanError` (also for unreadable JSON)."""
-    try:
-        d = json.loads(Path(path).read_text())
-    except OSError as e:
-        raise PlanError(f"cannot read {path}: {e.strerror}") from e
-    except json.JSONDecodeError as e:
-        raise PlanError(f"{path} is not valid JSON: {e}") from e
-    return plan_from_json(d)
+    return plan_from_json(read_json(path, PlanError))

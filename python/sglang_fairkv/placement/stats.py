@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from .jsonio import read_json, require_int
+
 FORMAT = "fairkv-stats/1"
 
 
@@ -87,14 +89,7 @@ class KVStats:
 
 
 def _int(d: dict, key: str, lo: int = 1, required: bool = True) -> int | None:
-    if key not in d:
-        if required:
-            raise StatsError(f"missing field {key!r}")
-        return None
-    v = d[key]
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-        raise StatsError(f"{key} must be an integer >= {lo}, got {v!r}")
-    return v
+    return require_int(d, key, StatsError, lo=lo, required=required)
 
 
 def _matrix(d: dict, key: str, layers: int, heads: int) -> np.ndarray:
@@ -142,13 +137,7 @@ def stats_from_json(d: Any) -> KVStats:
 
 def load_stats(path: str | Path) -> KVStats:
     """Read and validate a stats file; raises :class:`StatsError` (also for unreadable JSON)."""
-    try:
-        d = json.loads(Path(path).read_text())
-    except OSError as e:
-        raise StatsError(f"cannot read {path}: {e.strerror}") from e
-    except json.JSONDecodeError as e:
-        raise StatsError(f"{path} is not valid JSON: {e}") from e
-    return stats_from_json(d)
+    return stats_from_json(read_json(path, StatsError))
 
 
 # --- synthetic stats -------------------------------------------------------------------------
