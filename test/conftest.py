@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import os
 
-import pytest
+# Triton kernels are tested on CPU through its interpreter, which must be switched on before anything
+# imports triton (transformers does): once triton was imported in compiled mode, kernels decorated
+# later fail in the interpreter ("Cannot call @triton.jit'd outside of the scope of a kernel").
+# Servers and launchers started by the tests get an environment without it (helpers/server.py).
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib
 import math
-import os
 
 import pytest
 import torch
@@ -12,19 +11,10 @@ import torch
 
 @pytest.fixture(scope="module")
 def kern():
-    """The kernels module imported with TRITON_INTERPRET=1 (Triton reads it at decoration time);
-    the variable is restored afterwards so that servers started by other tests do not inherit it."""
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        mod = importlib.reload(importlib.import_module("sglang_fairkv.kernels.ragged_decode"))
-        assert mod.HAS_TRITON and mod._interpreting()
-        yield mod
-    finally:
-        if old is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = old
+    """The kernels module, interpreted: conftest.py sets TRITON_INTERPRET=1 before triton loads."""
+    mod = importlib.import_module("sglang_fairkv.kernels.ragged_decode")
+    assert mod.HAS_TRITON and mod._interpreting(), "TRITON_INTERPRET=1 must be set before import"
+    return mod
 
 
 def naive(q, k_pool, v_pool, indptr, indices, scale):

@@ -20,6 +20,13 @@ import requests
 REPO = Path(__file__).resolve().parents[2]
 
 
+def server_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The test process's environment for a server, without the test-only Triton interpreter."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(extra or {})
+    return env
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -45,7 +52,7 @@ class Server:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.args = [*args, "--port", str(self.port)]
-        self.env = {**os.environ, **(env or {})}
+        self.env = server_env(env)
         self.startup_timeout = startup_timeout
         self.log = tempfile.NamedTemporaryFile(prefix="fairkv-server-", suffix=".log", delete=False)
         self.proc: subprocess.Popen | None = None
@@ -122,7 +129,7 @@ def run_launcher(args: list[str], timeout: float = 180.0, env: dict | None = Non
     """Run the launcher to completion (for bad-input tests); returns (rc, output, pgid_alive)."""
     proc = subprocess.Popen([sys.executable, "-m", "sglang_fairkv.launch_server", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
-                            env={**os.environ, **(env or {})}, start_new_session=True)
+                            env=server_env(env), start_new_session=True)
     try:
         out, _ = proc.communicate(timeout=timeout)
     finally:
