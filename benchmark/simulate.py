@@ -9,7 +9,8 @@ several skews. Plans use the planner's cost model calibrated to the same measure
 (``simulator.plan_calibrated``); each plan runs at the largest batch its per-rank KV memory allows
 (cap 2048).
 Tables: (a) throughput gain over sha vs budget and TP, (b) ablation sha / assign / fairkv,
-(c) busy rate and gain vs copies per layer, (d) gain vs skew.
+(c) busy rate and gain vs copies per layer, (d) gain vs skew, (e) SmolLM2's measured AdaKV head
+skew mapped onto the large shapes.
 """
 
 from __future__ import annotations
@@ -17,16 +18,19 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from sglang_fairkv.placement import build_plan, synthetic_stats
+from sglang_fairkv.placement import build_plan, load_stats, synthetic_stats
+from sglang_fairkv.placement.stats import map_to_shape
 from sglang_fairkv.simulator import Calibration, max_batch, plan_calibrated, predict_throughput
 
 CAL = Path(__file__).resolve().parent / "calibration" / "h200-2026-11-26.json"
+#: Real AdaKV (ratio 0.75) kept-token stats of SmolLM2 on 6 long-context prompts (offline_stats).
+SMOL = Path(__file__).resolve().parent / "calibration" / "smollm2-adakv-r0.75.json"
 SHAPES = ("llama-3.3-70b", "mistral-small-24b")
 
 
-def run(cal, shape, tp, budget, conc, strategy, k=2, seed=0):
+def run(cal, shape, tp, budget, conc, strategy, k=2, seed=0, stats=None):
     """Plan with the cost model calibrated at sha's batch, then simulate at the plan's max batch."""
-    stats = synthetic_stats(shape, budget=budget, concentration=conc, seed=seed)
+    stats = stats or synthetic_stats(shape, budget=budget, concentration=conc, seed=seed)
     sha, _ = build_plan(stats, tp, "sha")
     b0 = max_batch(sha, stats, shape, cal)
     if b0 < 1:
@@ -81,6 +85,18 @@ def main() -> None:
             g[tp, "fairkv"] = run(cal, "llama-3.3-70b", tp, 1024, conc, "fairkv").tokens_per_s / base
         skew.append((conc, g))
         print(f"| {conc} | {g[4, 'assign']:.3f}x | {g[4, 'fairkv']:.3f}x | {g[8, 'fairkv']:.3f}x |")
+    print("\n(e) SmolLM2's measured AdaKV head skew mapped onto the large shapes (map_to_shape), K=2")
+    print("| shape | tp | budget | assign gain | fairkv gain | fairkv busy |")
+    print("|---|---|---|---|---|---|")
+    smol = load_stats(SMOL)
+    for shape in SHAPES:
+        for tp in (2, 4, 8):
+            for budget in (512, 2048):
+                st = map_to_shape(smol, shape, budget, seed=0)
+                res = {x: run(cal, shape, tp, budget, None, x, stats=st) for x in ("sha", "assign", "fairkv")}
+                base = res["sha"].tokens_per_s
+                print(f"| {shape} | {tp} | {budget} | {res['assign'].tokens_per_s / base:.3f}x | "
+                      f"{res['fairkv'].tokens_per_s / base:.3f}x | {res['fairkv'].busy_rate:.3f} |")
     try:
         import matplotlib
 

@@ -175,3 +175,25 @@ def synthetic_stats(shape: str, budget: float = 1024.0, concentration: float = 2
                    budget=budget, synthetic=True,
                    extra={"generator": "dirichlet", "concentration": concentration, "seed": seed,
                           "layer_skew": layer_skew})
+
+
+def map_to_shape(stats: KVStats, shape: str, budget: float, seed: int = 0) -> KVStats:
+    """Carry a measured head skew over to a larger model shape (labelled synthetic).
+
+    The source's relative head loads ``w[l][h] / mean_h w[l][h]`` are pooled over all layers; each
+    target layer draws its ``num_kv_heads`` relative loads from that pool (with replacement),
+    renormalised to mean 1 and scaled to ``budget`` tokens per head (AdaKV keeps a layer's total).
+    """
+    if shape not in SHAPES:
+        raise StatsError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
+    layers, q, kv, hd, hidden = SHAPES[shape]
+    m = stats.kv_len_mean
+    rel = (m / np.maximum(m.mean(axis=1, keepdims=True), 1e-9)).ravel()
+    rng = np.random.default_rng(seed)
+    draw = rng.choice(rel, size=(layers, kv), replace=True)
+    draw = draw / np.maximum(draw.mean(axis=1, keepdims=True), 1e-9)
+    return KVStats(model=f"mapped:{stats.model}->{shape}", num_layers=layers, num_q_heads=q,
+                   num_kv_heads=kv, head_dim=hd, hidden_size=hidden, kv_len_mean=draw * budget,
+                   method=stats.method, budget=budget, synthetic=True,
+                   extra={"generator": "map_to_shape", "source_model": stats.model,
+                          "source_samples": stats.samples, "seed": seed})

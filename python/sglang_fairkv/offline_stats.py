@@ -1,0 +1,106 @@
+"""``python -m sglang_fairkv.offline_stats``: per-head KV statistics from real compression, offline.
+
+Runs prompts through the model with Hugging Face transformers (CPU, float32), applies this project's
+compression (the same code as ``kvdump``) and writes ``fairkv-stats/1``: per (layer, KV head) the
+mean / std / quantiles of kept tokens per request. The engine-side profiler (issue 7) will produce
+the same file from served traffic; this offline path exists so that plans and the simulator can use
+a real model's head skew today.
+
+    python -m sglang_fairkv.offline_stats --model-path models/SmolLM2-135M-Instruct --method adakv \\
+        --ratio 0.75 --synthetic long-context --num-prompts 8 --out smollm2-adakv.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .placement.stats import KVStats
+
+PROG = "python -m sglang_fairkv.offline_stats"
+_WORDS = ("the river city stone north garden library window morning market bridge lantern harbor "
+          "orchard valley winter summer letter story music").split()
+
+
+def synthetic_long_context(tokenizer, n: int, length: int, seed: int = 0) -> list[list[int]]:
+    """``n`` needle-in-a-haystack prompts of about ``length`` tokens (generated locally)."""
+    rng = random.Random(seed)
+    prompts = []
+    for i in range(n):
+        sents = [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(6, 16))).capitalize() + "."
+                 for _ in range(length // 8)]
+        key = rng.randint(1000, 9999)
+        sents.insert(rng.randrange(len(sents)), f"The secret key of item {i} is {key}.")
+        ids = tokenizer(" ".join(sents) + f" Question: what is the secret key of item {i}?")["input_ids"]
+        prompts.append(ids[-length:])
+    return prompts
+
+
+def stats_from_counts(counts: np.ndarray, model: str, cfg, method: str, budget: float) -> KVStats:
+    """``counts``: int [prompts, layers, kv_heads] kept tokens -> :class:`KVStats`."""
+    q = np.quantile(counts, [0.1, 0.5, 0.9], axis=0)
+    return KVStats(model=model, num_layers=counts.shape[1], num_q_heads=cfg.num_attention_heads,
+                   num_kv_heads=cfg.num_key_value_heads,
+                   head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
+                   hidden_size=cfg.hidden_size, kv_len_mean=counts.mean(axis=0),
+                   kv_len_std=counts.std(axis=0), samples=int(counts.shape[0]), method=method,
+                   budget=budget, extra={"kv_len_p10": q[0].tolist(), "kv_len_p50": q[1].tolist(),
+                                         "kv_len_p90": q[2].tolist(), "source": "offline_stats"})
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-path", required=True)
+    p.add_argument("--method", choices=("snapkv", "adakv", "pyramidkv"), default="adakv")
+    p.add_argument("--ratio", type=float, required=True, help="kvpress compression_ratio")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompts", type=Path, help="JSON list of token-id lists")
+    src.add_argument("--synthetic", choices=("long-context",))
+    p.add_argument("--num-prompts", type=int, default=8)
+    p.add_argument("--prompt-len", type=int, default=1024)
+    p.add_argument("--window", type=int, default=64)
+    p.add_argument("--out", type=Path, required=True)
+    a = p.parse_args(argv)
+    try:
+        import torch
+        from tqdm import tqdm
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from .kvdump import capture_qk, kept_positions
+
+        model = AutoModelForCausalLM.from_pretrained(a.model_path, dtype=torch.float32).eval()
+        if a.prompts is not None:
+            prompts = json.loads(a.prompts.read_text())
+            if not isinstance(prompts, list) or not all(isinstance(x, list) for x in prompts):
+                raise ValueError(f"{a.prompts} must hold a JSON list of token-id lists")
+        else:
+            prompts = synthetic_long_context(AutoTokenizer.from_pretrained(a.model_path),
+                                             a.num_prompts, a.prompt_len)
+        counts = []
+        for ids in tqdm(prompts, desc="prompts", file=sys.stderr):
+            if len(ids) <= a.window:
+                raise ValueError(f"a prompt of {len(ids)} tokens is not longer than --window {a.window}")
+            kept = kept_positions(capture_qk(model, ids, a.window), a.method, ratio=a.ratio,
+                                  budget=None, window=a.window, kernel=5, alpha=0.2)
+            counts.append([[len(k) for k in layer] for layer in kept])
+    except (ValueError, OSError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    c = np.array(counts, dtype=np.float64)
+    mean_len = float(np.mean([len(x) for x in prompts]))
+    stats = stats_from_counts(c, str(a.model_path), model.config, a.method,
+                              budget=mean_len * (1 - a.ratio))
+    stats.save(a.out)
+    print(f"wrote {a.out}: {c.shape[0]} prompts, {c.shape[1]} layers x {c.shape[2]} KV heads, "
+          f"mean kept {c.mean():.1f} tokens per head")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
