@@ -22,7 +22,7 @@ from . import platform
 
 PROG = "python -m sglang_fairkv.launch_server"
 
-#: Defaults applied on CPU when the user did not give the flag: (flag, value or None for a switch).
+#: Defaults applied on CPU when the user did not give the flag: (flag, value).
 CPU_DEFAULTS: tuple[tuple[str, str], ...] = (
     ("--device", "cpu"),
     ("--attention-backend", "torch_native"),
