@@ -136,3 +136,12 @@ def test_zero_length_heads_are_placed():
     sol = solve_layer(np.array([0.0, 0.0, 500.0, 10.0]), 2, 1, 5.0)
     assert all(sol.replicas[h] for h in range(4))
     assert abs(sum(s for _, s in sol.replicas[0]) - 1) < 1e-12
+
+
+def test_node_limit_gives_a_valid_plan_and_a_true_lower_bound():
+    w = _instance(9, 16, conc=0.7)
+    exact = solve_layer(w, 8, 2, 50.0)
+    cut = solve_layer(w, 8, 2, 50.0, node_limit=1)
+    _check_valid(cut, w, 8, 2, 50.0)
+    assert not cut.optimal
+    assert cut.lower_bound <= exact.max_time + 1e-9 <= cut.max_time + 1e-9

@@ -113,6 +113,7 @@ def _solve_profile(p: np.ndarray, order: np.ndarray, sizes: tuple[int, ...], c_h
     lb = max(lb, _value(biggest, max(sizes), c_head))
     if lb >= best - EPS:
         return best, None, True
+    node_limit = max(node_limit, len(order) + 1)  # the first (greedy) dive always completes
     loads = [0.0] * m
     assign = [-1] * len(p)
     best_assign: list[int] | None = None
@@ -209,7 +210,6 @@ def solve_layer(w: np.ndarray, num_ranks: int, max_copies: int, c_head: float,
     p = c_head + a
     order = np.argsort(-p, kind="stable")
     best, best_sol, all_finished = np.inf, None, True
-    lower = np.inf
     for sizes in group_profiles(num_ranks, max_copies, len(w)):
         val, assign, finished = _solve_profile(p, order, sizes, c_head, best, node_limit)
         all_finished &= finished
@@ -230,10 +230,9 @@ def solve_layer(w: np.ndarray, num_ranks: int, max_copies: int, c_head: float,
         for h, parts in _wrap_around(heads, a, ranks, c_head, cap).items():
             replicas[h] = parts
     t = rank_times(replicas, w, num_ranks, c_head, c_token)
-    # Proven lower bound: the continuous relaxation with all copies spent (the tree bound) and the
-    # branch-and-bound value when it finished.
-    relax = (float(p.sum()) + c_head * min(max_copies, num_ranks - 1)) / num_ranks
-    lower = best if all_finished else min(best, relax)
+    # Proven lower bound: the branch-and-bound value when it finished, else the continuous
+    # relaxation (every head held once, its cost spread perfectly over the ranks).
+    lower = best if all_finished else min(best, float(p.sum()) / num_ranks)
     return LayerSolution(replicas=replicas, rank_time=t, optimal=all_finished, lower_bound=lower)
 
 
