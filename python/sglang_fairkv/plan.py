@@ -79,17 +79,11 @@ def plot(path: Path, stats, sha_plan, plan) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
-    from .placement.solver import rank_times
+    from .placement.metrics import rank_time_matrix
 
-    def loads(p):
-        cm = p.cost_model
-        return np.stack([rank_times(layer, stats.kv_len_mean[l], p.tp, cm["c_head"], cm["c_token"])
-                         for l, layer in enumerate(p.layers)])
-
-    panels = ([("sha (standard TP)", loads(sha_plan))] if sha_plan is not None else []) + \
-        [(f"{plan.strategy}", loads(plan))]
+    panels = ([("sha (standard TP)", rank_time_matrix(sha_plan, stats))] if sha_plan is not None else []) + \
+        [(f"{plan.strategy}", rank_time_matrix(plan, stats))]
     vmax = max(x.max() for _, x in panels)
     fig, axes = plt.subplots(1, len(panels) + 1, figsize=(5 * (len(panels) + 1), 6))
     for ax, (title, x) in zip(axes, panels):

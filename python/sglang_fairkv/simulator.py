@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -100,7 +100,6 @@ class Calibration:
     allreduce_GBps: float = 300.0  # assumed bus bandwidth
     mem_fraction: float = 0.9
     source: str = ""
-    fit_rows: tuple = field(default=(), repr=False)
 
     @classmethod
     def load(cls, path: str | Path, fit_plans: tuple[str, ...] = ("SHA", "LPT")) -> "Calibration":
@@ -110,8 +109,7 @@ class Calibration:
         rows = d["attention_tp_emulation"]["rows"]
         fit_rows = [r for r in rows if r["plan"] in fit_plans]
         return cls(attention=fit_attention(fit_rows), gemm_rows=tuple(d["decode_gemm"]["rows"]),
-                   hbm_GB=d["hbm_GB"], device=d["device"], source=d.get("source", ""),
-                   fit_rows=tuple(fit_rows))
+                   hbm_GB=d["hbm_GB"], device=d["device"], source=d.get("source", ""))
 
     def gemm_us(self, model: str, tp: int, batch: float) -> dict[str, float]:
         """Per-rank GEMM times of one layer at ``batch``: linear in log2(batch) between measured points

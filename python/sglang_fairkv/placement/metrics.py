@@ -16,6 +16,13 @@ def copy_weight_bytes(stats: KVStats, dtype_bytes: int = WEIGHT_BYTES) -> int:
     return (2 * stats.group_size + 2) * stats.head_dim * stats.hidden * dtype_bytes
 
 
+def rank_time_matrix(plan: Plan, stats: KVStats) -> np.ndarray:
+    """Cost-model time of every rank in every layer under the plan's own cost model, float64 [L, R]."""
+    c_head, c_token = plan.cost_model["c_head"], plan.cost_model["c_token"]
+    return np.stack([rank_times(layer, stats.kv_len_mean[l], plan.tp, c_head, c_token)
+                     for l, layer in enumerate(plan.layers)])
+
+
 def evaluate(plan: Plan, stats: KVStats, lower_bounds: list[float] | None = None) -> dict:
     """Cost-model metrics of ``plan`` on ``stats``.
 
@@ -26,9 +33,7 @@ def evaluate(plan: Plan, stats: KVStats, lower_bounds: list[float] | None = None
     attention critical path), ``copies``, ``extra_weight_bytes`` and, with ``lower_bounds``,
     ``optimality_gap`` = attention_time / sum(lower bounds) - 1.
     """
-    c_head, c_token = plan.cost_model["c_head"], plan.cost_model["c_token"]
-    times = np.stack([rank_times(layer, stats.kv_len_mean[l], plan.tp, c_head, c_token)
-                      for l, layer in enumerate(plan.layers)])  # [L, R]
+    times = rank_time_matrix(plan, stats)  # [L, R]
     mem = np.stack([rank_memory(layer, stats.kv_len_mean[l], plan.tp)
                     for l, layer in enumerate(plan.layers)]).sum(axis=0)  # [R]
     lmax, lmean = times.max(axis=1), times.mean(axis=1)

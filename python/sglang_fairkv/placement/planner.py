@@ -11,6 +11,8 @@ Steps (strategy ``fairkv``):
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from .cost import CostModel, default_cost_model
@@ -116,6 +118,4 @@ def build_plan(stats: KVStats, tp: int, strategy: str = "fairkv", cost: CostMode
                 cost_model={**cost.to_json(), "objective": objective,
                             "max_copies_per_layer": max_copies_per_layer if strategy == "fairkv" else 0},
                 layers=layers, num_q_heads=stats.num_q_heads)
-    m = evaluate(plan, stats, lbs if objective == "time" else None)
-    plan = Plan(**{**plan.__dict__, "predicted": m})
-    return plan, lbs
+    return replace(plan, predicted=evaluate(plan, stats, lbs if objective == "time" else None)), lbs
