@@ -29,3 +29,21 @@ def model_dir() -> Path:
 def force_cpu() -> bool:
     """``FAIRKV_FORCE_CPU=1``: behave as on a machine without CUDA even when CUDA is present."""
     return os.environ.get("FAIRKV_FORCE_CPU", "") == "1"
+
+
+def kv_compress_json() -> str | None:
+    """``FAIRKV_KV_COMPRESS``: the server's ``CompressConfig`` as JSON, set by ``launch_server`` when
+    the fairkv backend is on (scheduler processes are spawned: settings travel in the environment)."""
+    return os.environ.get("FAIRKV_KV_COMPRESS") or None
+
+
+def set_kv_compress_json(text: str) -> None:
+    os.environ["FAIRKV_KV_COMPRESS"] = text
+
+
+def kv_page_size() -> int:
+    """``FAIRKV_KV_PAGE_SIZE``: rows per page of the ragged pool (default 16)."""
+    v = os.environ.get("FAIRKV_KV_PAGE_SIZE", "16")
+    if not v.isdigit() or int(v) < 1:
+        raise ValueError(f"FAIRKV_KV_PAGE_SIZE must be a positive integer, got {v!r}")
+    return int(v)

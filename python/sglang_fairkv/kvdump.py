@@ -19,8 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .compress import (SnapKVScorer, n_kept_for_budget, n_kept_for_ratio, pyramid_layer_budget,
-                       select_adakv, select_per_head, select_uniform)
+from .compress.policy import CompressConfig, kept_for_layer
 
 PROG = "python -m sglang_fairkv.kvdump"
 
@@ -58,29 +57,14 @@ def kept_positions(qk: list[tuple[torch.Tensor, torch.Tensor]], method: str, *, 
                    budget: int | None, window: int, kernel: int, alpha: float,
                    head_budgets: torch.Tensor | None = None) -> list[list[torch.Tensor]]:
     """Kept positions per layer and KV head for the captured queries/keys (see module docstring)."""
-    scorer = SnapKVScorer(window=window, kernel=kernel)
-    seq_len = qk[0][1].shape[1]
     if ratio is None and budget is None and method != "headkv":
         raise ValueError("give --ratio or --budget")
-    n_kept = n_kept_for_ratio(seq_len, ratio) if ratio is not None else n_kept_for_budget(seq_len, budget or 1)
-    eff_ratio = ratio if ratio is not None else 1.0 - n_kept / seq_len
+    cfg = CompressConfig(method=method, ratio=ratio, budget=budget, window=window, kernel=kernel,
+                         alpha=alpha, head_budgets="<tensor>" if method == "headkv" else None)
     result = []
     for li, (q, k) in enumerate(qk):
-        if method != "headkv" and n_kept >= seq_len:
-            result.append([torch.arange(seq_len) for _ in range(k.shape[0])])
-            continue
-        scores = scorer.score(q, k)
-        if method == "snapkv":
-            result.append(select_uniform(scores, n_kept))
-        elif method == "adakv":
-            result.append(select_adakv(scores, n_kept, alpha))
-        elif method == "pyramidkv":
-            b = pyramid_layer_budget(li, len(qk), seq_len, eff_ratio, window)
-            result.append(select_uniform(scores, b))
-        elif method == "headkv":
-            result.append(select_per_head(scores, head_budgets[li]))
-        else:
-            raise ValueError(f"unknown method {method!r}")
+        kept = kept_for_layer(cfg, li, len(qk), q, k, head_budgets)
+        result.append(kept if kept is not None else [torch.arange(k.shape[1]) for _ in range(k.shape[0])])
     return result
 
 

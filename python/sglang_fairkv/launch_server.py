@@ -6,6 +6,12 @@ Accepts every ``python -m sglang.launch_server`` argument, plus the project's ow
   * on a machine without CUDA: the CPU engine environment and CPU defaults (``--device cpu
     --attention-backend torch_native --dtype float32 --max-total-tokens 16384``); flags you pass win;
   * every scheduler process runs :mod:`sglang_fairkv.worker` first (patches, registrations);
+  * ``--kv-compress none|snapkv|adakv|pyramidkv|headkv`` (with ``--kv-budget N`` or
+    ``--kv-compress-ratio R``, ``--kv-window``, ``--kv-pool-kernel``, ``--kv-alpha``,
+    ``--kv-head-budgets FILE``) serves through the ``fairkv`` attention backend over a ragged
+    per-(request, layer, KV head) pool; it turns off what cannot work with a compressed cache (radix
+    prefix sharing, overlap scheduling, CUDA graphs; logged) and rejects flags that cannot be turned
+    off, naming them;
   * bad input (unknown flag, missing model folder, port in use) stops with one clear line, exit 2.
 """
 
@@ -35,6 +41,43 @@ class UsageError(Exception):
     """Bad command-line input: reported as one line on stderr, exit code 2."""
 
 
+#: SGLang flags that cannot work with a compressed (ragged) KV cache: rejected when fairkv is on.
+FAIRKV_REJECTED_FLAGS: tuple[str, ...] = (
+    "--speculative-algorithm", "--enable-dp-attention", "--enable-mixed-chunk",
+    "--enable-hierarchical-cache", "--disaggregation-mode", "--enable-torch-compile",
+    "--enable-lora", "--enable-two-batch-overlap",
+)
+#: Added when fairkv is on (what the compressed cache needs), with the reason logged.
+FAIRKV_FORCED: tuple[tuple[tuple[str, ...], str], ...] = (
+    (("--disable-radix-cache",), "radix prefix sharing cannot share per-head compressed KV"),
+    (("--disable-overlap-schedule",), "segments are freed synchronously with the request"),
+    (("--cuda-graph-backend-decode", "disabled"), "the fairkv decode path is not graph-captured yet"),
+    (("--cuda-graph-backend-prefill", "disabled"), "the fairkv decode path is not graph-captured yet"),
+)
+
+
+def add_fairkv_args(parser: argparse.ArgumentParser) -> None:
+    """The project's own flags (KV compression through the fairkv backend)."""
+    g = parser.add_argument_group("sglang-fairkv KV compression")
+    g.add_argument("--kv-compress", choices=("none", "snapkv", "adakv", "pyramidkv", "headkv"),
+                   help="per-head KV compression through the fairkv backend (none = ragged pool, no "
+                        "compression)")
+    b = g.add_mutually_exclusive_group()
+    b.add_argument("--kv-budget", type=int, help="mean kept prompt tokens per KV head")
+    b.add_argument("--kv-compress-ratio", type=float,
+                   help="fraction of the prompt removed (kvpress compression_ratio)")
+    g.add_argument("--kv-window", type=int, default=64, help="SnapKV observation window (tokens)")
+    g.add_argument("--kv-pool-kernel", type=int, default=5, help="SnapKV avg-pool kernel (odd)")
+    g.add_argument("--kv-alpha", type=float, default=0.2, help="AdaKV safeguard fraction")
+    g.add_argument("--kv-head-budgets", help="HeadKV static budgets JSON {\"head_budgets\": [[layers][kv_heads]]}")
+
+
+def _fairkv_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, add_help=False, allow_abbrev=False)
+    add_fairkv_args(p)
+    return p
+
+
 @dataclass(frozen=True)
 class LaunchPlan:
     """What :func:`main` will run: SGLang's argv after defaults, and where."""
@@ -45,6 +88,8 @@ class LaunchPlan:
     host: str
     port: int
     tp_size: int
+    kv_compress_json: str | None = None
+    notes: tuple[str, ...] = ()
 
 
 def _given(argv: list[str], flag: str) -> bool:
@@ -66,7 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    from .integration import add_backend_choice
+
+    add_backend_choice()
     ServerArgs.add_cli_args(parser)
+    add_fairkv_args(parser)
     return parser
 
 
@@ -91,7 +140,12 @@ def plan_launch(argv: list[str], on_cpu: bool) -> LaunchPlan:
     ns, unknown = parser.parse_known_args(probe)
     if unknown:
         raise UsageError(f"unrecognized arguments: {' '.join(unknown)} (see {PROG} --help)")
-    out = list(argv)
+    fk, out = _fairkv_parser().parse_known_args(argv)
+    if fk.kv_compress is None and ns.attention_backend != "fairkv":
+        orphan = [f for f in ("--kv-budget", "--kv-compress-ratio", "--kv-window", "--kv-pool-kernel",
+                              "--kv-alpha", "--kv-head-budgets") if _given(argv, f)]
+        if orphan:
+            raise UsageError(f"{', '.join(orphan)} need --kv-compress")
     if not _given(out, "--model-path"):
         from . import embedded_model
 
@@ -102,6 +156,9 @@ def plan_launch(argv: list[str], on_cpu: bool) -> LaunchPlan:
             f"--model-path {model_path}: no such model folder (hub downloads are off; "
             "give a local Hugging Face folder)"
         )
+    cfg_json, notes = None, ()
+    if fk.kv_compress is not None or ns.attention_backend == "fairkv":
+        cfg_json, notes = _fairkv_setup(fk, ns, out, model_path)
     if on_cpu:
         for flag, value in CPU_DEFAULTS:
             if not _given(out, flag):
@@ -109,7 +166,51 @@ def plan_launch(argv: list[str], on_cpu: bool) -> LaunchPlan:
     host, port = ns.host, ns.port
     if port_in_use(host, port):
         raise UsageError(f"port {port} on {host} is already in use (choose another with --port)")
-    return LaunchPlan(out, on_cpu, model_path, host, port, ns.tp_size)
+    return LaunchPlan(out, on_cpu, model_path, host, port, ns.tp_size, cfg_json, notes)
+
+
+def _fairkv_setup(fk: argparse.Namespace, ns: argparse.Namespace, out: list[str],
+                  model_path: str) -> tuple[str, tuple[str, ...]]:
+    """Validate the compression flags, adjust SGLang's argv in place; returns (config JSON, notes)."""
+    from .compress.policy import CompressConfig, load_config_head_budgets
+
+    try:
+        cfg = CompressConfig(method=fk.kv_compress or "none", budget=fk.kv_budget,
+                             ratio=fk.kv_compress_ratio, window=fk.kv_window, kernel=fk.kv_pool_kernel,
+                             alpha=fk.kv_alpha, head_budgets=fk.kv_head_budgets)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if ns.attention_backend not in (None, "fairkv"):
+        raise UsageError(f"--kv-compress needs --attention-backend fairkv, got {ns.attention_backend}")
+    bad = [f for f in FAIRKV_REJECTED_FLAGS if _given(out, f)]
+    if (ns.pp_size or 1) > 1:
+        bad.append("--pp-size > 1")
+    if (ns.dp_size or 1) > 1:
+        bad.append("--dp-size > 1")
+    if (ns.page_size or 1) > 1:
+        bad.append("--page-size > 1 (the ragged pool pages itself: FAIRKV_KV_PAGE_SIZE)")
+    if bad:
+        raise UsageError(f"cannot be used with a compressed KV cache (--kv-compress): {', '.join(bad)}")
+    if ns.tp_size > 1 and cfg.method in ("adakv", "headkv"):
+        raise UsageError(f"--kv-compress {cfg.method} at --tp-size {ns.tp_size}: a layer's budget spans "
+                         "ranks; not supported yet (use snapkv / pyramidkv, or TP 1)")
+    if cfg.method == "headkv":
+        import json
+
+        try:
+            mc = json.loads((Path(model_path) / "config.json").read_text())
+            load_config_head_budgets(cfg, mc["num_hidden_layers"],
+                                     mc.get("num_key_value_heads", mc["num_attention_heads"]))
+        except (OSError, KeyError, ValueError) as e:
+            raise UsageError(f"--kv-head-budgets {cfg.head_budgets}: {e}") from None
+    notes = []
+    if not _given(out, "--attention-backend"):
+        out += ["--attention-backend", "fairkv"]
+    for flag_value, why in FAIRKV_FORCED:
+        if not _given(out, flag_value[0]):
+            out += list(flag_value)
+            notes.append(f"{' '.join(flag_value)}: {why}")
+    return cfg.to_json(), tuple(notes)
 
 
 def run(plan: LaunchPlan) -> None:
@@ -119,6 +220,14 @@ def run(plan: LaunchPlan) -> None:
 
     from .worker import run_scheduler_process
 
+    from . import env
+    from .integration import add_backend_choice
+
+    if plan.kv_compress_json is not None:
+        env.set_kv_compress_json(plan.kv_compress_json)
+        for note in plan.notes:
+            print(f"sglang-fairkv: {note}", file=sys.stderr)
+    add_backend_choice()
     server_args = prepare_server_args(plan.sglang_argv)
     server_args.resolve_once()
     launch_server(server_args, run_scheduler_process_func=run_scheduler_process)

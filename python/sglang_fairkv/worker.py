@@ -15,10 +15,12 @@ logger = logging.getLogger(__name__)
 
 def prepare_scheduler_process(server_args) -> list[str]:
     """Register and verify the project's SGLang hooks in this process; returns the hook targets."""
+    from . import integration
     from .patches import apply_process_patches
 
     on_cpu = str(getattr(server_args, "device", "")) == "cpu"
-    return apply_process_patches(on_cpu=on_cpu)
+    integration.register_backend()
+    return apply_process_patches(on_cpu=on_cpu, extra=integration.hook_triples())
 
 
 def run_scheduler_process(server_args, port_args, gpu_id, tp_rank, pp_rank, dp_rank, pipe_writer,

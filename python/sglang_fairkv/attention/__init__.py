@@ -1,0 +1,1 @@
+"""The ``fairkv`` SGLang attention backend over the ragged per-head KV pool."""

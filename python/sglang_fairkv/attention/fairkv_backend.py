@@ -1,0 +1,181 @@
+"""``--attention-backend fairkv``: SGLang attention over the ragged per-(request, layer, KV head) pool.
+
+Prefill (extend): each chunk's K/V are written into the request's segments, attention runs over the
+whole prefix (dense: before compression every segment of a request holds every position). When the
+chunk is the prompt's last, the layer is compressed right there: SnapKV scores from the window's
+post-RoPE queries against all prompt keys, budgets per ``CompressConfig``, the kept rows are compacted
+to the segment's front and the tail pages go back to the pool. Layer ``l``'s compression only changes
+what later decode steps read, so compressing inside the forward equals kvpress's post-prefill hook.
+
+Decode: one new row per segment (pages reserved for all layers once per step in
+``init_forward_metadata``), then ragged attention of each GQA group over its own segment:
+``attention.ragged_torch`` on CPU, the Triton kernel of ``kernels/ragged_decode.py`` on CUDA.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
+from torch.nn.functional import scaled_dot_product_attention
+
+from ..compress.policy import kept_for_layer
+from ..kv.sglang_pool import FairKVCache, FairKVState
+from .ragged_torch import ragged_decode_torch
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExtendMetadata:
+    """One prefill forward: per request ``req_pool_idx``, prefix and chunk lengths (tokens), and
+    whether the chunk completes the prompt (compress then)."""
+
+    req_pool_idx: list[int]
+    prefix_lens: list[int]
+    extend_lens: list[int]
+    seq_lens: list[int]
+    is_last: list[bool]
+
+
+@dataclass(frozen=True)
+class DecodeMetadata:
+    """One decode step: ``req_pool_idx`` int64 [b] and the row of each new token, int64 [b, L, H]."""
+
+    req_pool_idx: torch.Tensor
+    write_rows: torch.Tensor
+
+
+class FairKVAttnBackend(AttentionBackend):
+    """Ragged per-head attention; needs the fairkv pool (``FairKVCache``) built by our pool hook."""
+
+    def __init__(self, model_runner):
+        super().__init__()
+        pool = model_runner.token_to_kv_pool
+        if not isinstance(pool, FairKVCache):
+            raise RuntimeError("the fairkv attention backend needs the fairkv KV pool (start the server "
+                               "with python -m sglang_fairkv.launch_server)")
+        self.state: FairKVState = pool.state
+        self.pool = self.state.pool
+        self.device = model_runner.device
+        self.num_layers = self.pool.num_layers
+        self.use_kernel = torch.device(self.device).type == "cuda"
+        self.forward_metadata: ExtendMetadata | DecodeMetadata | None = None
+
+    # ---- metadata --------------------------------------------------------------------------
+    def init_forward_metadata(self, forward_batch):
+        mode = forward_batch.forward_mode
+        if mode.is_idle():
+            self.forward_metadata = None
+        elif mode.is_decode():
+            idx = forward_batch.req_pool_indices.to(self.pool.device, torch.int64)
+            self.forward_metadata = DecodeMetadata(idx, self.pool.append(idx))
+        elif mode.is_extend():
+            idx = forward_batch.req_pool_indices.tolist()
+            prefix = [int(x) for x in forward_batch.extend_prefix_lens_cpu]
+            ext = [int(x) for x in forward_batch.extend_seq_lens_cpu]
+            seq = [p + e for p, e in zip(prefix, ext)]
+            target = self.state.target_len[idx].tolist()
+            is_last = [t < 0 or s >= t for s, t in zip(seq, target)]
+            self.pool.extend(torch.tensor(idx, device=self.pool.device),
+                             torch.tensor(seq, device=self.pool.device))
+            self.forward_metadata = ExtendMetadata(idx, prefix, ext, seq, is_last)
+        else:
+            raise NotImplementedError(f"fairkv backend: forward mode {mode} is not supported")
+
+    def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int):
+        raise NotImplementedError("fairkv backend: CUDA graphs are not supported yet (--disable-cuda-graph)")
+
+    def get_cuda_graph_seq_len_fill_value(self):
+        return 1
+
+    def support_triton(self):
+        return False
+
+    # ---- prefill ---------------------------------------------------------------------------
+    def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
+        md: ExtendMetadata = self.forward_metadata
+        lid = layer.layer_id
+        hq, hkv, d = layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim
+        q_ = q.view(-1, hq, d)
+        o = torch.empty(q_.shape[0], hq, layer.v_head_dim, dtype=q.dtype, device=q.device)
+        k_ = k.view(-1, hkv, d) if k is not None else None
+        v_ = v.view(-1, hkv, layer.v_head_dim) if v is not None else None
+        start = 0
+        for i, r in enumerate(md.req_pool_idx):
+            pre, ext, sl = md.prefix_lens[i], md.extend_lens[i], md.seq_lens[i]
+            rows = self.pool.prefix_rows(r, lid, sl)  # [H, sl]
+            if save_kv_cache and k_ is not None:
+                new = rows[:, pre:sl]
+                self.pool.k_rows[new] = k_[start:start + ext].transpose(0, 1).to(self.pool.dtype)
+                self.pool.v_rows[new] = v_[start:start + ext].transpose(0, 1).to(self.pool.dtype)
+            kk = self.pool.k_rows[rows]  # [H, sl, D]
+            vv = self.pool.v_rows[rows]
+            q_req = q_[start:start + ext]  # [ext, Hq, D]
+            # SGLang torch_native's layout: queries padded to the full sequence, causal SDPA
+            q_full = q_req.new_empty(hq, sl, d)
+            q_full[:, pre:, :] = q_req.transpose(0, 1)
+            out = scaled_dot_product_attention(
+                q_full.unsqueeze(0), kk.unsqueeze(0).to(q.dtype), vv.unsqueeze(0).to(q.dtype),
+                is_causal=True, scale=layer.scaling, enable_gqa=hq != hkv).squeeze(0)
+            o[start:start + ext] = out[:, pre:, :].transpose(0, 1)
+            if self.state.cfg.enabled:
+                self._compress(r, lid, q_req, kk, md.is_last[i])
+            start += ext
+        return o.view(-1, hq * layer.v_head_dim)
+
+    def _compress(self, r: int, lid: int, q_req: torch.Tensor, k_all: torch.Tensor, last: bool) -> None:
+        """Stash the window queries of a non-final chunk, or compress layer ``lid`` of request ``r``.
+
+        ``q_req`` [ext, Hq, D] this chunk's queries; ``k_all`` [H, sl, D] every prompt key so far.
+        """
+        w = self.state.cfg.window
+        stash = self.state.q_stash.get(r)
+        prev = stash[lid] if stash is not None else None
+        q_tail = q_req[-w:] if prev is None or q_req.shape[0] >= w else torch.cat([prev, q_req])[-w:]
+        if not last:
+            if stash is None:
+                stash = self.state.q_stash[r] = [None] * self.num_layers
+            stash[lid] = q_tail.clone()
+            return
+        if q_tail.shape[0] == w:
+            kept = kept_for_layer(self.state.cfg, lid, self.num_layers, q_tail.transpose(0, 1), k_all,
+                                  self.state.head_budgets)
+            if kept is not None:
+                self.pool.compact(r, lid, kept)
+        if logger.isEnabledFor(logging.DEBUG):
+            self.state.kept_log.setdefault(r, []).append(int(self.pool.seg_len[r, lid].sum()))
+            if lid == self.num_layers - 1:
+                logger.debug("fairkv req_pool_idx %d: %d prompt tokens, kept per layer (all heads) %s",
+                             r, k_all.shape[1], self.state.kept_log.pop(r))
+        if lid == self.num_layers - 1:
+            self.state.q_stash.pop(r, None)
+
+    # ---- decode ----------------------------------------------------------------------------
+    def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
+        md: DecodeMetadata = self.forward_metadata
+        lid = layer.layer_id
+        hq, hkv, d = layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim
+        b = md.req_pool_idx.numel()
+        if save_kv_cache and k is not None:
+            rows = md.write_rows[:, lid, :].reshape(-1)
+            self.pool.k_rows[rows] = k.reshape(b * hkv, d).to(self.pool.dtype)
+            self.pool.v_rows[rows] = v.reshape(b * hkv, layer.v_head_dim).to(self.pool.dtype)
+        indptr, seg_rows = self.pool.flat_segments(md.req_pool_idx, lid)
+        qg = q.reshape(b * hkv, hq // hkv, d)
+        if self.use_kernel:
+            from ..kernels.ragged_decode import ragged_decode
+
+            out = ragged_decode(qg.to(self.pool.dtype), self.pool.k_rows, self.pool.v_rows, indptr,
+                                seg_rows, layer.scaling).to(q.dtype)
+        else:
+            out = ragged_decode_torch(qg, self.pool.k_rows, self.pool.v_rows, indptr, seg_rows,
+                                      layer.scaling)
+        return out.reshape(b, hq * layer.v_head_dim)
+
+
+def create_fairkv_backend(model_runner) -> FairKVAttnBackend:
+    """Factory for SGLang's attention registry (``register_attention_backend("fairkv")``)."""
+    return FairKVAttnBackend(model_runner)

@@ -1,0 +1,113 @@
+"""One compression setting for a server or a dump: which method, how much, and the per-layer choice.
+
+:class:`CompressConfig` is what ``--kv-compress ...`` parses into (frozen; JSON round trip so it can
+travel to SGLang's spawned scheduler processes through ``FAIRKV_KV_COMPRESS``).
+:func:`kept_for_layer` is the one place that turns one layer's window queries and prompt keys into
+kept positions per KV head; the server backend and ``kvdump`` both call it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .budgets import (load_head_budgets, n_kept_for_budget, n_kept_for_ratio, pyramid_layer_budget,
+                      select_adakv, select_per_head, select_uniform)
+from .snapkv import SnapKVScorer
+
+METHODS = ("none", "snapkv", "adakv", "pyramidkv", "headkv")
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """``budget``: mean kept tokens per head; ``ratio``: kvpress ``compression_ratio`` (one of them,
+    except for ``none`` and ``headkv``); ``head_budgets``: JSON file for ``headkv``."""
+
+    method: str = "none"
+    budget: int | None = None
+    ratio: float | None = None
+    window: int = 64
+    kernel: int = 5
+    alpha: float = 0.2
+    head_budgets: str | None = None
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"--kv-compress must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.budget is not None and self.ratio is not None:
+            raise ValueError("give --kv-budget or --kv-compress-ratio, not both")
+        if self.budget is not None and self.budget < 1:
+            raise ValueError(f"--kv-budget must be >= 1 token per head, got {self.budget}")
+        if self.ratio is not None and not 0.0 <= self.ratio < 1.0:
+            raise ValueError(f"--kv-compress-ratio must be in [0, 1), got {self.ratio}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"--kv-alpha must be in [0, 1], got {self.alpha}")
+        SnapKVScorer(window=self.window, kernel=self.kernel)  # validates window / kernel
+        if self.method in ("snapkv", "adakv", "pyramidkv") and self.budget is None and self.ratio is None:
+            raise ValueError(f"--kv-compress {self.method} needs --kv-budget N or --kv-compress-ratio R")
+        if self.method == "headkv" and not self.head_budgets:
+            raise ValueError("--kv-compress headkv needs --kv-head-budgets FILE")
+        if self.method != "headkv" and self.head_budgets:
+            raise ValueError("--kv-head-budgets is only used with --kv-compress headkv")
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != "none"
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "CompressConfig":
+        return cls(**json.loads(text))
+
+    def n_kept(self, seq_len: int) -> int:
+        """Mean kept tokens per head for a prompt of ``seq_len`` tokens (``seq_len`` for none/headkv)."""
+        if self.ratio is not None:
+            return min(seq_len, n_kept_for_ratio(seq_len, self.ratio))
+        if self.budget is not None:
+            return n_kept_for_budget(seq_len, self.budget)
+        return seq_len
+
+
+def kept_for_layer(cfg: CompressConfig, layer: int, num_layers: int, q_window: torch.Tensor,
+                   k: torch.Tensor, head_budgets: torch.Tensor | None = None) -> list[torch.Tensor] | None:
+    """Kept positions of one layer, or None when the layer keeps everything.
+
+    Parameters
+    ----------
+    q_window : [num_q_heads, window, head_dim] post-RoPE queries of the prompt's last ``window`` tokens.
+    k : [num_kv_heads, seq_len, head_dim] post-RoPE keys of the whole prompt.
+    head_budgets : int64 [num_layers, num_kv_heads] for ``headkv``.
+
+    Returns a list (one per KV head) of sorted int64 positions. Prompts no longer than the window or
+    than the budget are kept whole.
+    """
+    if not cfg.enabled:
+        return None
+    seq_len = k.shape[1]
+    if seq_len <= cfg.window:
+        return None
+    n_kept = cfg.n_kept(seq_len)
+    if cfg.method != "headkv" and n_kept >= seq_len:
+        return None
+    scores = SnapKVScorer(window=cfg.window, kernel=cfg.kernel).score(q_window, k)
+    if cfg.method == "snapkv":
+        return select_uniform(scores, n_kept)
+    if cfg.method == "adakv":
+        return select_adakv(scores, n_kept, cfg.alpha)
+    if cfg.method == "pyramidkv":
+        eff_ratio = cfg.ratio if cfg.ratio is not None else 1.0 - n_kept / seq_len
+        return select_uniform(scores, pyramid_layer_budget(layer, num_layers, seq_len, eff_ratio, cfg.window))
+    if head_budgets is None:
+        raise ValueError("headkv needs the per-head budgets tensor")
+    return select_per_head(scores, head_budgets[layer])
+
+
+def load_config_head_budgets(cfg: CompressConfig, num_layers: int, num_kv_heads: int) -> torch.Tensor | None:
+    """The ``[num_layers, num_kv_heads]`` budgets for ``headkv`` (ValueError on a bad file), else None."""
+    if cfg.method != "headkv":
+        return None
+    return load_head_budgets(cfg.head_budgets, num_layers, num_kv_heads)

@@ -1,0 +1,139 @@
+"""Where sglang-fairkv plugs into SGLang 0.5.23 inside each scheduler process (thin adapters only).
+
+Registered through SGLang's ``HookRegistry`` (verified after ``apply_hooks``, see ``patches``) and its
+attention registry, only when ``FAIRKV_KV_COMPRESS`` is set (``--kv-compress`` given):
+
+* ``KVCacheConfigurator._build_token_to_kv_pool`` (AROUND): the ragged pool instead of the dense MHA
+  pool; ``_build_token_to_kv_pool_allocator`` (AROUND): the logical-slot allocator over it.
+* ``ScheduleBatch.prepare_for_extend`` (AFTER): each request's full prompt length, by
+  ``req_pool_idx``, so the backend knows which prefill chunk is the last (compress then).
+* ``mem_cache.common.release_kv_cache`` (BEFORE -- it ends by freeing ``req_pool_idx``): free every
+  segment of the request (finish, abort, disconnect, retract).
+* ``SchedulerInternalStateController._add_memory_usage`` (AFTER): pool usage in ``/get_server_info``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from . import env
+
+logger = logging.getLogger(__name__)
+
+BACKEND_NAME = "fairkv"
+_CFG = "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator"
+T_BUILD_POOL = f"{_CFG}._build_token_to_kv_pool"
+T_BUILD_ALLOC = f"{_CFG}._build_token_to_kv_pool_allocator"
+T_PREPARE_EXTEND = "sglang.srt.managers.schedule_batch.ScheduleBatch.prepare_for_extend"
+T_RELEASE = "sglang.srt.mem_cache.common.release_kv_cache"
+T_INTERNAL_STATE = ("sglang.srt.managers.scheduler_components.internal_state."
+                    "SchedulerInternalStateController._add_memory_usage")
+
+
+def compress_config():
+    """The server's ``CompressConfig`` from the environment, or None (fairkv off)."""
+    text = env.kv_compress_json()
+    if text is None:
+        return None
+    from .compress.policy import CompressConfig
+
+    return CompressConfig.from_json(text)
+
+
+def build_pool_hook(original, self, *args, **kwargs):
+    """AROUND ``_build_token_to_kv_pool``: the fairkv pool (ragged rows, no dense buffers)."""
+    cfg = compress_config()
+    if cfg is None or self.is_draft_worker:
+        return original(self, *args, **kwargs)
+    from .compress.policy import load_config_head_budgets
+    from .kv.sglang_pool import FairKVCache, build_state
+
+    sizes = kwargs["sizes"]
+    req_to_token = kwargs["req_to_token_pool"].req_to_token
+    mc = self.model_config
+    num_kv = _num_kv_heads(self)
+    layers = self.layer_info.num_effective_layers
+    head_budgets = load_config_head_budgets(cfg, layers, num_kv)
+    state = build_state(cfg, head_budgets, max_total_tokens=sizes.max_total_num_tokens,
+                        page_size=env.kv_page_size(), num_layers=layers, num_kv_heads=num_kv,
+                        head_dim=mc.head_dim, max_reqs=req_to_token.shape[0],
+                        max_context=req_to_token.shape[1], dtype=self.kv_cache_dtype,
+                        device=self.device)
+    return FairKVCache(state, size=sizes.max_total_num_tokens, page_size=1, dtype=self.kv_cache_dtype,
+                       layer_num=layers, device=self.device, start_layer=self.layer_info.start_layer,
+                       end_layer=self.layer_info.end_layer)
+
+
+def _num_kv_heads(configurator) -> int:
+    from sglang.srt.runtime_context import get_parallel
+
+    p = get_parallel()
+    return configurator.model_config.get_num_kv_heads(p.attn_tp_size, p.attn_dcp_size)
+
+
+def build_allocator_hook(original, self, *args, **kwargs):
+    """AROUND ``_build_token_to_kv_pool_allocator``: logical slots + capacity from the ragged pool."""
+    from .kv.sglang_pool import FairKVCache, FairKVTokenAllocator
+
+    pool = kwargs.get("token_to_kv_pool")
+    if not isinstance(pool, FairKVCache):
+        return original(self, *args, **kwargs)
+    return FairKVTokenAllocator(pool.state, max_total_tokens=kwargs["sizes"].max_total_num_tokens,
+                                dtype=self.kv_cache_dtype, device=self.device, kvcache=pool)
+
+
+def _state_of(allocator):
+    from .kv.sglang_pool import FairKVTokenAllocator
+
+    return allocator.state if isinstance(allocator, FairKVTokenAllocator) else None
+
+
+def prepare_for_extend_hook(result, batch, *args, **kwargs):
+    """AFTER ``ScheduleBatch.prepare_for_extend``: record each request's full prompt length."""
+    state = _state_of(batch.token_to_kv_pool_allocator)
+    if state is not None:
+        for req in batch.reqs:
+            state.target_len[req.kv.req_pool_idx] = len(req.full_untruncated_fill_ids)
+    return result
+
+
+def release_hook(req, tree_cache, *args, **kwargs):
+    """BEFORE ``release_kv_cache``: free the request's segments while ``req_pool_idx`` is still its."""
+    state = _state_of(tree_cache.token_to_kv_pool_allocator)
+    if state is not None and req.kv.holds_kv and req.kv.req_pool_idx is not None:
+        state.release(int(req.kv.req_pool_idx))
+    return None
+
+
+def internal_state_hook(result, controller, state_dict, *args, **kwargs):
+    """AFTER ``_add_memory_usage``: ``internal_states[i]["fairkv"]`` in ``/get_server_info``."""
+    fk = _state_of(controller.scheduler.token_to_kv_pool_allocator)
+    if fk is not None:
+        state_dict["fairkv"] = fk.stats()
+    return result
+
+
+def hook_triples() -> list[tuple[str, object, str]]:
+    """The fairkv hooks as ``(target, hook, HookType name)`` (empty when fairkv is off)."""
+    if compress_config() is None:
+        return []
+    return [(T_BUILD_POOL, build_pool_hook, "AROUND"), (T_BUILD_ALLOC, build_allocator_hook, "AROUND"),
+            (T_PREPARE_EXTEND, prepare_for_extend_hook, "AFTER"), (T_RELEASE, release_hook, "BEFORE"),
+            (T_INTERNAL_STATE, internal_state_hook, "AFTER")]
+
+
+def register_backend() -> None:
+    """Put ``fairkv`` into SGLang's attention registry (each scheduler process)."""
+    from sglang.srt.layers.attention.attention_registry import register_attention_backend
+
+    from .attention.fairkv_backend import create_fairkv_backend
+
+    register_attention_backend(BACKEND_NAME)(create_fairkv_backend)
+
+
+def add_backend_choice() -> None:
+    """Let SGLang's argument parser accept ``--attention-backend fairkv`` (main process, before parsing)."""
+    from sglang.srt.server_args import ATTENTION_BACKEND_CHOICES, add_attention_backend_choices
+
+    if BACKEND_NAME not in ATTENTION_BACKEND_CHOICES:
+        add_attention_backend_choices([BACKEND_NAME])

@@ -1,0 +1,174 @@
+"""The ragged pool behind SGLang's two pool interfaces (thin adapter; the structure is ragged_pool).
+
+SGLang's scheduler speaks in *token slots*: it allocates one slot per position (``req_to_token``)
+and admits requests by ``available_size()``. Here those slots are **logical**: they index no KV
+bytes, so there are many of them (``LOGICAL_SLOTS_PER_TOKEN`` x the token capacity). The KV bytes
+live in :class:`RaggedKVPool`, sized to exactly what SGLang's stock pool would take for
+``--max-total-tokens`` tokens (``max_total_tokens * layers * kv_heads`` rows, plus one reserved page).
+The allocator reports capacity in **token equivalents** of free rows (``rows / (layers * kv_heads)``),
+so SGLang's own admission, ``new_token_ratio`` reservation, retraction, metrics and idle leak check
+all see the compressed footprint.
+
+* :class:`FairKVState` -- per-process state shared by the allocator, the attention backend and the
+  scheduler hooks: the ragged pool, the compression setting, and small per-``req_pool_idx`` tables.
+* :class:`FairKVCache` -- SGLang's ``token_to_kv_pool``; holds no dense per-layer buffer.
+* :class:`FairKVTokenAllocator` -- SGLang's ``token_to_kv_pool_allocator`` (logical slots + capacity
+  hooks in token equivalents).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
+from sglang.srt.mem_cache.memory_pool import KVCache
+from sglang.srt.mem_cache.prefill_budget import PrefillBudget
+
+from ..compress.policy import CompressConfig
+from .ragged_pool import RaggedKVPool
+
+logger = logging.getLogger(__name__)
+
+#: Logical slots per token of physical capacity: how far compression may stretch the request set.
+LOGICAL_SLOTS_PER_TOKEN = 16
+
+
+@dataclass
+class FairKVState:
+    """Everything per scheduler process that the allocator, the backend and the hooks share.
+
+    ``target_len``: int64 ``[max_reqs]`` (CPU), the prompt length (``fill_ids``) a request's prefill
+    will reach; written by the ``prepare_for_extend`` hook, read by the backend to know a chunk is
+    the last one (compress then). ``q_stash``: the last ``window`` post-RoPE queries per layer of a
+    request whose prefill is chunked (only while it is), ``{req_pool_idx: [layer] -> [w, Hq, D]}``.
+    """
+
+    pool: RaggedKVPool
+    cfg: CompressConfig
+    head_budgets: torch.Tensor | None
+    target_len: torch.Tensor
+    q_stash: dict[int, list[torch.Tensor | None]] = field(default_factory=dict)
+    kept_log: dict[int, list[int]] = field(default_factory=dict)
+
+    @property
+    def rows_per_token(self) -> int:
+        return self.pool.num_layers * self.pool.num_kv_heads
+
+    def release(self, req_pool_idx: int) -> int:
+        """Free every segment of one request (finish, abort, retract); returns pages freed."""
+        self.q_stash.pop(req_pool_idx, None)
+        self.kept_log.pop(req_pool_idx, None)
+        self.target_len[req_pool_idx] = -1
+        return self.pool.free(req_pool_idx)
+
+    def stats(self) -> dict:
+        p = self.pool
+        used_rows = p.used_tokens()
+        return {
+            "kv_compress": self.cfg.method,
+            "page_size": p.page_size,
+            "pages_total": p.usable_pages,
+            "pages_used": p.used_pages(),
+            "rows_in_segments": used_rows,
+            "token_equivalents_in_use": used_rows / self.rows_per_token,
+            "pool_bytes_in_use": p.used_pages() * p.page_size * p.bytes_per_row(),
+            "requests_with_segments": int((p.seg_len.sum(dim=(1, 2)) > 0).sum()),
+        }
+
+
+class FairKVCache(KVCache):
+    """``token_to_kv_pool`` of a fairkv server: the ragged pool, no dense per-layer buffers."""
+
+    def __init__(self, state: FairKVState, *, size: int, page_size: int, dtype: torch.dtype,
+                 layer_num: int, device: str, start_layer: int | None = None,
+                 end_layer: int | None = None):
+        super().__init__(size, page_size, dtype, layer_num, device, False, start_layer, end_layer)
+        self.state = state
+        self.head_num = state.pool.num_kv_heads
+        self.head_dim = state.pool.head_dim
+        self.v_head_dim = state.pool.head_dim
+        self._finalize_allocation_log(size)
+
+    def get_kv_size_bytes(self):
+        p = self.state.pool
+        return p.k_rows.numel() * p.k_rows.element_size(), p.v_rows.numel() * p.v_rows.element_size()
+
+    def _no_dense(self, *_a, **_k):
+        raise NotImplementedError(
+            "the fairkv KV pool is ragged per (request, layer, KV head): it has no dense per-layer "
+            "buffer; only the fairkv attention backend can read or write it")
+
+    get_key_buffer = get_value_buffer = get_kv_buffer = set_kv_buffer = _no_dense
+
+
+class FairKVPrefillBudget(PrefillBudget):
+    """SGLang's fixed-pool budget plus page slack: each admitted request may leave up to one partial
+    page per segment after prefill and one more while decoding (``2 * page_size`` token equivalents)."""
+
+    def reserve(self, extend_input_len, max_new_tokens, *, extra_tokens=0, **kwargs):
+        slack = 2 * self.allocator.state.pool.page_size
+        super().reserve(extend_input_len, max_new_tokens, extra_tokens=extra_tokens + slack, **kwargs)
+
+
+class FairKVTokenAllocator(TokenToKVPoolAllocator):
+    """Logical slots for SGLang's ``req_to_token``; capacity answered from the ragged pool."""
+
+    def __init__(self, state: FairKVState, *, max_total_tokens: int, dtype: torch.dtype, device: str,
+                 kvcache: FairKVCache):
+        self.state = state
+        self.max_total_tokens = max_total_tokens
+        super().__init__(max_total_tokens * LOGICAL_SLOTS_PER_TOKEN, dtype, device, kvcache,
+                         need_sort=False)
+
+    def token_capacity_free(self) -> int:
+        """Free ragged rows in whole token equivalents (``layers * kv_heads`` rows each)."""
+        p = self.state.pool
+        return p.free_page_count() * p.page_size // self.state.rows_per_token
+
+    def available_size(self):
+        return min(super().available_size(), self.token_capacity_free())
+
+    def create_prefill_budget(self, tree_cache, *, num_mixed_decode_tokens=0):
+        return FairKVPrefillBudget(self, tree_cache, num_mixed_decode_tokens=num_mixed_decode_tokens)
+
+    def check_decode_capacity(self, *, num_tokens, tree_cache, requests=None, spec_algorithm=None) -> bool:
+        if super().available_size() < num_tokens:  # logical slots
+            return False
+        if requests is None:
+            return self.token_capacity_free() >= num_tokens
+        idx = [r.kv.req_pool_idx for r in requests if r.kv.req_pool_idx is not None]
+        if not idx:
+            return True
+        need = self.state.pool.decode_pages_needed(torch.tensor(idx, device=self.state.pool.device))
+        return need <= self.state.pool.free_page_count()
+
+    def verify_byte_accounting(self) -> list:
+        """Idle check (SGLang calls it with no request running): every ragged page must be free."""
+        p = self.state.pool
+        if p.used_pages() or p.used_tokens():
+            return [f"fairkv ragged pool not empty at idle: {p.used_pages()} pages, "
+                    f"{p.used_tokens()} rows in segments"]
+        return []
+
+    def clear(self):
+        super().clear()
+        if hasattr(self, "state"):
+            self.state.pool.clear()
+
+
+def build_state(cfg: CompressConfig, head_budgets: torch.Tensor | None, *, max_total_tokens: int,
+                page_size: int, num_layers: int, num_kv_heads: int, head_dim: int, max_reqs: int,
+                max_context: int, dtype: torch.dtype, device: str) -> FairKVState:
+    """The pool sized like SGLang's stock pool for ``max_total_tokens`` tokens (+ reserved page 0)."""
+    rows = max_total_tokens * num_layers * num_kv_heads
+    pool = RaggedKVPool(num_pages=math.ceil(rows / page_size) + 1, page_size=page_size,
+                        num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                        max_reqs=max_reqs, max_context=max_context, dtype=dtype, device=device)
+    target = torch.full((max_reqs,), -1, dtype=torch.int64)
+    logger.info("sglang-fairkv: ragged KV pool %d pages x %d rows (%.1f MB K+V), compression %s",
+                pool.usable_pages, page_size, 2 * pool.k_rows.numel() * pool.k_rows.element_size() / 2**20,
+                cfg.to_json())
+    return FairKVState(pool=pool, cfg=cfg, head_budgets=head_budgets, target_len=target)
