@@ -27,6 +27,19 @@ def smollm2_path():
 
 
 @pytest.fixture(scope="session")
+def kvpress_python():
+    """The kvpress oracle's interpreter (``.venv-kvpress``, built by scripts/kvpress_venv.sh once)."""
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    r = subprocess.run(["bash", str(repo / "scripts" / "kvpress_venv.sh")], capture_output=True,
+                       text=True, timeout=1200)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return repo / ".venv-kvpress" / "bin" / "python"
+
+
+@pytest.fixture(scope="session")
 def tiny_llama_path(tmp_path_factory):
     """2 layers, 4 query / 2 KV heads (divisible by TP=2), head_dim 32."""
     return build_llama(tmp_path_factory.mktemp("models") / "tiny-llama")

@@ -19,15 +19,6 @@ from sglang_fairkv.compress import (SnapKVScorer, n_kept_for_ratio, pyramid_laye
                                     select_adakv, select_uniform)
 
 REPO = Path(__file__).resolve().parents[1]
-KVPRESS_PY = REPO / ".venv-kvpress" / "bin" / "python"
-
-
-@pytest.fixture(scope="session")
-def kvpress_python():
-    r = subprocess.run(["bash", str(REPO / "scripts" / "kvpress_venv.sh")], capture_output=True,
-                       text=True, timeout=1200)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    return KVPRESS_PY
 
 
 @pytest.fixture(scope="session")

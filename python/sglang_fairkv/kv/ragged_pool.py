@@ -110,6 +110,8 @@ class RaggedKVPool:
         old = self.seg_len[req_pool_idx, 0, 0]  # [b]
         if bool((self.seg_len[req_pool_idx] != old[:, None, None]).any()):
             raise AssertionError("extend on a request whose segments were already compressed")
+        if bool((new_len < old).any()):
+            raise ValueError("extend cannot shrink a segment")
         old_p, new_p = self._pages_for(old), self._pages_for(new_len)
         if bool((new_p > self.max_pages).any()):
             raise ValueError(f"sequence of {int(new_len.max())} tokens exceeds the pool's max context")
@@ -131,6 +133,8 @@ class RaggedKVPool:
         Returns int64 ``[b, num_layers, num_kv_heads]``: the row each new token's K/V goes to.
         """
         lens = self.seg_len[req_pool_idx]  # [b, L, H]
+        if bool((lens // self.page_size >= self.max_pages).any()):
+            raise ValueError("a segment would exceed the pool's max context")
         need = lens % self.page_size == 0
         n = int(need.sum())
         if n:

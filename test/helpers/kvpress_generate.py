@@ -1,0 +1,47 @@
+"""Run by the kvpress venv's python: greedy tokens with a kvpress press on the whole prompt.
+
+    .venv-kvpress/bin/python test/helpers/kvpress_generate.py MODEL METHOD RATIO N_NEW IDS OUT
+
+Mirrors what the fairkv server does: the prompt is prefilled *with* the press (full attention for
+the prompt's own logits, compression in kvpress's post-attention hook), the first token is the argmax
+of the last prompt position, then ``N_NEW - 1`` greedy steps at positions ``S, S+1, ...`` (the
+positions kvpress's own pipeline uses after compression). ``METHOD`` none runs without a press.
+eos does not stop decoding. Writes ``{"output_ids": [...]}``.
+"""
+
+import json
+import sys
+
+import torch
+from kvpress import AdaKVPress, SnapKVPress
+from transformers import AutoModelForCausalLM
+
+
+def main():
+    model_path, method, ratio, n_new, ids_path, out_path = sys.argv[1:7]
+    ratio, n_new = float(ratio), int(n_new)
+    ids = json.load(open(ids_path))
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32,
+                                                 attn_implementation="sdpa").eval()
+    press = {"snapkv": lambda: SnapKVPress(compression_ratio=ratio),
+             "adakv": lambda: AdaKVPress(SnapKVPress(compression_ratio=ratio)),
+             "none": lambda: None}[method]()
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    with torch.no_grad():
+        if press is not None:
+            with press(model):
+                out = model(input_ids=torch.tensor([ids]), past_key_values=cache)
+        else:
+            out = model(input_ids=torch.tensor([ids]), past_key_values=cache)
+        gen = [int(out.logits[0, -1].argmax())]
+        for i in range(n_new - 1):
+            out = model(input_ids=torch.tensor([[gen[-1]]]), past_key_values=cache,
+                        position_ids=torch.tensor([[len(ids) + i]]))
+            gen.append(int(out.logits[0, -1].argmax()))
+    json.dump({"output_ids": gen}, open(out_path, "w"))
+
+
+if __name__ == "__main__":
+    main()
