@@ -40,6 +40,23 @@ def kvpress_python():
 
 
 @pytest.fixture(scope="session")
+def fairkv_prompts(smollm2_path):
+    """Two retrieval-style SmolLM2 prompts of 600 and 1100 tokens."""
+    from helpers.fairkv_refs import long_prompt_ids
+
+    return [long_prompt_ids(smollm2_path, 600, 1), long_prompt_ids(smollm2_path, 1100, 2)]
+
+
+@pytest.fixture(scope="session")
+def fairkv_references(smollm2_path, kvpress_python, fairkv_prompts, tmp_path_factory):
+    """kvpress (adakv, snapkv) and HF full-cache greedy outputs for the fairkv server tests; computed
+    once, before any fairkv server starts."""
+    from helpers.fairkv_refs import references
+
+    return references(smollm2_path, kvpress_python, fairkv_prompts, tmp_path_factory.mktemp("kvp"))
+
+
+@pytest.fixture(scope="session")
 def tiny_llama_path(tmp_path_factory):
     """2 layers, 4 query / 2 KV heads (divisible by TP=2), head_dim 32."""
     return build_llama(tmp_path_factory.mktemp("models") / "tiny-llama")

@@ -1,12 +1,15 @@
 """Run by the kvpress venv's python: greedy tokens with a kvpress press on the whole prompt.
 
-    .venv-kvpress/bin/python test/helpers/kvpress_generate.py MODEL METHOD RATIO N_NEW IDS OUT
+    .venv-kvpress/bin/python test/helpers/kvpress_generate.py MODEL JOBS OUT
+
+``JOBS``: JSON list of ``{"method": none|snapkv|adakv, "ratio": R, "n_new": N, "ids": [...]}`` (one
+model load for all of them).
 
 Mirrors what the fairkv server does: the prompt is prefilled *with* the press (full attention for
 the prompt's own logits, compression in kvpress's post-attention hook), the first token is the argmax
 of the last prompt position, then ``N_NEW - 1`` greedy steps at positions ``S, S+1, ...`` (the
 positions kvpress's own pipeline uses after compression). ``METHOD`` none runs without a press.
-eos does not stop decoding. Writes ``{"output_ids": [...]}``.
+eos does not stop decoding. Writes a JSON list of output id lists, one per job.
 """
 
 import json
@@ -17,17 +20,12 @@ from kvpress import AdaKVPress, SnapKVPress
 from transformers import AutoModelForCausalLM
 
 
-def main():
-    model_path, method, ratio, n_new, ids_path, out_path = sys.argv[1:7]
-    ratio, n_new = float(ratio), int(n_new)
-    ids = json.load(open(ids_path))
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32,
-                                                 attn_implementation="sdpa").eval()
+def generate(model, method: str, ratio: float, ids: list[int], n_new: int) -> list[int]:
+    from transformers import DynamicCache
+
     press = {"snapkv": lambda: SnapKVPress(compression_ratio=ratio),
              "adakv": lambda: AdaKVPress(SnapKVPress(compression_ratio=ratio)),
              "none": lambda: None}[method]()
-    from transformers import DynamicCache
-
     cache = DynamicCache()
     with torch.no_grad():
         if press is not None:
@@ -40,7 +38,16 @@ def main():
             out = model(input_ids=torch.tensor([[gen[-1]]]), past_key_values=cache,
                         position_ids=torch.tensor([[len(ids) + i]]))
             gen.append(int(out.logits[0, -1].argmax()))
-    json.dump({"output_ids": gen}, open(out_path, "w"))
+    return gen
+
+
+def main():
+    model_path, jobs_path, out_path = sys.argv[1:4]
+    jobs = json.load(open(jobs_path))
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32,
+                                                 attn_implementation="sdpa").eval()
+    json.dump([generate(model, j["method"], float(j["ratio"]), j["ids"], int(j["n_new"])) for j in jobs],
+              open(out_path, "w"))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,27 @@
+"""``--kv-compress snapkv`` and ``none`` on a real CPU server (one server per test, started after
+the references are computed; the adakv server of test_fairkv_server is gone by then)."""
+
+from __future__ import annotations
+
+import pytest
+from helpers.fairkv_refs import N_NEW, RATIO
+from helpers.server import Server
+from test_fairkv_server import STRICT, wait_pool_empty
+
+pytestmark = pytest.mark.server
+
+
+def test_snapkv_greedy_equals_kvpress(fairkv_references, fairkv_prompts):
+    assert fairkv_references["snapkv"] != fairkv_references["adakv"][1]  # the two methods keep different sets here
+    with Server(["--kv-compress", "snapkv", "--kv-compress-ratio", str(RATIO)], env=STRICT) as s:
+        assert s.greedy_ids(fairkv_prompts[1], N_NEW) == fairkv_references["snapkv"]
+        assert wait_pool_empty(s)["pages_used"] == 0
+
+
+def test_none_equals_hf_transformers(fairkv_references, fairkv_prompts):
+    """``--kv-compress none``: the ragged pool without compression is the full cache."""
+    with Server(["--kv-compress", "none"], env=STRICT) as s:
+        assert s.greedy_ids(fairkv_references["short"], 24) == fairkv_references["hf_short"]
+        assert s.greedy_ids(fairkv_prompts[1], N_NEW) == fairkv_references["hf"][1]
+        st = wait_pool_empty(s)
+        assert st["kv_compress"] == "none" and st["pages_used"] == 0
