@@ -43,7 +43,10 @@ def wait_pool_empty(server, timeout=60.0) -> dict:
 
 @pytest.fixture(scope="module")
 def adakv_server(fairkv_references):
-    with Server(["--kv-compress", "adakv", "--kv-compress-ratio", str(RATIO)], env=STRICT) as s:
+    """Chunked prefill of 520 tokens: the 1100-token prompt arrives as 520 + 520 + 60, so its
+    observation window (64) spans two chunks (the backend stashes the earlier queries)."""
+    with Server(["--kv-compress", "adakv", "--kv-compress-ratio", str(RATIO),
+                 "--chunked-prefill-size", "520"], env=STRICT) as s:
         yield s
 
 

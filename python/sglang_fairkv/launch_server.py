@@ -62,9 +62,8 @@ def add_fairkv_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-compress", choices=("none", "snapkv", "adakv", "pyramidkv", "headkv"),
                    help="per-head KV compression through the fairkv backend (none = ragged pool, no "
                         "compression)")
-    b = g.add_mutually_exclusive_group()
-    b.add_argument("--kv-budget", type=int, help="mean kept prompt tokens per KV head")
-    b.add_argument("--kv-compress-ratio", type=float,
+    g.add_argument("--kv-budget", type=int, help="mean kept prompt tokens per KV head")
+    g.add_argument("--kv-compress-ratio", type=float,
                    help="fraction of the prompt removed (kvpress compression_ratio)")
     g.add_argument("--kv-window", type=int, default=64, help="SnapKV observation window (tokens)")
     g.add_argument("--kv-pool-kernel", type=int, default=5, help="SnapKV avg-pool kernel (odd)")
