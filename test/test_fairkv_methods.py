@@ -25,3 +25,31 @@ def test_none_equals_hf_transformers(fairkv_references, fairkv_prompts):
         assert s.greedy_ids(fairkv_prompts[1], N_NEW) == fairkv_references["hf"][1]
         st = wait_pool_empty(s)
         assert st["kv_compress"] == "none" and st["pages_used"] == 0
+
+
+def test_retraction_frees_and_recompresses_pyramidkv(fairkv_prompts):
+    """SGLang's test switch retracts a running request every 3rd step: the retracted request's segments
+    are freed, it is prefilled (and compressed) again later, every request still finishes with all its
+    tokens, and the pool ends empty. Runs PyramidKV (per-layer budgets) end to end."""
+    import threading
+
+    import requests
+
+    env = {**STRICT, "SGLANG_TEST_RETRACT": "1"}
+    with Server(["--kv-compress", "pyramidkv", "--kv-budget", "128"], env=env) as s:
+        outs = [None] * 3
+
+        def run(i):
+            outs[i] = requests.post(s.url + "/generate", timeout=600, json={
+                "input_ids": fairkv_prompts[i % 2], "sampling_params": {
+                    "max_new_tokens": 24, "temperature": 0.0, "ignore_eos": True}}).json()
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert all(len(o["output_ids"]) == 24 for o in outs), outs
+        assert sum(o["meta_info"]["num_retractions"] for o in outs) > 0, [o["meta_info"] for o in outs]
+        st = wait_pool_empty(s)
+        assert st["pages_used"] == 0 and st["kv_compress"] == "pyramidkv", st

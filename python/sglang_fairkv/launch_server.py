@@ -56,6 +56,10 @@ FAIRKV_FORCED: tuple[tuple[tuple[str, ...], str], ...] = (
 )
 
 
+#: Default ``--max-running-requests`` with fairkv (sizes the per-request segment page table).
+FAIRKV_DEFAULT_MAX_RUNNING = 256
+
+
 def add_fairkv_args(parser: argparse.ArgumentParser) -> None:
     """The project's own flags (KV compression through the fairkv backend)."""
     g = parser.add_argument_group("sglang-fairkv KV compression")
@@ -205,6 +209,12 @@ def _fairkv_setup(fk: argparse.Namespace, ns: argparse.Namespace, out: list[str]
     notes = []
     if not _given(out, "--attention-backend"):
         out += ["--attention-backend", "fairkv"]
+    if not _given(out, "--max-running-requests"):
+        # the segment page table is [requests, layers, kv_heads, context / page]: SGLang's CPU default
+        # of 2048 requests would make it hundreds of MB for SmolLM2
+        out += ["--max-running-requests", str(FAIRKV_DEFAULT_MAX_RUNNING)]
+        notes.append(f"--max-running-requests {FAIRKV_DEFAULT_MAX_RUNNING}: bounds the segment page "
+                     "table (give the flag to change it)")
     for flag_value, why in FAIRKV_FORCED:
         if not _given(out, flag_value[0]):
             out += list(flag_value)

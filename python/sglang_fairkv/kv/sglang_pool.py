@@ -168,7 +168,8 @@ def build_state(cfg: CompressConfig, head_budgets: torch.Tensor | None, *, max_t
                         num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim,
                         max_reqs=max_reqs, max_context=max_context, dtype=dtype, device=device)
     target = torch.full((max_reqs,), -1, dtype=torch.int64)
-    logger.info("sglang-fairkv: ragged KV pool %d pages x %d rows (%.1f MB K+V), compression %s",
-                pool.usable_pages, page_size, 2 * pool.k_rows.numel() * pool.k_rows.element_size() / 2**20,
-                cfg.to_json())
+    logger.info("sglang-fairkv: ragged KV pool %d pages x %d rows (%.1f MB K+V, page table %.1f MB for "
+                "%d requests), compression %s", pool.usable_pages, page_size,
+                2 * pool.k_rows.numel() * pool.k_rows.element_size() / 2**20,
+                pool.seg_pages.numel() * 4 / 2**20, max_reqs, cfg.to_json())
     return FairKVState(pool=pool, cfg=cfg, head_budgets=head_budgets, target_len=target)
