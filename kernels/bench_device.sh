@@ -11,4 +11,5 @@ python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .de
 tar -xJf .device/flashinfer/flashinfer-trim.tar.xz -C "$SITE"
 export PYTHONPATH="$SITE:${PYTHONPATH:-}" MAX_JOBS=16
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+timeout 60 python3 kernels/check_pool_device.py 2>&1 | tee "$OUT/pool_check.log"
 timeout 420 python3 kernels/bench_ragged_device.py 2>&1 | tee "$OUT/bench.log"

@@ -2,8 +2,13 @@
 
 Subpackages (see ``docs/DESIGN.md``):
   placement/  per-head KV statistics -> head placement plan (pure numpy/scipy)
+  compress/   SnapKV scoring and per-head budgets (pure torch; kvpress 0.5.5 semantics)
+  kv/         the ragged per-(request, layer, KV head) pool and its SGLang pool/allocator adapters
+  attention/  the ``fairkv`` SGLang attention backend
   patches/    the compatibility patches applied to SGLang (symlink to the repository's ``patches/``)
-Entry points: ``python -m sglang_fairkv.launch_server``, ``python -m sglang_fairkv.plan``.
+  kernels/    Triton ragged decode (symlink to the repository's ``kernels/``)
+Entry points: ``python -m sglang_fairkv.launch_server``, ``plan``, ``profile``, ``kvdump``,
+``offline_stats``, ``stats_synth``.
 """
 
 __version__ = "0.1.0"

@@ -47,3 +47,10 @@ def kv_page_size() -> int:
     if not v.isdigit() or int(v) < 1:
         raise ValueError(f"FAIRKV_KV_PAGE_SIZE must be a positive integer, got {v!r}")
     return int(v)
+
+
+def profile_dir() -> str | None:
+    """``FAIRKV_PROFILE_DIR``: when set, every fairkv scheduler appends one JSON line per compressed
+    prompt (kept tokens per layer and KV head) to ``<dir>/rank<tp_rank>.jsonl`` (used by
+    ``python -m sglang_fairkv.profile``)."""
+    return os.environ.get("FAIRKV_PROFILE_DIR") or None

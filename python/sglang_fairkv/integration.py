@@ -58,10 +58,22 @@ def build_pool_hook(original, self, *args, **kwargs):
                         page_size=env.kv_page_size(), num_layers=layers, num_kv_heads=num_kv,
                         head_dim=mc.head_dim, max_reqs=req_to_token.shape[0],
                         max_context=req_to_token.shape[1], dtype=self.kv_cache_dtype,
-                        device=self.device)
+                        device=self.device, profile_path=_profile_path())
     return FairKVCache(state, size=sizes.max_total_num_tokens, page_size=1, dtype=self.kv_cache_dtype,
                        layer_num=layers, device=self.device, start_layer=self.layer_info.start_layer,
                        end_layer=self.layer_info.end_layer)
+
+
+def _profile_path() -> str | None:
+    d = env.profile_dir()
+    if d is None:
+        return None
+    import os
+
+    from sglang.srt.runtime_context import get_parallel
+
+    os.makedirs(d, exist_ok=True)
+    return os.path.join(d, f"rank{get_parallel().tp_rank}.jsonl")
 
 
 def _num_kv_heads(configurator) -> int:

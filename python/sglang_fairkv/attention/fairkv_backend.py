@@ -152,6 +152,7 @@ class FairKVAttnBackend(AttentionBackend):
                              r, k_all.shape[1], self.state.kept_log.pop(r))
         if lid == self.num_layers - 1:
             self.state.q_stash.pop(r, None)
+            self.state.record_prompt(r, int(k_all.shape[1]))
 
     # ---- decode ----------------------------------------------------------------------------
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):

@@ -52,6 +52,17 @@ class FairKVState:
     target_len: torch.Tensor
     q_stash: dict[int, list[torch.Tensor | None]] = field(default_factory=dict)
     kept_log: dict[int, list[int]] = field(default_factory=dict)
+    profile_path: str | None = None
+
+    def record_prompt(self, req_pool_idx: int, prompt_len: int) -> None:
+        """Append this request's kept prompt tokens per (layer, KV head) to the profile file (if on)."""
+        if self.profile_path is None:
+            return
+        import json
+
+        kept = self.pool.seg_len[req_pool_idx].tolist()
+        with open(self.profile_path, "a") as f:
+            f.write(json.dumps({"req_pool_idx": req_pool_idx, "prompt_len": prompt_len, "kept": kept}) + "\n")
 
     @property
     def rows_per_token(self) -> int:
@@ -161,7 +172,8 @@ class FairKVTokenAllocator(TokenToKVPoolAllocator):
 
 def build_state(cfg: CompressConfig, head_budgets: torch.Tensor | None, *, max_total_tokens: int,
                 page_size: int, num_layers: int, num_kv_heads: int, head_dim: int, max_reqs: int,
-                max_context: int, dtype: torch.dtype, device: str) -> FairKVState:
+                max_context: int, dtype: torch.dtype, device: str,
+                profile_path: str | None = None) -> FairKVState:
     """The pool sized like SGLang's stock pool for ``max_total_tokens`` tokens (+ reserved page 0)."""
     rows = max_total_tokens * num_layers * num_kv_heads
     pool = RaggedKVPool(num_pages=math.ceil(rows / page_size) + 1, page_size=page_size,
@@ -172,4 +184,5 @@ def build_state(cfg: CompressConfig, head_budgets: torch.Tensor | None, *, max_t
                 "%d requests), compression %s", pool.usable_pages, page_size,
                 2 * pool.k_rows.numel() * pool.k_rows.element_size() / 2**20,
                 pool.seg_pages.numel() * 4 / 2**20, max_reqs, cfg.to_json())
-    return FairKVState(pool=pool, cfg=cfg, head_budgets=head_budgets, target_len=target)
+    return FairKVState(pool=pool, cfg=cfg, head_budgets=head_budgets, target_len=target,
+                       profile_path=profile_path)

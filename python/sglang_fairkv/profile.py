@@ -1,0 +1,169 @@
+"""``python -m sglang_fairkv.profile``: per-head KV statistics measured by the serving engine.
+
+Starts ``python -m sglang_fairkv.launch_server`` with your compression flags (and ``--tp``), with
+``FAIRKV_PROFILE_DIR`` set so that each TP rank's fairkv backend appends, for every prompt it
+compresses, the kept tokens per (layer, KV head) it really holds in its ragged pool. Sends the
+prompts (``max_new_tokens`` 1, a progress bar on stderr), stops the server and writes
+``fairkv-stats/1``: per (layer, KV head) mean / std / p10 / p50 / p90 of kept tokens, and the sample
+count -- the input of ``python -m sglang_fairkv.plan``.
+
+    python -m sglang_fairkv.profile [--model-path M] [--tp N] --kv-compress adakv --kv-budget 256 \\
+        (--prompts FILE | --synthetic long-context) [--num-prompts 16] [--prompt-len 2048] --out stats.json
+
+Works on CPU with the embedded SmolLM2. ``FILE``: a JSON list of token-id lists. At TP > 1 the ranks'
+heads are concatenated in rank order (SGLang's contiguous KV-head split; models whose KV heads are
+replicated across ranks are refused).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+
+import numpy as np
+
+PROG = "python -m sglang_fairkv.profile"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_rank_files(folder: Path, tp: int, min_prompt_len: int) -> np.ndarray:
+    """Counts int ``[prompts, layers, kv_heads]`` from ``rank<r>.jsonl`` (heads concatenated in rank order).
+
+    Lines of prompts no longer than ``min_prompt_len`` (SGLang's warm-up and health checks) are skipped;
+    the ranks must agree on the prompt sequence (every rank schedules identically).
+    """
+    per_rank = []
+    for r in range(tp):
+        path = folder / f"rank{r}.jsonl"
+        lines = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+        per_rank.append([x for x in lines if x["prompt_len"] > min_prompt_len])
+    n = len(per_rank[0])
+    if any(len(x) != n for x in per_rank):
+        raise ValueError(f"ranks recorded different numbers of prompts: {[len(x) for x in per_rank]}")
+    rows = []
+    for i in range(n):
+        if len({x[i]["prompt_len"] for x in per_rank}) != 1:
+            raise ValueError(f"ranks disagree on prompt {i}")
+        rows.append(np.concatenate([np.array(x[i]["kept"]) for x in per_rank], axis=1))
+    return np.array(rows, dtype=np.float64).reshape(n, *(rows[0].shape if rows else (0, 0)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-path", help="HF model folder (default: the embedded SmolLM2)")
+    p.add_argument("--tp", type=int, default=1)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompts", type=Path, help="JSON list of token-id lists")
+    src.add_argument("--synthetic", choices=("long-context",))
+    p.add_argument("--num-prompts", type=int, default=16)
+    p.add_argument("--prompt-len", type=int, default=2048)
+    p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--timeout", type=float, default=600.0, help="server start-up limit, seconds")
+    a, server_flags = p.parse_known_args(argv)
+    from .launch_server import add_fairkv_args
+
+    fk = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    add_fairkv_args(fk)
+    fka, _ = fk.parse_known_args(server_flags)
+    if fka.kv_compress is None:
+        print(f"{PROG}: error: give --kv-compress (and its budget)", file=sys.stderr)
+        return 2
+    try:
+        from transformers import AutoConfig, AutoTokenizer
+
+        from . import embedded_model
+        from .offline_stats import stats_from_counts, synthetic_long_context
+
+        model_path = a.model_path or str(embedded_model.prepare())
+        cfg = AutoConfig.from_pretrained(model_path)
+        if cfg.num_key_value_heads % a.tp:
+            raise ValueError(f"{cfg.num_key_value_heads} KV heads do not split over --tp {a.tp}")
+        if a.prompts is not None:
+            prompts = json.loads(a.prompts.read_text())
+            if not isinstance(prompts, list) or not all(isinstance(x, list) for x in prompts) or not prompts:
+                raise ValueError(f"{a.prompts} must hold a non-empty JSON list of token-id lists")
+        else:
+            prompts = synthetic_long_context(AutoTokenizer.from_pretrained(model_path), a.num_prompts,
+                                             a.prompt_len)
+        if min(len(x) for x in prompts) <= fka.kv_window:
+            raise ValueError(f"every prompt must be longer than the observation window ({fka.kv_window})")
+        counts = _run(model_path, a, server_flags, prompts, fka.kv_window)
+    except (ValueError, OSError, RuntimeError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    budget = fka.kv_budget if fka.kv_budget is not None else float(
+        np.mean([len(x) for x in prompts]) * (1 - (fka.kv_compress_ratio or 0.0)))
+    stats = stats_from_counts(counts, model_path, cfg, fka.kv_compress, budget=float(budget))
+    stats.extra["source"] = "engine profile (sglang_fairkv.profile)"
+    stats.save(a.out)
+    print(f"wrote {a.out}: {counts.shape[0]} prompts, {counts.shape[1]} layers x {counts.shape[2]} KV heads, "
+          f"mean kept {counts.mean():.1f} tokens per head")
+    return 0
+
+
+def _run(model_path: str, a, server_flags: list[str], prompts: list[list[int]], window: int) -> np.ndarray:
+    import requests
+    from tqdm import tqdm
+
+    folder = Path(tempfile.mkdtemp(prefix="fairkv-profile-"))
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "FAIRKV_PROFILE_DIR": str(folder)}
+    cmd = [sys.executable, "-m", "sglang_fairkv.launch_server", "--model-path", model_path,
+           "--tp-size", str(a.tp), "--port", str(port), *server_flags]
+    log = open(folder / "server.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.time() + a.timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}; log: {folder / 'server.log'}")
+            try:
+                if requests.get(url + "/health", timeout=5).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if time.time() > deadline:
+                raise RuntimeError(f"server not healthy after {a.timeout:.0f} s; log: {folder / 'server.log'}")
+            time.sleep(1.0)
+
+        def one(ids):
+            r = requests.post(url + "/generate", timeout=3600, json={
+                "input_ids": ids, "sampling_params": {"max_new_tokens": 1, "temperature": 0.0}})
+            r.raise_for_status()
+
+        with ThreadPoolExecutor(a.concurrency) as ex:
+            futures = [ex.submit(one, ids) for ids in prompts]
+            for f in tqdm(as_completed(futures), total=len(futures), desc="prompts", file=sys.stderr):
+                f.result()
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+    counts = read_rank_files(folder, a.tp, window)
+    if counts.shape[0] != len(prompts):
+        raise RuntimeError(f"recorded {counts.shape[0]} prompts, sent {len(prompts)}")
+    return counts
+
+
+if __name__ == "__main__":
+    sys.exit(main())
