@@ -54,6 +54,7 @@ def test_kv_compress_bad_budget_one_line():
     (["--kv-compress", "adakv", "--kv-budget", "64", "--enable-mixed-chunk"],
      "cannot be used with a compressed KV cache (--kv-compress): --enable-mixed-chunk"),
     (["--kv-compress", "adakv", "--kv-budget", "64", "--page-size", "16"], "--page-size > 1"),
+    (["--kv-compress", "none", "--cuda-graph-backend-decode", "full"], "--cuda-graph-backend-decode full"),
     (["--kv-compress", "adakv", "--kv-budget", "64", "--tp-size", "2"], "a layer's budget spans ranks"),
     (["--kv-compress", "adakv", "--kv-budget", "64", "--attention-backend", "torch_native"],
      "--kv-compress needs --attention-backend fairkv, got torch_native"),

@@ -192,6 +192,11 @@ def _fairkv_setup(fk: argparse.Namespace, ns: argparse.Namespace, out: list[str]
         bad.append("--dp-size > 1")
     if (ns.page_size or 1) > 1:
         bad.append("--page-size > 1 (the ragged pool pages itself: FAIRKV_KV_PAGE_SIZE)")
+    for flag in ("--cuda-graph-backend-decode", "--cuda-graph-backend-prefill"):
+        if _given(out, flag) and _value(out, flag) != "disabled":
+            bad.append(f"{flag} {_value(out, flag)} (CUDA graphs are not supported by fairkv yet)")
+    if _given(out, "--cuda-graph-config"):
+        bad.append("--cuda-graph-config (CUDA graphs are not supported by fairkv yet)")
     if bad:
         raise UsageError(f"cannot be used with a compressed KV cache (--kv-compress): {', '.join(bad)}")
     if ns.tp_size > 1 and cfg.method in ("adakv", "headkv"):

@@ -86,7 +86,8 @@ class FairKVAttnBackend(AttentionBackend):
             raise NotImplementedError(f"fairkv backend: forward mode {mode} is not supported")
 
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int):
-        raise NotImplementedError("fairkv backend: CUDA graphs are not supported yet (--disable-cuda-graph)")
+        raise NotImplementedError("fairkv backend: CUDA graphs are not supported yet (launch_server "
+                                  "passes --cuda-graph-backend-decode disabled)")
 
     def get_cuda_graph_seq_len_fill_value(self):
         return 1
