@@ -1,6 +1,7 @@
-"""Device check of the fairkv backend's CUDA decode path without SGLang: a ragged pool on the GPU
-(prefill extend, compaction, decode appends), then per layer the Triton kernel on the pool's CSR view
-against the CPU path's torch function (``attention.ragged_torch``), bf16 and fp16.
+"""Device check of the fairkv backend's CUDA decode paths without SGLang: a ragged pool on the GPU
+(prefill extend, compaction, decode appends), then per layer the Triton kernel (and FlashInfer when it
+is importable) on the pool's CSR view against the CPU path's torch function
+(``attention.ragged_torch``), bf16 and fp16.
 
     python kernels/check_pool_device.py             # CUDA (part of kernels/bench_device.sh)
     TRITON_INTERPRET=1 python kernels/check_pool_device.py --dry-run   # CPU, tiny sizes
@@ -29,7 +30,15 @@ def main() -> int:
     layers, heads, group, d = (2, 2, 4, 64) if a.dry_run else (8, 8, 8, 128)
     bs, max_len = (3, 300) if a.dry_run else (32, 4096)
     g = torch.Generator().manual_seed(0)
-    worst = 0.0
+    worst = worst_fi = 0.0
+    fi = None
+    if not a.dry_run:
+        try:
+            from sglang_fairkv.attention.flashinfer_decode import FlashInferRaggedDecode
+
+            fi = FlashInferRaggedDecode(dev)
+        except ImportError as e:
+            print(f"FlashInfer not importable ({e}); checking the Triton path only")
     for dtype in (torch.bfloat16, torch.float16):
         pool = RaggedKVPool(num_pages=1 + layers * heads * bs * (max_len // 16 + 4), page_size=16,
                             num_layers=layers, num_kv_heads=heads, head_dim=d, max_reqs=bs + 1,
@@ -53,11 +62,16 @@ def main() -> int:
             got = ragged_decode(q, pool.k_rows, pool.v_rows, indptr, rows, d ** -0.5)
             ref = ragged_decode_torch(q, pool.k_rows, pool.v_rows, indptr, rows, d ** -0.5)
             worst = max(worst, float((got.float() - ref.float()).abs().max()))
+            if fi is not None:
+                fi_out = fi.run(q, pool.k_rows, pool.v_rows, indptr, rows, d ** -0.5)
+                worst_fi = max(worst_fi, float((fi_out.float() - ref.float()).abs().max()))
         for r in reqs.tolist():
             pool.free(r)
         assert pool.used_pages() == 0
     print(f"ragged pool on {dev}: Triton decode vs torch path, max |diff| {worst:.2e} (bf16/fp16)")
-    if worst > 3e-2:
+    if fi is not None:
+        print(f"ragged pool on {dev}: FlashInfer decode vs torch path, max |diff| {worst_fi:.2e}")
+    if max(worst, worst_fi) > 3e-2:
         print("FAIL", file=sys.stderr)
         return 1
     return 0

@@ -54,3 +54,12 @@ def profile_dir() -> str | None:
     prompt (kept tokens per layer and KV head) to ``<dir>/rank<tp_rank>.jsonl`` (used by
     ``python -m sglang_fairkv.profile``)."""
     return os.environ.get("FAIRKV_PROFILE_DIR") or None
+
+
+def decode_kernel() -> str:
+    """``FAIRKV_DECODE_KERNEL``: the fairkv backend's CUDA decode path, ``triton`` (default, the ragged
+    kernel in ``kernels/``), ``flashinfer`` (flattened segments, page size 1) or ``torch``."""
+    v = os.environ.get("FAIRKV_DECODE_KERNEL", "triton")
+    if v not in ("triton", "flashinfer", "torch"):
+        raise ValueError(f"FAIRKV_DECODE_KERNEL must be triton, flashinfer or torch, got {v!r}")
+    return v

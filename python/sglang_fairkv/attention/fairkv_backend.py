@@ -9,7 +9,8 @@ what later decode steps read, so compressing inside the forward equals kvpress's
 
 Decode: one new row per segment (pages reserved for all layers once per step in
 ``init_forward_metadata``), then ragged attention of each GQA group over its own segment:
-``attention.ragged_torch`` on CPU, the Triton kernel of ``kernels/ragged_decode.py`` on CUDA.
+``attention.ragged_torch`` on CPU; on CUDA the Triton kernel of ``kernels/ragged_decode.py`` (default)
+or FlashInfer on the flattened segments (``FAIRKV_DECODE_KERNEL=flashinfer``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from torch.nn.functional import scaled_dot_product_attention
 
+from .. import env
 from ..compress.policy import kept_for_layer
 from ..kv.sglang_pool import FairKVCache, FairKVState
 from .ragged_torch import ragged_decode_torch
@@ -61,7 +63,13 @@ class FairKVAttnBackend(AttentionBackend):
         self.pool = self.state.pool
         self.device = model_runner.device
         self.num_layers = self.pool.num_layers
-        self.use_kernel = torch.device(self.device).type == "cuda"
+        on_cuda = torch.device(self.device).type == "cuda"
+        self.decode_kernel = env.decode_kernel() if on_cuda else "torch"
+        self._flashinfer = None
+        if self.decode_kernel == "flashinfer":
+            from .flashinfer_decode import FlashInferRaggedDecode
+
+            self._flashinfer = FlashInferRaggedDecode(self.device)
         self.forward_metadata: ExtendMetadata | DecodeMetadata | None = None
 
     # ---- metadata --------------------------------------------------------------------------
@@ -167,11 +175,14 @@ class FairKVAttnBackend(AttentionBackend):
             self.pool.v_rows[rows] = v.reshape(b * hkv, layer.v_head_dim).to(self.pool.dtype)
         indptr, seg_rows = self.pool.flat_segments(md.req_pool_idx, lid)
         qg = q.reshape(b * hkv, hq // hkv, d)
-        if self.use_kernel:
+        if self.decode_kernel == "triton":
             from ..kernels.ragged_decode import ragged_decode
 
             out = ragged_decode(qg.to(self.pool.dtype), self.pool.k_rows, self.pool.v_rows, indptr,
                                 seg_rows, layer.scaling).to(q.dtype)
+        elif self.decode_kernel == "flashinfer":
+            out = self._flashinfer.run(qg.to(self.pool.dtype).contiguous(), self.pool.k_rows, self.pool.v_rows,
+                                       indptr, seg_rows, layer.scaling).to(q.dtype)
         else:
             out = ragged_decode_torch(qg, self.pool.k_rows, self.pool.v_rows, indptr, seg_rows,
                                       layer.scaling)
