@@ -7,7 +7,7 @@ greedy answer (12 tokens). One server per (method, budget); all prompts of a con
 concurrently. Prints a Markdown table (accuracy per prompt length and overall).
 
     .venv/bin/python benchmark/retrieval.py [--lengths 1000 2000 4000] [--per-length 4]
-        [--budgets 64 128 256 512] [--methods snapkv adakv]
+        [--budgets 64 128 256 512] [--methods snapkv adakv] [--skip-full]
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ def main() -> int:
     p.add_argument("--per-length", type=int, default=4)
     p.add_argument("--budgets", type=int, nargs="+", default=[64, 128, 256, 512])
     p.add_argument("--methods", nargs="+", default=["snapkv", "adakv"])
+    p.add_argument("--skip-full", action="store_true", help="do not run the full-cache reference row")
     a = p.parse_args()
     from transformers import AutoTokenizer
 
@@ -67,7 +68,7 @@ def main() -> int:
 
     tok = AutoTokenizer.from_pretrained(str(embedded_model.prepare()))
     prompts = [make_prompt(tok, n, 1000 * n + i) for n in a.lengths for i in range(a.per_length)]
-    configs = [("full cache", None, [])] + [
+    configs = ([] if a.skip_full else [("full cache", None, [])]) + [
         (m, b, ["--kv-compress", m, "--kv-budget", str(b)]) for m in a.methods for b in a.budgets]
     print(f"SmolLM2-135M-Instruct, float32, CPU; {a.per_length} prompts per length; correct = the 4-digit "
           "code appears in 12 greedy tokens\n")

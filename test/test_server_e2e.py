@@ -35,6 +35,12 @@ def test_generate_greedy_equals_hf_transformers(smollm2_server, smollm2_path):
         assert got == expected, f"prompt {prompt!r}: server {got} != HF {expected}"
 
 
+def test_stock_long_prompt_equals_hf(smollm2_server, fairkv_prompts, fairkv_references):
+    """The 1100-token prompt the fairkv ``none`` server is checked on (test_fairkv_methods): stock
+    SGLang gives the same HF greedy tokens, so fairkv ``none`` == stock on it."""
+    assert smollm2_server.greedy_ids(fairkv_prompts[1], 16) == fairkv_references["hf"][1]
+
+
 def test_generate_text_prompt(smollm2_server):
     out = smollm2_server.generate({"text": "The capital of France is",
                                    "sampling_params": {"max_new_tokens": 8, "temperature": 0}})
