@@ -63,7 +63,9 @@ FAIRKV_DEFAULT_MAX_RUNNING = 256
 def add_fairkv_args(parser: argparse.ArgumentParser) -> None:
     """The project's own flags (KV compression through the fairkv backend)."""
     g = parser.add_argument_group("sglang-fairkv KV compression")
-    g.add_argument("--kv-compress", choices=("none", "snapkv", "adakv", "pyramidkv", "headkv"),
+    from .compress.policy import METHODS
+
+    g.add_argument("--kv-compress", choices=METHODS,
                    help="per-head KV compression through the fairkv backend (none = ragged pool, no "
                         "compression)")
     g.add_argument("--kv-budget", type=int, help="mean kept prompt tokens per KV head")
@@ -75,7 +77,8 @@ def add_fairkv_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-head-budgets", help="HeadKV static budgets JSON {\"head_budgets\": [[layers][kv_heads]]}")
 
 
-def _fairkv_parser() -> argparse.ArgumentParser:
+def fairkv_parser() -> argparse.ArgumentParser:
+    """Only the project's flags (``parse_known_args`` splits them from SGLang's)."""
     p = argparse.ArgumentParser(prog=PROG, add_help=False, allow_abbrev=False)
     add_fairkv_args(p)
     return p
@@ -143,10 +146,10 @@ def plan_launch(argv: list[str], on_cpu: bool) -> LaunchPlan:
     ns, unknown = parser.parse_known_args(probe)
     if unknown:
         raise UsageError(f"unrecognized arguments: {' '.join(unknown)} (see {PROG} --help)")
-    fk, out = _fairkv_parser().parse_known_args(argv)
+    fk, out = fairkv_parser().parse_known_args(argv)
     if fk.kv_compress is None and ns.attention_backend != "fairkv":
-        orphan = [f for f in ("--kv-budget", "--kv-compress-ratio", "--kv-window", "--kv-pool-kernel",
-                              "--kv-alpha", "--kv-head-budgets") if _given(argv, f)]
+        ours = [a.option_strings[0] for a in fairkv_parser()._actions if a.dest != "kv_compress"]
+        orphan = [f for f in ours if _given(argv, f)]
         if orphan:
             raise UsageError(f"{', '.join(orphan)} need --kv-compress")
     if not _given(out, "--model-path"):

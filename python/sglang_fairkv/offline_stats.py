@@ -41,6 +41,27 @@ def synthetic_long_context(tokenizer, n: int, length: int, seed: int = 0) -> lis
     return prompts
 
 
+def add_prompt_args(p: argparse.ArgumentParser, *, num_prompts: int, prompt_len: int) -> None:
+    """``--prompts FILE | --synthetic long-context`` with ``--num-prompts`` / ``--prompt-len``."""
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompts", type=Path, help="JSON list of token-id lists")
+    src.add_argument("--synthetic", choices=("long-context",))
+    p.add_argument("--num-prompts", type=int, default=num_prompts)
+    p.add_argument("--prompt-len", type=int, default=prompt_len)
+
+
+def load_prompts(a: argparse.Namespace, model_path: str) -> list[list[int]]:
+    """The prompts :func:`add_prompt_args` describes; ValueError on a malformed ``--prompts`` file."""
+    if a.prompts is None:
+        from transformers import AutoTokenizer
+
+        return synthetic_long_context(AutoTokenizer.from_pretrained(model_path), a.num_prompts, a.prompt_len)
+    prompts = json.loads(a.prompts.read_text())
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(x, list) for x in prompts):
+        raise ValueError(f"{a.prompts} must hold a non-empty JSON list of token-id lists")
+    return prompts
+
+
 def stats_from_counts(counts: np.ndarray, model: str, cfg, method: str, budget: float) -> KVStats:
     """``counts``: int [prompts, layers, kv_heads] kept tokens -> :class:`KVStats`."""
     q = np.quantile(counts, [0.1, 0.5, 0.9], axis=0)
@@ -59,29 +80,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-path", required=True)
     p.add_argument("--method", choices=("snapkv", "adakv", "pyramidkv"), default="adakv")
     p.add_argument("--ratio", type=float, required=True, help="kvpress compression_ratio")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompts", type=Path, help="JSON list of token-id lists")
-    src.add_argument("--synthetic", choices=("long-context",))
-    p.add_argument("--num-prompts", type=int, default=8)
-    p.add_argument("--prompt-len", type=int, default=1024)
+    add_prompt_args(p, num_prompts=8, prompt_len=1024)
     p.add_argument("--window", type=int, default=64)
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args(argv)
     try:
         import torch
         from tqdm import tqdm
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
         from .kvdump import capture_qk, kept_positions
 
         model = AutoModelForCausalLM.from_pretrained(a.model_path, dtype=torch.float32).eval()
-        if a.prompts is not None:
-            prompts = json.loads(a.prompts.read_text())
-            if not isinstance(prompts, list) or not all(isinstance(x, list) for x in prompts):
-                raise ValueError(f"{a.prompts} must hold a JSON list of token-id lists")
-        else:
-            prompts = synthetic_long_context(AutoTokenizer.from_pretrained(a.model_path),
-                                             a.num_prompts, a.prompt_len)
+        prompts = load_prompts(a, a.model_path)
         counts = []
         for ids in tqdm(prompts, desc="prompts", file=sys.stderr):
             if len(ids) <= a.window:

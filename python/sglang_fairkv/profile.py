@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .offline_stats import add_prompt_args
+
 PROG = "python -m sglang_fairkv.profile"
 
 
@@ -67,40 +69,28 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-path", help="HF model folder (default: the embedded SmolLM2)")
     p.add_argument("--tp", type=int, default=1)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompts", type=Path, help="JSON list of token-id lists")
-    src.add_argument("--synthetic", choices=("long-context",))
-    p.add_argument("--num-prompts", type=int, default=16)
-    p.add_argument("--prompt-len", type=int, default=2048)
+    add_prompt_args(p, num_prompts=16, prompt_len=2048)
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--timeout", type=float, default=600.0, help="server start-up limit, seconds")
     a, server_flags = p.parse_known_args(argv)
-    from .launch_server import add_fairkv_args
+    from .launch_server import fairkv_parser
 
-    fk = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    add_fairkv_args(fk)
-    fka, _ = fk.parse_known_args(server_flags)
+    fka, _ = fairkv_parser().parse_known_args(server_flags)
     if fka.kv_compress is None:
         print(f"{PROG}: error: give --kv-compress (and its budget)", file=sys.stderr)
         return 2
     try:
-        from transformers import AutoConfig, AutoTokenizer
+        from transformers import AutoConfig
 
         from . import embedded_model
-        from .offline_stats import stats_from_counts, synthetic_long_context
+        from .offline_stats import load_prompts, stats_from_counts
 
         model_path = a.model_path or str(embedded_model.prepare())
         cfg = AutoConfig.from_pretrained(model_path)
         if cfg.num_key_value_heads % a.tp:
             raise ValueError(f"{cfg.num_key_value_heads} KV heads do not split over --tp {a.tp}")
-        if a.prompts is not None:
-            prompts = json.loads(a.prompts.read_text())
-            if not isinstance(prompts, list) or not all(isinstance(x, list) for x in prompts) or not prompts:
-                raise ValueError(f"{a.prompts} must hold a non-empty JSON list of token-id lists")
-        else:
-            prompts = synthetic_long_context(AutoTokenizer.from_pretrained(model_path), a.num_prompts,
-                                             a.prompt_len)
+        prompts = load_prompts(a, model_path)
         if min(len(x) for x in prompts) <= fka.kv_window:
             raise ValueError(f"every prompt must be longer than the observation window ({fka.kv_window})")
         counts = _run(model_path, a, server_flags, prompts, fka.kv_window)
