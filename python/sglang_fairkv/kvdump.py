@@ -59,6 +59,7 @@ def kept_positions(qk: list[tuple[torch.Tensor, torch.Tensor]], method: str, *, 
     """Kept positions per layer and KV head for the captured queries/keys (see module docstring)."""
     if ratio is None and budget is None and method != "headkv":
         raise ValueError("give --ratio or --budget")
+    # the budgets arrive as a tensor here; CompressConfig only needs to know that headkv has some
     cfg = CompressConfig(method=method, ratio=ratio, budget=budget, window=window, kernel=kernel,
                          alpha=alpha, head_budgets="<tensor>" if method == "headkv" else None)
     result = []

@@ -65,11 +65,18 @@ class FairKVAttnBackend(AttentionBackend):
         self.num_layers = self.pool.num_layers
         on_cuda = torch.device(self.device).type == "cuda"
         self.decode_kernel = env.decode_kernel() if on_cuda else "torch"
-        self._flashinfer = None
-        if self.decode_kernel == "flashinfer":
+        # one callable (q[S, G, D], k_rows, v_rows, seg_indptr, seg_rows, sm_scale) -> [S, G, D],
+        # resolved once here rather than per layer call
+        if self.decode_kernel == "triton":
+            from ..kernels.ragged_decode import ragged_decode
+
+            self._ragged_decode = ragged_decode
+        elif self.decode_kernel == "flashinfer":
             from .flashinfer_decode import FlashInferRaggedDecode
 
-            self._flashinfer = FlashInferRaggedDecode(self.device)
+            self._ragged_decode = FlashInferRaggedDecode(self.device).run
+        else:
+            self._ragged_decode = ragged_decode_torch
         self.forward_metadata: ExtendMetadata | DecodeMetadata | None = None
 
     # ---- metadata --------------------------------------------------------------------------
@@ -175,17 +182,8 @@ class FairKVAttnBackend(AttentionBackend):
             self.pool.v_rows[rows] = v.reshape(b * hkv, layer.v_head_dim).to(self.pool.dtype)
         indptr, seg_rows = self.pool.flat_segments(md.req_pool_idx, lid)
         qg = q.reshape(b * hkv, hq // hkv, d)
-        if self.decode_kernel == "triton":
-            from ..kernels.ragged_decode import ragged_decode
-
-            out = ragged_decode(qg.to(self.pool.dtype), self.pool.k_rows, self.pool.v_rows, indptr,
-                                seg_rows, layer.scaling).to(q.dtype)
-        elif self.decode_kernel == "flashinfer":
-            out = self._flashinfer.run(qg.to(self.pool.dtype).contiguous(), self.pool.k_rows, self.pool.v_rows,
-                                       indptr, seg_rows, layer.scaling).to(q.dtype)
-        else:
-            out = ragged_decode_torch(qg, self.pool.k_rows, self.pool.v_rows, indptr, seg_rows,
-                                      layer.scaling)
+        out = self._ragged_decode(qg.to(self.pool.dtype), self.pool.k_rows, self.pool.v_rows, indptr,
+                                  seg_rows, layer.scaling).to(q.dtype)
         return out.reshape(b, hq * layer.v_head_dim)
 
 

@@ -31,4 +31,4 @@ class FlashInferRaggedDecode:
         last = torch.ones(s, dtype=torch.int32, device=q.device)
         w.plan(indptr, seg_rows.to(torch.int32), last, g, 1, d, 1, q_data_type=q.dtype,
                kv_data_type=k_rows.dtype, sm_scale=sm_scale)
-        return w.run(q, (k_rows.view(-1, 1, 1, d), v_rows.view(-1, 1, 1, d)))
+        return w.run(q.contiguous(), (k_rows.view(-1, 1, 1, d), v_rows.view(-1, 1, 1, d)))

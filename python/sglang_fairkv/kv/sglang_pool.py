@@ -77,15 +77,15 @@ class FairKVState:
 
     def stats(self) -> dict:
         p = self.pool
-        used_rows = p.used_tokens()
+        used_rows, used_pages = p.used_tokens(), p.used_pages()
         return {
             "kv_compress": self.cfg.method,
             "page_size": p.page_size,
             "pages_total": p.usable_pages,
-            "pages_used": p.used_pages(),
+            "pages_used": used_pages,
             "rows_in_segments": used_rows,
             "token_equivalents_in_use": used_rows / self.rows_per_token,
-            "pool_bytes_in_use": p.used_pages() * p.page_size * p.bytes_per_row(),
+            "pool_bytes_in_use": used_pages * p.page_size * p.bytes_per_row(),
             "requests_with_segments": int((p.seg_len.sum(dim=(1, 2)) > 0).sum()),
         }
 
