@@ -67,3 +67,11 @@ def smollm2_server():
     """One default server (no --model-path: the embedded SmolLM2, CPU defaults)."""
     with Server([]) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def tiny_kv6_path(tmp_path_factory):
+    """3 layers, 12 query / 6 KV heads (GQA 2), head_dim 16, MLP 384: every head layout over TP 2
+    and 3 (sha splits it evenly at both)."""
+    return build_llama(tmp_path_factory.mktemp("models") / "tiny-kv6", num_layers=3, hidden=192,
+                       num_heads=12, num_kv_heads=6, head_dim=16, intermediate=384)

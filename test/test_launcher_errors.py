@@ -55,7 +55,12 @@ def test_kv_compress_bad_budget_one_line():
      "cannot be used with a compressed KV cache (--kv-compress): --enable-mixed-chunk"),
     (["--kv-compress", "adakv", "--kv-budget", "64", "--page-size", "16"], "--page-size > 1"),
     (["--kv-compress", "none", "--cuda-graph-backend-decode", "full"], "--cuda-graph-backend-decode full"),
-    (["--kv-compress", "adakv", "--kv-budget", "64", "--tp-size", "2"], "a layer's budget spans ranks"),
+    (["--kv-compress", "adakv", "--kv-budget", "64", "--tp-size", "2"],
+     "--fairkv-plan sha: 3 KV heads cannot be split evenly over tp=2"),
+    (["--fairkv-plan", "assign", "--tp-size", "2"], "give --fairkv-stats FILE"),
+    (["--fairkv-plan", "/no/such/plan.json", "--tp-size", "2"], "not a plan file and not one of"),
+    (["--fairkv-plan", "sha", "--fairkv-stats", "s.json", "--tp-size", "3"],
+     "--fairkv-stats is only used with --fairkv-plan assign|fairkv"),
     (["--kv-compress", "adakv", "--kv-budget", "64", "--attention-backend", "torch_native"],
      "--kv-compress needs --attention-backend fairkv, got torch_native"),
     (["--kv-compress", "headkv"], "--kv-compress headkv needs --kv-head-budgets FILE"),
@@ -86,3 +91,61 @@ def test_kv_head_budgets_checked_against_model(smollm2_path, tmp_path):
     assert argv[argv.index("--attention-backend") + 1] == "fairkv"
     assert "--disable-radix-cache" in argv and "--disable-overlap-schedule" in argv
     assert "--kv-compress" not in argv and "--kv-head-budgets" not in argv  # ours never reach SGLang
+
+
+def _plan_file(tmp_path, name, **kw):
+    """A valid fairkv-plan/1 document, SmolLM2-shaped unless ``kw`` says otherwise."""
+    import json
+
+    from sglang_fairkv.placement.runtime import sha_plan
+
+    plan = sha_plan("m", kw.pop("layers", 30), kw.pop("kv", 3), kw.pop("q", 9), kw.pop("tp", 3)).to_json()
+    plan.update(kw)
+    path = tmp_path / name
+    path.write_text(json.dumps(plan))
+    return path
+
+
+def test_plan_checked_against_model_and_tp(smollm2_path, tmp_path):
+    """A plan for another TP size, another model shape, or a broken file stops start-up naming why;
+    a good one reaches the scheduler processes through FAIRKV_PLAN (as JSON here)."""
+    import json
+
+    from sglang_fairkv.launch_server import UsageError, plan_launch
+    from sglang_fairkv.placement.stats import KVStats
+
+    base = ["--model-path", str(smollm2_path)]
+    cases = [
+        (_plan_file(tmp_path, "tp3.json"), "2", "plan is for tp=3, server runs tp=2"),
+        (_plan_file(tmp_path, "kv.json", kv=2, q=8, tp=2), "2", "plan has 2 KV heads, model has 3"),
+        (_plan_file(tmp_path, "layers.json", layers=2), "3", "plan has 2 layers, model has 30"),
+    ]
+    bad_share = json.loads(_plan_file(tmp_path, "s.json").read_text())
+    bad_share["layers"][4]["placement"][1]["replicas"] = [{"rank": 0, "share": 0.5}, {"rank": 2, "share": 0.25}]
+    (tmp_path / "share.json").write_text(json.dumps(bad_share))
+    cases.append((tmp_path / "share.json", "3", "layers[4].placement[1]: shares of kv_head 1 sum to 0.75, not 1"))
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    cases.append((broken, "2", "broken.json"))
+    for path, tp, needle in cases:
+        with pytest.raises(UsageError) as e:
+            plan_launch([*base, "--fairkv-plan", str(path), "--tp-size", tp], on_cpu=True)
+        assert needle in str(e.value), (path, str(e.value))
+    # stats for another shape
+    import numpy as np
+
+    stats = tmp_path / "stats.json"
+    KVStats(model="x", num_layers=2, num_q_heads=9, num_kv_heads=3, head_dim=64,
+            kv_len_mean=np.ones((2, 3))).save(stats)
+    with pytest.raises(UsageError, match="describes 2 layers x 3 KV heads"):
+        plan_launch([*base, "--fairkv-plan", "fairkv", "--fairkv-stats", str(stats), "--tp-size", "2"],
+                    on_cpu=True)
+    # good: a plan computed from SmolLM2-shaped stats, with copies
+    KVStats(model="x", num_layers=30, num_q_heads=9, num_kv_heads=3, head_dim=64,
+            kv_len_mean=np.tile([900.0, 100.0, 100.0], (30, 1))).save(stats)
+    lp = plan_launch([*base, "--fairkv-plan", "fairkv", "--fairkv-stats", str(stats), "--tp-size", "2"],
+                     on_cpu=True)
+    plan = json.loads(lp.plan_json)
+    assert plan["tp"] == 2 and plan["strategy"] == "fairkv"
+    assert any(len(h["replicas"]) > 1 for layer in plan["layers"] for h in layer["placement"])
+    assert lp.kv_compress_json is not None and '"none"' in lp.kv_compress_json  # plan alone: no compression

@@ -26,8 +26,10 @@ def segment_values(pool, r, layer, head):
 
 
 def test_random_lifecycle_matches_python_model():
-    """extend (chunked) -> compact -> append, interleaved over requests; every segment holds what a
-    list model says, the pages in use are exactly ceil(len/P) per segment, and freeing empties it."""
+    """extend (chunked) -> compact -> append, interleaved over requests, each request holding a random
+    subset of its segments (a FairKV rank: fewer heads in some layers, replicas it does not serve);
+    every active segment holds what a list model says, inactive ones stay empty, the pages in use
+    are exactly ceil(len/P) per segment, and freeing empties it."""
     rng = random.Random(0)
     pool = make_pool(pages=3000, max_context=256)
     model: dict[tuple[int, int, int], list[float]] = {}
@@ -43,7 +45,11 @@ def test_random_lifecycle_matches_python_model():
         op = rng.random()
         r = rng.randrange(1, 6)
         if op < 0.3 and r not in compressed:  # prefill chunk
-            old = int(pool.seg_len[r, 0, 0])
+            if r not in live:
+                mask = torch.rand(L, H, generator=torch.Generator().manual_seed(rng.randrange(1 << 30))) < 0.7
+                pool.set_active(r, mask)
+            act = pool.active[r]
+            old = int(pool.seg_len[r][act].max()) if bool(act.any()) else 0
             new = old + rng.randrange(1, 9)
             if new > 60:
                 continue
@@ -51,19 +57,19 @@ def test_random_lifecycle_matches_python_model():
             live.add(r)
             for l in range(L):
                 rows = pool.prefix_rows(r, l, new)[:, old:new]
-                for h in range(H):
+                for h in [h for h in range(H) if act[l, h]]:
                     vals = [val() for _ in range(new - old)]
                     pool.k_rows[rows[h], 0] = torch.tensor(vals)
                     model.setdefault((r, l, h), []).extend(vals)
         elif op < 0.45 and r in live and r not in compressed:  # compress every layer
             for l in range(L):
-                kept = []
-                for h in range(H):
+                kept, heads = [], [h for h in range(H) if (r, l, h) in model]
+                for h in heads:
                     n = len(model[(r, l, h)])
                     pos = sorted(rng.sample(range(n), rng.randrange(1, n + 1)))
                     kept.append(torch.tensor(pos))
                     model[(r, l, h)] = [model[(r, l, h)][p] for p in pos]
-                pool.compact(r, l, kept)
+                pool.compact(r, l, kept, heads)
             compressed.add(r)
         elif op < 0.85 and live and max(len(v) for v in model.values()) < 200:  # decode step
             batch = sorted(rng.sample(sorted(live), rng.randrange(1, len(live) + 1)))
@@ -74,18 +80,23 @@ def test_random_lifecycle_matches_python_model():
             for i, rr in enumerate(batch):
                 for l in range(L):
                     for h in range(H):
+                        if (rr, l, h) not in model:
+                            assert int(rows[i, l, h]) < pool.page_size  # inactive: the sink page
+                            continue
                         v = val()
                         pool.k_rows[rows[i, l, h], 0] = v
                         model[(rr, l, h)].append(v)
         elif r in live:  # finish
             pages = pool.free(r)
-            expect = sum(math.ceil(len(model.pop((r, l, h))) / pool.page_size) for l in range(L) for h in range(H))
+            expect = sum(math.ceil(len(model.pop((r, l, h))) / pool.page_size)
+                         for l in range(L) for h in range(H) if (r, l, h) in model)
             assert pages == expect
             live.discard(r)
             compressed.discard(r)
         # invariants
         for (rr, l, h), vals in model.items():
             assert segment_values(pool, rr, l, h) == vals
+        assert int(pool.seg_len[~pool.active].abs().sum()) == 0  # inactive segments stay empty
         in_use = sum(math.ceil(len(v) / pool.page_size) for v in model.values())
         assert pool.used_pages() == in_use
         assert pool.used_tokens() == sum(len(v) for v in model.values())
@@ -97,6 +108,8 @@ def test_random_lifecycle_matches_python_model():
 
 def test_pool_full_raises_and_loses_nothing():
     pool = make_pool(pages=1 + L * H * 2, page_size=4)  # room for 8 tokens per segment
+    pool.set_active(1)
+    pool.set_active(2)
     pool.extend(torch.tensor([1]), torch.tensor([8]))
     with pytest.raises(RaggedPoolFull):
         pool.extend(torch.tensor([2]), torch.tensor([1]))
@@ -111,6 +124,8 @@ def test_flat_segments_and_torch_decode_match_reference():
     pool.k_rows.normal_()
     pool.v_rows.normal_()
     reqs = torch.tensor([1, 3, 4])
+    for r in reqs.tolist():
+        pool.set_active(r)
     pool.extend(reqs, torch.tensor([17, 5, 30]))
     pool.compact(3, 1, [torch.tensor([0, 4]), torch.tensor([], dtype=torch.int64)])  # an empty segment
     for layer in range(L):

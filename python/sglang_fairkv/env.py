@@ -63,3 +63,14 @@ def decode_kernel() -> str:
     if v not in ("triton", "flashinfer", "torch"):
         raise ValueError(f"FAIRKV_DECODE_KERNEL must be triton, flashinfer or torch, got {v!r}")
     return v
+
+
+def plan_path() -> str | None:
+    """``FAIRKV_PLAN``: the ``fairkv-plan/1`` file every scheduler process serves (written by
+    ``launch_server`` from ``--fairkv-plan``, already checked against the model and TP size). Unset:
+    TP = 1 with every head on rank 0."""
+    return os.environ.get("FAIRKV_PLAN") or None
+
+
+def set_plan_path(path: str) -> None:
+    os.environ["FAIRKV_PLAN"] = path

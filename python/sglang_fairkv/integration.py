@@ -5,6 +5,9 @@ attention registry, only when ``FAIRKV_KV_COMPRESS`` is set (``--kv-compress`` g
 
 * ``KVCacheConfigurator._build_token_to_kv_pool`` (AROUND): the ragged pool instead of the dense MHA
   pool; ``_build_token_to_kv_pool_allocator`` (AROUND): the logical-slot allocator over it.
+* ``KVCacheConfigurator.configure`` (AROUND): report as ``max_total_num_tokens`` the prompt tokens the
+  TP group's pools hold when empty (the smallest over ranks: under a plan ranks hold different head
+  counts), so SGLang's token accounting and idle leak check match the ledger.
 * ``ScheduleBatch.prepare_for_extend`` (AFTER): each request's full prompt length, by
   ``req_pool_idx``, so the backend knows which prefill chunk is the last (compress then).
 * ``mem_cache.common.release_kv_cache`` (BEFORE -- it ends by freeing ``req_pool_idx``): free every
@@ -24,6 +27,7 @@ BACKEND_NAME = "fairkv"
 _CFG = "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator"
 T_BUILD_POOL = f"{_CFG}._build_token_to_kv_pool"
 T_BUILD_ALLOC = f"{_CFG}._build_token_to_kv_pool_allocator"
+T_CONFIGURE = f"{_CFG}.configure"
 T_PREPARE_EXTEND = "sglang.srt.managers.schedule_batch.ScheduleBatch.prepare_for_extend"
 T_RELEASE = "sglang.srt.mem_cache.common.release_kv_cache"
 T_INTERNAL_STATE = ("sglang.srt.managers.scheduler_components.internal_state."
@@ -51,17 +55,41 @@ def build_pool_hook(original, self, *args, **kwargs):
     sizes = kwargs["sizes"]
     req_to_token = kwargs["req_to_token_pool"].req_to_token
     mc = self.model_config
-    num_kv = _num_kv_heads(self)
     layers = self.layer_info.num_effective_layers
-    head_budgets = load_config_head_budgets(cfg, layers, num_kv)
-    state = build_state(cfg, head_budgets, max_total_tokens=sizes.max_total_num_tokens,
-                        page_size=env.kv_page_size(), num_layers=layers, num_kv_heads=num_kv,
-                        head_dim=mc.head_dim, max_reqs=req_to_token.shape[0],
-                        max_context=req_to_token.shape[1], dtype=self.kv_cache_dtype,
-                        device=self.device, profile_path=_profile_path())
+    rank_plan = server_rank_plan(mc, layers)
+    head_budgets = load_config_head_budgets(cfg, layers, rank_plan.plan.num_kv_heads)
+    state = build_state(cfg, head_budgets, rank_plan=rank_plan,
+                        max_total_tokens=sizes.max_total_num_tokens,
+                        rows_per_token_budget=layers * _num_kv_heads(self),
+                        page_size=env.kv_page_size(), head_dim=mc.head_dim,
+                        max_reqs=req_to_token.shape[0], max_context=req_to_token.shape[1],
+                        dtype=self.kv_cache_dtype, device=self.device, profile_path=_profile_path())
     return FairKVCache(state, size=sizes.max_total_num_tokens, page_size=1, dtype=self.kv_cache_dtype,
                        layer_num=layers, device=self.device, start_layer=self.layer_info.start_layer,
                        end_layer=self.layer_info.end_layer)
+
+
+def server_rank_plan(model_config, num_layers: int):
+    """This scheduler's :class:`RankPlan`: ``FAIRKV_PLAN`` (checked again here against the model and
+    TP size), or at TP = 1 without one, every head on rank 0."""
+    from sglang.srt.runtime_context import get_parallel
+
+    from .placement.runtime import RankPlan, resolve_plan, sha_plan
+
+    from .model.heads import checkpoint_heads
+
+    p = get_parallel()
+    q, kv, _ = checkpoint_heads(model_config.hf_config)  # SGLang pads head counts on CPU at odd TP
+    path = env.plan_path()
+    if path is None:
+        if p.tp_size != 1:
+            raise RuntimeError("the fairkv backend at TP > 1 needs a FairKV plan (launch with "
+                               "python -m sglang_fairkv.launch_server; it passes --fairkv-plan sha by default)")
+        plan = sha_plan(model_config.model_path, num_layers, kv, q, 1)
+    else:
+        plan = resolve_plan(path, model=model_config.model_path, num_layers=num_layers, num_kv_heads=kv,
+                            num_q_heads=q, tp=p.tp_size)
+    return RankPlan(plan, p.tp_rank, q)
 
 
 def _profile_path() -> str | None:
@@ -94,6 +122,22 @@ def build_allocator_hook(original, self, *args, **kwargs):
                                 dtype=self.kv_cache_dtype, device=self.device, kvcache=pool)
 
 
+def configure_hook(original, self, *args, **kwargs):
+    """AROUND ``KVCacheConfigurator.configure``: ``max_total_num_tokens`` = the ledger's empty capacity."""
+    result = original(self, *args, **kwargs)
+    state = _state_of(result.token_to_kv_pool_allocator)
+    if state is None:
+        return result
+    import msgspec
+
+    cap = state.ledger.token_capacity_free()
+    if cap != result.max_total_num_tokens:
+        logger.info("sglang-fairkv: max_total_num_tokens %d -> %d (prompt tokens every rank's pool holds "
+                    "under the plan; KV rows per token by rank %s)", result.max_total_num_tokens, cap,
+                    state.ledger.rows_per_token.tolist())
+    return msgspec.structs.replace(result, max_total_num_tokens=cap)
+
+
 def _state_of(allocator):
     from .kv.sglang_pool import FairKVTokenAllocator
 
@@ -101,18 +145,22 @@ def _state_of(allocator):
 
 
 def prepare_for_extend_hook(result, batch, *args, **kwargs):
-    """AFTER ``ScheduleBatch.prepare_for_extend``: record each request's full prompt length."""
+    """AFTER ``ScheduleBatch.prepare_for_extend``: record each request's full prompt length and, on its
+    first chunk, admit it: replicas chosen (same on every rank), its segments on this rank activated."""
     state = _state_of(batch.token_to_kv_pool_allocator)
     if state is not None:
         for req in batch.reqs:
-            state.target_len[req.kv.req_pool_idx] = len(req.full_untruncated_fill_ids)
+            r, n = int(req.kv.req_pool_idx), len(req.full_untruncated_fill_ids)
+            state.target_len[r] = n
+            state.admit(r, req.rid, n)
     return result
 
 
 def release_hook(req, tree_cache, *args, **kwargs):
     """BEFORE ``release_kv_cache``: free the request's segments while ``req_pool_idx`` is still its."""
     state = _state_of(tree_cache.token_to_kv_pool_allocator)
-    if state is not None and req.kv.holds_kv and req.kv.req_pool_idx is not None:
+    if state is not None and req.kv.req_pool_idx is not None and (
+            req.kv.holds_kv or int(req.kv.req_pool_idx) in state.admitted):
         state.release(int(req.kv.req_pool_idx))
     return None
 
@@ -130,8 +178,29 @@ def hook_triples() -> list[tuple[str, object, str]]:
     if compress_config() is None:
         return []
     return [(T_BUILD_POOL, build_pool_hook, "AROUND"), (T_BUILD_ALLOC, build_allocator_hook, "AROUND"),
+            (T_CONFIGURE, configure_hook, "AROUND"),
             (T_PREPARE_EXTEND, prepare_for_extend_hook, "AFTER"), (T_RELEASE, release_hook, "BEFORE"),
             (T_INTERNAL_STATE, internal_state_hook, "AFTER")]
+
+
+def check_model_package() -> None:
+    """With a FairKV plan, SGLang must resolve our model classes (it only logs a failed import of an
+    external model package and would fall back to its own, which splits heads contiguously)."""
+    if env.plan_path() is None:
+        return
+    import os
+
+    from sglang.srt.models.registry import ModelRegistry
+
+    from .model import llama
+
+    if os.environ.get("SGLANG_EXTERNAL_MODEL_PACKAGE") != "sglang_fairkv.model":
+        raise RuntimeError("FAIRKV_PLAN is set but SGLANG_EXTERNAL_MODEL_PACKAGE is not sglang_fairkv.model")
+    for cls in llama.EntryClass:
+        got = ModelRegistry.models.get(cls.__name__)
+        if got is None or not getattr(got, "fairkv", False):
+            raise RuntimeError(f"SGLang resolves {cls.__name__} to {got}, not the FairKV class (see the "
+                               "log for an import error in sglang_fairkv.model)")
 
 
 def register_backend() -> None:

@@ -75,6 +75,14 @@ def add_fairkv_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-pool-kernel", type=int, default=5, help="SnapKV avg-pool kernel (odd)")
     g.add_argument("--kv-alpha", type=float, default=0.2, help="AdaKV safeguard fraction")
     g.add_argument("--kv-head-budgets", help="HeadKV static budgets JSON {\"head_budgets\": [[layers][kv_heads]]}")
+    g.add_argument("--fairkv-plan", metavar="PATH|sha|assign|fairkv",
+                   help="FairKV head placement across TP ranks: a fairkv-plan/1 file (python -m "
+                        "sglang_fairkv.plan), sha (standard TP split), or assign / fairkv computed now "
+                        "from --fairkv-stats (default at --tp-size > 1: sha)")
+    g.add_argument("--fairkv-stats", metavar="FILE",
+                   help="fairkv-stats/1 file (python -m sglang_fairkv.profile) for --fairkv-plan assign|fairkv")
+    g.add_argument("--fairkv-max-copies-per-layer", type=int, default=1, metavar="K",
+                   help="extra head replicas per layer for --fairkv-plan fairkv (default 1)")
 
 
 def fairkv_parser() -> argparse.ArgumentParser:
@@ -96,6 +104,7 @@ class LaunchPlan:
     tp_size: int
     kv_compress_json: str | None = None
     notes: tuple[str, ...] = ()
+    plan_json: str | None = None
 
 
 def _given(argv: list[str], flag: str) -> bool:
@@ -147,6 +156,8 @@ def plan_launch(argv: list[str], on_cpu: bool) -> LaunchPlan:
     if unknown:
         raise UsageError(f"unrecognized arguments: {' '.join(unknown)} (see {PROG} --help)")
     fk, out = fairkv_parser().parse_known_args(argv)
+    if fk.fairkv_plan is not None and fk.kv_compress is None:
+        fk.kv_compress = "none"  # a plan serves through the fairkv backend (ragged pool, no compression)
     if fk.kv_compress is None and ns.attention_backend != "fairkv":
         ours = [a.option_strings[0] for a in fairkv_parser()._actions if a.dest != "kv_compress"]
         orphan = [f for f in ours if _given(argv, f)]
@@ -162,9 +173,11 @@ def plan_launch(argv: list[str], on_cpu: bool) -> LaunchPlan:
             f"--model-path {model_path}: no such model folder (hub downloads are off; "
             "give a local Hugging Face folder)"
         )
-    cfg_json, notes = None, ()
+    cfg_json, notes, plan_json = None, (), None
     if fk.kv_compress is not None or ns.attention_backend == "fairkv":
         cfg_json, notes = _fairkv_setup(fk, ns, out, model_path)
+        plan_json, plan_notes = _plan_setup(fk, ns, out, model_path)
+        notes += plan_notes
     if on_cpu:
         for flag, value in CPU_DEFAULTS:
             if not _given(out, flag):
@@ -172,7 +185,7 @@ def plan_launch(argv: list[str], on_cpu: bool) -> LaunchPlan:
     host, port = ns.host, ns.port
     if port_in_use(host, port):
         raise UsageError(f"port {port} on {host} is already in use (choose another with --port)")
-    return LaunchPlan(out, on_cpu, model_path, host, port, ns.tp_size, cfg_json, notes)
+    return LaunchPlan(out, on_cpu, model_path, host, port, ns.tp_size, cfg_json, notes, plan_json)
 
 
 def _fairkv_setup(fk: argparse.Namespace, ns: argparse.Namespace, out: list[str],
@@ -202,9 +215,6 @@ def _fairkv_setup(fk: argparse.Namespace, ns: argparse.Namespace, out: list[str]
         bad.append("--cuda-graph-config (CUDA graphs are not supported by fairkv yet)")
     if bad:
         raise UsageError(f"cannot be used with a compressed KV cache (--kv-compress): {', '.join(bad)}")
-    if ns.tp_size > 1 and cfg.method in ("adakv", "headkv"):
-        raise UsageError(f"--kv-compress {cfg.method} at --tp-size {ns.tp_size}: a layer's budget spans "
-                         "ranks; not supported yet (use snapkv / pyramidkv, or TP 1)")
     if cfg.method == "headkv":
         import json
 
@@ -230,6 +240,50 @@ def _fairkv_setup(fk: argparse.Namespace, ns: argparse.Namespace, out: list[str]
     return cfg.to_json(), tuple(notes)
 
 
+#: Architectures with a FairKV model class (``sglang_fairkv.model``).
+FAIRKV_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+
+
+def _plan_setup(fk: argparse.Namespace, ns: argparse.Namespace, out: list[str],
+                model_path: str) -> tuple[str | None, tuple[str, ...]]:
+    """Resolve ``--fairkv-plan`` (default ``sha`` at TP > 1) against the model's shape and ``--tp-size``;
+    returns (plan JSON or None at TP = 1 without a plan, notes)."""
+    import json
+
+    from .placement.schema import PlanError
+
+    spec = fk.fairkv_plan
+    if spec is None and ns.tp_size == 1:
+        if fk.fairkv_stats is not None:
+            raise UsageError("--fairkv-stats is only used with --fairkv-plan assign|fairkv")
+        return None, ()
+    spec = spec or "sha"
+    if fk.fairkv_stats is not None and spec not in ("assign", "fairkv"):
+        raise UsageError("--fairkv-stats is only used with --fairkv-plan assign|fairkv")
+    try:
+        mc = json.loads((Path(model_path) / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--fairkv-plan: cannot read {model_path}/config.json: {e}") from None
+    arch = (mc.get("architectures") or ["?"])[0]
+    if arch not in FAIRKV_ARCHITECTURES:
+        raise UsageError(f"--fairkv-plan: {arch} has no FairKV model class (supported: "
+                         f"{', '.join(FAIRKV_ARCHITECTURES)})")
+    if _given(out, "--quantization"):
+        raise UsageError("--fairkv-plan cannot be used with --quantization (weights are sliced per head)")
+    from .placement.runtime import resolve_plan
+
+    q = mc["num_attention_heads"]
+    try:
+        plan = resolve_plan(spec, model=model_path, num_layers=mc["num_hidden_layers"],
+                            num_kv_heads=mc.get("num_key_value_heads") or q, num_q_heads=q, tp=ns.tp_size,
+                            stats_path=fk.fairkv_stats, max_copies_per_layer=fk.fairkv_max_copies_per_layer)
+    except PlanError as e:
+        raise UsageError(f"--fairkv-plan {spec}: {e}") from None
+    copies = sum(plan.copies_per_layer())
+    return json.dumps(plan.to_json()), (f"--fairkv-plan {spec}: {plan.strategy} plan, tp={plan.tp}, "
+                                        f"{copies} head copies over {plan.num_layers} layers",)
+
+
 def run(plan: LaunchPlan) -> None:
     """Start SGLang's HTTP server with our scheduler entry; blocks until it exits."""
     from sglang.srt.entrypoints.http_server import launch_server
@@ -244,10 +298,23 @@ def run(plan: LaunchPlan) -> None:
         env.set_kv_compress_json(plan.kv_compress_json)
         for note in plan.notes:
             print(f"sglang-fairkv: {note}", file=sys.stderr)
+    if plan.plan_json is not None:
+        import tempfile
+
+        fd, path = tempfile.mkstemp(prefix="fairkv-plan-", suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            f.write(plan.plan_json)
+        env.set_plan_path(path)
+        # SGLang resolves the architecture from this package first (checked in each scheduler)
+        os.environ["SGLANG_EXTERNAL_MODEL_PACKAGE"] = "sglang_fairkv.model"
     add_backend_choice()
     server_args = prepare_server_args(plan.sglang_argv)
     server_args.resolve_once()
-    launch_server(server_args, run_scheduler_process_func=run_scheduler_process)
+    try:
+        launch_server(server_args, run_scheduler_process_func=run_scheduler_process)
+    finally:
+        if plan.plan_json is not None and env.plan_path():
+            Path(env.plan_path()).unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,9 @@ def prepare_scheduler_process(server_args) -> list[str]:
 
     on_cpu = str(getattr(server_args, "device", "")) == "cpu"
     integration.register_backend()
-    return apply_process_patches(on_cpu=on_cpu, extra=integration.hook_triples())
+    targets = apply_process_patches(on_cpu=on_cpu, extra=integration.hook_triples())
+    integration.check_model_package()
+    return targets
 
 
 def run_scheduler_process(server_args, port_args, gpu_id, tp_rank, pp_rank, dp_rank, pipe_writer,

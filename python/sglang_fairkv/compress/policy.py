@@ -9,6 +9,7 @@ kept positions per KV head; the server backend and ``kvdump`` both call it.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -73,17 +74,27 @@ class CompressConfig:
 
 
 def kept_for_layer(cfg: CompressConfig, layer: int, num_layers: int, q_window: torch.Tensor,
-                   k: torch.Tensor, head_budgets: torch.Tensor | None = None) -> list[torch.Tensor] | None:
+                   k: torch.Tensor, head_budgets: torch.Tensor | None = None, *,
+                   head_ids: list[int] | None = None,
+                   gather_scores: Callable[[torch.Tensor, list[int]], torch.Tensor] | None = None,
+                   ) -> list[torch.Tensor] | None:
     """Kept positions of one layer, or None when the layer keeps everything.
 
     Parameters
     ----------
-    q_window : [num_q_heads, window, head_dim] post-RoPE queries of the prompt's last ``window`` tokens.
-    k : [num_kv_heads, seq_len, head_dim] post-RoPE keys of the whole prompt.
+    q_window : [G * H, window, head_dim] post-RoPE queries of the prompt's last ``window`` tokens,
+        the ``G`` query heads of each KV head of ``k`` in order.
+    k : [H, seq_len, head_dim] post-RoPE keys of the whole prompt, for ``H`` of the layer's KV heads
+        (all of them at TP = 1; a rank's own ones under a FairKV plan, possibly none).
     head_budgets : int64 [num_layers, num_kv_heads] for ``headkv``.
+    head_ids : the layer-global KV head id of each of ``k``'s heads (default ``0 .. H-1``).
+    gather_scores : AdaKV on a subset of heads: ``(scores [H, seq_len], head_ids) -> [num_kv_heads,
+        seq_len]``, the whole layer's scores (an exchange between TP ranks), so the layer-wide top-k
+        equals TP = 1 exactly. Called on every rank whenever the layer is compressed.
 
-    Returns a list (one per KV head) of sorted int64 positions. Prompts no longer than the window or
-    than the budget are kept whole.
+    Returns a list (one per head of ``k``) of sorted int64 positions. Prompts no longer than the
+    window or than the budget are kept whole. Whether a layer is compressed depends only on the
+    setting and ``seq_len`` (the same on every rank).
     """
     if not cfg.enabled:
         return None
@@ -93,17 +104,27 @@ def kept_for_layer(cfg: CompressConfig, layer: int, num_layers: int, q_window: t
     n_kept = cfg.n_kept(seq_len)
     if cfg.method != "headkv" and n_kept >= seq_len:
         return None
-    scores = SnapKVScorer(window=cfg.window, kernel=cfg.kernel).score(q_window, k)
+    ids = list(range(k.shape[0])) if head_ids is None else list(head_ids)
+    if k.shape[0]:
+        scores = SnapKVScorer(window=cfg.window, kernel=cfg.kernel).score(q_window, k)
+    else:  # this rank holds none of the layer's heads for this request
+        scores = k.new_zeros(0, seq_len, dtype=torch.float32)
     if cfg.method == "snapkv":
         return select_uniform(scores, n_kept)
     if cfg.method == "adakv":
-        return select_adakv(scores, n_kept, cfg.alpha)
+        if gather_scores is None:
+            return select_adakv(scores, n_kept, cfg.alpha)
+        full = gather_scores(scores, ids)
+        # the scorer pads the window columns with (max over *its* heads) + 1; TP = 1 uses the layer's max
+        full[:, seq_len - cfg.window:] = full[:, :seq_len - cfg.window].max() + 1
+        kept = select_adakv(full, n_kept, cfg.alpha)
+        return [kept[h] for h in ids]
     if cfg.method == "pyramidkv":
         eff_ratio = cfg.ratio if cfg.ratio is not None else 1.0 - n_kept / seq_len
         return select_uniform(scores, pyramid_layer_budget(layer, num_layers, seq_len, eff_ratio, cfg.window))
     if head_budgets is None:
         raise ValueError("headkv needs the per-head budgets tensor")
-    return select_per_head(scores, head_budgets[layer])
+    return select_per_head(scores, head_budgets[layer][ids])
 
 
 def load_config_head_budgets(cfg: CompressConfig, num_layers: int, num_kv_heads: int) -> torch.Tensor | None:

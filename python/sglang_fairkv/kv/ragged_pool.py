@@ -15,7 +15,13 @@ Page granularity (``P``, default 16) and not token granularity: a token-granular
 ``max_context`` row table (GBs for a 70B model at long context); pages bound the table to
 ``max_context / P`` entries and the slack to ``P - 1`` rows per segment.
 
-Row 0..P-1 (page 0) is never handed out: like SGLang's slot 0 it absorbs writes of padded tokens.
+Row 0..P-1 (page 0) is never handed out: like SGLang's slot 0 it absorbs writes of padded tokens
+and of segments this rank does not hold.
+
+Ownership: ``active[r, l, h]`` (bool) says which segments request ``r`` has on this rank. Under a
+FairKV plan a layer may hold fewer heads than ``num_kv_heads`` (the largest count over layers), and a
+copied head's replica holds only the requests assigned to it; inactive segments stay empty (zero
+length, no pages), give zero attention, and their decode writes land in page 0.
 """
 
 from __future__ import annotations
@@ -61,12 +67,24 @@ class RaggedKVPool:
                                      dtype=torch.int32, device=self.device)
         self.seg_len = torch.zeros(max_reqs, num_layers, num_kv_heads, dtype=torch.int64,
                                    device=self.device)
+        self.active = torch.zeros(max_reqs, num_layers, num_kv_heads, dtype=torch.bool, device=self.device)
         self.clear()
 
     # ---- accounting -------------------------------------------------------------------------
     def clear(self) -> None:
         self.free_pages = torch.arange(1, self.num_pages, dtype=torch.int64, device=self.device)
         self.seg_len.zero_()
+        self.active.zero_()
+
+    def set_active(self, req_pool_idx: int, mask: torch.Tensor | None = None) -> None:
+        """Which segments request ``req_pool_idx`` holds here: bool ``[num_layers, num_kv_heads]``
+        (None: all). Set once before its first :meth:`extend`; :meth:`free` clears it."""
+        if bool(self.seg_len[req_pool_idx].any()):
+            raise AssertionError("set_active on a request that already holds segments")
+        if mask is None:
+            self.active[req_pool_idx] = True
+        else:
+            self.active[req_pool_idx] = mask.to(self.device, torch.bool)
 
     @property
     def usable_pages(self) -> int:
@@ -102,40 +120,47 @@ class RaggedKVPool:
         return (length + self.page_size - 1) // self.page_size
 
     def extend(self, req_pool_idx: torch.Tensor, new_len: torch.Tensor) -> None:
-        """Grow every segment of each request to ``new_len`` tokens (prefill chunk).
+        """Grow every active segment of each request to ``new_len`` tokens (prefill chunk).
 
-        ``req_pool_idx``, ``new_len``: int64 ``[b]``. Before compression all segments of a request
-        have the same length; the rows of the new positions are then written layer by layer.
+        ``req_pool_idx``, ``new_len``: int64 ``[b]``. Before compression all active segments of a
+        request have the same length; the rows of the new positions are then written layer by layer.
         """
-        old = self.seg_len[req_pool_idx, 0, 0]  # [b]
-        if bool((self.seg_len[req_pool_idx] != old[:, None, None]).any()):
-            raise AssertionError("extend on a request whose segments were already compressed")
-        if bool((new_len < old).any()):
-            raise ValueError("extend cannot shrink a segment")
-        old_p, new_p = self._pages_for(old), self._pages_for(new_len)
-        if bool((new_p > self.max_pages).any()):
+        if bool((new_len > (self.max_pages - 1) * self.page_size).any()):
             raise ValueError(f"sequence of {int(new_len.max())} tokens exceeds the pool's max context")
-        lh = self.num_layers * self.num_kv_heads
         for i, r in enumerate(req_pool_idx.tolist()):
-            a, b = int(old_p[i]), int(new_p[i])
+            act = self.active[r]  # [L, H]
+            n_act = int(act.sum())
+            if n_act == 0:
+                continue
+            lens = self.seg_len[r][act]
+            old = int(lens[0])
+            if bool((lens != old).any()):
+                raise AssertionError("extend on a request whose segments were already compressed")
+            new = int(new_len[i])
+            if new < old:
+                raise ValueError("extend cannot shrink a segment")
+            a, b = -(-old // self.page_size), -(-new // self.page_size)
             if b > a:
-                pages = self._pop(lh * (b - a)).view(self.num_layers, self.num_kv_heads, b - a)
-                self.seg_pages[r, :, :, a:b] = pages.to(torch.int32)
-        self.seg_len[req_pool_idx] = new_len[:, None, None].to(torch.int64)
+                pages = self._pop(n_act * (b - a)).view(n_act, b - a).to(torch.int32)
+                sp = self.seg_pages[r]
+                sp[act, a:b] = pages
+            self.seg_len[r][act] = new
 
     def decode_pages_needed(self, req_pool_idx: torch.Tensor) -> int:
         """Pages the next :meth:`append` of these requests will take (segments at a page boundary)."""
-        return int((self.seg_len[req_pool_idx] % self.page_size == 0).sum())
+        return int(((self.seg_len[req_pool_idx] % self.page_size == 0) & self.active[req_pool_idx]).sum())
 
     def append(self, req_pool_idx: torch.Tensor) -> torch.Tensor:
-        """Add one token to every segment of each request (a decode step).
+        """Add one token to every active segment of each request (a decode step).
 
-        Returns int64 ``[b, num_layers, num_kv_heads]``: the row each new token's K/V goes to.
+        Returns int64 ``[b, num_layers, num_kv_heads]``: the row each new token's K/V goes to (a row
+        of the reserved page 0 for inactive segments).
         """
         lens = self.seg_len[req_pool_idx]  # [b, L, H]
+        act = self.active[req_pool_idx]
         if bool((lens // self.page_size >= self.max_pages).any()):
             raise ValueError("a segment would exceed the pool's max context")
-        need = lens % self.page_size == 0
+        need = (lens % self.page_size == 0) & act
         n = int(need.sum())
         if n:
             pages = self._pop(n)
@@ -143,14 +168,15 @@ class RaggedKVPool:
             self.seg_pages[req_pool_idx[b_i], l_i, h_i, lens[b_i, l_i, h_i] // self.page_size] = \
                 pages.to(torch.int32)
         page = self.seg_pages[req_pool_idx].gather(-1, (lens // self.page_size).unsqueeze(-1)).squeeze(-1)
-        rows = page.to(torch.int64) * self.page_size + lens % self.page_size
-        self.seg_len[req_pool_idx] = lens + 1
+        rows = torch.where(act, page.to(torch.int64) * self.page_size + lens % self.page_size, 0)
+        self.seg_len[req_pool_idx] = lens + act.to(lens.dtype)
         return rows
 
     def free(self, req_pool_idx: int) -> int:
         """Return every page of one request; returns the number of pages freed."""
         lens = self.seg_len[req_pool_idx]  # [L, H]
         n_pages = self._pages_for(lens)
+        self.active[req_pool_idx] = False
         if int(n_pages.sum()) == 0:
             return 0
         mask = torch.arange(self.max_pages, device=self.device) < n_pages.unsqueeze(-1)
@@ -171,13 +197,16 @@ class RaggedKVPool:
         pages = self.seg_pages[req_pool_idx, layer].to(torch.int64)  # [H, max_pages]
         return pages[:, t // self.page_size] * self.page_size + t % self.page_size
 
-    def flat_segments(self, req_pool_idx: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """CSR view of one layer's segments of a batch, segment ``s = b * H + h``.
+    def flat_segments(self, req_pool_idx: torch.Tensor, layer: int,
+                      num_heads: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """CSR view of one layer's segments of a batch (first ``num_heads`` heads, default all),
+        segment ``s = b * H + h``.
 
         Returns ``seg_indptr`` int32 ``[b*H + 1]`` and ``seg_rows`` int64 ``[nnz]`` (rows in order).
         """
-        lens = self.seg_len[req_pool_idx, layer].reshape(-1)  # [S]
-        pages = self.seg_pages[req_pool_idx, layer].reshape(lens.numel(), -1).to(torch.int64)
+        H = self.num_kv_heads if num_heads is None else num_heads
+        lens = self.seg_len[req_pool_idx, layer, :H].reshape(-1)  # [S]
+        pages = self.seg_pages[req_pool_idx, layer, :H].reshape(lens.numel(), -1).to(torch.int64)
         indptr = torch.zeros(lens.numel() + 1, dtype=torch.int64, device=self.device)
         torch.cumsum(lens, 0, out=indptr[1:])
         nnz = int(indptr[-1])
@@ -187,9 +216,11 @@ class RaggedKVPool:
         rows = pages[seg, t // self.page_size] * self.page_size + t % self.page_size
         return indptr.to(torch.int32), rows
 
-    def compact(self, req_pool_idx: int, layer: int, kept: list[torch.Tensor]) -> None:
-        """Keep only ``kept[h]`` (sorted positions) of head ``h``'s segment; free the tail pages."""
-        for h, pos in enumerate(kept):
+    def compact(self, req_pool_idx: int, layer: int, kept: list[torch.Tensor],
+                heads: list[int] | None = None) -> None:
+        """Keep only ``kept[i]`` (sorted positions) of head ``heads[i]``'s segment (default: head
+        ``i``); free the tail pages."""
+        for h, pos in zip(range(len(kept)) if heads is None else heads, kept):
             old = int(self.seg_len[req_pool_idx, layer, h])
             n = int(pos.numel())
             if n == old:

@@ -10,7 +10,12 @@ so SGLang's own admission, ``new_token_ratio`` reservation, retraction, metrics 
 all see the compressed footprint.
 
 * :class:`FairKVState` -- per-process state shared by the allocator, the attention backend and the
-  scheduler hooks: the ragged pool, the compression setting, and small per-``req_pool_idx`` tables.
+  scheduler hooks: the ragged pool, the compression setting, the rank's view of the FairKV plan, the
+  replica assigner, the TP group's page ledger, and small per-``req_pool_idx`` tables.
+
+Under TP every rank's scheduler must take the same admission and retraction decisions; capacity is
+therefore answered from :class:`~sglang_fairkv.kv.group_accounting.GroupLedger` (every rank's pages,
+identical on all ranks): a request is admitted only when every rank has room for its segments.
 * :class:`FairKVCache` -- SGLang's ``token_to_kv_pool``; holds no dense per-layer buffer.
 * :class:`FairKVTokenAllocator` -- SGLang's ``token_to_kv_pool_allocator`` (logical slots + capacity
   hooks in token equivalents).
@@ -28,6 +33,9 @@ from sglang.srt.mem_cache.memory_pool import KVCache
 from sglang.srt.mem_cache.prefill_budget import PrefillBudget
 
 from ..compress.policy import CompressConfig
+from ..placement.replicas import ReplicaAssigner
+from ..placement.runtime import RankPlan
+from .group_accounting import GroupLedger
 from .ragged_pool import RaggedKVPool
 
 logger = logging.getLogger(__name__)
@@ -50,9 +58,36 @@ class FairKVState:
     cfg: CompressConfig
     head_budgets: torch.Tensor | None
     target_len: torch.Tensor
+    rank_plan: RankPlan
+    ledger: GroupLedger
+    assigner: ReplicaAssigner
     q_stash: dict[int, list[torch.Tensor | None]] = field(default_factory=dict)
     kept_log: dict[int, list[int]] = field(default_factory=dict)
     profile_path: str | None = None
+    #: req_pool_idx -> rid of the admitted request holding it
+    admitted: dict[int, str] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self._local_heads = self.rank_plan.local_heads
+        self.heads_per_layer = [len(h) for h in self._local_heads]
+
+    def local_heads(self, layer: int) -> list[int]:
+        """Global KV head ids this rank holds in ``layer`` (its local heads ``0..n-1`` in order)."""
+        return self._local_heads[layer]
+
+    def admit(self, req_pool_idx: int, rid: str, weight: int) -> None:
+        """A request's first prefill chunk: choose its replicas (same choice on every rank), record
+        who holds each segment in the ledger, and activate this rank's segments. Idempotent."""
+        if req_pool_idx in self.admitted:
+            return
+        self.assigner.admit(rid, max(1, weight))
+        owner = self.assigner.owners(rid)  # [L, KV]
+        self.ledger.admit(req_pool_idx, owner)
+        mask = torch.zeros(self.pool.num_layers, self.pool.num_kv_heads, dtype=torch.bool)
+        for l, heads in enumerate(self._local_heads):
+            mask[l, :len(heads)] = torch.from_numpy(owner[l, heads] == self.rank_plan.rank)
+        self.pool.set_active(req_pool_idx, mask)
+        self.admitted[req_pool_idx] = rid
 
     def record_prompt(self, req_pool_idx: int, prompt_len: int) -> None:
         """Append this request's kept prompt tokens per (layer, KV head) to the profile file (if on)."""
@@ -66,27 +101,50 @@ class FairKVState:
 
     @property
     def rows_per_token(self) -> int:
-        return self.pool.num_layers * self.pool.num_kv_heads
+        """KV rows this rank holds per prompt token (its heads summed over layers)."""
+        return sum(self.heads_per_layer)
 
     def release(self, req_pool_idx: int) -> int:
-        """Free every segment of one request (finish, abort, retract); returns pages freed."""
+        """Free every segment of one request (finish, abort, retract); returns pages freed here."""
         self.q_stash.pop(req_pool_idx, None)
         self.kept_log.pop(req_pool_idx, None)
         self.target_len[req_pool_idx] = -1
+        rid = self.admitted.pop(req_pool_idx, None)
+        if rid is not None:
+            self.assigner.release(rid)
+        self.ledger.release(req_pool_idx)
         return self.pool.free(req_pool_idx)
 
+    def ledger_mismatch(self) -> str | None:
+        """None when the ledger's page count for this rank equals the real pool's, else why not."""
+        mine = int(self.ledger.pages_used()[self.rank_plan.rank])
+        if mine != self.pool.used_pages():
+            return (f"fairkv ledger says rank {self.rank_plan.rank} uses {mine} pages, its pool "
+                    f"uses {self.pool.used_pages()}")
+        return None
+
     def stats(self) -> dict:
-        p = self.pool
+        p, lg = self.pool, self.ledger
         used_rows, used_pages = p.used_tokens(), p.used_pages()
+        rows = lg.rows_used()
+        rpt = lg.rows_per_token.clamp_min(1)
         return {
             "kv_compress": self.cfg.method,
+            "plan": self.rank_plan.plan.strategy,
+            "tp_rank": self.rank_plan.rank,
             "page_size": p.page_size,
             "pages_total": p.usable_pages,
             "pages_used": used_pages,
             "rows_in_segments": used_rows,
-            "token_equivalents_in_use": used_rows / self.rows_per_token,
+            "token_equivalents_in_use": used_rows / max(1, self.rows_per_token),
             "pool_bytes_in_use": used_pages * p.page_size * p.bytes_per_row(),
             "requests_with_segments": int((p.seg_len.sum(dim=(1, 2)) > 0).sum()),
+            # the whole TP group, from the ledger (identical on every rank)
+            "ranks": [{"rank": q, "rows_in_use": int(rows[q]), "pages_used": int(lg.pages_used()[q]),
+                       "token_equivalents_in_use": float(rows[q] / rpt[q])} for q in range(lg.tp)],
+            "busy_rate": lg.busy_rate(),
+            "plan_copies_per_layer": self.rank_plan.plan.copies_per_layer(),
+            "replicas": self.assigner.served(),
         }
 
 
@@ -135,9 +193,8 @@ class FairKVTokenAllocator(TokenToKVPoolAllocator):
                          need_sort=False)
 
     def token_capacity_free(self) -> int:
-        """Free ragged rows in whole token equivalents (``layers * kv_heads`` rows each)."""
-        p = self.state.pool
-        return p.free_page_count() * p.page_size // self.state.rows_per_token
+        """Prompt tokens every TP rank still has rows for (the ledger's minimum over ranks)."""
+        return self.state.ledger.token_capacity_free()
 
     def available_size(self):
         return min(super().available_size(), self.token_capacity_free())
@@ -150,39 +207,57 @@ class FairKVTokenAllocator(TokenToKVPoolAllocator):
             return False
         if requests is None:
             return self.token_capacity_free() >= num_tokens
-        idx = [r.kv.req_pool_idx for r in requests if r.kv.req_pool_idx is not None]
+        idx = [int(r.kv.req_pool_idx) for r in requests if r.kv.req_pool_idx is not None]
         if not idx:
             return True
-        need = self.state.pool.decode_pages_needed(torch.tensor(idx, device=self.state.pool.device))
-        return need <= self.state.pool.free_page_count()
+        return self.state.ledger.decode_fits(idx)  # every rank's pages, the same answer on all
 
     def verify_byte_accounting(self) -> list:
-        """Idle check (SGLang calls it with no request running): every ragged page must be free."""
-        p = self.state.pool
+        """Idle check (SGLang calls it with no request running): every ragged page must be free, on
+        this rank's pool and in the group ledger."""
+        p, errs = self.state.pool, []
         if p.used_pages() or p.used_tokens():
-            return [f"fairkv ragged pool not empty at idle: {p.used_pages()} pages, "
-                    f"{p.used_tokens()} rows in segments"]
-        return []
+            errs.append(f"fairkv ragged pool not empty at idle: {p.used_pages()} pages, "
+                        f"{p.used_tokens()} rows in segments")
+        if int(self.state.ledger.pages_used().sum()) or self.state.admitted:
+            errs.append(f"fairkv ledger not empty at idle: pages per rank "
+                        f"{self.state.ledger.pages_used().tolist()}, {len(self.state.admitted)} admitted")
+        return errs
 
     def clear(self):
         super().clear()
         if hasattr(self, "state"):
+            for r in list(self.state.admitted):
+                self.state.release(r)
             self.state.pool.clear()
 
 
-def build_state(cfg: CompressConfig, head_budgets: torch.Tensor | None, *, max_total_tokens: int,
-                page_size: int, num_layers: int, num_kv_heads: int, head_dim: int, max_reqs: int,
-                max_context: int, dtype: torch.dtype, device: str,
+def build_state(cfg: CompressConfig, head_budgets: torch.Tensor | None, *, rank_plan: RankPlan,
+                max_total_tokens: int, rows_per_token_budget: int, page_size: int, head_dim: int,
+                max_reqs: int, max_context: int, dtype: torch.dtype, device: str,
                 profile_path: str | None = None) -> FairKVState:
-    """The pool sized like SGLang's stock pool for ``max_total_tokens`` tokens (+ reserved page 0)."""
-    rows = max_total_tokens * num_layers * num_kv_heads
+    """The pool sized like SGLang's stock pool for ``max_total_tokens`` tokens (+ reserved page 0).
+
+    ``rows_per_token_budget``: the rows per token SGLang sized this rank's KV memory for (layers x its
+    stock per-rank KV heads), so every plan gets the same bytes per rank. The pool's head dimension is
+    the largest number of heads the plan gives this rank in any layer.
+    """
+    rows = max_total_tokens * rows_per_token_budget
+    num_layers = rank_plan.plan.num_layers
     pool = RaggedKVPool(num_pages=math.ceil(rows / page_size) + 1, page_size=page_size,
-                        num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim,
-                        max_reqs=max_reqs, max_context=max_context, dtype=dtype, device=device)
+                        num_layers=num_layers, num_kv_heads=max(1, rank_plan.max_local_heads),
+                        head_dim=head_dim, max_reqs=max_reqs, max_context=max_context, dtype=dtype,
+                        device=device)
+    ledger = GroupLedger(tp=rank_plan.tp, max_reqs=max_reqs, num_layers=num_layers,
+                         num_kv_heads=rank_plan.plan.num_kv_heads, page_size=page_size,
+                         usable_pages=pool.usable_pages, rows_per_token=rank_plan.rows_per_token())
     target = torch.full((max_reqs,), -1, dtype=torch.int64)
-    logger.info("sglang-fairkv: ragged KV pool %d pages x %d rows (%.1f MB K+V, page table %.1f MB for "
-                "%d requests), compression %s", pool.usable_pages, page_size,
+    logger.info("sglang-fairkv: rank %d/%d ragged KV pool %d pages x %d rows (%.1f MB K+V, page table "
+                "%.1f MB for %d requests), plan %s (KV heads per layer here %s), compression %s",
+                rank_plan.rank, rank_plan.tp, pool.usable_pages, page_size,
                 2 * pool.k_rows.numel() * pool.k_rows.element_size() / 2**20,
-                pool.seg_pages.numel() * 4 / 2**20, max_reqs, cfg.to_json())
+                pool.seg_pages.numel() * 4 / 2**20, max_reqs, rank_plan.plan.strategy,
+                rank_plan.heads_per_layer(), cfg.to_json())
     return FairKVState(pool=pool, cfg=cfg, head_budgets=head_budgets, target_len=target,
+                       rank_plan=rank_plan, ledger=ledger, assigner=ReplicaAssigner(rank_plan.plan),
                        profile_path=profile_path)

@@ -12,6 +12,9 @@ until the request is released. With arrivals only, each replica's load stays wit
 weight of ``share_i * L`` (the deficit round-robin bound). Departures cannot be steered (requests are
 sticky), so no rule bounds the error against adversarial departures; under random departures the
 next arrivals pull the loads back (tested: mean relative error about 1.5%, p95 about 6%).
+When a head has no live load at all (requests one at a time), the live deficit would always pick the
+largest share; the rule then uses the cumulative weight each replica has served instead, so a
+sequential stream is split by the plan's shares too.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ class ReplicaAssigner:
     _load: list[np.ndarray] = field(init=False)
     _owner: dict[str, np.ndarray] = field(init=False, default_factory=dict)
     _weight: dict[str, float] = field(init=False, default_factory=dict)
+    _served: list[np.ndarray] = field(init=False)
 
     def __post_init__(self):
         self._copied = []
@@ -45,6 +49,12 @@ class ReplicaAssigner:
                     shares = np.array([s for _, s in reps], dtype=np.float64)
                     self._copied.append((l, h, ranks, shares))
         self._load = [np.zeros(len(c[2])) for c in self._copied]
+        self._served = [np.zeros(len(c[2])) for c in self._copied]
+        self._base_owner = np.full((self.plan.num_layers, self.plan.num_kv_heads), -1, dtype=np.int64)
+        for l, layer in enumerate(self.plan.layers):
+            for h, reps in enumerate(layer):
+                if len(reps) == 1:
+                    self._base_owner[l, h] = reps[0][0]
 
     @property
     def num_copied_heads(self) -> int:
@@ -62,9 +72,11 @@ class ReplicaAssigner:
         chosen = np.empty(len(self._copied), dtype=np.int64)
         for i, (_, _, ranks, shares) in enumerate(self._copied):
             load = self._load[i]
-            deficit = shares * (load.sum() + weight) - load
+            ref = load if load.sum() > 0 else self._served[i]
+            deficit = shares * (ref.sum() + weight) - ref
             j = int(np.argmax(deficit))  # first maximum: the lower-listed replica wins ties
             load[j] += weight
+            self._served[i][j] += weight
             chosen[i] = j
         self._owner[rid] = chosen
         self._weight[rid] = float(weight)
@@ -89,6 +101,14 @@ class ReplicaAssigner:
                 return int(ranks[self._owner[rid][i]])
         raise AssertionError("unreachable: copied head not indexed")
 
+    def owners(self, rid: str) -> np.ndarray:
+        """int64 ``[layers, kv_heads]``: the rank serving each (layer, KV head) of ``rid`` (admitted)."""
+        own = self._base_owner.copy()
+        chosen = self._owner[rid]
+        for i, (l, h, ranks, _) in enumerate(self._copied):
+            own[l, h] = ranks[chosen[i]]
+        return own
+
     def owned_mask(self, rid: str, rank: int) -> np.ndarray:
         """bool ``[layers, kv_heads]``: the (layer, head) segments ``rank`` must hold for ``rid``."""
         mask = np.zeros((self.plan.num_layers, self.plan.num_kv_heads), dtype=bool)
@@ -104,3 +124,14 @@ class ReplicaAssigner:
     def replica_loads(self) -> list[tuple[int, int, np.ndarray, np.ndarray]]:
         """Per copied head: ``(layer, kv_head, planned shares, live load per replica)``."""
         return [(l, h, shares, self._load[i].copy()) for i, (l, h, _, shares) in enumerate(self._copied)]
+
+    def served(self) -> list[dict]:
+        """Per copied head: ranks, planned shares, and the share of all weight admitted so far that
+        each replica served (cumulative, departures do not subtract)."""
+        out = []
+        for i, (l, h, ranks, shares) in enumerate(self._copied):
+            tot = self._served[i].sum()
+            out.append({"layer": l, "kv_head": h, "ranks": ranks.tolist(), "planned": shares.tolist(),
+                        "served": (self._served[i] / tot).tolist() if tot > 0 else [0.0] * len(ranks),
+                        "live_load": self._load[i].tolist()})
+        return out

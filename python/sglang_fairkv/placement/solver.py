@@ -241,7 +241,7 @@ def sha_layer(w: np.ndarray, num_ranks: int, c_head: float, c_token: float = 1.0
     h = len(w)
     if num_ranks > h or h % num_ranks:
         raise ValueError(
-            f"sha: {h} KV heads cannot be split evenly over tp={num_ranks} (stock SGLang "
+            f"{h} KV heads cannot be split evenly over tp={num_ranks} (stock SGLang "
             f"refuses this or replicates KV heads); use strategy assign or fairkv")
     per = h // num_ranks
     replicas = [[(i // per, 1.0)] for i in range(h)]

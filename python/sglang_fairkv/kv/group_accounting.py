@@ -1,0 +1,97 @@
+"""Every rank's KV pages, known on every rank without talking: the TP group's admission ledger.
+
+SGLang runs one scheduler per TP rank and relies on all of them taking the same decisions (admit,
+retract, evict) from their own state. Under a FairKV plan the ranks' pools fill differently (different
+heads, different kept counts, replicas holding different requests), so each rank's own free space would
+make them disagree. Instead every rank keeps this ledger: the length of **every** segment of the model
+(all layers, all KV heads, ``[max_reqs, L, KV]``) and the rank that holds it. It changes only through
+events every rank sees in the same order -- admission (owner per segment from the plan and
+:class:`~sglang_fairkv.placement.replicas.ReplicaAssigner`), prefill chunks, the kept counts after
+compression (exchanged per layer, see the backend), decode steps, release -- so the page counts it
+derives per rank are identical everywhere and equal each rank's real pool (checked at idle).
+
+Pages of a segment of ``n`` tokens: ``ceil(n / P)``, as in :class:`~sglang_fairkv.kv.ragged_pool.RaggedKVPool`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+class GroupLedger:
+    """Segment lengths and holders of the whole TP group, identical on every rank (CPU tensors).
+
+    ``length``: int64 ``[max_reqs, L, KV]`` tokens in each segment; ``owner``: int64 same shape, the
+    rank holding it (-1: request not admitted). ``rows_per_token[q]``: rows rank ``q`` needs per
+    prompt token (its heads summed over layers) -- the admission price of one token there.
+    """
+
+    def __init__(self, *, tp: int, max_reqs: int, num_layers: int, num_kv_heads: int, page_size: int,
+                 usable_pages: int, rows_per_token: np.ndarray):
+        self.tp = tp
+        self.page_size = page_size
+        self.usable_pages = usable_pages
+        self.rows_per_token = torch.as_tensor(np.asarray(rows_per_token), dtype=torch.int64)
+        self.length = torch.zeros(max_reqs, num_layers, num_kv_heads, dtype=torch.int64)
+        self.owner = torch.full((max_reqs, num_layers, num_kv_heads), -1, dtype=torch.int64)
+
+    # ---- events (same order on every rank) ------------------------------------------------------
+    def admit(self, req_pool_idx: int, owner: np.ndarray | torch.Tensor) -> None:
+        """``owner``: int ``[L, KV]``, the rank holding each segment of this request."""
+        self.owner[req_pool_idx] = torch.as_tensor(np.asarray(owner), dtype=torch.int64)
+        self.length[req_pool_idx] = 0
+
+    def extend(self, req_pool_idx: list[int], new_len: list[int]) -> None:
+        for r, n in zip(req_pool_idx, new_len):
+            self.length[r] = n
+
+    def set_kept(self, req_pool_idx: int, layer: int, counts: torch.Tensor) -> None:
+        """Kept tokens of every KV head of one layer after compression, int ``[KV]``."""
+        self.length[req_pool_idx, layer] = counts.to(torch.int64).cpu()
+
+    def append(self, req_pool_idx: torch.Tensor) -> None:
+        idx = req_pool_idx.cpu()
+        self.length[idx] += 1
+
+    def release(self, req_pool_idx: int) -> None:
+        self.length[req_pool_idx] = 0
+        self.owner[req_pool_idx] = -1
+
+    # ---- queries ----------------------------------------------------------------------------------
+    def _by_rank(self, values: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
+        held = owner >= 0
+        return torch.bincount(owner[held], weights=values[held].to(torch.float64),
+                              minlength=self.tp).to(torch.int64)
+
+    def rows_used(self) -> torch.Tensor:
+        """int64 ``[tp]``: KV rows (tokens x heads) in use on each rank."""
+        return self._by_rank(self.length, self.owner)
+
+    def pages_used(self) -> torch.Tensor:
+        """int64 ``[tp]``: pages in use on each rank."""
+        return self._by_rank((self.length + self.page_size - 1) // self.page_size, self.owner)
+
+    def pages_free(self) -> torch.Tensor:
+        return self.usable_pages - self.pages_used()
+
+    def token_capacity_free(self) -> int:
+        """Prompt tokens every rank can still take (the smallest over ranks, in token equivalents)."""
+        per_rank = self.pages_free() * self.page_size // self.rows_per_token.clamp_min(1)
+        return int(per_rank.min())
+
+    def decode_pages_needed(self, req_pool_idx: list[int]) -> torch.Tensor:
+        """int64 ``[tp]``: pages each rank's next decode step of these requests takes."""
+        idx = torch.as_tensor(req_pool_idx, dtype=torch.int64)
+        lens, own = self.length[idx], self.owner[idx]
+        at_boundary = (lens % self.page_size == 0).to(torch.int64)
+        return self._by_rank(at_boundary, own)
+
+    def decode_fits(self, req_pool_idx: list[int]) -> bool:
+        return bool((self.decode_pages_needed(req_pool_idx) <= self.pages_free()).all())
+
+    def busy_rate(self) -> float:
+        """Mean over ranks / max over ranks of KV rows in use (1.0 when empty)."""
+        rows = self.rows_used().to(torch.float64)
+        m = float(rows.max())
+        return float(rows.mean()) / m if m > 0 else 1.0

@@ -1,0 +1,107 @@
+"""A plan as one TP rank serves it: which KV heads (with their query heads) each layer holds here.
+
+Pure (no SGLang, no torch.distributed): the model classes, the ragged pool and the scheduler hooks all
+read this one object. ``local_heads[l]`` is sorted by global KV head id; local KV head ``j`` of layer
+``l`` is global head ``local_heads[l][j]`` and owns query heads ``g * G .. g * G + G - 1`` of it
+(``G`` = query heads per KV head), in that order -- the row order of the rank's q/k/v weight slices,
+of its attention heads and of its o_proj input columns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .schema import Plan, PlanError, load_plan
+from .solver import sha_layer
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    """One rank's view of a plan. ``rows_per_token[q]``: KV rows rank ``q`` holds per prompt token
+    (sum over layers of its KV heads, replicas counted whole) -- its admission cost per token."""
+
+    plan: Plan
+    rank: int
+    num_q_heads: int
+
+    @property
+    def tp(self) -> int:
+        return self.plan.tp
+
+    @property
+    def group_size(self) -> int:
+        return self.num_q_heads // self.plan.num_kv_heads
+
+    @property
+    def local_heads(self) -> list[list[int]]:
+        return [self.plan.heads_on_rank(l, self.rank) for l in range(self.plan.num_layers)]
+
+    def heads_per_layer(self, rank: int | None = None) -> list[int]:
+        r = self.rank if rank is None else rank
+        return [len(self.plan.heads_on_rank(l, r)) for l in range(self.plan.num_layers)]
+
+    @property
+    def max_local_heads(self) -> int:
+        return max(self.heads_per_layer())
+
+    def rows_per_token(self) -> np.ndarray:
+        return np.array([sum(self.heads_per_layer(q)) for q in range(self.tp)], dtype=np.int64)
+
+    def local_index(self) -> np.ndarray:
+        """int64 ``[layers, kv_heads]``: local slot of each global head on this rank, -1 if absent."""
+        out = np.full((self.plan.num_layers, self.plan.num_kv_heads), -1, dtype=np.int64)
+        for l, heads in enumerate(self.local_heads):
+            out[l, heads] = np.arange(len(heads))
+        return out
+
+
+def sha_plan(model: str, num_layers: int, num_kv_heads: int, num_q_heads: int, tp: int) -> Plan:
+    """Standard TP as a plan: contiguous KV heads, ``num_kv_heads / tp`` per rank (as SGLang splits)."""
+    w = np.ones(num_kv_heads)
+    try:
+        layer = sha_layer(w, tp, 0.0).replicas
+    except ValueError as e:
+        raise PlanError(str(e)) from None
+    return Plan(model=model, tp=tp, num_kv_heads=num_kv_heads, strategy="sha",
+                cost_model={"c_head": 0.0, "c_token": 1.0}, layers=[list(layer) for _ in range(num_layers)],
+                num_q_heads=num_q_heads)
+
+
+def resolve_plan(spec: str, *, model: str, num_layers: int, num_kv_heads: int, num_q_heads: int, tp: int,
+                 stats_path: str | None = None, max_copies_per_layer: int = 1) -> Plan:
+    """``--fairkv-plan`` -> a plan checked against the model and ``tp``; raises :class:`PlanError`.
+
+    ``spec``: a ``fairkv-plan/1`` file, or ``sha`` (shape only), or ``assign`` / ``fairkv`` (computed
+    here from the ``fairkv-stats/1`` file ``stats_path``, which must describe this model's shape).
+    """
+    if num_q_heads % num_kv_heads:
+        raise PlanError(f"model has {num_q_heads} query heads, not a multiple of {num_kv_heads} KV heads")
+    if spec == "sha":
+        plan = sha_plan(model, num_layers, num_kv_heads, num_q_heads, tp)
+    elif spec in ("assign", "fairkv"):
+        from .planner import build_plan
+        from .stats import StatsError, load_stats
+
+        if not stats_path:
+            raise PlanError(f"--fairkv-plan {spec} computes the plan from measured stats: give "
+                            "--fairkv-stats FILE (python -m sglang_fairkv.profile writes one)")
+        if max_copies_per_layer < 0:
+            raise PlanError(f"--fairkv-max-copies-per-layer must be >= 0, got {max_copies_per_layer}")
+        try:
+            stats = load_stats(stats_path)
+        except StatsError as e:
+            raise PlanError(f"--fairkv-stats {stats_path}: {e}") from None
+        if (stats.num_layers, stats.num_kv_heads, stats.num_q_heads) != (num_layers, num_kv_heads, num_q_heads):
+            raise PlanError(f"--fairkv-stats {stats_path} describes {stats.num_layers} layers x "
+                            f"{stats.num_kv_heads} KV heads ({stats.num_q_heads} query heads), the model has "
+                            f"{num_layers} x {num_kv_heads} ({num_q_heads})")
+        plan, _ = build_plan(stats, tp, spec, max_copies_per_layer=max_copies_per_layer)
+    else:
+        if not Path(spec).is_file():
+            raise PlanError(f"--fairkv-plan {spec}: not a plan file and not one of sha, assign, fairkv")
+        plan = load_plan(spec)
+    plan.check_model(num_layers, num_kv_heads, tp, num_q_heads)
+    return plan

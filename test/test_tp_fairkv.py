@@ -1,0 +1,153 @@
+"""FairKV plans under tensor parallelism, end to end on CPU (gloo): real servers, HTTP.
+
+Reference: the same model and compression at TP = 1 (every head on one rank). A plan only moves
+heads between ranks and splits a copied head's requests between its replicas, and AdaKV's layer-wide
+selection sees every head's scores (exchanged between ranks), so greedy tokens must equal TP = 1
+exactly in float32. The compressed TP = 1 outputs differ from full-cache HF outputs, so a rank that
+compressed differently (or attended a segment twice, or not at all) would show.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from helpers.server import Server
+
+pytestmark = [pytest.mark.server, pytest.mark.slow]
+
+STRICT = {"SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "1"}
+ADAKV = ["--kv-compress", "adakv", "--kv-budget", "20", "--kv-window", "8"]
+PROMPTS = [list(range(3, 120, 2)), [5] * 40 + list(range(90, 150)), [7, 9, 11] * 30, list(range(200, 330))]
+N_NEW = 20
+#: SmolLM2's kept tokens per (layer, KV head) measured by ``python -m sglang_fairkv.profile`` (AdaKV)
+REPO_STATS = Path(__file__).resolve().parents[1] / "benchmark" / "calibration" / "smollm2-adakv-r0.75.json"
+
+
+def fairkv_info(server) -> dict:
+    return requests.get(server.url + "/server_info", timeout=30).json()["internal_states"][0]["fairkv"]
+
+
+def skewed_stats(path, layers=3, kv=6, q=12, head_dim=16):
+    """Stats where one head per layer holds most KV: assign must unbalance, fairkv copies it."""
+    from sglang_fairkv.placement.stats import KVStats
+
+    mean = np.array([np.roll([400.0, 60, 50, 40, 30, 20], l) for l in range(layers)])
+    KVStats(model="tiny-kv6", num_layers=layers, num_q_heads=q, num_kv_heads=kv, head_dim=head_dim,
+            kv_len_mean=mean).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tp1_reference(tiny_kv6_path):
+    from helpers import hf_ref
+
+    with Server(["--model-path", str(tiny_kv6_path), *ADAKV], env=STRICT) as s:
+        out = [s.greedy_ids(p, N_NEW) for p in PROMPTS]
+    full = [hf_ref.greedy(tiny_kv6_path, p, N_NEW) for p in PROMPTS]
+    assert sum(a != b for a, b in zip(out, full)) >= 2, "compression must change outputs for the test to see it"
+    return out
+
+
+@pytest.mark.parametrize("tp", [2, 3])
+def test_plans_equal_tp1_with_adakv(tiny_kv6_path, tp1_reference, tp, tmp_path):
+    stats = skewed_stats(tmp_path / "stats.json")
+    for plan in ("sha", "assign", "fairkv"):
+        args = ["--model-path", str(tiny_kv6_path), "--tp-size", str(tp), *ADAKV, "--fairkv-plan", plan]
+        if plan != "sha":
+            args += ["--fairkv-stats", str(stats)]
+        if plan == "fairkv" and tp == 3:
+            args += ["--chunked-prefill-size", "48"]  # the window's queries cross chunks on every rank
+        with Server(args, env=STRICT) as s:
+            got = [s.greedy_ids(p, N_NEW) for p in PROMPTS]
+            info = fairkv_info(s)
+        assert got == tp1_reference, f"tp={tp} plan={plan}"
+        copies = info["plan_copies_per_layer"]
+        if plan == "fairkv":
+            assert min(copies) >= 1, copies
+        else:
+            assert max(copies) == 0
+        assert [r["pages_used"] for r in info["ranks"]] == [0] * tp
+
+
+def test_smollm2_tp2_through_a_plan_equals_kvpress(smollm2_path, fairkv_references, fairkv_prompts, tmp_path):
+    """SmolLM2 has 3 KV heads: no even TP=2 split. A fairkv plan computed at start-up from SmolLM2's
+    measured AdaKV stats serves it at TP=2 with AdaKV, and gives kvpress's AdaKV tokens."""
+    from helpers.fairkv_refs import N_NEW as N, RATIO
+
+    from sglang_fairkv.placement.stats import load_stats
+
+    stats = tmp_path / "smollm2.json"
+    measured = load_stats(REPO_STATS)
+    measured.save(stats)
+    args = ["--tp-size", "2", "--kv-compress", "adakv", "--kv-compress-ratio", str(RATIO),
+            "--fairkv-plan", "fairkv", "--fairkv-stats", str(stats)]
+    with Server(args, env=STRICT) as s:
+        got = s.greedy_ids(fairkv_prompts[1], N)
+        info = fairkv_info(s)
+    assert got == fairkv_references["adakv"][1]
+    assert got != fairkv_references["hf"][1]
+    assert sum(info["plan_copies_per_layer"]) >= 1
+
+
+def test_replica_shares_and_abort_free_every_rank(tiny_kv6_path, tmp_path):
+    """Concurrent traffic: each copied head's replicas serve shares of the admitted prompt tokens close
+    to the plan's; mid-decode every rank holds KV; an aborted request leaves no segment on any rank
+    (the ledger shows each rank's pages, and each rank's strict idle check compares its own pool)."""
+    stats = skewed_stats(tmp_path / "stats.json")
+    args = ["--model-path", str(tiny_kv6_path), "--tp-size", "2", *ADAKV, "--fairkv-plan", "fairkv",
+            "--fairkv-stats", str(stats)]
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, 400, size=int(n)).tolist() for n in rng.integers(40, 160, size=40)]
+    with Server(args, env=STRICT) as s:
+        def send(p, n):
+            requests.post(s.url + "/generate", json={"input_ids": p, "sampling_params": {
+                "max_new_tokens": n, "temperature": 0.0, "ignore_eos": True}}, timeout=600)
+
+        threads = [threading.Thread(target=send, args=(p, 8)) for p in prompts]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        info = fairkv_info(s)
+        assert info["replicas"], "the fairkv plan copied no head"
+        for rep in info["replicas"]:
+            err = np.abs(np.array(rep["served"]) - np.array(rep["planned"]))
+            assert err.max() < 0.12, rep
+        # abort mid-decode
+        rid = "tp-abort-me"
+        t = threading.Thread(target=lambda: requests.post(s.url + "/generate", json={
+            "input_ids": PROMPTS[3], "rid": rid,
+            "sampling_params": {"max_new_tokens": 3000, "temperature": 0.0, "ignore_eos": True}}, timeout=600))
+        t.start()
+        deadline, during = time.time() + 60, None
+        while time.time() < deadline:
+            during = fairkv_info(s)
+            if all(r["pages_used"] > 0 for r in during["ranks"]):
+                break
+            time.sleep(0.2)
+        assert all(r["rows_in_use"] > 0 for r in during["ranks"]), during["ranks"]
+        assert 0 < during["busy_rate"] <= 1
+        requests.post(s.url + "/abort_request", json={"rid": rid}, timeout=30)
+        t.join(timeout=120)
+        deadline = time.time() + 30
+        while time.time() < deadline and any(r["pages_used"] for r in fairkv_info(s)["ranks"]):
+            time.sleep(0.3)
+        assert [r["pages_used"] for r in fairkv_info(s)["ranks"]] == [0, 0]
+        assert s.greedy_ids(PROMPTS[0], 4)  # still serving: no rank's idle check failed
+        assert s.proc.poll() is None
+
+
+def test_sha_plan_without_compression_equals_stock_tp(tiny_llama_path):
+    """Plan sha, no compression: the FairKV model classes and the ragged pool give stock SGLang TP's
+    tokens (tiny Llama, 4 query / 2 KV heads, which stock TP=2 splits evenly)."""
+    prompts = [[1, 17, 45, 99, 23, 250, 7], list(range(3, 80, 3))]
+    out = {}
+    for name, extra in (("stock", []), ("sha", ["--fairkv-plan", "sha"])):
+        with Server(["--model-path", str(tiny_llama_path), "--tp-size", "2", *extra], env=STRICT) as s:
+            out[name] = [s.greedy_ids(p, 24) for p in prompts]
+    assert out["sha"] == out["stock"]
