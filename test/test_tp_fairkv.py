@@ -57,9 +57,9 @@ def tp1_reference(tiny_kv6_path):
 def test_plans_equal_tp1_with_adakv(tiny_kv6_path, tp1_reference, tp, tmp_path):
     stats = skewed_stats(tmp_path / "stats.json")
     for plan in ("sha", "assign", "fairkv"):
-        args = ["--model-path", str(tiny_kv6_path), "--tp-size", str(tp), *ADAKV, "--fairkv-plan", plan]
-        if plan != "sha":
-            args += ["--fairkv-stats", str(stats)]
+        args = ["--model-path", str(tiny_kv6_path), "--tp-size", str(tp), *ADAKV]
+        if plan != "sha":  # sha: the default plan at TP > 1
+            args += ["--fairkv-plan", plan, "--fairkv-stats", str(stats)]
         if plan == "fairkv" and tp == 3:
             args += ["--chunked-prefill-size", "48"]  # the window's queries cross chunks on every rank
         with Server(args, env=STRICT) as s:
@@ -94,16 +94,33 @@ def test_smollm2_tp2_through_a_plan_equals_kvpress(smollm2_path, fairkv_referenc
     assert sum(info["plan_copies_per_layer"]) >= 1
 
 
-def test_replica_shares_and_abort_free_every_rank(tiny_kv6_path, tmp_path):
-    """Concurrent traffic: each copied head's replicas serve shares of the admitted prompt tokens close
-    to the plan's; mid-decode every rank holds KV; an aborted request leaves no segment on any rank
-    (the ledger shows each rank's pages, and each rank's strict idle check compares its own pool)."""
-    stats = skewed_stats(tmp_path / "stats.json")
-    args = ["--model-path", str(tiny_kv6_path), "--tp-size", "2", *ADAKV, "--fairkv-plan", "fairkv",
-            "--fairkv-stats", str(stats)]
+def edge_plan(path) -> Path:
+    """A hand-made TP=2 plan with the corners a planner can produce: layer 0 gives rank 1 only a
+    replica (some requests leave it nothing to hold in that layer), layer 1 gives rank 0 no head at
+    all, layer 2 copies two heads with uneven shares."""
+    from sglang_fairkv.placement.schema import Plan
+
+    layers = [[[(0, 0.5), (1, 0.5)], *[[(0, 1.0)]] * 5],
+              [[(1, 1.0)]] * 6,
+              [[(0, 0.3), (1, 0.7)], [(0, 1.0)], [(1, 1.0)], [(0, 0.6), (1, 0.4)], [(0, 1.0)], [(1, 1.0)]]]
+    Plan(model="tiny-kv6", tp=2, num_kv_heads=6, strategy="fairkv", cost_model={"c_head": 0.0, "c_token": 1.0},
+         layers=[list(l) for l in layers], num_q_heads=12).save(path)
+    return path
+
+
+def test_replica_shares_and_abort_free_every_rank(tiny_kv6_path, tp1_reference, tmp_path):
+    """A plan with a rank that holds no head in a layer and copied heads: tokens equal TP=1; under
+    concurrent traffic each copied head's replicas serve shares of the admitted prompt tokens close to
+    the plan's; mid-decode every rank holds KV and rank 0's pool matches the ledger; an aborted
+    request leaves no segment on any rank (the ledger shows each rank's pages, and each rank's strict
+    idle check compares its own pool)."""
+    args = ["--model-path", str(tiny_kv6_path), "--tp-size", "2", *ADAKV,
+            "--fairkv-plan", str(edge_plan(tmp_path / "plan.json"))]
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, 400, size=int(n)).tolist() for n in rng.integers(40, 160, size=40)]
     with Server(args, env=STRICT) as s:
+        assert [s.greedy_ids(p, N_NEW) for p in PROMPTS] == tp1_reference
+
         def send(p, n):
             requests.post(s.url + "/generate", json={"input_ids": p, "sampling_params": {
                 "max_new_tokens": n, "temperature": 0.0, "ignore_eos": True}}, timeout=600)
@@ -114,7 +131,7 @@ def test_replica_shares_and_abort_free_every_rank(tiny_kv6_path, tmp_path):
         for t in threads:
             t.join()
         info = fairkv_info(s)
-        assert info["replicas"], "the fairkv plan copied no head"
+        assert len(info["replicas"]) == 3
         for rep in info["replicas"]:
             err = np.abs(np.array(rep["served"]) - np.array(rep["planned"]))
             assert err.max() < 0.12, rep
@@ -132,6 +149,7 @@ def test_replica_shares_and_abort_free_every_rank(tiny_kv6_path, tmp_path):
             time.sleep(0.2)
         assert all(r["rows_in_use"] > 0 for r in during["ranks"]), during["ranks"]
         assert 0 < during["busy_rate"] <= 1
+        assert during["ledger_matches_pool"]  # rank 0's own pool vs the ledger's count for rank 0
         requests.post(s.url + "/abort_request", json={"rid": rid}, timeout=30)
         t.join(timeout=120)
         deadline = time.time() + 30
@@ -142,12 +160,25 @@ def test_replica_shares_and_abort_free_every_rank(tiny_kv6_path, tmp_path):
         assert s.proc.poll() is None
 
 
-def test_sha_plan_without_compression_equals_stock_tp(tiny_llama_path):
-    """Plan sha, no compression: the FairKV model classes and the ragged pool give stock SGLang TP's
-    tokens (tiny Llama, 4 query / 2 KV heads, which stock TP=2 splits evenly)."""
-    prompts = [[1, 17, 45, 99, 23, 250, 7], list(range(3, 80, 3))]
+def test_qwen2_tp2_plan_equals_tp1(tmp_path):
+    """Qwen2 (q/k/v biases) with 3 KV heads at TP=2 through a fairkv plan (copies) equals SGLang's own
+    Qwen2 class at TP=1 with the same SnapKV compression."""
+    from helpers.tiny_model import build_llama
+
+    from sglang_fairkv.placement.stats import KVStats
+
+    path = build_llama(tmp_path / "tiny-qwen2", num_layers=2, hidden=192, num_heads=6, num_kv_heads=3,
+                       head_dim=32, intermediate=384, arch="qwen2")
+    stats = tmp_path / "stats.json"
+    KVStats(model="tiny-qwen2", num_layers=2, num_q_heads=6, num_kv_heads=3, head_dim=32,
+            kv_len_mean=np.array([[300.0, 40, 30], [30, 300, 40]])).save(stats)
+    snap = ["--model-path", str(path), "--kv-compress", "snapkv", "--kv-budget", "20", "--kv-window", "8"]
     out = {}
-    for name, extra in (("stock", []), ("sha", ["--fairkv-plan", "sha"])):
-        with Server(["--model-path", str(tiny_llama_path), "--tp-size", "2", *extra], env=STRICT) as s:
-            out[name] = [s.greedy_ids(p, 24) for p in prompts]
-    assert out["sha"] == out["stock"]
+    for name, extra in (("tp1", []), ("tp2", ["--tp-size", "2", "--fairkv-plan", "fairkv",
+                                              "--fairkv-stats", str(stats)])):
+        with Server([*snap, *extra], env=STRICT) as s:
+            out[name] = [s.greedy_ids(p, N_NEW) for p in PROMPTS[:3]]
+            info = fairkv_info(s)
+    assert min(info["plan_copies_per_layer"]) >= 1
+    assert out["tp2"] == out["tp1"]
+    assert len({tuple(o) for o in out["tp1"]}) == 3

@@ -153,6 +153,7 @@ def prepare_for_extend_hook(result, batch, *args, **kwargs):
             r, n = int(req.kv.req_pool_idx), len(req.full_untruncated_fill_ids)
             state.target_len[r] = n
             state.admit(r, req.rid, n)
+        state.maybe_log_group_usage()
     return result
 
 
@@ -192,11 +193,11 @@ def check_model_package() -> None:
 
     from sglang.srt.models.registry import ModelRegistry
 
-    from .model import llama
+    from .model import llama, qwen2
 
     if os.environ.get("SGLANG_EXTERNAL_MODEL_PACKAGE") != "sglang_fairkv.model":
         raise RuntimeError("FAIRKV_PLAN is set but SGLANG_EXTERNAL_MODEL_PACKAGE is not sglang_fairkv.model")
-    for cls in llama.EntryClass:
+    for cls in [*llama.EntryClass, *qwen2.EntryClass]:
         got = ModelRegistry.models.get(cls.__name__)
         if got is None or not getattr(got, "fairkv", False):
             raise RuntimeError(f"SGLang resolves {cls.__name__} to {got}, not the FairKV class (see the "

@@ -241,7 +241,7 @@ def _fairkv_setup(fk: argparse.Namespace, ns: argparse.Namespace, out: list[str]
 
 
 #: Architectures with a FairKV model class (``sglang_fairkv.model``).
-FAIRKV_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+FAIRKV_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
 
 def _plan_setup(fk: argparse.Namespace, ns: argparse.Namespace, out: list[str],

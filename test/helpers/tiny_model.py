@@ -38,11 +38,13 @@ def build_llama(dest: Path, *, num_layers: int = 2, hidden: int = 128, num_heads
     if (dest / "config.json").exists():
         return dest
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+                              Qwen2Config, Qwen2ForCausalLM)
 
     tok = build_tokenizer(seed=seed)
     cls_cfg, cls_model = {"llama": (LlamaConfig, LlamaForCausalLM),
-                          "mistral": (MistralConfig, MistralForCausalLM)}[arch]
+                          "mistral": (MistralConfig, MistralForCausalLM),
+                          "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[arch]
     cfg = cls_cfg(vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate,
                   num_hidden_layers=num_layers, num_attention_heads=num_heads,
                   num_key_value_heads=num_kv_heads, head_dim=head_dim,
@@ -53,7 +55,7 @@ def build_llama(dest: Path, *, num_layers: int = 2, hidden: int = 128, num_heads
     model = cls_model(cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.dim() >= 2:
+            if p.dim() >= 2 or name.endswith("proj.bias"):  # Qwen2's q/k/v biases too
                 p.normal_(0.0, init_std)
     dest.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(dest)

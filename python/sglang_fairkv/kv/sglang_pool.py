@@ -66,6 +66,9 @@ class FairKVState:
     profile_path: str | None = None
     #: req_pool_idx -> rid of the admitted request holding it
     admitted: dict[int, str] = field(default_factory=dict)
+    #: seconds between the per-rank KV log lines (rank 0, while requests arrive)
+    log_interval_s: float = 10.0
+    _last_log: float = 0.0
 
     def __post_init__(self):
         self._local_heads = self.rank_plan.local_heads
@@ -115,6 +118,19 @@ class FairKVState:
         self.ledger.release(req_pool_idx)
         return self.pool.free(req_pool_idx)
 
+    def maybe_log_group_usage(self) -> None:
+        """Rank 0, at most every ``log_interval_s``: KV rows in use per rank and the busy rate."""
+        import time
+
+        now = time.monotonic()
+        if self.rank_plan.rank != 0 or now - self._last_log < self.log_interval_s:
+            return
+        self._last_log = now
+        lg = self.ledger
+        logger.info("sglang-fairkv KV per rank: rows %s, pages %s of %d, busy rate %.3f, %d requests "
+                    "(plan %s)", lg.rows_used().tolist(), lg.pages_used().tolist(), lg.usable_pages,
+                    lg.busy_rate(), len(self.admitted), self.rank_plan.plan.strategy)
+
     def ledger_mismatch(self) -> str | None:
         """None when the ledger's page count for this rank equals the real pool's, else why not."""
         mine = int(self.ledger.pages_used()[self.rank_plan.rank])
@@ -139,10 +155,13 @@ class FairKVState:
             "token_equivalents_in_use": used_rows / max(1, self.rows_per_token),
             "pool_bytes_in_use": used_pages * p.page_size * p.bytes_per_row(),
             "requests_with_segments": int((p.seg_len.sum(dim=(1, 2)) > 0).sum()),
+            "requests_admitted": len(self.admitted),
+            "ledger_matches_pool": self.ledger_mismatch() is None,
             # the whole TP group, from the ledger (identical on every rank)
             "ranks": [{"rank": q, "rows_in_use": int(rows[q]), "pages_used": int(lg.pages_used()[q]),
                        "token_equivalents_in_use": float(rows[q] / rpt[q])} for q in range(lg.tp)],
             "busy_rate": lg.busy_rate(),
+            "group_token_capacity": int((lg.usable_pages * lg.page_size // rpt).min()),
             "plan_copies_per_layer": self.rank_plan.plan.copies_per_layer(),
             "replicas": self.assigner.served(),
         }
@@ -219,6 +238,9 @@ class FairKVTokenAllocator(TokenToKVPoolAllocator):
         if p.used_pages() or p.used_tokens():
             errs.append(f"fairkv ragged pool not empty at idle: {p.used_pages()} pages, "
                         f"{p.used_tokens()} rows in segments")
+        mismatch = self.state.ledger_mismatch()
+        if mismatch:
+            errs.append(mismatch)
         if int(self.state.ledger.pages_used().sum()) or self.state.admitted:
             errs.append(f"fairkv ledger not empty at idle: pages per rank "
                         f"{self.state.ledger.pages_used().tolist()}, {len(self.state.admitted)} admitted")

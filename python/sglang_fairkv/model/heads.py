@@ -107,8 +107,9 @@ class FairKVAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, forward_batch) -> torch.Tensor:
         if self.attn is None:  # no head of this layer on this rank
-            backend = forward_batch.attn_backend
-            backend.forward_empty_layer(self.layer_id, hidden_states.shape[0], self.head_dim,
+            from sglang.srt.layers.radix_attention import get_attn_backend
+
+            get_attn_backend().forward_empty_layer(self.layer_id, hidden_states.shape[0], self.head_dim,
                                         hidden_states.dtype, hidden_states.device)
             return self.o_proj(hidden_states.new_zeros(hidden_states.shape[0], 0))
         qkv = self.qkv_proj(hidden_states)

@@ -15,7 +15,6 @@ from torch import nn
 from sglang.srt.layers.layer_boundary import append_stages
 from sglang.srt.layers.layernorm import RMSNorm
 from sglang.srt.layers.rotary_embedding import get_rope
-from sglang.srt.layers.utils import PPMissingLayer
 from sglang.srt.layers.vocab_parallel_embedding import VocabParallelEmbedding
 from sglang.srt.models import llama as _llama
 from sglang.srt.models import mistral as _mistral

@@ -1,0 +1,196 @@
+"""FairKV plans through the engine at TP > 1: sha vs assign vs fairkv at equal compression and pool.
+
+For each plan: start ``python -m sglang_fairkv.launch_server --tp-size N --fairkv-plan ...`` with the
+same ``--kv-compress`` setting, ``--max-total-tokens`` (so the same KV bytes per rank) and
+``--max-running-requests``; run ``sglang.benchmark.serving`` (random-ids prompts, concurrency above
+what fits); poll ``/server_info`` during the run for every rank's KV rows in use and the realised busy
+rate (mean rank rows / max rank rows, from the TP group's ledger); take the most requests holding KV at once
+(sampled, and the largest ``#running-req`` SGLang logged for a decode batch). Writes a Markdown table (stdout and ``--out-dir/results.md``) and
+``--out-dir/tp_plans.png`` (throughput, TTFT/TPOT, per-rank KV, busy rate).
+
+Plans: ``sha`` is the standard contiguous split; when the KV heads do not divide evenly over the TP
+ranks (SmolLM2: 3 heads at TP 2) it is the contiguous split with the remainder on the first ranks
+(2 + 1 -- the layout SGLang's CPU head padding produces). ``assign`` / ``fairkv`` are computed at
+start-up from ``--stats`` (a ``fairkv-stats/1`` file, e.g. from ``python -m sglang_fairkv.profile``).
+
+    .venv/bin/python benchmark/tp_plans.py [--tp 2] [--stats benchmark/calibration/smollm2-adakv-r0.75.json]
+        [--kv-compress adakv --ratio 0.75] [--num-prompts 48] [--input-len 1000] [--output-len 32]
+        [--concurrency 48] [--max-total-tokens 6000] [--out-dir benchmark/out/tp_plans]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import requests
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "test"))
+from helpers.server import Server  # noqa: E402
+
+from sglang_fairkv.placement.schema import Plan  # noqa: E402
+from sglang_fairkv.placement.stats import load_stats  # noqa: E402
+
+
+def contiguous_plan(num_layers: int, kv: int, q: int, tp: int) -> Plan:
+    """Standard TP's contiguous head split, remainder on the first ranks (2 + 1 for 3 heads at TP 2)."""
+    groups = np.array_split(np.arange(kv), tp)
+    layer = [[(r, 1.0)] for r, g in enumerate(groups) for _ in g]
+    return Plan(model="contiguous", tp=tp, num_kv_heads=kv, strategy="sha",
+                cost_model={"c_head": 0.0, "c_token": 1.0}, layers=[list(layer) for _ in range(num_layers)],
+                num_q_heads=q)
+
+
+def max_running(log_text: str) -> int:
+    return max((int(m) for m in re.findall(r"Decode batch, #running-req: (\d+)", log_text)), default=0)
+
+
+class Poller(threading.Thread):
+    """Samples every rank's KV rows and the busy rate from /server_info while the benchmark runs."""
+
+    def __init__(self, url: str, period: float = 0.5):
+        super().__init__(daemon=True)
+        self.url, self.period, self.samples, self.stop = url, period, [], threading.Event()
+        self.max_admitted = 0
+
+    def run(self):
+        while not self.stop.is_set():
+            try:
+                fk = requests.get(self.url + "/server_info", timeout=10).json()["internal_states"][0]["fairkv"]
+                rows = [r["rows_in_use"] for r in fk["ranks"]]
+                self.max_admitted = max(self.max_admitted, fk["requests_admitted"])
+                if max(rows) > 0:
+                    self.samples.append(rows)
+            except (requests.RequestException, KeyError, ValueError):
+                pass
+            self.stop.wait(self.period)
+
+
+def run_one(name: str, plan_args: list[str], a) -> dict:
+    args = ["--tp-size", str(a.tp), "--kv-compress", a.kv_compress, "--kv-compress-ratio", str(a.ratio),
+            *plan_args, "--max-total-tokens", str(a.max_total_tokens), "--max-running-requests", "128"]
+    if a.model_path:
+        args += ["--model-path", a.model_path]
+    with Server(args, startup_timeout=600) as s:
+        fk = requests.get(s.url + "/server_info", timeout=30).json()["internal_states"][0]["fairkv"]
+        cap = fk["group_token_capacity"]
+        out = Path(tempfile.mkdtemp()) / "bench.jsonl"
+        cmd = [sys.executable, "-m", "sglang.benchmark.serving", "--backend", "sglang",
+               "--dataset-name", "random-ids", "--num-prompts", str(a.num_prompts),
+               "--max-concurrency", str(a.concurrency), "--random-input-len", str(a.input_len),
+               "--random-output-len", str(a.output_len), "--random-range-ratio", "1.0", "--seed", "1",
+               "--host", "127.0.0.1", "--port", str(s.port), "--output-file", str(out)]
+        poll = Poller(s.url)
+        poll.start()
+        t0 = time.time()
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=7200)
+        poll.stop.set()
+        poll.join()
+        if proc.returncode != 0:
+            raise RuntimeError(proc.stdout[-2000:] + proc.stderr[-2000:])
+        r = json.loads(out.read_text().splitlines()[-1])
+        log = Path(s.log.name).read_text(errors="replace")
+        copies = re.search(r"fairkv-plan \S+: \w+ plan, tp=\d+, (\d+) head copies", log)
+    rows = np.array(poll.samples, dtype=float) if poll.samples else np.zeros((1, a.tp))
+    busy = rows.mean(1) / np.maximum(rows.max(1), 1)
+    return {"plan": name, "completed": r["completed"], "max_running": max(max_running(log), poll.max_admitted),
+            "capacity_tokens": cap, "copies": int(copies.group(1)) if copies else 0,
+            "req_s": r["request_throughput"], "out_tok_s": r["output_throughput"],
+            "ttft_ms": r["mean_ttft_ms"], "tpot_ms": r["mean_tpot_ms"], "wall_s": time.time() - t0,
+            "peak_rows_per_rank": rows.max(0).tolist(), "mean_rows_per_rank": rows.mean(0).tolist(),
+            "busy_rate_mean": float(busy.mean())}
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["plan"] for r in rows]
+    fig, ax = plt.subplots(1, 4, figsize=(18, 4))
+    ax[0].bar(names, [r["out_tok_s"] for r in rows])
+    ax[0].set_title("output tokens/s")
+    x = np.arange(len(rows))
+    ax[1].bar(x - 0.2, [r["ttft_ms"] for r in rows], 0.4, label="mean TTFT")
+    ax[1].bar(x + 0.2, [r["tpot_ms"] for r in rows], 0.4, label="mean TPOT")
+    ax[1].set_xticks(x, names)
+    ax[1].set_title("latency (ms)")
+    ax[1].legend()
+    tp = len(rows[0]["peak_rows_per_rank"])
+    for q in range(tp):
+        ax[2].bar(x + (q - (tp - 1) / 2) * 0.8 / tp, [r["peak_rows_per_rank"][q] for r in rows], 0.8 / tp,
+                  label=f"rank {q}")
+    ax[2].set_xticks(x, names)
+    ax[2].set_title("peak KV rows in use per rank")
+    ax[2].legend()
+    ax[3].bar(names, [r["busy_rate_mean"] for r in rows])
+    ax[3].set_ylim(0, 1.05)
+    ax[3].set_title("realised busy rate (mean / max rank KV)")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tp", type=int, default=2)
+    p.add_argument("--model-path", default=None, help="default: the embedded SmolLM2")
+    p.add_argument("--stats", default=str(REPO / "benchmark" / "calibration" / "smollm2-adakv-r0.75.json"))
+    p.add_argument("--kv-compress", default="adakv")
+    p.add_argument("--ratio", type=float, default=0.75)
+    p.add_argument("--max-copies-per-layer", type=int, default=1)
+    p.add_argument("--num-prompts", type=int, default=48)
+    p.add_argument("--input-len", type=int, default=1000)
+    p.add_argument("--output-len", type=int, default=32)
+    p.add_argument("--concurrency", type=int, default=48)
+    p.add_argument("--max-total-tokens", type=int, default=6000)
+    p.add_argument("--plans", nargs="*", default=["sha", "assign", "fairkv"])
+    p.add_argument("--out-dir", type=Path, default=REPO / "benchmark" / "out" / "tp_plans")
+    a = p.parse_args()
+    a.out_dir.mkdir(parents=True, exist_ok=True)
+    stats = load_stats(a.stats)
+    sha_file = a.out_dir / "sha-contiguous.json"
+    contiguous_plan(stats.num_layers, stats.num_kv_heads, stats.num_q_heads, a.tp).save(sha_file)
+    plan_args = {"sha": ["--fairkv-plan", str(sha_file)],
+                 "assign": ["--fairkv-plan", "assign", "--fairkv-stats", a.stats],
+                 "fairkv": ["--fairkv-plan", "fairkv", "--fairkv-stats", a.stats,
+                            "--fairkv-max-copies-per-layer", str(a.max_copies_per_layer)]}
+    rows = []
+    for name in a.plans:
+        rows.append(run_one(name, plan_args[name], a))
+        print(json.dumps(rows[-1]), flush=True)
+    base = rows[0]
+    head = (f"TP={a.tp}, {a.kv_compress} ratio {a.ratio}, {a.num_prompts} prompts x {a.input_len} in / "
+            f"{a.output_len} out, concurrency {a.concurrency}, --max-total-tokens {a.max_total_tokens} "
+            f"(same KV bytes per rank), plans from {Path(a.stats).name}")
+    lines = [head, "",
+             "| plan | copies | capacity (prompt tokens) | max running | completed | req/s | out tok/s | "
+             f"vs {base['plan']} | mean TTFT ms | mean TPOT ms | peak KV rows per rank | busy rate |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['plan']} | {r['copies']} | {r['capacity_tokens']} | {r['max_running']} | "
+                     f"{r['completed']}/{a.num_prompts} | {r['req_s']:.3f} | {r['out_tok_s']:.2f} | "
+                     f"{r['out_tok_s'] / base['out_tok_s']:.2f}x | {r['ttft_ms']:.0f} | {r['tpot_ms']:.0f} | "
+                     f"{' / '.join(str(int(x)) for x in r['peak_rows_per_rank'])} | {r['busy_rate_mean']:.3f} |")
+    text = "\n".join(lines)
+    print("\n" + text)
+    (a.out_dir / "results.md").write_text(text + "\n")
+    (a.out_dir / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
+    plot(rows, a.out_dir / "tp_plans.png", head[:120])
+    print(f"wrote {a.out_dir}/results.md, results.json, tp_plans.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
