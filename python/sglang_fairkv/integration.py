@@ -74,9 +74,8 @@ def server_rank_plan(model_config, num_layers: int):
     TP size), or at TP = 1 without one, every head on rank 0."""
     from sglang.srt.runtime_context import get_parallel
 
-    from .placement.runtime import RankPlan, resolve_plan, sha_plan
-
     from .model.heads import checkpoint_heads
+    from .placement.runtime import RankPlan, resolve_plan, sha_plan
 
     p = get_parallel()
     q, kv, _ = checkpoint_heads(model_config.hf_config)  # SGLang pads head counts on CPU at odd TP

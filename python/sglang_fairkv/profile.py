@@ -2,7 +2,8 @@
 
 Starts ``python -m sglang_fairkv.launch_server`` with your compression flags (and ``--tp``), with
 ``FAIRKV_PROFILE_DIR`` set so that each TP rank's fairkv backend appends, for every prompt it
-compresses, the kept tokens per (layer, KV head) it really holds in its ragged pool. Sends the
+compresses, the kept tokens of every (layer, KV head) of the model: its TP group's ledger, in which
+each rank's own segments are the lengths its ragged pool really holds. Sends the
 prompts (``max_new_tokens`` 1, a progress bar on stderr), stops the server and writes
 ``fairkv-stats/1``: per (layer, KV head) mean / std / p10 / p50 / p90 of kept tokens, and the sample
 count -- the input of ``python -m sglang_fairkv.plan``.
@@ -10,9 +11,8 @@ count -- the input of ``python -m sglang_fairkv.plan``.
     python -m sglang_fairkv.profile [--model-path M] [--tp N] --kv-compress adakv --kv-budget 256 \\
         (--prompts FILE | --synthetic long-context) [--num-prompts 16] [--prompt-len 2048] --out stats.json
 
-Works on CPU with the embedded SmolLM2. ``FILE``: a JSON list of token-id lists. At TP > 1 the ranks'
-heads are concatenated in rank order (SGLang's contiguous KV-head split; models whose KV heads are
-replicated across ranks are refused).
+Works on CPU with the embedded SmolLM2. ``FILE``: a JSON list of token-id lists. At TP > 1 (any
+``--fairkv-plan``) every rank records the whole model's counts; the ranks must agree.
 """
 
 from __future__ import annotations
@@ -43,10 +43,11 @@ def _free_port() -> int:
 
 
 def read_rank_files(folder: Path, tp: int, min_prompt_len: int) -> np.ndarray:
-    """Counts int ``[prompts, layers, kv_heads]`` from ``rank<r>.jsonl`` (heads concatenated in rank order).
+    """Counts int ``[prompts, layers, kv_heads]`` from ``rank<r>.jsonl`` (each rank writes every head's
+    count from its ledger; they must be identical).
 
     Lines of prompts no longer than ``min_prompt_len`` (SGLang's warm-up and health checks) are skipped;
-    the ranks must agree on the prompt sequence (every rank schedules identically).
+    the ranks must agree on the prompt sequence (every rank schedules identically) and the counts.
     """
     per_rank = []
     for r in range(tp):
@@ -58,9 +59,9 @@ def read_rank_files(folder: Path, tp: int, min_prompt_len: int) -> np.ndarray:
         raise ValueError(f"ranks recorded different numbers of prompts: {[len(x) for x in per_rank]}")
     rows = []
     for i in range(n):
-        if len({x[i]["prompt_len"] for x in per_rank}) != 1:
+        if len({json.dumps([x[i]["prompt_len"], x[i]["kept"]]) for x in per_rank}) != 1:
             raise ValueError(f"ranks disagree on prompt {i}")
-        rows.append(np.concatenate([np.array(x[i]["kept"]) for x in per_rank], axis=1))
+        rows.append(np.array(per_rank[0][i]["kept"]))
     return np.array(rows, dtype=np.float64).reshape(n, *(rows[0].shape if rows else (0, 0)))
 
 

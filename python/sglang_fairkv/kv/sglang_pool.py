@@ -12,13 +12,13 @@ all see the compressed footprint.
 * :class:`FairKVState` -- per-process state shared by the allocator, the attention backend and the
   scheduler hooks: the ragged pool, the compression setting, the rank's view of the FairKV plan, the
   replica assigner, the TP group's page ledger, and small per-``req_pool_idx`` tables.
+* :class:`FairKVCache` -- SGLang's ``token_to_kv_pool``; holds no dense per-layer buffer.
+* :class:`FairKVTokenAllocator` -- SGLang's ``token_to_kv_pool_allocator`` (logical slots + capacity
+  hooks in token equivalents).
 
 Under TP every rank's scheduler must take the same admission and retraction decisions; capacity is
 therefore answered from :class:`~sglang_fairkv.kv.group_accounting.GroupLedger` (every rank's pages,
 identical on all ranks): a request is admitted only when every rank has room for its segments.
-* :class:`FairKVCache` -- SGLang's ``token_to_kv_pool``; holds no dense per-layer buffer.
-* :class:`FairKVTokenAllocator` -- SGLang's ``token_to_kv_pool_allocator`` (logical slots + capacity
-  hooks in token equivalents).
 """
 
 from __future__ import annotations
@@ -93,12 +93,13 @@ class FairKVState:
         self.admitted[req_pool_idx] = rid
 
     def record_prompt(self, req_pool_idx: int, prompt_len: int) -> None:
-        """Append this request's kept prompt tokens per (layer, KV head) to the profile file (if on)."""
+        """Append this request's kept prompt tokens per (layer, KV head) of the whole model (the
+        ledger: this rank's own segments are its pool's lengths) to the profile file (if on)."""
         if self.profile_path is None:
             return
         import json
 
-        kept = self.pool.seg_len[req_pool_idx].tolist()
+        kept = self.ledger.length[req_pool_idx].tolist()
         with open(self.profile_path, "a") as f:
             f.write(json.dumps({"req_pool_idx": req_pool_idx, "prompt_len": prompt_len, "kept": kept}) + "\n")
 
@@ -142,7 +143,7 @@ class FairKVState:
     def stats(self) -> dict:
         p, lg = self.pool, self.ledger
         used_rows, used_pages = p.used_tokens(), p.used_pages()
-        rows = lg.rows_used()
+        rows, pages = lg.rows_used(), lg.pages_used()
         rpt = lg.rows_per_token.clamp_min(1)
         return {
             "kv_compress": self.cfg.method,
@@ -158,7 +159,7 @@ class FairKVState:
             "requests_admitted": len(self.admitted),
             "ledger_matches_pool": self.ledger_mismatch() is None,
             # the whole TP group, from the ledger (identical on every rank)
-            "ranks": [{"rank": q, "rows_in_use": int(rows[q]), "pages_used": int(lg.pages_used()[q]),
+            "ranks": [{"rank": q, "rows_in_use": int(rows[q]), "pages_used": int(pages[q]),
                        "token_equivalents_in_use": float(rows[q] / rpt[q])} for q in range(lg.tp)],
             "busy_rate": lg.busy_rate(),
             "group_token_capacity": int((lg.usable_pages * lg.page_size // rpt).min()),
