@@ -79,22 +79,17 @@ class Server:
         return "\n".join(Path(self.log.name).read_text(errors="replace").splitlines()[-n:])
 
     def stop(self, timeout: float = 30.0) -> None:
-        """SIGTERM the launcher (SGLang then stops its own children), then the whole process group,
-        SIGKILL what is left; assert nothing survives. Signalling the group first would hit the
-        schedulers directly, which SGLang treats as a crash (5 s of crash diagnostics per stop)."""
+        """SIGTERM the whole process group, SIGKILL what is left; assert nothing survives."""
         if self.proc is None:
             return
         pgid = self.proc.pid
-        steps = ((lambda sig: os.kill(pgid, sig), signal.SIGTERM, timeout),
-                 (lambda sig: os.killpg(pgid, sig), signal.SIGTERM, 5.0),
-                 (lambda sig: os.killpg(pgid, sig), signal.SIGKILL, 10.0))
-        for send, sig, wait in steps:
+        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
             if not group_alive(pgid):
                 break
             try:
-                send(sig)
+                os.killpg(pgid, sig)
             except ProcessLookupError:
-                pass
+                break
             deadline = time.time() + wait
             while time.time() < deadline and group_alive(pgid):
                 try:
