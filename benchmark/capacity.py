@@ -32,23 +32,30 @@ CONFIGS = {
 
 
 def max_running(log_text: str) -> int:
+    """The largest ``#running-req`` SGLang logged for a decode batch."""
     runs = [int(m) for m in re.findall(r"Decode batch, #running-req: (\d+)", log_text)]
     return max(runs, default=0)
+
+
+def bench_serving(port: int, a) -> dict:
+    """Run ``sglang.benchmark.serving`` (random-ids, fixed lengths, ``a.num_prompts`` at
+    ``a.concurrency``) against the server on ``port``; returns its result record."""
+    out = Path(tempfile.mkdtemp()) / "bench.jsonl"
+    cmd = [sys.executable, "-m", "sglang.benchmark.serving", "--backend", "sglang",
+           "--dataset-name", "random-ids", "--num-prompts", str(a.num_prompts),
+           "--max-concurrency", str(a.concurrency), "--random-input-len", str(a.input_len),
+           "--random-output-len", str(a.output_len), "--random-range-ratio", "1.0", "--seed", "1",
+           "--host", "127.0.0.1", "--port", str(port), "--output-file", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=7200)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stdout[-2000:] + proc.stderr[-2000:])
+    return json.loads(out.read_text().splitlines()[-1])
 
 
 def run_one(name: str, extra: list[str], a) -> dict:
     args = [*extra, "--max-total-tokens", str(a.max_total_tokens), "--max-running-requests", "64"]
     with Server(args, startup_timeout=300) as s:
-        out = Path(tempfile.mkdtemp()) / "bench.jsonl"
-        cmd = [sys.executable, "-m", "sglang.benchmark.serving", "--backend", "sglang",
-               "--dataset-name", "random-ids", "--num-prompts", str(a.num_prompts),
-               "--max-concurrency", str(a.concurrency), "--random-input-len", str(a.input_len),
-               "--random-output-len", str(a.output_len), "--random-range-ratio", "1.0", "--seed", "1",
-               "--host", "127.0.0.1", "--port", str(s.port), "--output-file", str(out)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
-        if proc.returncode != 0:
-            raise RuntimeError(proc.stdout[-2000:] + proc.stderr[-2000:])
-        r = json.loads(out.read_text().splitlines()[-1])
+        r = bench_serving(s.port, a)
         log = Path(s.log.name).read_text(errors="replace")
     return {"config": name, "completed": r["completed"], "max_running": max_running(log),
             "req_s": r["request_throughput"], "out_tok_s": r["output_throughput"],

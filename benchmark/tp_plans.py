@@ -23,9 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -35,6 +33,7 @@ import requests
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "test"))
+from capacity import bench_serving, max_running  # noqa: E402
 from helpers.server import Server  # noqa: E402
 
 from sglang_fairkv.placement.schema import Plan  # noqa: E402
@@ -50,22 +49,18 @@ def contiguous_plan(num_layers: int, kv: int, q: int, tp: int) -> Plan:
                 num_q_heads=q)
 
 
-def max_running(log_text: str) -> int:
-    return max((int(m) for m in re.findall(r"Decode batch, #running-req: (\d+)", log_text)), default=0)
-
-
 class Poller(threading.Thread):
     """Samples every rank's KV rows and the busy rate from /server_info while the benchmark runs."""
 
-    def __init__(self, url: str, period: float = 0.5):
+    def __init__(self, server: Server, period: float = 0.5):
         super().__init__(daemon=True)
-        self.url, self.period, self.samples, self.stop = url, period, [], threading.Event()
+        self.server, self.period, self.samples, self.stop = server, period, [], threading.Event()
         self.max_admitted = 0
 
     def run(self):
         while not self.stop.is_set():
             try:
-                fk = requests.get(self.url + "/server_info", timeout=10).json()["internal_states"][0]["fairkv"]
+                fk = self.server.fairkv_info(timeout=10)
                 rows = [r["rows_in_use"] for r in fk["ranks"]]
                 self.max_admitted = max(self.max_admitted, fk["requests_admitted"])
                 if max(rows) > 0:
@@ -81,23 +76,15 @@ def run_one(name: str, plan_args: list[str], a) -> dict:
     if a.model_path:
         args += ["--model-path", a.model_path]
     with Server(args, startup_timeout=600) as s:
-        fk = requests.get(s.url + "/server_info", timeout=30).json()["internal_states"][0]["fairkv"]
-        cap = fk["group_token_capacity"]
-        out = Path(tempfile.mkdtemp()) / "bench.jsonl"
-        cmd = [sys.executable, "-m", "sglang.benchmark.serving", "--backend", "sglang",
-               "--dataset-name", "random-ids", "--num-prompts", str(a.num_prompts),
-               "--max-concurrency", str(a.concurrency), "--random-input-len", str(a.input_len),
-               "--random-output-len", str(a.output_len), "--random-range-ratio", "1.0", "--seed", "1",
-               "--host", "127.0.0.1", "--port", str(s.port), "--output-file", str(out)]
-        poll = Poller(s.url)
+        cap = s.fairkv_info()["group_token_capacity"]
+        poll = Poller(s)
         poll.start()
         t0 = time.time()
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=7200)
-        poll.stop.set()
-        poll.join()
-        if proc.returncode != 0:
-            raise RuntimeError(proc.stdout[-2000:] + proc.stderr[-2000:])
-        r = json.loads(out.read_text().splitlines()[-1])
+        try:
+            r = bench_serving(s.port, a)
+        finally:
+            poll.stop.set()
+            poll.join()
         log = Path(s.log.name).read_text(errors="replace")
         copies = re.search(r"fairkv-plan \S+: \w+ plan, tp=\d+, (\d+) head copies", log)
     rows = np.array(poll.samples, dtype=float) if poll.samples else np.zeros((1, a.tp))

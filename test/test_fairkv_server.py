@@ -27,15 +27,10 @@ STRICT = {"SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "1"}
 LAYERS, KV_HEADS = 30, 3  # SmolLM2-135M
 
 
-def fairkv_stats(server) -> dict:
-    info = requests.get(server.url + "/server_info", timeout=30).json()
-    return info["internal_states"][0]["fairkv"]
-
-
 def wait_pool_empty(server, timeout=60.0) -> dict:
     deadline = time.time() + timeout
     while True:
-        st = fairkv_stats(server)
+        st = server.fairkv_info()
         if st["pages_used"] == 0 or time.time() > deadline:
             return st
         time.sleep(0.5)
@@ -78,7 +73,7 @@ def test_pool_holds_kept_plus_generated_then_empties_on_abort(adakv_server, fair
     seen = None
     deadline = time.time() + 120
     while time.time() < deadline:
-        st = fairkv_stats(adakv_server)
+        st = adakv_server.fairkv_info()
         if st["rows_in_segments"] > LAYERS * KV_HEADS * (n_kept + 2):
             seen = st
             break
@@ -108,7 +103,7 @@ def test_client_disconnect_frees_segments(adakv_server, fairkv_prompts):
                 chunks += 1
             if chunks >= 3:
                 break
-        assert fairkv_stats(adakv_server)["requests_with_segments"] == 1
+        assert adakv_server.fairkv_info()["requests_with_segments"] == 1
     # connection closed mid-stream: SGLang aborts the request, we free its segments
     st = wait_pool_empty(adakv_server, timeout=120)
     assert st["pages_used"] == 0, st

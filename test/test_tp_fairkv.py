@@ -28,10 +28,6 @@ N_NEW = 20
 REPO_STATS = Path(__file__).resolve().parents[1] / "benchmark" / "calibration" / "smollm2-adakv-r0.75.json"
 
 
-def fairkv_info(server) -> dict:
-    return requests.get(server.url + "/server_info", timeout=30).json()["internal_states"][0]["fairkv"]
-
-
 def skewed_stats(path, layers=3, kv=6, q=12, head_dim=16):
     """Stats where one head per layer holds most KV: assign must unbalance, fairkv copies it."""
     from sglang_fairkv.placement.stats import KVStats
@@ -64,7 +60,7 @@ def test_plans_equal_tp1_with_adakv(tiny_kv6_path, tp1_reference, tp, tmp_path):
             args += ["--chunked-prefill-size", "48"]  # the window's queries cross chunks on every rank
         with Server(args, env=STRICT) as s:
             got = [s.greedy_ids(p, N_NEW) for p in PROMPTS]
-            info = fairkv_info(s)
+            info = s.fairkv_info()
         assert got == tp1_reference, f"tp={tp} plan={plan}"
         copies = info["plan_copies_per_layer"]
         if plan == "fairkv":
@@ -88,7 +84,7 @@ def test_smollm2_tp2_through_a_plan_equals_kvpress(smollm2_path, fairkv_referenc
             "--fairkv-plan", "fairkv", "--fairkv-stats", str(stats)]
     with Server(args, env=STRICT) as s:
         got = s.greedy_ids(fairkv_prompts[1], N)
-        info = fairkv_info(s)
+        info = s.fairkv_info()
     assert got == fairkv_references["adakv"][1]
     assert got != fairkv_references["hf"][1]
     assert sum(info["plan_copies_per_layer"]) >= 1
@@ -130,7 +126,7 @@ def test_replica_shares_and_abort_free_every_rank(tiny_kv6_path, tp1_reference, 
             t.start()
         for t in threads:
             t.join()
-        info = fairkv_info(s)
+        info = s.fairkv_info()
         assert len(info["replicas"]) == 3
         for rep in info["replicas"]:
             err = np.abs(np.array(rep["served"]) - np.array(rep["planned"]))
@@ -143,7 +139,7 @@ def test_replica_shares_and_abort_free_every_rank(tiny_kv6_path, tp1_reference, 
         t.start()
         deadline, during = time.time() + 60, None
         while time.time() < deadline:
-            during = fairkv_info(s)
+            during = s.fairkv_info()
             if all(r["pages_used"] > 0 for r in during["ranks"]):
                 break
             time.sleep(0.2)
@@ -153,9 +149,9 @@ def test_replica_shares_and_abort_free_every_rank(tiny_kv6_path, tp1_reference, 
         requests.post(s.url + "/abort_request", json={"rid": rid}, timeout=30)
         t.join(timeout=120)
         deadline = time.time() + 30
-        while time.time() < deadline and any(r["pages_used"] for r in fairkv_info(s)["ranks"]):
+        while time.time() < deadline and any(r["pages_used"] for r in s.fairkv_info()["ranks"]):
             time.sleep(0.3)
-        assert [r["pages_used"] for r in fairkv_info(s)["ranks"]] == [0, 0]
+        assert [r["pages_used"] for r in s.fairkv_info()["ranks"]] == [0, 0]
         assert s.greedy_ids(PROMPTS[0], 4)  # still serving: no rank's idle check failed
         assert s.proc.poll() is None
 
@@ -178,7 +174,7 @@ def test_qwen2_tp2_plan_equals_tp1(tmp_path):
                                               "--fairkv-stats", str(stats)])):
         with Server([*snap, *extra], env=STRICT) as s:
             out[name] = [s.greedy_ids(p, N_NEW) for p in PROMPTS[:3]]
-            info = fairkv_info(s)
+            info = s.fairkv_info()
     assert min(info["plan_copies_per_layer"]) >= 1
     assert out["tp2"] == out["tp1"]
     assert len({tuple(o) for o in out["tp1"]}) == 3

@@ -17,6 +17,7 @@ attention registry, only when ``FAIRKV_KV_COMPRESS`` is set (``--kv-compress`` g
 
 from __future__ import annotations
 
+import functools
 import logging
 
 from . import env
@@ -56,7 +57,7 @@ def build_pool_hook(original, self, *args, **kwargs):
     req_to_token = kwargs["req_to_token_pool"].req_to_token
     mc = self.model_config
     layers = self.layer_info.num_effective_layers
-    rank_plan = server_rank_plan(mc, layers)
+    rank_plan = server_rank_plan(mc.hf_config, layers)
     head_budgets = load_config_head_budgets(cfg, layers, rank_plan.plan.num_kv_heads)
     state = build_state(cfg, head_budgets, rank_plan=rank_plan,
                         max_total_tokens=sizes.max_total_num_tokens,
@@ -69,26 +70,34 @@ def build_pool_hook(original, self, *args, **kwargs):
                        end_layer=self.layer_info.end_layer)
 
 
-def server_rank_plan(model_config, num_layers: int):
-    """This scheduler's :class:`RankPlan`: ``FAIRKV_PLAN`` (checked again here against the model and
-    TP size), or at TP = 1 without one, every head on rank 0."""
+def server_rank_plan(hf_config, num_layers: int | None = None):
+    """This scheduler's :class:`RankPlan` for an HF config (model classes and pool hook alike):
+    ``FAIRKV_PLAN`` checked against the checkpoint's shape and the TP size, or at TP = 1 without
+    one, every head on rank 0. ``num_layers`` defaults to the config's."""
     from sglang.srt.runtime_context import get_parallel
 
     from .model.heads import checkpoint_heads
-    from .placement.runtime import RankPlan, resolve_plan, sha_plan
+    from .placement.runtime import RankPlan
 
     p = get_parallel()
-    q, kv, _ = checkpoint_heads(model_config.hf_config)  # SGLang pads head counts on CPU at odd TP
-    path = env.plan_path()
+    q, kv, _ = checkpoint_heads(hf_config)  # SGLang pads head counts on CPU at odd TP
+    layers = hf_config.num_hidden_layers if num_layers is None else num_layers
+    plan = _server_plan(env.plan_path(), getattr(hf_config, "_name_or_path", ""), layers, kv, q, p.tp_size)
+    return RankPlan(plan, p.tp_rank, q)
+
+
+@functools.lru_cache(maxsize=4)
+def _server_plan(path: str | None, model: str, num_layers: int, num_kv_heads: int, num_q_heads: int, tp: int):
+    """Read and check the plan once per process (the model load and the pool hook both need it)."""
+    from .placement.runtime import resolve_plan, sha_plan
+
     if path is None:
-        if p.tp_size != 1:
+        if tp != 1:
             raise RuntimeError("the fairkv backend at TP > 1 needs a FairKV plan (launch with "
                                "python -m sglang_fairkv.launch_server; it passes --fairkv-plan sha by default)")
-        plan = sha_plan(model_config.model_path, num_layers, kv, q, 1)
-    else:
-        plan = resolve_plan(path, model=model_config.model_path, num_layers=num_layers, num_kv_heads=kv,
-                            num_q_heads=q, tp=p.tp_size)
-    return RankPlan(plan, p.tp_rank, q)
+        return sha_plan(model, num_layers, num_kv_heads, num_q_heads, 1)
+    return resolve_plan(path, model=model, num_layers=num_layers, num_kv_heads=num_kv_heads,
+                        num_q_heads=num_q_heads, tp=tp)
 
 
 def _profile_path() -> str | None:
@@ -129,7 +138,7 @@ def configure_hook(original, self, *args, **kwargs):
         return result
     import msgspec
 
-    cap = state.ledger.token_capacity_free()
+    cap = state.ledger.capacity_when_empty()
     if cap != result.max_total_num_tokens:
         logger.info("sglang-fairkv: max_total_num_tokens %d -> %d (prompt tokens every rank's pool holds "
                     "under the plan; KV rows per token by rank %s)", result.max_total_num_tokens, cap,
@@ -192,14 +201,14 @@ def check_model_package() -> None:
 
     from sglang.srt.models.registry import ModelRegistry
 
-    from .model import llama, qwen2
+    from .model import ARCHITECTURES
 
     if os.environ.get("SGLANG_EXTERNAL_MODEL_PACKAGE") != "sglang_fairkv.model":
         raise RuntimeError("FAIRKV_PLAN is set but SGLANG_EXTERNAL_MODEL_PACKAGE is not sglang_fairkv.model")
-    for cls in [*llama.EntryClass, *qwen2.EntryClass]:
-        got = ModelRegistry.models.get(cls.__name__)
+    for arch in ARCHITECTURES:
+        got = ModelRegistry.models.get(arch)
         if got is None or not getattr(got, "fairkv", False):
-            raise RuntimeError(f"SGLang resolves {cls.__name__} to {got}, not the FairKV class (see the "
+            raise RuntimeError(f"SGLang resolves {arch} to {got}, not the FairKV class (see the "
                                "log for an import error in sglang_fairkv.model)")
 
 

@@ -240,10 +240,6 @@ def _fairkv_setup(fk: argparse.Namespace, ns: argparse.Namespace, out: list[str]
     return cfg.to_json(), tuple(notes)
 
 
-#: Architectures with a FairKV model class (``sglang_fairkv.model``).
-FAIRKV_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
-
-
 def _plan_setup(fk: argparse.Namespace, ns: argparse.Namespace, out: list[str],
                 model_path: str) -> tuple[str | None, tuple[str, ...]]:
     """Resolve ``--fairkv-plan`` (default ``sha`` at TP > 1) against the model's shape and ``--tp-size``;
@@ -264,10 +260,12 @@ def _plan_setup(fk: argparse.Namespace, ns: argparse.Namespace, out: list[str],
         mc = json.loads((Path(model_path) / "config.json").read_text())
     except (OSError, ValueError) as e:
         raise UsageError(f"--fairkv-plan: cannot read {model_path}/config.json: {e}") from None
+    from .model import ARCHITECTURES
+
     arch = (mc.get("architectures") or ["?"])[0]
-    if arch not in FAIRKV_ARCHITECTURES:
+    if arch not in ARCHITECTURES:
         raise UsageError(f"--fairkv-plan: {arch} has no FairKV model class (supported: "
-                         f"{', '.join(FAIRKV_ARCHITECTURES)})")
+                         f"{', '.join(ARCHITECTURES)})")
     if _given(out, "--quantization"):
         raise UsageError("--fairkv-plan cannot be used with --quantization (weights are sliced per head)")
     from .placement.runtime import resolve_plan

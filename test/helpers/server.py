@@ -111,6 +111,11 @@ class Server:
         self.stop()
 
     # -- HTTP helpers -------------------------------------------------------------------------
+    def fairkv_info(self, timeout: float = 30.0) -> dict:
+        """The fairkv pool / TP-group stats: ``/server_info`` -> ``internal_states[0]["fairkv"]``."""
+        info = requests.get(self.url + "/server_info", timeout=timeout).json()
+        return info["internal_states"][0]["fairkv"]
+
     def generate(self, payload: dict, timeout: float = 300.0) -> dict:
         r = requests.post(self.url + "/generate", json=payload, timeout=timeout)
         r.raise_for_status()

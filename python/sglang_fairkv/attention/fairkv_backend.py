@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
+import torch.distributed as dist
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from torch.nn.functional import scaled_dot_product_attention
 
@@ -227,8 +228,6 @@ class FairKVAttnBackend(AttentionBackend):
         idx = torch.as_tensor(head_ids, dtype=torch.int64, device=rows.device)
         full[idx, :-1] = rows
         full[idx, -1] = 1
-        import torch.distributed as dist
-
         dist.all_reduce(full, group=self._group)
         if bool((full[:, -1] != 1).any()):
             raise RuntimeError(f"fairkv: KV heads held by {full[:, -1].tolist()} ranks (expected 1 each); "

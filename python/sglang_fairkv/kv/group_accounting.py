@@ -75,10 +75,17 @@ class GroupLedger:
     def pages_free(self) -> torch.Tensor:
         return self.usable_pages - self.pages_used()
 
+    def _tokens_for(self, pages: torch.Tensor) -> int:
+        """Prompt tokens ``pages [tp]`` free pages per rank hold on every rank (min over ranks)."""
+        return int((pages * self.page_size // self.rows_per_token.clamp_min(1)).min())
+
     def token_capacity_free(self) -> int:
         """Prompt tokens every rank can still take (the smallest over ranks, in token equivalents)."""
-        per_rank = self.pages_free() * self.page_size // self.rows_per_token.clamp_min(1)
-        return int(per_rank.min())
+        return self._tokens_for(self.pages_free())
+
+    def capacity_when_empty(self) -> int:
+        """:meth:`token_capacity_free` of the empty group: SGLang's ``max_total_num_tokens`` under the plan."""
+        return self._tokens_for(torch.full((self.tp,), self.usable_pages, dtype=torch.int64))
 
     def decode_pages_needed(self, req_pool_idx: list[int]) -> torch.Tensor:
         """int64 ``[tp]``: pages each rank's next decode step of these requests takes."""

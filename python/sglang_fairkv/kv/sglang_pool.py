@@ -162,7 +162,7 @@ class FairKVState:
             "ranks": [{"rank": q, "rows_in_use": int(rows[q]), "pages_used": int(pages[q]),
                        "token_equivalents_in_use": float(rows[q] / rpt[q])} for q in range(lg.tp)],
             "busy_rate": lg.busy_rate(),
-            "group_token_capacity": int((lg.usable_pages * lg.page_size // rpt).min()),
+            "group_token_capacity": lg.capacity_when_empty(),
             "plan_copies_per_layer": self.rank_plan.plan.copies_per_layer(),
             "replicas": self.assigner.served(),
         }

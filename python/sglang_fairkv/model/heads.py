@@ -118,23 +118,40 @@ class FairKVAttention(nn.Module):
         return self.o_proj(self.attn(q, k, v, forward_batch))
 
 
-def rank_plan_for(config):
-    """This TP rank's :class:`~sglang_fairkv.placement.runtime.RankPlan` for an HF ``config``, from
-    ``FAIRKV_PLAN`` (checked against the config's shape and the TP size)."""
+def check_supported(quant_config) -> None:
+    """What the FairKV model classes cannot serve yet: quantized checkpoints, pipeline parallelism."""
     from sglang.srt.runtime_context import get_parallel
 
-    from .. import env
-    from ..placement.runtime import RankPlan, resolve_plan
+    if quant_config is not None:
+        raise ValueError("FairKV plans do not support quantized checkpoints yet")
+    if get_parallel().pp_group.world_size != 1:
+        raise ValueError("FairKV plans do not support pipeline parallelism")
 
-    path = env.plan_path()
-    if path is None:
-        raise RuntimeError("sglang_fairkv.model classes serve a FairKV plan: FAIRKV_PLAN is not set "
-                           "(start with python -m sglang_fairkv.launch_server --fairkv-plan ...)")
-    p = get_parallel()
-    q, kv, _ = checkpoint_heads(config)
-    plan = resolve_plan(path, model=getattr(config, "_name_or_path", ""), num_layers=config.num_hidden_layers,
-                        num_kv_heads=kv, num_q_heads=q, tp=p.tp_size)
-    return RankPlan(plan, p.tp_rank, q)
+
+def build_decoder_layer(layer: nn.Module, config, layer_id: int, *, heads: list[int], rank: int,
+                        rotary_emb: nn.Module, qkv_bias: bool, o_bias: bool, mlp_cls, quant_config,
+                        prefix: str) -> None:
+    """Fill a decoder layer (SGLang's Llama / Qwen2 layer class, ``nn.Module.__init__`` done) with
+    :class:`FairKVAttention` over ``heads``, the model's own MLP class (partial sums, reduced by the
+    boundary), the two RMSNorms and the layer boundaries its class declares."""
+    from sglang.srt.layers.layer_boundary import append_stages
+    from sglang.srt.layers.layernorm import RMSNorm
+    from sglang.srt.utils import add_prefix
+
+    num_q, num_kv, head_dim = checkpoint_heads(config)
+    layer.hidden_size = config.hidden_size
+    layer.self_attn = FairKVAttention(
+        hidden_size=config.hidden_size, num_heads=num_q, num_kv_heads=num_kv, head_dim=head_dim,
+        layer_id=layer_id, heads=heads, rank=rank, rotary_emb=rotary_emb, qkv_bias=qkv_bias, o_bias=o_bias,
+        prefix=add_prefix("self_attn", prefix))
+    layer.mlp = mlp_cls(hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+                        hidden_act=config.hidden_act, quant_config=quant_config,
+                        prefix=add_prefix("mlp", prefix), reduce_results=False)
+    layer.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+    layer.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+    attn, ffn = layer.stage_facts(config, layer_id)
+    layer.attn_boundary, layer.ffn_boundary = append_stages(
+        (attn, layer.input_layernorm), (ffn, layer.post_attention_layernorm))
 
 
 def checkpoint_heads(config) -> tuple[int, int, int]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from torch import nn
 
-from sglang.srt.layers.layer_boundary import append_stages
 from sglang.srt.layers.layernorm import RMSNorm
 from sglang.srt.layers.rotary_embedding import get_rope
 from sglang.srt.layers.vocab_parallel_embedding import VocabParallelEmbedding
@@ -21,7 +20,8 @@ from sglang.srt.models import mistral as _mistral
 from sglang.srt.runtime_context import get_parallel
 from sglang.srt.utils import add_prefix, make_pp_layers
 
-from .heads import FairKVAttention, checkpoint_heads, rank_plan_for
+from ..integration import server_rank_plan
+from .heads import build_decoder_layer, check_supported, checkpoint_heads
 
 
 def _rope_args(config) -> tuple[float, dict | None]:
@@ -42,24 +42,14 @@ class FairKVLlamaDecoderLayer(_llama.LlamaDecoderLayer):
     def __init__(self, config, layer_id: int, heads: list[int], rank: int, quant_config=None,
                  prefix: str = ""):
         nn.Module.__init__(self)
-        self.hidden_size = config.hidden_size
-        num_q, num_kv, head_dim = checkpoint_heads(config)
+        _, _, head_dim = checkpoint_heads(config)
         theta, scaling = _rope_args(config)
         rotary = get_rope(head_dim, rotary_dim=int(getattr(config, "partial_rotary_factor", 1) * head_dim),
                           max_position=getattr(config, "max_position_embeddings", 8192), base=theta,
                           rope_scaling=scaling, is_neox_style=getattr(config, "rope_is_neox_style", True))
         bias = bool(getattr(config, "attention_bias", False) or getattr(config, "bias", False))
-        self.self_attn = FairKVAttention(
-            hidden_size=config.hidden_size, num_heads=num_q, num_kv_heads=num_kv, head_dim=head_dim, layer_id=layer_id, heads=heads,
-            rank=rank, rotary_emb=rotary, qkv_bias=bias, o_bias=bias, prefix=add_prefix("self_attn", prefix))
-        self.mlp = _llama.LlamaMLP(hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
-                                   hidden_act=config.hidden_act, quant_config=quant_config,
-                                   prefix=add_prefix("mlp", prefix), reduce_results=False)
-        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        attn, ffn = self.stage_facts(config, layer_id)
-        self.attn_boundary, self.ffn_boundary = append_stages(
-            (attn, self.input_layernorm), (ffn, self.post_attention_layernorm))
+        build_decoder_layer(self, config, layer_id, heads=heads, rank=rank, rotary_emb=rotary, qkv_bias=bias,
+                            o_bias=bias, mlp_cls=_llama.LlamaMLP, quant_config=quant_config, prefix=prefix)
 
 
 class FairKVLlamaModel(_llama.LlamaModel):
@@ -71,10 +61,8 @@ class FairKVLlamaModel(_llama.LlamaModel):
         self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size
         self.pp_group = get_parallel().pp_group
-        if self.pp_group.world_size != 1:
-            raise ValueError("FairKV plans do not support pipeline parallelism")
         self._kv_cache_parallel_layout = _llama.resolve_linear_parallel_group("tp")
-        self.rank_plan = rank_plan_for(config)
+        self.rank_plan = server_rank_plan(config)
         local = self.rank_plan.local_heads
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size,
                                                    quant_config=quant_config,
@@ -90,26 +78,22 @@ class FairKVLlamaModel(_llama.LlamaModel):
         self.layers_to_capture = []
 
 
-class LlamaForCausalLM(_llama.LlamaForCausalLM):
+class _FairKVLlamaFamily:
+    """``_init_model`` of SGLang's Llama-family causal LMs, with the plan's layers."""
+
+    fairkv = True
+
+    def _init_model(self, config, quant_config=None, prefix: str = ""):
+        check_supported(quant_config)
+        return FairKVLlamaModel(config, quant_config=None, prefix=prefix)
+
+
+class LlamaForCausalLM(_FairKVLlamaFamily, _llama.LlamaForCausalLM):
     """Registered under SGLang's ``LlamaForCausalLM`` when ``--fairkv-plan`` is in effect."""
 
-    fairkv = True
 
-    def _init_model(self, config, quant_config=None, prefix: str = ""):
-        if quant_config is not None:
-            raise ValueError("FairKV plans do not support quantized checkpoints yet")
-        return FairKVLlamaModel(config, quant_config=None, prefix=prefix)
-
-
-class MistralForCausalLM(_mistral.MistralForCausalLM):
+class MistralForCausalLM(_FairKVLlamaFamily, _mistral.MistralForCausalLM):
     """Mistral (same layers as Llama in SGLang) under a FairKV plan."""
-
-    fairkv = True
-
-    def _init_model(self, config, quant_config=None, prefix: str = ""):
-        if quant_config is not None:
-            raise ValueError("FairKV plans do not support quantized checkpoints yet")
-        return FairKVLlamaModel(config, quant_config=None, prefix=prefix)
 
 
 EntryClass = [LlamaForCausalLM, MistralForCausalLM]

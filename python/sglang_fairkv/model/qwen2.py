@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from torch import nn
 
-from sglang.srt.layers.layer_boundary import append_stages
-from sglang.srt.layers.layernorm import RMSNorm
 from sglang.srt.layers.logits_processor import LogitsProcessor
 from sglang.srt.layers.pooler import Pooler, PoolingType
 from sglang.srt.layers.rotary_embedding import get_rope
@@ -20,7 +18,8 @@ from sglang.srt.runtime_context import get_parallel
 from sglang.srt.utils import add_prefix
 from sglang.srt.utils.hf_transformers_utils import get_rope_config
 
-from .heads import FairKVAttention, checkpoint_heads, rank_plan_for
+from ..integration import server_rank_plan
+from .heads import build_decoder_layer, check_supported, checkpoint_heads
 
 
 class FairKVQwen2DecoderLayer(_qwen2.Qwen2DecoderLayer):
@@ -34,26 +33,15 @@ class FairKVQwen2DecoderLayer(_qwen2.Qwen2DecoderLayer):
         nn.Module.__init__(self)
         if getattr(config, "dual_chunk_attention_config", None):
             raise ValueError("FairKV plans do not support Qwen2 dual-chunk attention")
-        self.hidden_size = config.hidden_size
         self.start_layer = start_layer
-        rank_plan = self.rank_plan
-        num_q, num_kv, head_dim = checkpoint_heads(config)
+        _, _, head_dim = checkpoint_heads(config)
         theta, scaling = get_rope_config(config)
         rotary = get_rope(head_dim, rotary_dim=head_dim,
                           max_position=getattr(config, "max_position_embeddings", 32768), base=theta,
                           rope_scaling=scaling)
-        self.self_attn = FairKVAttention(
-            hidden_size=config.hidden_size, num_heads=num_q, num_kv_heads=num_kv, head_dim=head_dim,
-            layer_id=layer_id, heads=rank_plan.local_heads[layer_id], rank=rank_plan.rank, rotary_emb=rotary,
-            qkv_bias=True, o_bias=False, prefix=add_prefix("self_attn", prefix))
-        self.mlp = _qwen2.Qwen2MLP(hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
-                                   hidden_act=config.hidden_act, quant_config=quant_config,
-                                   prefix=add_prefix("mlp", prefix), reduce_results=False)
-        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        attn, ffn = self.stage_facts(config, layer_id)
-        self.attn_boundary, self.ffn_boundary = append_stages(
-            (attn, self.input_layernorm), (ffn, self.post_attention_layernorm))
+        build_decoder_layer(self, config, layer_id, heads=self.rank_plan.local_heads[layer_id],
+                            rank=self.rank_plan.rank, rotary_emb=rotary, qkv_bias=True, o_bias=False,
+                            mlp_cls=_qwen2.Qwen2MLP, quant_config=quant_config, prefix=prefix)
 
 
 class Qwen2ForCausalLM(_qwen2.Qwen2ForCausalLM):
@@ -63,15 +51,12 @@ class Qwen2ForCausalLM(_qwen2.Qwen2ForCausalLM):
 
     def __init__(self, config, quant_config=None, prefix: str = ""):
         nn.Module.__init__(self)
-        if quant_config is not None:
-            raise ValueError("FairKV plans do not support quantized checkpoints yet")
+        check_supported(quant_config)
         self.pp_group = get_parallel().pp_group
-        if self.pp_group.world_size != 1:
-            raise ValueError("FairKV plans do not support pipeline parallelism")
         self.config = config
         self.quant_config = None
         layer_type = type("FairKVQwen2DecoderLayerForRank", (FairKVQwen2DecoderLayer,),
-                          {"rank_plan": rank_plan_for(config)})
+                          {"rank_plan": server_rank_plan(config)})
         self.model = _qwen2.Qwen2Model(config, quant_config=None, prefix=add_prefix("model", prefix),
                                        decoder_layer_type=layer_type)
         if config.tie_word_embeddings:
