@@ -11,6 +11,7 @@ import math
 import random
 
 import numpy as np
+import pytest
 import torch
 
 from sglang_fairkv.compress.budgets import select_adakv
@@ -39,8 +40,9 @@ def test_ledger_equals_every_rank_pool_through_a_random_lifecycle():
     pools = [RaggedKVPool(num_pages=4000, page_size=P, num_layers=L, num_kv_heads=rp.max_local_heads,
                           head_dim=2, max_reqs=8, max_context=200, dtype=torch.float32) for rp in rps]
     ledger = GroupLedger(tp=plan.tp, max_reqs=8, num_layers=L, num_kv_heads=KV, page_size=P,
-                         usable_pages=pools[0].usable_pages, rows_per_token=rps[0].rows_per_token())
-    assert ledger.rows_per_token.tolist() == [sum(rp.heads_per_layer()) for rp in rps] == [8, 6]
+                         usable_pages=pools[0].usable_pages, rows_per_token=rps[0].expected_rows_per_token())
+    # expected rows per token: per layer the heads held, a replica at its share
+    assert ledger.rows_per_token.tolist() == pytest.approx([1.3 + 2.5 + 3, 2.7 + 1.5 + 1])
     assigner = ReplicaAssigner(plan)
     rng = random.Random(1)
     live: dict[int, str] = {}
@@ -90,7 +92,7 @@ def test_ledger_equals_every_rank_pool_through_a_random_lifecycle():
             compressed.discard(r)
         assert ledger.pages_used().tolist() == [p.used_pages() for p in pools]
         assert ledger.rows_used().tolist() == [p.used_tokens() for p in pools]
-        free_tokens = [p.free_page_count() * P // int(rpt) for p, rpt in zip(pools, ledger.rows_per_token)]
+        free_tokens = [math.floor(p.free_page_count() * P / rpt) for p, rpt in zip(pools, ledger.rows_per_token)]
         assert ledger.token_capacity_free() == min(free_tokens)
     for r in list(live):
         for pool in pools:
@@ -139,3 +141,4 @@ def test_rank_plan_views():
     idx = rp1.local_index()
     assert idx[1].tolist() == [0, -1, -1, 1]
     assert np.array_equal(rp0.rows_per_token(), [8, 6])
+    assert rp0.expected_rows_per_token().sum() == pytest.approx(L * KV)  # every segment once

@@ -106,11 +106,12 @@ def edge_plan(path) -> Path:
 
 def test_replica_shares_and_abort_free_every_rank(tiny_kv6_path, tp1_reference, tmp_path):
     """A plan with a rank that holds no head in a layer and copied heads: tokens equal TP=1; under
-    concurrent traffic each copied head's replicas serve shares of the admitted prompt tokens close to
-    the plan's; mid-decode every rank holds KV and rank 0's pool matches the ledger; an aborted
-    request leaves no segment on any rank (the ledger shows each rank's pages, and each rank's strict
-    idle check compares its own pool)."""
-    args = ["--model-path", str(tiny_kv6_path), "--tp-size", "2", *ADAKV,
+    concurrent traffic that the KV pool cannot hold at once (per-rank admission with replicas chosen
+    before admission: a pool that ran out would kill the server) each copied head's replicas serve
+    shares of the admitted prompt tokens close to the plan's; mid-decode every rank holds KV and rank
+    0's pool matches the ledger; an aborted request leaves no segment on any rank (the ledger shows
+    each rank's pages, and each rank's strict idle check compares its own pool)."""
+    args = ["--model-path", str(tiny_kv6_path), "--tp-size", "2", *ADAKV, "--max-total-tokens", "1200",
             "--fairkv-plan", str(edge_plan(tmp_path / "plan.json"))]
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, 400, size=int(n)).tolist() for n in rng.integers(40, 160, size=40)]
@@ -124,8 +125,13 @@ def test_replica_shares_and_abort_free_every_rank(tiny_kv6_path, tp1_reference, 
         threads = [threading.Thread(target=send, args=(p, 8)) for p in prompts]
         for t in threads:
             t.start()
+        admitted = []
+        while any(t.is_alive() for t in threads):
+            admitted.append(s.fairkv_info()["requests_admitted"])
+            time.sleep(0.1)
         for t in threads:
             t.join()
+        assert 1 < max(admitted) < len(prompts), admitted  # the pool bound how many ran at once
         info = s.fairkv_info()
         assert len(info["replicas"]) == 3
         for rep in info["replicas"]:
@@ -135,7 +141,7 @@ def test_replica_shares_and_abort_free_every_rank(tiny_kv6_path, tp1_reference, 
         rid = "tp-abort-me"
         t = threading.Thread(target=lambda: requests.post(s.url + "/generate", json={
             "input_ids": PROMPTS[3], "rid": rid,
-            "sampling_params": {"max_new_tokens": 3000, "temperature": 0.0, "ignore_eos": True}}, timeout=600))
+            "sampling_params": {"max_new_tokens": 600, "temperature": 0.0, "ignore_eos": True}}, timeout=600))
         t.start()
         deadline, during = time.time() + 60, None
         while time.time() < deadline:

@@ -8,6 +8,9 @@ attention registry, only when ``FAIRKV_KV_COMPRESS`` is set (``--kv-compress`` g
 * ``KVCacheConfigurator.configure`` (AROUND): report as ``max_total_num_tokens`` the prompt tokens the
   TP group's pools hold when empty (the smallest over ranks: under a plan ranks hold different head
   counts), so SGLang's token accounting and idle leak check match the ledger.
+* ``PrefillAdder.add_one_req`` / ``add_chunked_req`` (AROUND): name the request being considered to
+  the fairkv prefill budget, which charges each TP rank the pages of the segments the request will
+  hold there (replicas chosen before admission; see ``kv.sglang_pool.FairKVPrefillBudget``).
 * ``ScheduleBatch.prepare_for_extend`` (AFTER): each request's full prompt length, by
   ``req_pool_idx``, so the backend knows which prefill chunk is the last (compress then).
 * ``mem_cache.common.release_kv_cache`` (BEFORE -- it ends by freeing ``req_pool_idx``): free every
@@ -31,6 +34,8 @@ T_BUILD_ALLOC = f"{_CFG}._build_token_to_kv_pool_allocator"
 T_CONFIGURE = f"{_CFG}.configure"
 T_PREPARE_EXTEND = "sglang.srt.managers.schedule_batch.ScheduleBatch.prepare_for_extend"
 T_RELEASE = "sglang.srt.mem_cache.common.release_kv_cache"
+T_ADD_ONE_REQ = "sglang.srt.managers.schedule_policy.PrefillAdder.add_one_req"
+T_ADD_CHUNKED_REQ = "sglang.srt.managers.schedule_policy.PrefillAdder.add_chunked_req"
 T_INTERNAL_STATE = ("sglang.srt.managers.scheduler_components.internal_state."
                     "SchedulerInternalStateController._add_memory_usage")
 
@@ -141,8 +146,8 @@ def configure_hook(original, self, *args, **kwargs):
     cap = state.ledger.capacity_when_empty()
     if cap != result.max_total_num_tokens:
         logger.info("sglang-fairkv: max_total_num_tokens %d -> %d (prompt tokens every rank's pool holds "
-                    "under the plan; KV rows per token by rank %s)", result.max_total_num_tokens, cap,
-                    state.ledger.rows_per_token.tolist())
+                    "under the plan; expected KV rows per token by rank %s)", result.max_total_num_tokens,
+                    cap, [round(x, 2) for x in state.ledger.rows_per_token.tolist()])
     return msgspec.structs.replace(result, max_total_num_tokens=cap)
 
 
@@ -150,6 +155,21 @@ def _state_of(allocator):
     from .kv.sglang_pool import FairKVTokenAllocator
 
     return allocator.state if isinstance(allocator, FairKVTokenAllocator) else None
+
+
+def adder_request_hook(original, adder, req, *args, **kwargs):
+    """AROUND ``PrefillAdder.add_one_req`` / ``add_chunked_req``: while SGLang decides on ``req``, the
+    fairkv budget knows which request it is (to charge each rank the pages that request needs)."""
+    from .kv.sglang_pool import FairKVPrefillBudget
+
+    budget = getattr(adder, "memory_budget", None)
+    if not isinstance(budget, FairKVPrefillBudget):
+        return original(adder, req, *args, **kwargs)
+    outer, budget.current_req = budget.current_req, req
+    try:
+        return original(adder, req, *args, **kwargs)
+    finally:
+        budget.current_req = outer
 
 
 def prepare_for_extend_hook(result, batch, *args, **kwargs):
@@ -188,6 +208,7 @@ def hook_triples() -> list[tuple[str, object, str]]:
         return []
     return [(T_BUILD_POOL, build_pool_hook, "AROUND"), (T_BUILD_ALLOC, build_allocator_hook, "AROUND"),
             (T_CONFIGURE, configure_hook, "AROUND"),
+            (T_ADD_ONE_REQ, adder_request_hook, "AROUND"), (T_ADD_CHUNKED_REQ, adder_request_hook, "AROUND"),
             (T_PREPARE_EXTEND, prepare_for_extend_hook, "AFTER"), (T_RELEASE, release_hook, "BEFORE"),
             (T_INTERNAL_STATE, internal_state_hook, "AFTER")]
 

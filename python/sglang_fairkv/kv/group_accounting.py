@@ -11,6 +11,12 @@ compression (exchanged per layer, see the backend), decode steps, release -- so 
 derives per rank are identical everywhere and equal each rank's real pool (checked at idle).
 
 Pages of a segment of ``n`` tokens: ``ceil(n / P)``, as in :class:`~sglang_fairkv.kv.ragged_pool.RaggedKVPool`.
+
+Admission is per rank (:class:`~sglang_fairkv.kv.sglang_pool.FairKVPrefillBudget`): a request is charged
+on each rank exactly the pages of the segments it will hold there (:meth:`GroupLedger.request_pages`,
+its replicas chosen before admission). The scalar SGLang also wants (``available_size``,
+``max_total_num_tokens``) is in *expected* token equivalents: free pages over the rows a typical
+request takes per token on that rank (a copied head counted at its share), the smallest over ranks.
 """
 
 from __future__ import annotations
@@ -23,8 +29,9 @@ class GroupLedger:
     """Segment lengths and holders of the whole TP group, identical on every rank (CPU tensors).
 
     ``length``: int64 ``[max_reqs, L, KV]`` tokens in each segment; ``owner``: int64 same shape, the
-    rank holding it (-1: request not admitted). ``rows_per_token[q]``: rows rank ``q`` needs per
-    prompt token (its heads summed over layers) -- the admission price of one token there.
+    rank holding it (-1: request not admitted). ``rows_per_token[q]``: float64, the rows rank ``q``
+    takes per prompt token of a typical request (its heads summed over layers, a copied head at its
+    share, :meth:`RankPlan.expected_rows_per_token`) -- the price of the scalar capacity.
     """
 
     def __init__(self, *, tp: int, max_reqs: int, num_layers: int, num_kv_heads: int, page_size: int,
@@ -32,7 +39,7 @@ class GroupLedger:
         self.tp = tp
         self.page_size = page_size
         self.usable_pages = usable_pages
-        self.rows_per_token = torch.as_tensor(np.asarray(rows_per_token), dtype=torch.int64)
+        self.rows_per_token = torch.as_tensor(np.asarray(rows_per_token, dtype=np.float64))
         self.length = torch.zeros(max_reqs, num_layers, num_kv_heads, dtype=torch.int64)
         self.owner = torch.full((max_reqs, num_layers, num_kv_heads), -1, dtype=torch.int64)
 
@@ -75,17 +82,36 @@ class GroupLedger:
     def pages_free(self) -> torch.Tensor:
         return self.usable_pages - self.pages_used()
 
-    def _tokens_for(self, pages: torch.Tensor) -> int:
-        """Prompt tokens ``pages [tp]`` free pages per rank hold on every rank (min over ranks)."""
-        return int((pages * self.page_size // self.rows_per_token.clamp_min(1)).min())
+    def tokens_for(self, pages: torch.Tensor) -> int:
+        """Prompt tokens of typical requests that ``pages [tp]`` free pages per rank hold on every
+        rank (min over ranks; a rank holding no head never limits)."""
+        price = self.rows_per_token.clamp_min(1e-9)
+        tokens = torch.floor(pages.to(torch.float64) * self.page_size / price)
+        return int(tokens[self.rows_per_token > 0].min()) if bool((self.rows_per_token > 0).any()) else 0
+
+    def request_pages(self, owner: torch.Tensor | np.ndarray, start: torch.Tensor | int, tokens: int,
+                      per_segment_extra: int = 0) -> torch.Tensor:
+        """int64 ``[tp]``: pages each rank must add when every segment of one request (``owner``
+        ``[L, KV]``) grows from ``start`` tokens (``[L, KV]`` or a scalar) by ``tokens``, plus
+        ``per_segment_extra`` pages per segment held."""
+        own = torch.as_tensor(np.asarray(owner), dtype=torch.int64)
+        start = torch.as_tensor(start, dtype=torch.int64).expand(own.shape)
+        P = self.page_size
+        grow = (start + tokens + P - 1) // P - (start + P - 1) // P + per_segment_extra
+        return self._by_rank(grow, own)
+
+    def segments_per_rank(self, owner: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """int64 ``[tp]``: segments of one request (``owner [L, KV]``) each rank holds."""
+        own = torch.as_tensor(np.asarray(owner), dtype=torch.int64)
+        return self._by_rank(torch.ones_like(own), own)
 
     def token_capacity_free(self) -> int:
         """Prompt tokens every rank can still take (the smallest over ranks, in token equivalents)."""
-        return self._tokens_for(self.pages_free())
+        return self.tokens_for(self.pages_free())
 
     def capacity_when_empty(self) -> int:
         """:meth:`token_capacity_free` of the empty group: SGLang's ``max_total_num_tokens`` under the plan."""
-        return self._tokens_for(torch.full((self.tp,), self.usable_pages, dtype=torch.int64))
+        return self.tokens_for(torch.full((self.tp,), self.usable_pages, dtype=torch.int64))
 
     def decode_pages_needed(self, req_pool_idx: list[int]) -> torch.Tensor:
         """int64 ``[tp]``: pages each rank's next decode step of these requests takes."""

@@ -27,6 +27,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
 from sglang.srt.mem_cache.memory_pool import KVCache
@@ -66,6 +67,8 @@ class FairKVState:
     profile_path: str | None = None
     #: req_pool_idx -> rid of the admitted request holding it
     admitted: dict[int, str] = field(default_factory=dict)
+    #: rid -> replica choice made by this admission pass's budget (consumed by :meth:`admit`)
+    planned: dict[str, np.ndarray] = field(default_factory=dict)
     #: seconds between the per-rank KV log lines (rank 0, while requests arrive)
     log_interval_s: float = 10.0
     _last_log: float = 0.0
@@ -83,7 +86,7 @@ class FairKVState:
         who holds each segment in the ledger, and activate this rank's segments. Idempotent."""
         if req_pool_idx in self.admitted:
             return
-        self.assigner.admit(rid, max(1, weight))
+        self.assigner.admit(rid, max(1, weight), self.planned.pop(rid, None))
         owner = self.assigner.owners(rid)  # [L, KV]
         self.ledger.admit(req_pool_idx, owner)
         mask = torch.zeros(self.pool.num_layers, self.pool.num_kv_heads, dtype=torch.bool)
@@ -194,12 +197,186 @@ class FairKVCache(KVCache):
 
 
 class FairKVPrefillBudget(PrefillBudget):
-    """SGLang's fixed-pool budget plus page slack: each admitted request may leave up to one partial
-    page per segment after prefill and one more while decoding (``2 * page_size`` token equivalents)."""
+    """One admission pass, charged per TP rank in pages (SGLang's ``PrefillBudget`` interface).
 
-    def reserve(self, extend_input_len, max_new_tokens, *, extra_tokens=0, **kwargs):
-        slack = 2 * self.allocator.state.pool.page_size
-        super().reserve(extend_input_len, max_new_tokens, extra_tokens=extra_tokens + slack, **kwargs)
+    SGLang's budget is one number of tokens; under a FairKV plan a request costs each rank a different
+    number of pages (the segments it holds there, and with Fair-Copying that depends on which replicas
+    serve the request). While SGLang's ``PrefillAdder`` considers a request, the ``current_req`` hook
+    (:func:`sglang_fairkv.integration.adder_request_hook`) names it; the budget then previews its
+    replicas (:meth:`ReplicaAssigner.choose`, counting the requests already taken in this pass),
+    checks the pages each rank needs against that rank's free pages from the ledger, and on
+    ``reserve`` records the choice (``state.planned``) so the ``prepare_for_extend`` hook admits the
+    request with exactly the replicas it was charged for. Every rank runs the same pass on the same
+    ledger, so all take the same decision.
+
+    Page charges per segment held: the prompt (or this chunk) exactly from the segment's current
+    length, and for decode ``ceil(max_new_tokens / P) + 1`` (the partial page left by prefill).
+    SGLang's scalar offsets (running requests' future decode, mixed decode tokens) stay in tokens and
+    are converted with the expected price (:attr:`GroupLedger.rows_per_token`). Without a named
+    request (other SGLang paths) the scalar rule applies, with two pages of slack per request.
+    """
+
+    def __init__(self, allocator, tree_cache, *, num_mixed_decode_tokens: int = 0):
+        super().__init__(allocator, tree_cache, num_mixed_decode_tokens=num_mixed_decode_tokens)
+        self.state: FairKVState = allocator.state
+        tp = self.state.ledger.tp
+        #: pages reserved in this pass per rank: prefill only / prefill + decode
+        self.pages_current = torch.zeros(tp, dtype=torch.int64)
+        self.pages_total = torch.zeros(tp, dtype=torch.int64)
+        #: the request SGLang's PrefillAdder is considering (set by the adder hook), else None
+        self.current_req = None
+        self._pending = self.state.assigner.new_pending()
+        self._preview: tuple[str, np.ndarray] | None = None
+        self.state.planned.clear()  # choices of an earlier pass that were never admitted
+
+    # ---- per-rank view ---------------------------------------------------------------------------
+    def _offset_pages(self, tokens: float) -> torch.Tensor:
+        lg = self.state.ledger
+        return torch.ceil(max(0.0, tokens) * lg.rows_per_token / lg.page_size).to(torch.int64)
+
+    def _pages_left(self, current: bool) -> torch.Tensor:
+        """int64 ``[tp]``: free pages per rank after this pass's reservations and SGLang's offsets."""
+        free = self.state.ledger.pages_free()
+        if current:
+            return free - self.pages_current - self._offset_pages(self.current_offset)
+        return free - self.pages_total - self._offset_pages(self.total_offset)
+
+    def _remaining(self, current: bool) -> int:
+        lg = self.state.ledger
+        free = lg.pages_free() - (self.pages_current if current else self.pages_total)
+        offset = self.current_offset if current else self.total_offset
+        return lg.tokens_for(free.clamp_min(0)) - offset + self.tree_cache.evictable_size()
+
+    @property
+    def remaining_total(self):
+        return self._remaining(current=False)
+
+    @property
+    def remaining_current(self):
+        return self._remaining(current=True)
+
+    def _segments(self, req):
+        """``(owner [L, KV], current lengths [L, KV] or 0, choice or None)`` of the named request
+        (choice None: the request is admitted already, a chunked prefill continuing)."""
+        st = self.state
+        idx = req.kv.req_pool_idx
+        if idx is not None and st.admitted.get(int(idx)) == req.rid:
+            return st.ledger.owner[int(idx)], st.ledger.length[int(idx)], None
+        if self._preview is not None and self._preview[0] == req.rid:
+            chosen = self._preview[1]
+        else:
+            chosen = st.assigner.choose(max(1, len(req.full_untruncated_fill_ids)), self._pending)
+            self._preview = (req.rid, chosen)
+        return st.assigner.owners_for(chosen), 0, chosen
+
+    def _decode_pages(self, owner, tokens: int) -> torch.Tensor:
+        """int64 ``[tp]``: ``ceil(tokens / P) + 1`` pages per segment held (0 when no decode)."""
+        lg = self.state.ledger
+        if tokens <= 0:
+            return torch.zeros(lg.tp, dtype=torch.int64)
+        return lg.segments_per_rank(owner) * (-(-tokens // lg.page_size) + 1)
+
+    def _pages_needed(self, req, extend_tokens: int, decode_tokens: int) -> torch.Tensor:
+        """int64 ``[tp]``: pages per rank for ``extend_tokens`` more prompt and a decode reserve."""
+        owner, start, _ = self._segments(req)
+        return self.state.ledger.request_pages(owner, start, extend_tokens) + self._decode_pages(owner, decode_tokens)
+
+    def _roomiest_choice(self, extend_tokens: int, decode_tokens: int, left: torch.Tensor) -> np.ndarray:
+        """Replicas chosen for room instead of shares: each copied head (in order) on the replica whose
+        rank has the most pages left after this request's other segments. Deterministic (ties to the
+        lower-listed replica), so every rank picks the same."""
+        lg, asg = self.state.ledger, self.state.assigner
+        base = asg.base_owner
+        need = lg.request_pages(base, 0, extend_tokens) + self._decode_pages(base, decode_tokens)
+        per_segment = -(-extend_tokens // lg.page_size) + (
+            -(-decode_tokens // lg.page_size) + 1 if decode_tokens > 0 else 0)
+        room = left - need
+        chosen = np.empty(len(asg.copied_ranks), dtype=np.int64)
+        for i, ranks in enumerate(asg.copied_ranks):
+            j = int(np.argmax(room[torch.as_tensor(ranks)].numpy()))
+            chosen[i] = j
+            room[int(ranks[j])] -= per_segment
+        return chosen
+
+    def _fits(self, req, extend_tokens: int, decode_tokens: int, left: torch.Tensor) -> bool:
+        """Whether ``req`` fits every rank's ``left`` pages. A new request whose share-keeping replicas
+        do not fit (e.g. all its copies on one rank) is given the roomiest replicas instead, so a
+        request that fits the group is never refused for its replica choice (an idle server must
+        admit it)."""
+        if bool((self._pages_needed(req, extend_tokens, decode_tokens) <= left).all()):
+            return True
+        _, _, chosen = self._segments(req)
+        if chosen is None or not self.state.assigner.num_copied_heads:
+            return False
+        alt = self._roomiest_choice(extend_tokens, decode_tokens, left)
+        self._preview = (req.rid, alt)
+        if bool((self._pages_needed(req, extend_tokens, decode_tokens) <= left).all()):
+            return True
+        self._preview = None
+        return False
+
+    # ---- SGLang's budget interface ----------------------------------------------------------------
+    def check_prefill(self, *, extend_input_len, total_tokens, max_new_tokens, input_tokens,
+                      swa_host_hit_length, chunk_limit, auxiliary_swa_host_hit_length=0):
+        req = self.current_req
+        if req is None:
+            return super().check_prefill(
+                extend_input_len=extend_input_len, total_tokens=total_tokens, max_new_tokens=max_new_tokens,
+                input_tokens=input_tokens, swa_host_hit_length=swa_host_hit_length, chunk_limit=chunk_limit,
+                auxiliary_swa_host_hit_length=auxiliary_swa_host_hit_length)
+        fits = self._fits(req, extend_input_len, total_tokens - extend_input_len, self._pages_left(current=False))
+        return (True, chunk_limit) if fits else (False, None)
+
+    def can_allocate_prefill(self, *, paged_input, extend_input_len, max_new_tokens, chunk_limit):
+        req = self.current_req
+        if req is None:
+            return super().can_allocate_prefill(paged_input=paged_input, extend_input_len=extend_input_len,
+                                                max_new_tokens=max_new_tokens, chunk_limit=chunk_limit)
+        left = torch.minimum(self._pages_left(current=True), self._pages_left(current=False))
+        return self._fits(req, extend_input_len, 0, left)
+
+    def available_chunk_tokens(self, chunk_limit):
+        req = self.current_req
+        if req is None:
+            return super().available_chunk_tokens(chunk_limit)
+        owner, start, _ = self._segments(req)
+        lg = self.state.ledger
+        segs = lg.segments_per_rank(owner)
+        left = self._pages_left(current=True)
+        held = segs > 0
+        if not bool(held.any()):
+            return chunk_limit
+        # before compression every segment of a request has the same length (start)
+        s = int(torch.as_tensor(start).max()) if torch.is_tensor(start) else int(start)
+        pages_each = int((left[held] // segs[held]).min())
+        fit = (-(-s // lg.page_size) + pages_each) * lg.page_size - s
+        available = min(chunk_limit, fit)
+        return available if available > 0 else chunk_limit  # a continuation must progress (as SGLang)
+
+    def reserve(self, extend_input_len, max_new_tokens, *, extra_tokens=0, chunk_limit=None,
+                is_chunked_continuation=False):
+        req = self.current_req
+        if req is None:
+            slack = 2 * self.state.pool.page_size
+            return super().reserve(extend_input_len, max_new_tokens, extra_tokens=extra_tokens + slack,
+                                   chunk_limit=chunk_limit, is_chunked_continuation=is_chunked_continuation)
+        owner, start, chosen = self._segments(req)
+        self.pages_current += self._pages_needed(req, extend_input_len, 0)
+        # the total holds the rest of the prompt too, even if only one chunk runs now (SGLang's chunked
+        # request is the first one each pass considers, so nothing is admitted against its pages)
+        done = 0 if chosen is not None else int(torch.as_tensor(start).max())
+        rest = max(extend_input_len, len(req.full_untruncated_fill_ids) - done)
+        self.pages_total += self._pages_needed(req, rest, max_new_tokens)
+        # SGLang's extra (page alignment it already counts, request-slot/mamba reserves: 0 here)
+        extra = max(0, extra_tokens + self.page_size)
+        self.current_offset += extra
+        self.total_offset += extra
+        if chosen is not None:  # a new request: these replicas are the ones it was charged for
+            self.state.planned[req.rid] = chosen
+            weight = max(1, len(req.full_untruncated_fill_ids))
+            for i, j in enumerate(chosen):
+                self._pending[i][j] += weight
+        self._preview = None
 
 
 class FairKVTokenAllocator(TokenToKVPoolAllocator):
@@ -273,7 +450,7 @@ def build_state(cfg: CompressConfig, head_budgets: torch.Tensor | None, *, rank_
                         device=device)
     ledger = GroupLedger(tp=rank_plan.tp, max_reqs=max_reqs, num_layers=num_layers,
                          num_kv_heads=rank_plan.plan.num_kv_heads, page_size=page_size,
-                         usable_pages=pool.usable_pages, rows_per_token=rank_plan.rows_per_token())
+                         usable_pages=pool.usable_pages, rows_per_token=rank_plan.expected_rows_per_token())
     target = torch.full((max_reqs,), -1, dtype=torch.int64)
     logger.info("sglang-fairkv: rank %d/%d ragged KV pool %d pages x %d rows (%.1f MB K+V, page table "
                 "%.1f MB for %d requests), plan %s (KV heads per layer here %s), compression %s",

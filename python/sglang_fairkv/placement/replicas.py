@@ -60,24 +60,57 @@ class ReplicaAssigner:
     def num_copied_heads(self) -> int:
         return len(self._copied)
 
-    def admit(self, rid: str, weight: float) -> np.ndarray:
-        """Assign ``rid`` (weight > 0, e.g. prompt tokens); returns the chosen rank per copied head.
+    def choose(self, weight: float, pending: list[np.ndarray] | None = None) -> np.ndarray:
+        """The replica :meth:`admit` would pick for a request of ``weight`` now, without recording it.
 
-        Admitting a live ``rid`` again returns its existing choice (sticky).
+        ``pending``: per copied head, extra live load per replica (requests chosen earlier in the same
+        admission pass and not admitted yet: they count as live and as served). Returns int64
+        ``[num_copied_heads]``, an index into each copied head's replica list.
         """
-        if rid in self._owner:
-            return self._owner[rid]
         if not weight > 0:
             raise ValueError(f"request weight must be > 0, got {weight}")
         chosen = np.empty(len(self._copied), dtype=np.int64)
-        for i, (_, _, ranks, shares) in enumerate(self._copied):
-            load = self._load[i]
-            ref = load if load.sum() > 0 else self._served[i]
+        for i, (_, _, _, shares) in enumerate(self._copied):
+            extra = 0.0 if pending is None else pending[i]
+            load = self._load[i] + extra
+            ref = load if load.sum() > 0 else self._served[i] + extra
             deficit = shares * (ref.sum() + weight) - ref
-            j = int(np.argmax(deficit))  # first maximum: the lower-listed replica wins ties
-            load[j] += weight
+            chosen[i] = int(np.argmax(deficit))  # first maximum: the lower-listed replica wins ties
+        return chosen
+
+    @property
+    def copied_ranks(self) -> list[np.ndarray]:
+        """Per copied head (the order of a choice): the ranks of its replicas."""
+        return [c[2] for c in self._copied]
+
+    @property
+    def base_owner(self) -> np.ndarray:
+        """int64 ``[layers, kv_heads]``: the rank of each single-replica head, -1 for copied heads."""
+        return self._base_owner.copy()
+
+    def new_pending(self) -> list[np.ndarray]:
+        """Zero extra load per copied head, the ``pending`` argument of :meth:`choose`."""
+        return [np.zeros(len(c[2])) for c in self._copied]
+
+    def admit(self, rid: str, weight: float, chosen: np.ndarray | None = None) -> np.ndarray:
+        """Assign ``rid`` (weight > 0, e.g. prompt tokens); returns the chosen replica per copied head.
+
+        ``chosen``: a choice made earlier by :meth:`choose` (admission control previews a request's
+        replicas to charge each rank exactly); default: choose now. Admitting a live ``rid`` again
+        returns its existing choice (sticky).
+        """
+        if rid in self._owner:
+            return self._owner[rid]
+        if chosen is None:
+            chosen = self.choose(weight)
+        elif not weight > 0:
+            raise ValueError(f"request weight must be > 0, got {weight}")
+        chosen = np.asarray(chosen, dtype=np.int64)
+        if chosen.shape != (len(self._copied),):
+            raise ValueError(f"choice for {len(self._copied)} copied heads expected, got {chosen.shape}")
+        for i, j in enumerate(chosen):
+            self._load[i][j] += weight
             self._served[i][j] += weight
-            chosen[i] = j
         self._owner[rid] = chosen
         self._weight[rid] = float(weight)
         return chosen
@@ -103,8 +136,11 @@ class ReplicaAssigner:
 
     def owners(self, rid: str) -> np.ndarray:
         """int64 ``[layers, kv_heads]``: the rank serving each (layer, KV head) of ``rid`` (admitted)."""
+        return self.owners_for(self._owner[rid])
+
+    def owners_for(self, chosen: np.ndarray) -> np.ndarray:
+        """int64 ``[layers, kv_heads]``: the rank of each segment under a choice of :meth:`choose`."""
         own = self._base_owner.copy()
-        chosen = self._owner[rid]
         for i, (l, h, ranks, _) in enumerate(self._copied):
             own[l, h] = ranks[chosen[i]]
         return own

@@ -20,8 +20,10 @@ from .solver import sha_layer
 
 @dataclass(frozen=True)
 class RankPlan:
-    """One rank's view of a plan. ``rows_per_token[q]``: KV rows rank ``q`` holds per prompt token
-    (sum over layers of its KV heads, replicas counted whole) -- its admission cost per token."""
+    """One rank's view of a plan. ``rows_per_token()[q]``: KV rows rank ``q`` holds per prompt token
+    for a request all of whose copied heads it serves (replicas counted whole);
+    ``expected_rows_per_token()[q]``: the same with each replica counted at its share (what a typical
+    request costs there once Fair-Copying splits the requests)."""
 
     plan: Plan
     rank: int
@@ -49,6 +51,15 @@ class RankPlan:
 
     def rows_per_token(self) -> np.ndarray:
         return np.array([sum(self.heads_per_layer(q)) for q in range(self.tp)], dtype=np.int64)
+
+    def expected_rows_per_token(self) -> np.ndarray:
+        """float64 ``[tp]``: sum over layers and KV heads of the share rank ``q`` serves (1 if alone)."""
+        out = np.zeros(self.tp)
+        for layer in self.plan.layers:
+            for reps in layer:
+                for r, share in reps:
+                    out[r] += share
+        return out
 
     def local_index(self) -> np.ndarray:
         """int64 ``[layers, kv_heads]``: local slot of each global head on this rank, -1 if absent."""
