@@ -49,25 +49,25 @@ def tp1_reference(tiny_kv6_path):
     return out
 
 
-@pytest.mark.parametrize("tp", [2, 3])
-def test_plans_equal_tp1_with_adakv(tiny_kv6_path, tp1_reference, tp, tmp_path):
+# TP 3 runs the fairkv plan only: it holds assignment (a per-layer permutation over 3 ranks) and copies
+@pytest.mark.parametrize("tp,plan", [(2, "sha"), (2, "assign"), (2, "fairkv"), (3, "fairkv")])
+def test_plans_equal_tp1_with_adakv(tiny_kv6_path, tp1_reference, tp, plan, tmp_path):
     stats = skewed_stats(tmp_path / "stats.json")
-    for plan in ("sha", "assign", "fairkv"):
-        args = ["--model-path", str(tiny_kv6_path), "--tp-size", str(tp), *ADAKV]
-        if plan != "sha":  # sha: the default plan at TP > 1
-            args += ["--fairkv-plan", plan, "--fairkv-stats", str(stats)]
-        if plan == "fairkv" and tp == 3:
-            args += ["--chunked-prefill-size", "48"]  # the window's queries cross chunks on every rank
-        with Server(args, env=STRICT) as s:
-            got = [s.greedy_ids(p, N_NEW) for p in PROMPTS]
-            info = s.fairkv_info()
-        assert got == tp1_reference, f"tp={tp} plan={plan}"
-        copies = info["plan_copies_per_layer"]
-        if plan == "fairkv":
-            assert min(copies) >= 1, copies
-        else:
-            assert max(copies) == 0
-        assert [r["pages_used"] for r in info["ranks"]] == [0] * tp
+    args = ["--model-path", str(tiny_kv6_path), "--tp-size", str(tp), *ADAKV]
+    if plan != "sha":  # sha: the default plan at TP > 1
+        args += ["--fairkv-plan", plan, "--fairkv-stats", str(stats)]
+    if plan == "fairkv" and tp == 3:
+        args += ["--chunked-prefill-size", "48"]  # the window's queries cross chunks on every rank
+    with Server(args, env=STRICT) as s:
+        got = [s.greedy_ids(p, N_NEW) for p in PROMPTS]
+        info = s.fairkv_info()
+    assert got == tp1_reference, f"tp={tp} plan={plan}"
+    copies = info["plan_copies_per_layer"]
+    if plan == "fairkv":
+        assert min(copies) >= 1, copies
+    else:
+        assert max(copies) == 0
+    assert [r["pages_used"] for r in info["ranks"]] == [0] * tp
 
 
 def test_smollm2_tp2_through_a_plan_equals_kvpress(smollm2_path, fairkv_references, fairkv_prompts, tmp_path):
