@@ -89,6 +89,7 @@ def test_budget_charges_each_rank_its_pages_and_beats_full_price_admission():
     queue = [fake_req(f"r{i}", n, m) for i in range(200)]
     free_idx = list(range(MAX_REQS - 1, 0, -1))
     passes = [admission_pass(st, queue) for st in states]
+    assert [st.roomiest_admissions for st in states] == [0, 0]  # the share rule's choices fitted
     rids = [[req.rid for req, _ in taken] for taken, _ in passes]
     assert rids[0] == rids[1]  # every rank takes the same decision
     taken, budget = passes[0]
@@ -238,6 +239,7 @@ def test_idle_server_admits_a_request_whose_share_choice_would_not_fit():
     run_prefill(states, passes[0][0], free_idx)
     held = [int((st.ledger.owner[req.kv.req_pool_idx] == q).sum()) for q, st in enumerate(states)]
     assert held == [L * KV // 2] * 2
+    assert [st.roomiest_admissions for st in states] == [1, 1]  # shown in /server_info
     assert pool_pages(states) == [L * KV // 2 * math.ceil(n / P)] * 2
     # a second such request does not fit next to it
     assert all(not admission_pass(st, [fake_req("second", n, m)])[0] for st in states)

@@ -134,6 +134,7 @@ def test_replica_shares_and_abort_free_every_rank(tiny_kv6_path, tp1_reference, 
         assert 1 < max(admitted) < len(prompts), admitted  # the pool bound how many ran at once
         info = s.fairkv_info()
         assert len(info["replicas"]) == 3
+        assert 0 <= info["roomiest_admissions"] < len(prompts)
         for rep in info["replicas"]:
             err = np.abs(np.array(rep["served"]) - np.array(rep["planned"]))
             assert err.max() < 0.12, rep

@@ -69,6 +69,8 @@ class FairKVState:
     admitted: dict[int, str] = field(default_factory=dict)
     #: rid -> replica choice made by this admission pass's budget (consumed by :meth:`admit`)
     planned: dict[str, np.ndarray] = field(default_factory=dict)
+    #: requests admitted with the roomiest replicas because the share rule's choice did not fit
+    roomiest_admissions: int = 0
     #: seconds between the per-rank KV log lines (rank 0, while requests arrive)
     log_interval_s: float = 10.0
     _last_log: float = 0.0
@@ -168,6 +170,7 @@ class FairKVState:
             "group_token_capacity": lg.capacity_when_empty(),
             "plan_copies_per_layer": self.rank_plan.plan.copies_per_layer(),
             "replicas": self.assigner.served(),
+            "roomiest_admissions": self.roomiest_admissions,
         }
 
 
@@ -227,6 +230,7 @@ class FairKVPrefillBudget(PrefillBudget):
         self.current_req = None
         self._pending = self.state.assigner.new_pending()
         self._preview: tuple[str, np.ndarray] | None = None
+        self._preview_roomiest = False  # the preview is the roomiest choice, not the share rule's
         self.state.planned.clear()  # choices of an earlier pass that were never admitted
 
     # ---- per-rank view ---------------------------------------------------------------------------
@@ -266,7 +270,7 @@ class FairKVPrefillBudget(PrefillBudget):
             chosen = self._preview[1]
         else:
             chosen = st.assigner.choose(max(1, len(req.full_untruncated_fill_ids)), self._pending)
-            self._preview = (req.rid, chosen)
+            self._preview, self._preview_roomiest = (req.rid, chosen), False
         return st.assigner.owners_for(chosen), 0, chosen
 
     def _decode_pages(self, owner, tokens: int) -> torch.Tensor:
@@ -309,7 +313,7 @@ class FairKVPrefillBudget(PrefillBudget):
         if chosen is None or not self.state.assigner.num_copied_heads:
             return False
         alt = self._roomiest_choice(extend_tokens, decode_tokens, left)
-        self._preview = (req.rid, alt)
+        self._preview, self._preview_roomiest = (req.rid, alt), True
         if bool((self._pages_needed(req, extend_tokens, decode_tokens) <= left).all()):
             return True
         self._preview = None
@@ -373,6 +377,7 @@ class FairKVPrefillBudget(PrefillBudget):
         self.total_offset += extra
         if chosen is not None:  # a new request: these replicas are the ones it was charged for
             self.state.planned[req.rid] = chosen
+            self.state.roomiest_admissions += int(self._preview_roomiest and self.state.assigner.num_copied_heads > 0)
             weight = max(1, len(req.full_untruncated_fill_ids))
             for i, j in enumerate(chosen):
                 self._pending[i][j] += weight
