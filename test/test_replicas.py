@@ -96,3 +96,32 @@ def test_realised_request_shares_follow_plan_for_equal_weights():
             counts.setdefault((l, h), np.zeros(len(shares)))[j] += 1
     for l, h, shares, _ in a.replica_loads():
         np.testing.assert_allclose(counts[(l, h)] / 1000, shares, atol=0.002)
+
+
+def test_a_pass_of_previews_equals_admitting_one_by_one():
+    """Admission control previews a pass of requests (``choose`` with this pass's pending load) before
+    any is admitted; the choices must be those that admitting them one by one would make, through
+    live load, releases and the cumulative fallback of an idle head."""
+    rng = random.Random(3)
+    a, b = ReplicaAssigner(make_plan()), ReplicaAssigner(make_plan())
+    live: list[str] = []
+    for step in range(40):
+        pending = a.new_pending()
+        previews = []
+        for k in range(rng.randrange(1, 6)):
+            rid, w = f"s{step}-{k}", rng.randrange(1, 500)
+            chosen = a.choose(w, pending)
+            for i, j in enumerate(chosen):
+                pending[i][j] += w
+            previews.append((rid, w, chosen))
+        for rid, w, chosen in previews:
+            assert tuple(b.admit(rid, w)) == tuple(chosen)
+            assert tuple(a.admit(rid, w, chosen)) == tuple(chosen)
+            live.append(rid)
+        rng.shuffle(live)
+        for rid in live[:rng.randrange(0, len(live) + 1)]:  # sometimes all: heads go idle
+            a.release(rid)
+            b.release(rid)
+            live.remove(rid)
+    with pytest.raises(ValueError, match="copied heads"):
+        a.admit("bad", 10, np.zeros(1, dtype=np.int64))

@@ -89,15 +89,14 @@ class GroupLedger:
         tokens = torch.floor(pages.to(torch.float64) * self.page_size / price)
         return int(tokens[self.rows_per_token > 0].min()) if bool((self.rows_per_token > 0).any()) else 0
 
-    def request_pages(self, owner: torch.Tensor | np.ndarray, start: torch.Tensor | int, tokens: int,
-                      per_segment_extra: int = 0) -> torch.Tensor:
+    def request_pages(self, owner: torch.Tensor | np.ndarray, start: torch.Tensor | int, tokens: int) -> torch.Tensor:
         """int64 ``[tp]``: pages each rank must add when every segment of one request (``owner``
-        ``[L, KV]``) grows from ``start`` tokens (``[L, KV]`` or a scalar) by ``tokens``, plus
-        ``per_segment_extra`` pages per segment held."""
+        ``[L, KV]``, -1 entries ignored) grows from ``start`` tokens (``[L, KV]`` or a scalar) by
+        ``tokens``."""
         own = torch.as_tensor(np.asarray(owner), dtype=torch.int64)
         start = torch.as_tensor(start, dtype=torch.int64).expand(own.shape)
         P = self.page_size
-        grow = (start + tokens + P - 1) // P - (start + P - 1) // P + per_segment_extra
+        grow = (start + tokens + P - 1) // P - (start + P - 1) // P
         return self._by_rank(grow, own)
 
     def segments_per_rank(self, owner: torch.Tensor | np.ndarray) -> torch.Tensor:
