@@ -85,9 +85,10 @@ class GroupLedger:
     def tokens_for(self, pages: torch.Tensor) -> int:
         """Prompt tokens of typical requests that ``pages [tp]`` free pages per rank hold on every
         rank (min over ranks; a rank holding no head never limits)."""
-        price = self.rows_per_token.clamp_min(1e-9)
-        tokens = torch.floor(pages.to(torch.float64) * self.page_size / price)
-        return int(tokens[self.rows_per_token > 0].min()) if bool((self.rows_per_token > 0).any()) else 0
+        held = self.rows_per_token > 0
+        if not bool(held.any()):
+            return 0
+        return int(torch.floor(pages[held].to(torch.float64) * self.page_size / self.rows_per_token[held]).min())
 
     def request_pages(self, owner: torch.Tensor | np.ndarray, start: torch.Tensor | int, tokens: int) -> torch.Tensor:
         """int64 ``[tp]``: pages each rank must add when every segment of one request (``owner``

@@ -273,12 +273,14 @@ class FairKVPrefillBudget(PrefillBudget):
             self._preview, self._preview_roomiest = (req.rid, chosen), False
         return st.assigner.owners_for(chosen), 0, chosen
 
+    def _decode_pages_each(self, tokens: int) -> int:
+        """Pages one segment reserves for ``tokens`` decode steps: ``ceil(tokens / P) + 1`` (the
+        partial page prefill leaves), 0 when no decode."""
+        return -(-tokens // self.state.ledger.page_size) + 1 if tokens > 0 else 0
+
     def _decode_pages(self, owner, tokens: int) -> torch.Tensor:
-        """int64 ``[tp]``: ``ceil(tokens / P) + 1`` pages per segment held (0 when no decode)."""
-        lg = self.state.ledger
-        if tokens <= 0:
-            return torch.zeros(lg.tp, dtype=torch.int64)
-        return lg.segments_per_rank(owner) * (-(-tokens // lg.page_size) + 1)
+        """int64 ``[tp]``: :meth:`_decode_pages_each` per segment held."""
+        return self.state.ledger.segments_per_rank(owner) * self._decode_pages_each(tokens)
 
     def _pages_needed(self, req, extend_tokens: int, decode_tokens: int) -> torch.Tensor:
         """int64 ``[tp]``: pages per rank for ``extend_tokens`` more prompt and a decode reserve."""
@@ -292,8 +294,7 @@ class FairKVPrefillBudget(PrefillBudget):
         lg, asg = self.state.ledger, self.state.assigner
         base = asg.base_owner
         need = lg.request_pages(base, 0, extend_tokens) + self._decode_pages(base, decode_tokens)
-        per_segment = -(-extend_tokens // lg.page_size) + (
-            -(-decode_tokens // lg.page_size) + 1 if decode_tokens > 0 else 0)
+        per_segment = -(-extend_tokens // lg.page_size) + self._decode_pages_each(decode_tokens)
         room = left - need
         chosen = np.empty(len(asg.copied_ranks), dtype=np.int64)
         for i, ranks in enumerate(asg.copied_ranks):
@@ -351,7 +352,7 @@ class FairKVPrefillBudget(PrefillBudget):
         if not bool(held.any()):
             return chunk_limit
         # before compression every segment of a request has the same length (start)
-        s = int(torch.as_tensor(start).max()) if torch.is_tensor(start) else int(start)
+        s = int(torch.as_tensor(start).max())
         pages_each = int((left[held] // segs[held]).min())
         fit = (-(-s // lg.page_size) + pages_each) * lg.page_size - s
         available = min(chunk_limit, fit)
@@ -368,7 +369,7 @@ class FairKVPrefillBudget(PrefillBudget):
         self.pages_current += self._pages_needed(req, extend_input_len, 0)
         # the total holds the rest of the prompt too, even if only one chunk runs now (SGLang's chunked
         # request is the first one each pass considers, so nothing is admitted against its pages)
-        done = 0 if chosen is not None else int(torch.as_tensor(start).max())
+        done = int(torch.as_tensor(start).max())  # 0 for a new request
         rest = max(extend_input_len, len(req.full_untruncated_fill_ids) - done)
         self.pages_total += self._pages_needed(req, rest, max_new_tokens)
         # SGLang's extra (page alignment it already counts, request-slot/mamba reserves: 0 here)
@@ -377,7 +378,7 @@ class FairKVPrefillBudget(PrefillBudget):
         self.total_offset += extra
         if chosen is not None:  # a new request: these replicas are the ones it was charged for
             self.state.planned[req.rid] = chosen
-            self.state.roomiest_admissions += int(self._preview_roomiest and self.state.assigner.num_copied_heads > 0)
+            self.state.roomiest_admissions += int(self._preview_roomiest)
             weight = max(1, len(req.full_untruncated_fill_ids))
             for i, j in enumerate(chosen):
                 self._pending[i][j] += weight
