@@ -1,8 +1,16 @@
-"""Shared fixtures: the embedded SmolLM2 folder, a tiny local Llama, and one SmolLM2 server."""
+"""Shared fixtures: the embedded SmolLM2 folder, a tiny local Llama, and one SmolLM2 server.
+
+``make test`` runs the suite on two pytest-xdist workers (``-n 2 --dist loadgroup``): a test that shares
+a module-scoped server with others carries ``xdist_group`` (one worker starts that server once), and
+expensive session results (the kvpress oracle venv, the kvpress / HF reference outputs, TP = 1
+reference tokens) are computed once per run and shared between workers through a file lock
+(:func:`shared_json`), so the references stay independent of the servers they check.
+"""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 # Triton kernels are tested on CPU through its interpreter, which must be switched on before anything
 # imports triton (transformers does): once triton was imported in compiled mode, kernels decorated
@@ -19,6 +27,35 @@ from helpers.server import Server  # noqa: E402
 from helpers.tiny_model import build_llama  # noqa: E402
 
 
+def _run_root(tmp_path_factory) -> Path:
+    """A folder shared by every xdist worker of this run (the master's basetemp without xdist)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def shared_json(tmp_path_factory, key: str, compute):
+    """``compute()`` once per test run, whichever worker asks first; the others wait and read its
+    JSON result. ``compute`` must return JSON-serialisable data."""
+    import json
+
+    from filelock import FileLock
+
+    root = _run_root(tmp_path_factory)
+    path = root / f"shared-{key}.json"
+    with FileLock(str(path) + ".lock"):
+        if path.is_file():
+            return json.loads(path.read_text())
+        value = compute()
+        path.write_text(json.dumps(value))
+        return value
+
+
+@pytest.fixture(scope="session")
+def shared(tmp_path_factory):
+    """``shared(key, compute)``: see :func:`shared_json`."""
+    return lambda key, compute: shared_json(tmp_path_factory, key, compute)
+
+
 @pytest.fixture(scope="session")
 def smollm2_path():
     from sglang_fairkv import embedded_model
@@ -27,14 +64,17 @@ def smollm2_path():
 
 
 @pytest.fixture(scope="session")
-def kvpress_python():
-    """The kvpress oracle's interpreter (``.venv-kvpress``, built by scripts/kvpress_venv.sh once)."""
+def kvpress_python(tmp_path_factory):
+    """The kvpress oracle's interpreter (``.venv-kvpress``, built by scripts/kvpress_venv.sh once;
+    one worker builds it, the other waits on the lock)."""
     import subprocess
-    from pathlib import Path
+
+    from filelock import FileLock
 
     repo = Path(__file__).resolve().parents[1]
-    r = subprocess.run(["bash", str(repo / "scripts" / "kvpress_venv.sh")], capture_output=True,
-                       text=True, timeout=1200)
+    with FileLock(str(_run_root(tmp_path_factory) / "kvpress-venv.lock")):
+        r = subprocess.run(["bash", str(repo / "scripts" / "kvpress_venv.sh")], capture_output=True,
+                           text=True, timeout=1200)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     return repo / ".venv-kvpress" / "bin" / "python"
 
@@ -50,16 +90,27 @@ def fairkv_prompts(smollm2_path):
 @pytest.fixture(scope="session")
 def fairkv_references(smollm2_path, kvpress_python, fairkv_prompts, tmp_path_factory):
     """kvpress (adakv, snapkv) and HF full-cache greedy outputs for the fairkv server tests; computed
-    once, before any fairkv server starts."""
+    once per run (by the first worker that needs them)."""
     from helpers.fairkv_refs import references
 
-    return references(smollm2_path, kvpress_python, fairkv_prompts, tmp_path_factory.mktemp("kvp"))
+    return shared_json(tmp_path_factory, "fairkv-references", lambda: references(
+        smollm2_path, kvpress_python, fairkv_prompts, tmp_path_factory.mktemp("kvp")))
+
+
+def shared_model(tmp_path_factory, name: str, **kw) -> Path:
+    """A tiny local checkpoint built once per run in the folder every worker shares."""
+    from filelock import FileLock
+
+    dest = _run_root(tmp_path_factory) / "models" / name
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(dest) + ".lock"):
+        return build_llama(dest, **kw)
 
 
 @pytest.fixture(scope="session")
 def tiny_llama_path(tmp_path_factory):
     """2 layers, 4 query / 2 KV heads (divisible by TP=2), head_dim 32."""
-    return build_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
+    return shared_model(tmp_path_factory, "tiny-llama")
 
 
 @pytest.fixture(scope="module")
@@ -73,5 +124,5 @@ def smollm2_server():
 def tiny_kv6_path(tmp_path_factory):
     """3 layers, 12 query / 6 KV heads (GQA 2), head_dim 16, MLP 384: every head layout over TP 2
     and 3 (sha splits it evenly at both)."""
-    return build_llama(tmp_path_factory.mktemp("models") / "tiny-kv6", num_layers=3, hidden=192,
-                       num_heads=12, num_kv_heads=6, head_dim=16, intermediate=384)
+    return shared_model(tmp_path_factory, "tiny-kv6", num_layers=3, hidden=192, num_heads=12,
+                        num_kv_heads=6, head_dim=16, intermediate=384)

@@ -20,7 +20,7 @@ import requests
 from helpers.fairkv_refs import N_NEW, RATIO
 from helpers.server import Server
 
-pytestmark = pytest.mark.server
+pytestmark = [pytest.mark.server, pytest.mark.xdist_group("adakv")]  # one worker runs adakv_server
 
 REPO = Path(__file__).resolve().parents[1]
 STRICT = {"SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "1"}
@@ -120,4 +120,17 @@ def test_bench_serving_long_prompts_with_compression(adakv_server, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text().splitlines()[-1])
     assert result["completed"] == 12, result
+    assert wait_pool_empty(adakv_server)["pages_used"] == 0
+
+
+def test_malformed_requests_keep_the_compressed_server_serving(adakv_server):
+    """Every malformed request kind (helpers/malformed.py) gets a 4xx naming the problem, good requests
+    of every endpoint interleaved with them get the answers they got alone, and the pool ends empty
+    (the strict idle check would have killed the server otherwise)."""
+    from helpers.malformed import CASES, fuzz
+
+    seen = fuzz(adakv_server, seed=1)
+    assert len(seen) == len(CASES)
+    assert "input_ids[0] = 99999999 is outside the vocabulary" in seen["id past the vocab"][1]
+    assert "the prompt is empty" in seen["empty text"][1]
     assert wait_pool_empty(adakv_server)["pages_used"] == 0

@@ -11,7 +11,7 @@ import requests
 
 from helpers import hf_ref
 
-pytestmark = pytest.mark.server
+pytestmark = [pytest.mark.server, pytest.mark.xdist_group("smollm2")]  # one worker runs smollm2_server
 
 PROMPTS = [
     "The capital of France is",
@@ -85,3 +85,13 @@ def test_bench_serving_random_ids(smollm2_server, tmp_path):
     result = json.loads(out.read_text().splitlines()[-1])
     assert result["completed"] == 32, result
     assert result["total_output_tokens"] > 0
+
+
+def test_malformed_requests_keep_the_plain_server_serving(smollm2_server):
+    """The plain launcher (no compression, SGLang's own KV pool): every malformed request kind gets a
+    4xx naming the problem; good requests interleaved with them get the answers they got alone."""
+    from helpers.malformed import CASES, fuzz
+
+    seen = fuzz(smollm2_server, seed=0)
+    assert len(seen) == len(CASES)
+    assert requests.get(smollm2_server.url + "/health", timeout=10).status_code == 200

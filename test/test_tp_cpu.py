@@ -10,17 +10,29 @@ from helpers.server import Server
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
+PROMPTS = [[1, 17, 45, 99, 23, 250, 7], list(range(3, 80, 3)), [5] * 40 + [88, 101]]
+STRICT = {"SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "1"}
 
-def test_tp2_equals_tp1(tiny_llama_path):
-    """Stock SGLang TP=2 == TP=1, and a FairKV ``sha`` plan without compression (our model classes,
-    weights sliced per head, the ragged pool and the fairkv backend) == stock TP=2."""
-    prompts = [[1, 17, 45, 99, 23, 250, 7], list(range(3, 80, 3)), [5] * 40 + [88, 101]]
-    results = {}
-    for name, args in (("tp1", ["--tp-size", "1"]), ("tp2", ["--tp-size", "2"]),
-                       ("sha", ["--tp-size", "2", "--fairkv-plan", "sha"])):
-        with Server(["--model-path", str(tiny_llama_path), *args],
-                    env={"SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "1"}) as server:
-            results[name] = [server.greedy_ids(p, 24) for p in prompts]
-    assert results["tp2"] == results["tp1"]
-    assert results["sha"] == results["tp2"]
-    assert len({tuple(r) for r in results["tp1"]}) == len(prompts)  # not a degenerate model
+
+def _greedy(model_path, args) -> list[list[int]]:
+    with Server(["--model-path", str(model_path), *args], env=STRICT) as server:
+        return [server.greedy_ids(p, 24) for p in PROMPTS]
+
+
+@pytest.fixture(scope="session")
+def stock_tp1_tokens(tiny_llama_path, shared):
+    """Stock SGLang at TP = 1 (computed once per run, whichever worker asks first)."""
+    out = shared("tp1-tiny-llama-stock", lambda: _greedy(tiny_llama_path, ["--tp-size", "1"]))
+    assert len({tuple(r) for r in out}) == len(PROMPTS)  # not a degenerate model
+    return out
+
+
+@pytest.mark.parametrize("name,args", [
+    ("stock tp2", ["--tp-size", "2"]),
+    # a FairKV sha plan without compression: our model classes, weights sliced per head, the ragged
+    # pool and the fairkv backend
+    ("fairkv sha tp2", ["--tp-size", "2", "--fairkv-plan", "sha"]),
+])
+def test_tp2_equals_tp1(tiny_llama_path, stock_tp1_tokens, name, args):
+    """Stock SGLang TP=2 == TP=1, and a FairKV ``sha`` plan at TP=2 == the same."""
+    assert _greedy(tiny_llama_path, args) == stock_tp1_tokens, name

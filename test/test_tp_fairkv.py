@@ -38,15 +38,19 @@ def skewed_stats(path, layers=3, kv=6, q=12, head_dim=16):
     return path
 
 
-@pytest.fixture(scope="module")
-def tp1_reference(tiny_kv6_path):
-    from helpers import hf_ref
+@pytest.fixture(scope="session")
+def tp1_reference(tiny_kv6_path, shared):
+    """Greedy tokens of the same model and compression at TP = 1 (computed once per run)."""
+    def compute():
+        from helpers import hf_ref
 
-    with Server(["--model-path", str(tiny_kv6_path), *ADAKV], env=STRICT) as s:
-        out = [s.greedy_ids(p, N_NEW) for p in PROMPTS]
-    full = [hf_ref.greedy(tiny_kv6_path, p, N_NEW) for p in PROMPTS]
-    assert sum(a != b for a, b in zip(out, full)) >= 2, "compression must change outputs for the test to see it"
-    return out
+        with Server(["--model-path", str(tiny_kv6_path), *ADAKV], env=STRICT) as s:
+            out = [s.greedy_ids(p, N_NEW) for p in PROMPTS]
+        full = [hf_ref.greedy(tiny_kv6_path, p, N_NEW) for p in PROMPTS]
+        assert sum(a != b for a, b in zip(out, full)) >= 2, "compression must change outputs for the test to see it"
+        return out
+
+    return shared("tp1-kv6-adakv", compute)
 
 
 # TP 3 runs the fairkv plan only: it holds assignment (a per-layer permutation over 3 ranks) and copies
@@ -104,63 +108,170 @@ def edge_plan(path) -> Path:
     return path
 
 
-def test_replica_shares_and_abort_free_every_rank(tiny_kv6_path, tp1_reference, tmp_path):
+@pytest.fixture(scope="module")
+def edge_server(tiny_kv6_path, tp1_reference, tmp_path_factory):
+    """TP 2 through :func:`edge_plan` (copies, a rank with no head in a layer), AdaKV, a KV pool too
+    small for all the traffic below at once; strict idle memory check on every rank."""
+    plan = edge_plan(tmp_path_factory.mktemp("edge") / "plan.json")
+    args = ["--model-path", str(tiny_kv6_path), "--tp-size", "2", *ADAKV, "--max-total-tokens", "1200",
+            "--fairkv-plan", str(plan)]
+    with Server(args, env=STRICT) as s:
+        yield s
+
+
+def wait_ranks_empty(s, timeout: float = 60.0) -> dict:
+    """Poll until every rank's pages are back (the ledger's view), return the last fairkv info."""
+    deadline = time.time() + timeout
+    info = s.fairkv_info()
+    while time.time() < deadline and any(r["pages_used"] for r in info["ranks"]):
+        time.sleep(0.2)
+        info = s.fairkv_info()
+    return info
+
+
+@pytest.mark.xdist_group("tp2-edge")
+def test_replica_shares_and_abort_free_every_rank(edge_server, tp1_reference):
     """A plan with a rank that holds no head in a layer and copied heads: tokens equal TP=1; under
     concurrent traffic that the KV pool cannot hold at once (per-rank admission with replicas chosen
     before admission: a pool that ran out would kill the server) each copied head's replicas serve
     shares of the admitted prompt tokens close to the plan's; mid-decode every rank holds KV and rank
     0's pool matches the ledger; an aborted request leaves no segment on any rank (the ledger shows
     each rank's pages, and each rank's strict idle check compares its own pool)."""
-    args = ["--model-path", str(tiny_kv6_path), "--tp-size", "2", *ADAKV, "--max-total-tokens", "1200",
-            "--fairkv-plan", str(edge_plan(tmp_path / "plan.json"))]
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, 400, size=int(n)).tolist() for n in rng.integers(40, 160, size=40)]
-    with Server(args, env=STRICT) as s:
-        assert [s.greedy_ids(p, N_NEW) for p in PROMPTS] == tp1_reference
+    s = edge_server
+    assert [s.greedy_ids(p, N_NEW) for p in PROMPTS] == tp1_reference
 
-        def send(p, n):
-            requests.post(s.url + "/generate", json={"input_ids": p, "sampling_params": {
-                "max_new_tokens": n, "temperature": 0.0, "ignore_eos": True}}, timeout=600)
+    def send(p, n):
+        requests.post(s.url + "/generate", json={"input_ids": p, "sampling_params": {
+            "max_new_tokens": n, "temperature": 0.0, "ignore_eos": True}}, timeout=600)
 
-        threads = [threading.Thread(target=send, args=(p, 8)) for p in prompts]
-        for t in threads:
-            t.start()
-        admitted = []
-        while any(t.is_alive() for t in threads):
-            admitted.append(s.fairkv_info()["requests_admitted"])
-            time.sleep(0.1)
-        for t in threads:
-            t.join()
-        assert 1 < max(admitted) < len(prompts), admitted  # the pool bound how many ran at once
-        info = s.fairkv_info()
-        assert len(info["replicas"]) == 3
-        assert 0 <= info["roomiest_admissions"] < len(prompts)
-        for rep in info["replicas"]:
-            err = np.abs(np.array(rep["served"]) - np.array(rep["planned"]))
-            assert err.max() < 0.12, rep
-        # abort mid-decode
-        rid = "tp-abort-me"
-        t = threading.Thread(target=lambda: requests.post(s.url + "/generate", json={
-            "input_ids": PROMPTS[3], "rid": rid,
-            "sampling_params": {"max_new_tokens": 600, "temperature": 0.0, "ignore_eos": True}}, timeout=600))
+    threads = [threading.Thread(target=send, args=(p, 8)) for p in prompts]
+    for t in threads:
         t.start()
-        deadline, during = time.time() + 60, None
-        while time.time() < deadline:
-            during = s.fairkv_info()
-            if all(r["pages_used"] > 0 for r in during["ranks"]):
-                break
-            time.sleep(0.2)
-        assert all(r["rows_in_use"] > 0 for r in during["ranks"]), during["ranks"]
-        assert 0 < during["busy_rate"] <= 1
-        assert during["ledger_matches_pool"]  # rank 0's own pool vs the ledger's count for rank 0
-        requests.post(s.url + "/abort_request", json={"rid": rid}, timeout=30)
-        t.join(timeout=120)
-        deadline = time.time() + 30
-        while time.time() < deadline and any(r["pages_used"] for r in s.fairkv_info()["ranks"]):
-            time.sleep(0.3)
-        assert [r["pages_used"] for r in s.fairkv_info()["ranks"]] == [0, 0]
-        assert s.greedy_ids(PROMPTS[0], 4)  # still serving: no rank's idle check failed
-        assert s.proc.poll() is None
+    admitted = []
+    while any(t.is_alive() for t in threads):
+        admitted.append(s.fairkv_info()["requests_admitted"])
+        time.sleep(0.1)
+    for t in threads:
+        t.join()
+    assert 1 < max(admitted) < len(prompts), admitted  # the pool bound how many ran at once
+    info = s.fairkv_info()
+    assert len(info["replicas"]) == 3
+    assert 0 <= info["roomiest_admissions"] < len(prompts)
+    for rep in info["replicas"]:
+        err = np.abs(np.array(rep["served"]) - np.array(rep["planned"]))
+        assert err.max() < 0.12, rep
+    # abort mid-decode
+    rid = "tp-abort-me"
+    t = threading.Thread(target=lambda: requests.post(s.url + "/generate", json={
+        "input_ids": PROMPTS[3], "rid": rid,
+        "sampling_params": {"max_new_tokens": 600, "temperature": 0.0, "ignore_eos": True}}, timeout=600))
+    t.start()
+    deadline, during = time.time() + 60, None
+    while time.time() < deadline:
+        during = s.fairkv_info()
+        if all(r["pages_used"] > 0 for r in during["ranks"]):
+            break
+        time.sleep(0.2)
+    assert all(r["rows_in_use"] > 0 for r in during["ranks"]), during["ranks"]
+    assert 0 < during["busy_rate"] <= 1
+    assert during["ledger_matches_pool"]  # rank 0's own pool vs the ledger's count for rank 0
+    requests.post(s.url + "/abort_request", json={"rid": rid}, timeout=30)
+    t.join(timeout=120)
+    assert [r["pages_used"] for r in wait_ranks_empty(s)["ranks"]] == [0, 0]
+    assert s.greedy_ids(PROMPTS[0], 4)  # still serving: no rank's idle check failed
+    assert s.proc.poll() is None
+
+
+@pytest.mark.xdist_group("tp2-edge")
+def test_malformed_requests_keep_the_tp2_plan_server_serving(edge_server, tp1_reference):
+    """Every malformed request kind (helpers/malformed.py) gets a 4xx naming the problem, good requests
+    interleaved with them get the answers they got alone, both ranks stay up, and every rank's pool and
+    the ledger end empty."""
+    from helpers.malformed import CASES, fuzz
+
+    seen = fuzz(edge_server, seed=2, chat=False)
+    assert len(seen) == len(CASES)
+    info = wait_ranks_empty(edge_server)
+    assert [r["pages_used"] for r in info["ranks"]] == [0, 0] and info["ledger_matches_pool"], info
+    assert edge_server.greedy_ids(PROMPTS[1], N_NEW) == tp1_reference[1]
+
+
+@pytest.mark.xdist_group("tp2-edge")
+def test_soak_with_aborts_and_disconnects_returns_every_page(edge_server, tp1_reference):
+    """A bounded soak at TP 2 with copies: 48 requests from 8 concurrent clients, random prompt lengths
+    and output lengths, a third aborted at a random moment (``/abort_request``), a sixth streamed and
+    dropped by the client. Throughout, rank 0's pool matches the ledger; at the end every rank's pages
+    are back, replica shares stay near the plan, and the server still gives TP = 1's tokens."""
+    import queue
+    import random
+
+    rng = random.Random(7)
+    jobs: queue.Queue = queue.Queue()
+    for i in range(48):
+        kind = rng.choices(["normal", "abort", "disconnect"], weights=[3, 2, 1])[0]
+        ids = [rng.randrange(3, 400) for _ in range(rng.randrange(5, 300))]
+        jobs.put((i, kind, ids, rng.randrange(4, 64), rng.random()))
+    errors: list[str] = []
+    mismatches: list[dict] = []
+    done = threading.Event()
+
+    def generate(body):
+        return requests.post(edge_server.url + "/generate", json=body, timeout=600)
+
+    def client():
+        while True:
+            try:
+                i, kind, ids, n_new, u = jobs.get_nowait()
+            except queue.Empty:
+                return
+            body = {"input_ids": ids, "rid": f"soak-{i}",
+                    "sampling_params": {"max_new_tokens": n_new, "temperature": 0.0, "ignore_eos": True}}
+            if kind == "normal":
+                r = generate(body)
+                if r.status_code != 200 or len(r.json()["output_ids"]) != n_new:
+                    errors.append(f"{i}: {r.status_code} {r.text[:200]}")
+            elif kind == "abort":
+                t = threading.Thread(target=generate, args=(body,))
+                t.start()
+                t.join(timeout=u)  # abort at a random moment: queued, prefilling, decoding or done
+                requests.post(edge_server.url + "/abort_request", json={"rid": f"soak-{i}"}, timeout=30)
+                t.join(timeout=300)
+            else:
+                with requests.post(edge_server.url + "/generate", json={**body, "stream": True}, stream=True,
+                                   timeout=600) as r:
+                    for k, line in enumerate(r.iter_lines()):
+                        if k >= int(u * 4):
+                            break  # the client goes away mid-stream
+
+    def monitor():
+        while not done.is_set():
+            info = edge_server.fairkv_info()
+            if not info["ledger_matches_pool"]:
+                mismatches.append(info)
+            done.wait(0.2)
+
+    mon = threading.Thread(target=monitor)
+    mon.start()
+    clients = [threading.Thread(target=client) for _ in range(8)]
+    for t in clients:
+        t.start()
+    for t in clients:
+        t.join(timeout=600)
+    done.set()
+    mon.join()
+    assert not errors, errors
+    assert not mismatches, mismatches[:2]
+    info = wait_ranks_empty(edge_server)
+    assert [r["pages_used"] for r in info["ranks"]] == [0, 0], info["ranks"]
+    assert [r["rows_in_use"] for r in info["ranks"]] == [0, 0], info["ranks"]
+    assert info["ledger_matches_pool"]
+    for rep in info["replicas"]:
+        err = np.abs(np.array(rep["served"]) - np.array(rep["planned"]))
+        assert err.max() < 0.15, rep
+    assert edge_server.greedy_ids(PROMPTS[2], N_NEW) == tp1_reference[2]
+    assert edge_server.proc.poll() is None
 
 
 def test_qwen2_tp2_plan_equals_tp1(tmp_path):

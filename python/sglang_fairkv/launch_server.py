@@ -12,7 +12,9 @@ Accepts every ``python -m sglang.launch_server`` argument, plus the project's ow
     per-(request, layer, KV head) pool; it turns off what cannot work with a compressed cache (radix
     prefix sharing, overlap scheduling, CUDA graphs; logged) and rejects flags that cannot be turned
     off, naming them;
-  * bad input (unknown flag, missing model folder, port in use) stops with one clear line, exit 2.
+  * bad input (unknown flag, missing model folder, port in use) stops with one clear line, exit 2;
+  * malformed requests (empty prompts, token ids outside the vocabulary, ill-typed sampling
+    parameters) get HTTP 400 instead of reaching a scheduler (:mod:`sglang_fairkv.request_guard`).
 """
 
 from __future__ import annotations
@@ -306,6 +308,10 @@ def run(plan: LaunchPlan) -> None:
         # SGLang resolves the architecture from this package first (checked in each scheduler)
         os.environ["SGLANG_EXTERNAL_MODEL_PACKAGE"] = "sglang_fairkv.model"
     add_backend_choice()
+    # the tokenizer manager runs in this process: bad requests get HTTP 400 before any scheduler
+    from .request_guard import apply_tokenizer_guards
+
+    apply_tokenizer_guards()
     server_args = prepare_server_args(plan.sglang_argv)
     server_args.resolve_once()
     try:

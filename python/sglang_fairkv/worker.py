@@ -15,12 +15,13 @@ logger = logging.getLogger(__name__)
 
 def prepare_scheduler_process(server_args) -> list[str]:
     """Register and verify the project's SGLang hooks in this process; returns the hook targets."""
-    from . import integration
+    from . import integration, request_guard
     from .patches import apply_process_patches
 
     on_cpu = str(getattr(server_args, "device", "")) == "cpu"
     integration.register_backend()
-    targets = apply_process_patches(on_cpu=on_cpu, extra=integration.hook_triples())
+    targets = apply_process_patches(on_cpu=on_cpu, extra=[*request_guard.scheduler_hook_triples(),
+                                                          *integration.hook_triples()])
     integration.check_model_package()
     return targets
 

@@ -1,0 +1,200 @@
+"""One bad request must never take the server down (SGLang 0.5.23 adapters, CPU and CUDA alike).
+
+Stock SGLang 0.5.23 lets some malformed requests through its tokenizer manager into the scheduler,
+where they raise inside the event loop, and a scheduler exception ends every scheduler and the HTTP
+server with them (``run_scheduler_process`` sends SIGQUIT to its parent). Seen on CPU, stock and fairkv
+alike; on a GPU an out-of-range embedding index is a device assert that ends the process too:
+
+* an empty prompt (``"text": ""``, ``"input_ids": []``, a ``/v1/completions`` prompt of ``""``): a
+  0-token extend fails in rotary;
+* a token id outside ``[0, vocab)`` in ``input_ids`` (any request form): the embedding lookup fails.
+
+Three layers, each a ``HookRegistry`` hook (plus :func:`serve_generate_hook`, which makes a streamed
+``/generate`` request answer its validation error with a 400 instead of a 200 carrying an error event):
+
+1. **Tokenizer manager** (launcher process, :func:`apply_tokenizer_guards`): AROUND
+   ``TokenizerManager._validate_one_request`` (called once per request, batch items included, after
+   text / chat templates are tokenized) rejects what the scheduler cannot process with a
+   ``ValueError`` naming the field. SGLang's HTTP layer answers a ``ValueError`` with HTTP 400 (an
+   OpenAI-style error body on ``/v1/*``). AROUND ``_create_tokenized_object`` turns the ``TypeError``
+   / ``KeyError`` / ``AttributeError`` that ill-typed ``sampling_params`` values raise while being
+   parsed (``"temperature": "hot"``) into the same 400 instead of a 500.
+2. **Scheduler, request intake** (every scheduler process, :func:`scheduler_hook_triples`): AROUND
+   ``Scheduler.handle_generate_request``: an exception while a request is turned into a scheduler
+   ``Req`` (nothing allocated yet) fails that request alone -- logged with its rid, answered with an
+   abort carrying the message -- and the scheduler keeps serving. Every TP rank receives the same
+   request and takes the same path.
+3. **Scheduler, forward** (same): AROUND ``Scheduler.run_batch``: an exception inside a forward leaves
+   the batch's KV state undefined, so SGLang's behaviour (the server stops) is kept, but the log first
+   names the request ids of the batch (``sglang-fairkv: scheduler exception in run_batch ... rids=[...]``)
+   so the request that triggered it can be found.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+logger = logging.getLogger(__name__)
+
+_TM = "sglang.srt.managers.tokenizer_manager.TokenizerManager"
+T_VALIDATE = f"{_TM}._validate_one_request"
+T_TOKENIZED_OBJECT = f"{_TM}._create_tokenized_object"
+T_SERVE_GENERATE = "sglang.srt.entrypoints.http_server.serve_generate_request"
+T_HANDLE_GENERATE = "sglang.srt.managers.scheduler.Scheduler.handle_generate_request"
+T_RUN_BATCH = "sglang.srt.managers.scheduler.Scheduler.run_batch"
+
+
+class BadRequest(ValueError):
+    """A request the scheduler cannot process; SGLang answers a ``ValueError`` with HTTP 400."""
+
+
+def prompt_problem(input_ids: Sequence[Any] | None, vocab_size: int, *, field: str,
+                   allow_empty: bool = False) -> str | None:
+    """Why a prompt's token ids cannot be served, or None.
+
+    ``input_ids``: the prompt after tokenization (list of ints); ``field``: the request field the ids
+    came from, named in the message; ``allow_empty``: the ids are placeholders (multimodal or
+    ``input_embeds`` requests, where the ids are filled in elsewhere).
+    """
+    if input_ids is None:
+        return None if allow_empty else f"{field}: the prompt is empty (0 tokens)"
+    n = len(input_ids)
+    if n == 0:
+        return None if allow_empty else f"{field}: the prompt is empty (0 tokens); give at least one token"
+    try:  # min / max run in C: a 128k-token prompt costs well under a millisecond
+        lo, hi = min(input_ids), max(input_ids)
+    except TypeError:
+        lo = hi = None
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in (lo, hi)):
+        pos = next(i for i, t in enumerate(input_ids) if isinstance(t, bool) or not isinstance(t, int))
+        return (f"{field}[{pos}]: token ids must be integers, got "
+                f"{type(input_ids[pos]).__name__} {input_ids[pos]!r}")
+    if lo < 0 or hi >= vocab_size:
+        pos = next(i for i, t in enumerate(input_ids) if not 0 <= t < vocab_size)
+        return (f"{field}[{pos}] = {input_ids[pos]} is outside the vocabulary: token ids must be in "
+                f"[0, {vocab_size})")
+    return None
+
+
+def _prompt_field(obj) -> str:
+    """The request field a prompt came from (``input_ids`` when the client sent ids, else ``text``)."""
+    return "input_ids" if getattr(obj, "input_ids", None) is not None else "text"
+
+
+def validate_request_hook(original, self, obj, input_ids, *args, **kwargs):
+    """AROUND ``TokenizerManager._validate_one_request(obj, input_ids)``: our checks, then SGLang's."""
+    from sglang.srt.managers.io_struct import GenerateReqInput
+
+    if isinstance(obj, GenerateReqInput):
+        placeholder = obj.input_embeds is not None or bool(obj.contains_mm_input())
+        problem = prompt_problem(input_ids, int(self.model_config.vocab_size), field=_prompt_field(obj),
+                                 allow_empty=placeholder)
+        if problem is None and obj.input_embeds is not None and len(obj.input_embeds) == 0:
+            problem = "input_embeds: the prompt is empty (0 embeddings)"
+        if problem is not None:
+            raise BadRequest(problem)
+    return original(self, obj, input_ids, *args, **kwargs)
+
+
+def tokenized_object_hook(original, self, obj, *args, **kwargs):
+    """AROUND ``TokenizerManager._create_tokenized_object``: ill-typed request fields -> HTTP 400."""
+    try:
+        return original(self, obj, *args, **kwargs)
+    except (TypeError, KeyError, AttributeError, OverflowError) as e:
+        raise BadRequest(f"sampling_params: invalid value ({type(e).__name__}: {e})") from e
+
+
+async def serve_generate_hook(original, obj, request, *args, **kwargs):
+    """AROUND ``http_server.serve_generate_request``: a streamed ``/generate`` request is validated
+    before HTTP 200 is sent, as SGLang's OpenAI endpoints already do (they start the generator first),
+    so a bad streamed request gets a 400 too instead of a 200 carrying an error event."""
+    if not getattr(obj, "stream", False):
+        return await original(obj, request, *args, **kwargs)
+    from sglang.srt.entrypoints import http_server as hs
+
+    if hs.envs.SGLANG_ENABLE_REQUEST_HEADER_OVERRIDES.get():
+        hs.apply_header_overrides(obj, request.headers)
+    tm = hs._global_state.tokenizer_manager
+    gen = tm.generate_request(obj, request)
+    try:
+        first = await gen.__anext__()
+    except ValueError as e:
+        return hs._create_error_response(e)
+    except StopAsyncIteration:
+        first = None
+
+    async def stream_results():
+        # SGLang's own stream body (http_server.serve_generate_request), started one item early
+        try:
+            if first is not None:
+                yield b"data: " + hs.dumps_json(first) + b"\n\n"
+            async for out in gen:
+                yield b"data: " + hs.dumps_json(out) + b"\n\n"
+        except ValueError as e:
+            if request is not None and await request.is_disconnected():
+                logger.info("[http_server] Client disconnected: %s", e)
+                return
+            err = {"error": {"message": str(e), "type": "invalid_request_error",
+                             "code": getattr(e, "status_code", 400), "retryable": False}}
+            yield b"data: " + hs.dumps_json(err) + b"\n\n"
+        yield b"data: [DONE]\n\n"
+
+    return hs.StreamingResponse(stream_results(), media_type="text/event-stream",
+                                background=tm.create_abort_task(obj))
+
+
+def apply_tokenizer_guards() -> list[str]:
+    """Register and apply the tokenizer-manager guards in this (the launcher's) process."""
+    from .patches import apply_process_patches
+
+    return apply_process_patches(on_cpu=False, extra=tokenizer_hook_triples())
+
+
+def tokenizer_hook_triples() -> list[tuple[str, object, str]]:
+    return [(T_VALIDATE, validate_request_hook, "AROUND"),
+            (T_TOKENIZED_OBJECT, tokenized_object_hook, "AROUND"),
+            (T_SERVE_GENERATE, serve_generate_hook, "AROUND")]
+
+
+def handle_generate_hook(original, self, recv_req, *args, **kwargs):
+    """AROUND ``Scheduler.handle_generate_request``: a request that cannot be taken in fails alone."""
+    try:
+        return original(self, recv_req, *args, **kwargs)
+    except Exception as e:  # noqa: BLE001 -- any intake failure is this request's, not the server's
+        rid = getattr(recv_req, "rid", None)
+        logger.exception("sglang-fairkv: request rid=%s failed at scheduler intake; it is aborted, the "
+                         "server keeps serving", rid)
+        _drop_queued(self, rid)
+        from http import HTTPStatus
+
+        from sglang.srt.managers.io_struct import AbortReq
+
+        self.send_abort_output(AbortReq(rid=rid, finished_reason={
+            "type": "abort", "status_code": HTTPStatus.BAD_REQUEST,
+            "message": f"request rejected by the scheduler: {type(e).__name__}: {e}"}), recv_req)
+        return None
+
+
+def _drop_queued(scheduler, rid) -> None:
+    """Remove a half-admitted request from the waiting queue (intake may fail after queueing it)."""
+    queue = getattr(scheduler, "waiting_queue", None)
+    if isinstance(queue, list):
+        queue[:] = [r for r in queue if getattr(r, "rid", None) != rid]
+
+
+def run_batch_hook(original, self, batch, *args, **kwargs):
+    """AROUND ``Scheduler.run_batch``: name the batch's requests in the log before SGLang stops."""
+    try:
+        return original(self, batch, *args, **kwargs)
+    except Exception:
+        rids = [getattr(r, "rid", None) for r in (getattr(batch, "reqs", None) or [])]
+        mode = getattr(getattr(batch, "forward_mode", None), "name", "?")
+        logger.error("sglang-fairkv: scheduler exception in run_batch (%s, %d requests) rids=%s; the "
+                     "batch's KV state is undefined, so the server stops (README: Reliability)",
+                     mode, len(rids), rids)
+        raise
+
+
+def scheduler_hook_triples() -> list[tuple[str, object, str]]:
+    return [(T_HANDLE_GENERATE, handle_generate_hook, "AROUND"), (T_RUN_BATCH, run_batch_hook, "AROUND")]
