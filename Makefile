@@ -7,6 +7,10 @@ HOST    ?= 127.0.0.1
 PORT    ?= 30000
 ARGS    ?=
 PYTEST_ARGS ?=
+# two xdist workers on the 2-core machine: a server's start-up is mostly single-threaded imports, so a
+# second worker fills the idle core; tests sharing a module-scoped server carry an xdist_group
+JOBS    ?= 2
+XDIST   := $(if $(filter 0 1,$(JOBS)),,-n $(JOBS) --dist loadgroup)
 
 .PHONY: install model serve test test-fast bench clean
 
@@ -28,10 +32,10 @@ serve: install
 	$(PY) -m sglang_fairkv.launch_server --host $(HOST) --port $(PORT) $(ARGS)
 
 test: install
-	$(PY) -m pytest test $(PYTEST_ARGS)
+	$(PY) -m pytest test $(XDIST) $(PYTEST_ARGS)
 
 test-fast: install
-	$(PY) -m pytest test -m "not server" $(PYTEST_ARGS)
+	$(PY) -m pytest test -m "not server" $(XDIST) $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) models

@@ -88,3 +88,40 @@ def test_forward_failure_names_the_batch_and_still_raises(caplog):
     with pytest.raises(RuntimeError, match="device assert"):
         run_batch_hook(original, None, batch)
     assert "rids=['a', 'b']" in caplog.text and "DECODE" in caplog.text
+
+
+def test_request_fields_problem_found_by_the_sweep():
+    from sglang_fairkv.request_guard import request_fields_problem
+
+    def obj(**kw):
+        base = dict(top_logprobs_num=None, logprob_start_len=None, sampling_params={"max_new_tokens": 2})
+        return SimpleNamespace(**{**base, **kw})
+
+    assert request_fields_problem(obj(), 100) is None
+    assert request_fields_problem(obj(top_logprobs_num=100, logprob_start_len=-1), 100) is None
+    assert "top_logprobs_num" in request_fields_problem(obj(top_logprobs_num=101), 100)
+    assert "top_logprobs_num" in request_fields_problem(obj(top_logprobs_num=-1), 100)
+    assert "logprob_start_len" in request_fields_problem(obj(logprob_start_len=-5), 100)
+    assert "one object per prompt" in request_fields_problem(obj(sampling_params=[{}]), 100)
+    assert "stop_token_ids[1] = 100" in request_fields_problem(
+        obj(sampling_params={"stop_token_ids": [3, 100]}), 100)
+
+
+@pytest.mark.parametrize("kw,needle", [
+    (dict(text="Hi", sampling_params=[{"max_new_tokens": 2}] * 2), "a list of 2 for a single prompt"),
+    (dict(text=["a", "b", "c"], sampling_params=[{"max_new_tokens": 2}]), "1 items for a batch of 3"),
+    (dict(input_embeds=[], sampling_params={"max_new_tokens": 2}), "malformed request (IndexError"),
+    (dict(text="Hi", sampling_params={"n": 0}), "sampling_params.n must be an integer >= 1, got 0"),
+    (dict(text=["a", "b"], sampling_params=[{"n": 2}, "x"]), "sampling_params[1] must be an object"),
+])
+def test_normalize_hook_refuses_batches_that_do_not_add_up(kw, needle):
+    from sglang.srt.managers.io_struct import GenerateReqInput
+
+    from sglang_fairkv.request_guard import normalize_hook
+
+    with pytest.raises(BadRequest) as e:
+        normalize_hook(GenerateReqInput.normalize_batch_and_arguments, GenerateReqInput(**kw))
+    assert needle in str(e.value)
+    ok = GenerateReqInput(text=["a", "b"], sampling_params=[{"n": 2}, {"n": 2}])
+    normalize_hook(GenerateReqInput.normalize_batch_and_arguments, ok)
+    assert ok.batch_size == 2 and ok.parallel_sample_num == 2

@@ -40,6 +40,7 @@ logger = logging.getLogger(__name__)
 _TM = "sglang.srt.managers.tokenizer_manager.TokenizerManager"
 T_VALIDATE = f"{_TM}._validate_one_request"
 T_TOKENIZED_OBJECT = f"{_TM}._create_tokenized_object"
+T_NORMALIZE = "sglang.srt.managers.io_struct.GenerateReqInput.normalize_batch_and_arguments"
 T_SERVE_GENERATE = "sglang.srt.entrypoints.http_server.serve_generate_request"
 T_HANDLE_GENERATE = "sglang.srt.managers.scheduler.Scheduler.handle_generate_request"
 T_RUN_BATCH = "sglang.srt.managers.scheduler.Scheduler.run_batch"
@@ -77,6 +78,69 @@ def prompt_problem(input_ids: Sequence[Any] | None, vocab_size: int, *, field: s
     return None
 
 
+def request_fields_problem(obj, vocab_size: int) -> str | None:
+    """Why one (already split) generate request's other fields cannot be served, or None.
+
+    Found by the fuzz sweep (test/helpers/malformed.py): a ``top_logprobs_num`` past the vocabulary
+    (``/generate`` or an OpenAI ``logprobs`` / ``top_logprobs``) is a ``topk`` past the logits width
+    inside the forward and stops the server; the others are nonsense SGLang silently accepted."""
+    top = obj.top_logprobs_num
+    if top is not None and (not isinstance(top, int) or isinstance(top, bool) or not 0 <= top <= vocab_size):
+        return f"top_logprobs_num (logprobs / top_logprobs) must be an integer in [0, {vocab_size}], got {top!r}"
+    start = obj.logprob_start_len
+    if start is not None and (not isinstance(start, int) or start < -1):
+        return f"logprob_start_len must be an integer >= -1, got {start!r}"
+    sp = obj.sampling_params
+    if sp is not None and not isinstance(sp, dict):
+        return ("sampling_params must be one object per prompt (a list only for a batch, one object per "
+                f"prompt), got {type(sp).__name__}")
+    stop_ids = (sp or {}).get("stop_token_ids")
+    if stop_ids is not None:
+        if not isinstance(stop_ids, list):
+            return f"sampling_params.stop_token_ids must be a list of token ids, got {type(stop_ids).__name__}"
+        problem = prompt_problem(stop_ids, vocab_size, field="sampling_params.stop_token_ids", allow_empty=True)
+        if problem is not None:
+            return problem
+    return None
+
+
+def _n_problem(sp) -> str | None:
+    """``sampling_params.n`` (parallel samples per prompt) must be an integer >= 1."""
+    for one in (sp if isinstance(sp, list) else [sp]):
+        if isinstance(one, dict) and "n" in one:
+            n = one["n"]
+            if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+                return f"sampling_params.n must be an integer >= 1, got {n!r}"
+    return None
+
+
+def normalize_hook(original, self, *args, **kwargs):
+    """AROUND ``GenerateReqInput.normalize_batch_and_arguments``: a request whose batch shape does not
+    add up (``sampling_params`` a list for one prompt or of another length than the batch, an empty
+    ``input_embeds``) or whose ``n`` is not >= 1 gets a 400 instead of an ``IndexError`` -> 500 (or a
+    silently dropped prompt)."""
+    problem = _n_problem(self.sampling_params)
+    if problem is not None:
+        raise BadRequest(problem)
+    sp_given = self.sampling_params
+    if isinstance(sp_given, list):
+        bad = next((i for i, one in enumerate(sp_given) if not isinstance(one, dict)), None)
+        if bad is not None:
+            raise BadRequest(f"sampling_params[{bad}] must be an object, got {type(sp_given[bad]).__name__}")
+    try:
+        out = original(self, *args, **kwargs)
+    except (IndexError, TypeError, KeyError, AttributeError, AssertionError) as e:
+        raise BadRequest(f"malformed request ({type(e).__name__}: {e})") from e
+    if isinstance(sp_given, list):
+        if self.is_single:
+            raise BadRequest(f"sampling_params is a list of {len(sp_given)} for a single prompt: give one "
+                             "object, or a list only for a batch (one per prompt)")
+        if len(sp_given) != self.batch_size:
+            raise BadRequest(f"sampling_params has {len(sp_given)} items for a batch of {self.batch_size} "
+                             "prompts (one per prompt)")
+    return out
+
+
 def _prompt_field(obj) -> str:
     """The request field a prompt came from (``input_ids`` when the client sent ids, else ``text``)."""
     return "input_ids" if getattr(obj, "input_ids", None) is not None else "text"
@@ -92,6 +156,8 @@ def validate_request_hook(original, self, obj, input_ids, *args, **kwargs):
                                  allow_empty=placeholder)
         if problem is None and obj.input_embeds is not None and len(obj.input_embeds) == 0:
             problem = "input_embeds: the prompt is empty (0 embeddings)"
+        if problem is None:
+            problem = request_fields_problem(obj, int(self.model_config.vocab_size))
         if problem is not None:
             raise BadRequest(problem)
     return original(self, obj, input_ids, *args, **kwargs)
@@ -154,7 +220,8 @@ def apply_tokenizer_guards() -> list[str]:
 def tokenizer_hook_triples() -> list[tuple[str, object, str]]:
     return [(T_VALIDATE, validate_request_hook, "AROUND"),
             (T_TOKENIZED_OBJECT, tokenized_object_hook, "AROUND"),
-            (T_SERVE_GENERATE, serve_generate_hook, "AROUND")]
+            (T_SERVE_GENERATE, serve_generate_hook, "AROUND"),
+            (T_NORMALIZE, normalize_hook, "AROUND")]
 
 
 def handle_generate_hook(original, self, recv_req, *args, **kwargs):

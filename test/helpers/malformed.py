@@ -1,6 +1,12 @@
 """Malformed requests for the fuzz tests: every kind found by sweeping ``/generate``, ``/v1/completions``
 and ``/v1/chat/completions`` (the frontend language talks to ``/generate``) with bad fields.
 
+Stock SGLang 0.5.23 on CPU: the empty prompts and out-of-vocabulary ids stopped the server (issue 16),
+and the sweep found ``top_logprobs_num`` / ``logprobs`` / ``top_logprobs`` past the vocabulary (server
+stopped), ``sampling_params`` lists that do not match the prompts and an empty ``input_embeds`` (500),
+and ``n = 0``, ``logprob_start_len < -1``, ``stop_token_ids`` past the vocabulary (accepted as 200).
+All of them now get a 400 from ``sglang_fairkv.request_guard``; the rest SGLang already refused.
+
 Each case is ``(name, path, body)``; the server must answer 4xx, name the problem, and keep serving.
 ``{model}`` in a body is replaced by the served model name, ``{vocab}`` by the vocabulary size.
 """
@@ -81,9 +87,9 @@ CASES: list[tuple[str, str, Any]] = [
      {"text": "Hi", "return_logprob": True, "token_ids_logprob": [99999999], "sampling_params": SP}),
     ("completions logprobs past the vocab", "/v1/completions",
      {"model": "{model}", "prompt": "Hi", "max_tokens": 2, "logprobs": 10 ** 7}),
-    ("chat top_logprobs 50", "/v1/chat/completions",
+    ("chat top_logprobs past the vocab", "/v1/chat/completions",
      {"model": "{model}", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2,
-      "logprobs": True, "top_logprobs": 50}),
+      "logprobs": True, "top_logprobs": 10 ** 7}),
     # grammars
     ("broken regex", "/generate", {"text": "Hi", "sampling_params": {"regex": "(", "max_new_tokens": 2}}),
     ("broken json_schema", "/generate",
@@ -98,7 +104,7 @@ CASES: list[tuple[str, str, Any]] = [
     ("input_embeds of the wrong width", "/generate",
      {"input_embeds": [[0.1, 0.2, 0.3]], "sampling_params": SP}),
     ("empty input_embeds", "/generate", {"input_embeds": [], "sampling_params": SP}),
-    ("text and input_ids", "/generate", {"text": "Hi", "input_ids": [5, 6], "sampling_params": SP}),
+    ("text is a number", "/generate", {"text": 5, "sampling_params": SP}),
     ("lora_path without LoRA", "/generate", {"text": "Hi", "lora_path": "nope", "sampling_params": SP}),
     ("custom_logit_processor not enabled", "/generate",
      {"text": "Hi", "custom_logit_processor": "x", "sampling_params": SP}),
