@@ -22,6 +22,15 @@ from sglang_fairkv.kernels.ragged_decode import ragged_decode  # noqa: E402
 from sglang_fairkv.kv.ragged_pool import RaggedKVPool  # noqa: E402
 
 
+def max_abs_diff(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |got - ref|, NaN-aware: a NaN or inf anywhere counts as an infinite difference (``max(x,
+    nan)`` in Python would silently keep ``x``)."""
+    d = (got.float() - ref.float()).abs()
+    if not bool(torch.isfinite(d).all()):
+        return float("inf")
+    return float(d.max())
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dry-run", action="store_true")
@@ -47,7 +56,11 @@ def main() -> int:
         pool.v_rows.copy_(torch.randn(pool.v_rows.shape, generator=g).to(dtype))
         reqs = torch.arange(1, bs + 1, device=dev)
         lens = torch.randint(64, max_len, (bs,), generator=g).to(dev)
+        for r in reqs.tolist():
+            pool.set_active(r)  # without it extend fills nothing and the check compares zeros
         pool.extend(reqs, lens)
+        filled = int(pool.seg_len[reqs].sum())
+        assert filled == layers * heads * int(lens.sum()), (filled, int(lens.sum()))
         for r in reqs.tolist():  # skewed per-head compression
             for layer in range(layers):
                 n = int(pool.seg_len[r, layer, 0])
@@ -59,12 +72,14 @@ def main() -> int:
         for layer in range(layers):
             indptr, rows = pool.flat_segments(reqs, layer)
             q = torch.randn(bs * heads, group, d, generator=g).to(dev, dtype)
+            assert int(indptr[-1]) > bs * heads, "segments hold no rows: the check would compare zeros"
             got = ragged_decode(q, pool.k_rows, pool.v_rows, indptr, rows, d ** -0.5)
             ref = ragged_decode_torch(q, pool.k_rows, pool.v_rows, indptr, rows, d ** -0.5)
-            worst = max(worst, float((got.float() - ref.float()).abs().max()))
+            assert float(ref.float().abs().max()) > 0, "reference output is all zeros"
+            worst = max(worst, max_abs_diff(got, ref))
             if fi is not None:
                 fi_out = fi.run(q, pool.k_rows, pool.v_rows, indptr, rows, d ** -0.5)
-                worst_fi = max(worst_fi, float((fi_out.float() - ref.float()).abs().max()))
+                worst_fi = max(worst_fi, max_abs_diff(fi_out, ref))
         for r in reqs.tolist():
             pool.free(r)
         assert pool.used_pages() == 0

@@ -18,6 +18,19 @@ from pathlib import Path
 # Servers and launchers started by the tests get an environment without it (helpers/server.py).
 os.environ["TRITON_INTERPRET"] = "1"
 
+# Under pytest-xdist each worker gets its own share of the cores, and every server, reference and
+# benchmark client it starts inherits that affinity (the launcher binds its OpenMP threads inside it):
+# two servers spinning OpenMP threads on the same two cores ran the suite slower than one worker did.
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if _WORKER and hasattr(os, "sched_setaffinity"):
+    _cores = sorted(os.sched_getaffinity(0))
+    _n = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if 1 < _n <= len(_cores):
+        _per = len(_cores) // _n
+        _k = int(_WORKER.removeprefix("gw")) % _n
+        os.sched_setaffinity(0, _cores[_k * _per:(_k + 1) * _per])
+        os.environ["OMP_NUM_THREADS"] = str(_per)
+
 import pytest  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -126,3 +139,16 @@ def tiny_kv6_path(tmp_path_factory):
     and 3 (sha splits it evenly at both)."""
     return shared_model(tmp_path_factory, "tiny-kv6", num_layers=3, hidden=192, num_heads=12,
                         num_kv_heads=6, head_dim=16, intermediate=384)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    """With ``--dist loadgroup``, xdist renames grouped items ``nodeid@group``; pytest 9.2 made node ids
+    read-only and the grouping silently stopped (two workers then each start a module's server). Fail
+    loudly instead of running the suite twice as slow."""
+    if not getattr(config.option, "loadgroup", False):
+        return
+    lost = [i.nodeid for i in items if i.get_closest_marker("xdist_group") and "@" not in i.nodeid]
+    if lost:
+        raise pytest.UsageError(f"pytest-xdist did not group {len(lost)} tests (e.g. {lost[0]}): this pytest "
+                                "version breaks --dist loadgroup; use the pinned pytest (requirements/)")

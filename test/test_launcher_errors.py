@@ -55,6 +55,8 @@ def test_kv_compress_bad_budget_one_line():
      "cannot be used with a compressed KV cache (--kv-compress): --enable-mixed-chunk"),
     (["--kv-compress", "adakv", "--kv-budget", "64", "--page-size", "16"], "--page-size > 1"),
     (["--kv-compress", "none", "--cuda-graph-backend-decode", "full"], "--cuda-graph-backend-decode full"),
+    (["--kv-compress", "adakv", "--kv-budget", "64", "--kv-cache-dtype", "fp8_e4m3"], "--kv-cache-dtype fp8_e4m3"),
+    (["--fairkv-plan", "sha", "--tp-size", "3", "--kv-cache-dtype", "fp8_e5m2"], "--kv-cache-dtype fp8_e5m2"),
     (["--kv-compress", "adakv", "--kv-budget", "64", "--tp-size", "2"],
      "--fairkv-plan sha: 3 KV heads cannot be split evenly over tp=2"),
     (["--fairkv-plan", "assign", "--tp-size", "2"], "give --fairkv-stats FILE"),

@@ -20,6 +20,23 @@ def test_cpu_omp_bind_splits_cores():
     assert platform.cpu_omp_bind(1, [4, 5]) == "4,5"
 
 
+@pytest.mark.parametrize("affinity,cpus,tp,want", [
+    ({1}, 2, 1, "1"),            # a launcher confined to core 1 (taskset, a test worker): TP 1 stays there
+    ({1}, 2, 2, "1|1"),
+    ({0, 1}, 2, 1, None),        # all cores: SGLang's own TP 1 default
+    ({0, 1}, 2, 2, "0|1"),
+])
+def test_cpu_environment_binds_within_the_launchers_cores(monkeypatch, affinity, cpus, tp, want):
+    monkeypatch.delenv("SGLANG_CPU_OMP_THREADS_BIND", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(affinity))
+    monkeypatch.setattr(os, "cpu_count", lambda: cpus)
+    monkeypatch.setattr(patches, "enable_cpu_startup_patches", lambda: None)
+    for var in ("SGLANG_USE_CPU_ENGINE", "HF_HUB_OFFLINE", "TORCHDYNAMO_DISABLE"):
+        monkeypatch.setenv(var, os.environ.get(var, "1"))
+    platform.configure_cpu_environment(tp)
+    assert os.environ.get("SGLANG_CPU_OMP_THREADS_BIND") == want
+
+
 def test_cpu_pythonpath_puts_stand_in_first_once():
     p = patches.cpu_pythonpath("/a" + os.pathsep + str(patches.CPU_PATH))
     assert p.split(os.pathsep) == [str(patches.CPU_PATH), "/a"]

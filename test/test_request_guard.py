@@ -125,3 +125,11 @@ def test_normalize_hook_refuses_batches_that_do_not_add_up(kw, needle):
     ok = GenerateReqInput(text=["a", "b"], sampling_params=[{"n": 2}, {"n": 2}])
     normalize_hook(GenerateReqInput.normalize_batch_and_arguments, ok)
     assert ok.batch_size == 2 and ok.parallel_sample_num == 2
+
+
+def test_embeds_problem_checks_width():
+    from sglang_fairkv.request_guard import embeds_problem
+
+    assert embeds_problem([[0.1] * 4, [0.2] * 4], 4) is None
+    assert "empty" in embeds_problem([], 4)
+    assert "input_embeds[1] must have the model's hidden size 4, got 3" in embeds_problem([[0.0] * 4, [0.0] * 3], 4)

@@ -213,6 +213,10 @@ def _fairkv_setup(fk: argparse.Namespace, ns: argparse.Namespace, out: list[str]
     for flag in ("--cuda-graph-backend-decode", "--cuda-graph-backend-prefill"):
         if _given(out, flag) and _value(out, flag) != "disabled":
             bad.append(f"{flag} {_value(out, flag)} (CUDA graphs are not supported by fairkv yet)")
+    kv_dtype = _value(out, "--kv-cache-dtype")
+    if kv_dtype not in (None, "auto", "bf16", "bfloat16"):
+        bad.append(f"--kv-cache-dtype {kv_dtype} (the ragged pool and its decode kernel hold fp16 / bf16 / "
+                   "fp32 KV; quantized KV is not supported yet)")
     if _given(out, "--cuda-graph-config"):
         bad.append("--cuda-graph-config (CUDA graphs are not supported by fairkv yet)")
     if bad:

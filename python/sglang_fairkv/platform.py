@@ -34,6 +34,13 @@ def cpu_omp_bind(tp_size: int, cores: list[int] | None = None) -> str:
     return "|".join(",".join(str(c) for c in g) for g in groups)
 
 
+def _affinity_narrowed() -> bool:
+    """True when this process may run on fewer cores than the machine has."""
+    if not hasattr(os, "sched_getaffinity"):
+        return False
+    return len(os.sched_getaffinity(0)) < (os.cpu_count() or 1)
+
+
 def configure_cpu_environment(tp_size: int) -> None:
     """Set, unless the user already did, the environment SGLang 0.5.23 needs on CPU.
 
@@ -42,7 +49,9 @@ def configure_cpu_environment(tp_size: int) -> None:
     os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")  # else --device cpu imports vllm and dies
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub downloads, ever
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # avoids a 20 s g++ compile at start
-    if tp_size > 1:
+    if tp_size > 1 or _affinity_narrowed():
+        # each rank its own cores, within the cores this process may use (taskset, a cgroup, a test
+        # worker): SGLang's own TP = 1 default binds every core of the NUMA node
         os.environ.setdefault("SGLANG_CPU_OMP_THREADS_BIND", cpu_omp_bind(tp_size))
     from .patches import enable_cpu_startup_patches
 

@@ -3,22 +3,29 @@
 Stock SGLang 0.5.23 lets some malformed requests through its tokenizer manager into the scheduler,
 where they raise inside the event loop, and a scheduler exception ends every scheduler and the HTTP
 server with them (``run_scheduler_process`` sends SIGQUIT to its parent). Seen on CPU, stock and fairkv
-alike; on a GPU an out-of-range embedding index is a device assert that ends the process too:
+alike; on a GPU an out-of-range index is a device assert that ends the process too:
 
-* an empty prompt (``"text": ""``, ``"input_ids": []``, a ``/v1/completions`` prompt of ``""``): a
-  0-token extend fails in rotary;
-* a token id outside ``[0, vocab)`` in ``input_ids`` (any request form): the embedding lookup fails.
+* an empty prompt (``"text": ""``, ``"input_ids": []`` in a batch, ...): a 0-token extend fails in rotary;
+* a token id outside ``[0, vocab)`` in ``input_ids`` (any request form): the embedding lookup fails;
+* ``top_logprobs_num`` (``/v1/*``: ``logprobs`` / ``top_logprobs``) past the vocabulary: ``topk`` fails.
 
-Three layers, each a ``HookRegistry`` hook (plus :func:`serve_generate_hook`, which makes a streamed
-``/generate`` request answer its validation error with a 400 instead of a 200 carrying an error event):
+A sweep of every endpoint with malformed fields (``test/helpers/malformed.py``) also found 500s
+(``sampling_params`` lists that do not match the prompts, an empty ``input_embeds``) and nonsense
+accepted silently (``n = 0``, ``logprob_start_len < -1``, ``stop_token_ids`` past the vocabulary).
 
-1. **Tokenizer manager** (launcher process, :func:`apply_tokenizer_guards`): AROUND
-   ``TokenizerManager._validate_one_request`` (called once per request, batch items included, after
-   text / chat templates are tokenized) rejects what the scheduler cannot process with a
-   ``ValueError`` naming the field. SGLang's HTTP layer answers a ``ValueError`` with HTTP 400 (an
-   OpenAI-style error body on ``/v1/*``). AROUND ``_create_tokenized_object`` turns the ``TypeError``
-   / ``KeyError`` / ``AttributeError`` that ill-typed ``sampling_params`` values raise while being
-   parsed (``"temperature": "hot"``) into the same 400 instead of a 500.
+The guards, each a ``HookRegistry`` hook:
+
+1. **Launcher process** (:func:`apply_tokenizer_guards`; the tokenizer manager and HTTP server run
+   there). A :class:`BadRequest` (a ``ValueError``) is answered by SGLang's HTTP layer with HTTP 400,
+   an OpenAI-style error body on ``/v1/*``, the message naming the field.
+   * AROUND ``TokenizerManager._validate_one_request`` (once per request and batch item, after text
+     and chat templates are tokenized): prompt and field checks (:func:`prompt_problem`,
+     :func:`request_fields_problem`).
+   * AROUND ``GenerateReqInput.normalize_batch_and_arguments``: batch shapes that do not add up, ``n``.
+   * AROUND ``TokenizerManager._create_tokenized_object``: ill-typed ``sampling_params`` values
+     (``TypeError`` ...) become a 400 instead of a 500.
+   * AROUND ``http_server.serve_generate_request``: a streamed ``/generate`` request is validated
+     before HTTP 200 (SGLang's OpenAI endpoints already do so), so its errors are 400s too.
 2. **Scheduler, request intake** (every scheduler process, :func:`scheduler_hook_triples`): AROUND
    ``Scheduler.handle_generate_request``: an exception while a request is turned into a scheduler
    ``Req`` (nothing allocated yet) fails that request alone -- logged with its rid, answered with an
@@ -104,6 +111,19 @@ def request_fields_problem(obj, vocab_size: int) -> str | None:
     return None
 
 
+def embeds_problem(embeds, hidden_size: int) -> str | None:
+    """``input_embeds`` (used when radix caching is off, as with ``--kv-compress``) must be a non-empty
+    ``[tokens][hidden_size]`` list: rows of another width fail inside the first layer norm, which stops
+    the server (found by the fuzz test on a compressed server)."""
+    if not isinstance(embeds, list) or len(embeds) == 0:
+        return "input_embeds: the prompt is empty (0 embeddings)"
+    for i, row in enumerate(embeds):
+        if not isinstance(row, list) or len(row) != hidden_size:
+            got = len(row) if isinstance(row, list) else type(row).__name__
+            return f"input_embeds[{i}] must have the model's hidden size {hidden_size}, got {got}"
+    return None
+
+
 def _n_problem(sp) -> str | None:
     """``sampling_params.n`` (parallel samples per prompt) must be an integer >= 1."""
     for one in (sp if isinstance(sp, list) else [sp]):
@@ -154,8 +174,8 @@ def validate_request_hook(original, self, obj, input_ids, *args, **kwargs):
         placeholder = obj.input_embeds is not None or bool(obj.contains_mm_input())
         problem = prompt_problem(input_ids, int(self.model_config.vocab_size), field=_prompt_field(obj),
                                  allow_empty=placeholder)
-        if problem is None and obj.input_embeds is not None and len(obj.input_embeds) == 0:
-            problem = "input_embeds: the prompt is empty (0 embeddings)"
+        if problem is None and obj.input_embeds is not None:
+            problem = embeds_problem(obj.input_embeds, int(self.model_config.hidden_size))
         if problem is None:
             problem = request_fields_problem(obj, int(self.model_config.vocab_size))
         if problem is not None:
