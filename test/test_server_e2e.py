@@ -77,13 +77,13 @@ def test_frontend_language_program(smollm2_server):
 def test_bench_serving_random_ids(smollm2_server, tmp_path):
     out = tmp_path / "bench.jsonl"
     cmd = [sys.executable, "-m", "sglang.benchmark.serving", "--backend", "sglang",
-           "--dataset-name", "random-ids", "--num-prompts", "32", "--max-concurrency", "8",
+           "--dataset-name", "random-ids", "--num-prompts", "16", "--max-concurrency", "8",
            "--random-input-len", "128", "--random-output-len", "16", "--seed", "1",
            "--host", "127.0.0.1", "--port", str(smollm2_server.port), "--output-file", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text().splitlines()[-1])
-    assert result["completed"] == 32, result
+    assert result["completed"] == 16, result
     assert result["total_output_tokens"] > 0
 
 

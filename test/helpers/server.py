@@ -21,8 +21,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def server_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The test process's environment for a server, without the test-only Triton interpreter."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    """The test process's environment for a server, without the test-only Triton interpreter and
+    without a core binding (each launcher derives its own from the cores it may use)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "SGLANG_CPU_OMP_THREADS_BIND")}
     env.update(extra or {})
     return env
 
