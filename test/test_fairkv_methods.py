@@ -30,7 +30,8 @@ def test_none_equals_hf_transformers(fairkv_references, fairkv_prompts):
 def test_retraction_frees_and_recompresses_pyramidkv(fairkv_prompts):
     """SGLang's test switch retracts a running request every 3rd step: the retracted request's segments
     are freed, it is prefilled (and compressed) again later, every request still finishes with all its
-    tokens, and the pool ends empty. Runs PyramidKV (per-layer budgets) end to end."""
+    tokens, and the pool ends empty. Runs PyramidKV (per-layer budgets) end to end. 400-token prompts
+    (over the 128-token budget: each re-prefill compresses again)."""
     import threading
 
     import requests
@@ -41,7 +42,7 @@ def test_retraction_frees_and_recompresses_pyramidkv(fairkv_prompts):
 
         def run(i):
             outs[i] = requests.post(s.url + "/generate", timeout=600, json={
-                "input_ids": fairkv_prompts[i % 2], "sampling_params": {
+                "input_ids": fairkv_prompts[i % 2][:400], "sampling_params": {
                     "max_new_tokens": 12, "temperature": 0.0, "ignore_eos": True}}).json()
 
         threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
