@@ -7,8 +7,8 @@ HOST    ?= 127.0.0.1
 PORT    ?= 30000
 ARGS    ?=
 PYTEST_ARGS ?=
-# two xdist workers on the 2-core machine: a server's start-up is mostly single-threaded imports, so a
-# second worker fills the idle core; tests sharing a module-scoped server carry an xdist_group
+# two xdist workers on the 2-core machine, each pinned to its own core (test/conftest.py): a server's
+# start-up is mostly single-threaded imports; tests sharing a module-scoped server carry an xdist_group
 JOBS    ?= 2
 XDIST   := $(if $(filter 0 1,$(JOBS)),,-n $(JOBS) --dist loadgroup)
 
