@@ -5,8 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 V=${KVPRESS_VENV:-.venv-kvpress}
-REQ=requirements/kvpress.txt
-STAMP="$V/.fairkv-kvpress-$(sha256sum "$REQ" | cut -c1-16)"
+STAMP="$V/.fairkv-kvpress-$(sha256sum requirements/kvpress.txt | cut -c1-16)"
 if [ -f "$STAMP" ] && "$V/bin/python" -c "import kvpress" 2>/dev/null; then exit 0; fi
 rm -rf "$V"
 python3 -m venv "$V"

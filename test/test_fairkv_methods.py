@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 from helpers.fairkv_refs import N_NEW, RATIO
-from helpers.server import Server
-from test_fairkv_server import STRICT, wait_pool_empty
+from helpers.server import STRICT, Server
+from test_fairkv_server import wait_pool_empty
 
 pytestmark = pytest.mark.server
 

@@ -18,12 +18,11 @@ from pathlib import Path
 import pytest
 import requests
 from helpers.fairkv_refs import N_NEW, RATIO
-from helpers.server import Server
+from helpers.server import STRICT, Server
 
 pytestmark = [pytest.mark.server, pytest.mark.xdist_group("adakv")]  # one worker runs adakv_server
 
 REPO = Path(__file__).resolve().parents[1]
-STRICT = {"SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "1"}
 LAYERS, KV_HEADS = 30, 3  # SmolLM2-135M
 
 

@@ -129,23 +129,18 @@ def test_device_pool_check_dry_run_fills_segments_and_passes():
     segments (it asserts rows exist, so it cannot compare zeros with zeros) and its NaN-aware diff passes."""
     import subprocess
     import sys
-    from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "kernels" / "check_pool_device.py"
-    r = subprocess.run([sys.executable, str(script), "--dry-run"], capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "TRITON_INTERPRET": "1"})
+    from sglang_fairkv.kernels import check_pool_device
+
+    r = subprocess.run([sys.executable, check_pool_device.__file__, "--dry-run"], capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "TRITON_INTERPRET": "1"})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "Triton decode vs torch path" in r.stdout
 
 
 def test_device_pool_check_diff_is_nan_aware():
-    import importlib.util
-    from pathlib import Path
+    from sglang_fairkv.kernels.check_pool_device import max_abs_diff
 
-    spec = importlib.util.spec_from_file_location(
-        "check_pool_device", Path(__file__).resolve().parents[1] / "kernels" / "check_pool_device.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
     a = torch.zeros(4)
-    assert mod.max_abs_diff(a, a) == 0.0
-    assert mod.max_abs_diff(torch.tensor([0.0, float("nan")]), torch.zeros(2)) == float("inf")
+    assert max_abs_diff(a, a) == 0.0
+    assert max_abs_diff(torch.tensor([0.0, float("nan")]), torch.zeros(2)) == float("inf")

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import pytest
 
-from helpers.server import Server
+from helpers.server import STRICT, Server
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
 PROMPTS = [[1, 17, 45, 99, 23, 250, 7], list(range(3, 80, 3)), [5] * 40 + [88, 101]]
-STRICT = {"SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "1"}
 
 
 def _greedy(model_path, args) -> list[list[int]]:

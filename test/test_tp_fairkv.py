@@ -16,11 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-from helpers.server import Server
+from helpers.server import STRICT, Server
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
-STRICT = {"SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "1"}
 ADAKV = ["--kv-compress", "adakv", "--kv-budget", "20", "--kv-window", "8"]
 PROMPTS = [list(range(3, 120, 2)), [5] * 40 + list(range(90, 150)), [7, 9, 11] * 30, list(range(200, 330))]
 N_NEW = 20

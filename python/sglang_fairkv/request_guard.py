@@ -57,6 +57,11 @@ class BadRequest(ValueError):
     """A request the scheduler cannot process; SGLang answers a ``ValueError`` with HTTP 400."""
 
 
+def _is_int(x) -> bool:
+    """A JSON integer (``bool`` is an ``int`` subclass in Python, not a token id or a count)."""
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def prompt_problem(input_ids: Sequence[Any] | None, vocab_size: int, *, field: str,
                    allow_empty: bool = False) -> str | None:
     """Why a prompt's token ids cannot be served, or None.
@@ -74,8 +79,8 @@ def prompt_problem(input_ids: Sequence[Any] | None, vocab_size: int, *, field: s
         lo, hi = min(input_ids), max(input_ids)
     except TypeError:
         lo = hi = None
-    if not all(isinstance(t, int) and not isinstance(t, bool) for t in (lo, hi)):
-        pos = next(i for i, t in enumerate(input_ids) if isinstance(t, bool) or not isinstance(t, int))
+    if not (_is_int(lo) and _is_int(hi)):
+        pos = next(i for i, t in enumerate(input_ids) if not _is_int(t))
         return (f"{field}[{pos}]: token ids must be integers, got "
                 f"{type(input_ids[pos]).__name__} {input_ids[pos]!r}")
     if lo < 0 or hi >= vocab_size:
@@ -92,10 +97,10 @@ def request_fields_problem(obj, vocab_size: int) -> str | None:
     (``/generate`` or an OpenAI ``logprobs`` / ``top_logprobs``) is a ``topk`` past the logits width
     inside the forward and stops the server; the others are nonsense SGLang silently accepted."""
     top = obj.top_logprobs_num
-    if top is not None and (not isinstance(top, int) or isinstance(top, bool) or not 0 <= top <= vocab_size):
+    if top is not None and not (_is_int(top) and 0 <= top <= vocab_size):
         return f"top_logprobs_num (logprobs / top_logprobs) must be an integer in [0, {vocab_size}], got {top!r}"
     start = obj.logprob_start_len
-    if start is not None and (not isinstance(start, int) or start < -1):
+    if start is not None and not (_is_int(start) and start >= -1):
         return f"logprob_start_len must be an integer >= -1, got {start!r}"
     sp = obj.sampling_params
     if sp is not None and not isinstance(sp, dict):
@@ -129,7 +134,7 @@ def _n_problem(sp) -> str | None:
     for one in (sp if isinstance(sp, list) else [sp]):
         if isinstance(one, dict) and "n" in one:
             n = one["n"]
-            if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            if not (_is_int(n) and n >= 1):
                 return f"sampling_params.n must be an integer >= 1, got {n!r}"
     return None
 
@@ -171,13 +176,13 @@ def validate_request_hook(original, self, obj, input_ids, *args, **kwargs):
     from sglang.srt.managers.io_struct import GenerateReqInput
 
     if isinstance(obj, GenerateReqInput):
+        vocab = int(self.model_config.vocab_size)
         placeholder = obj.input_embeds is not None or bool(obj.contains_mm_input())
-        problem = prompt_problem(input_ids, int(self.model_config.vocab_size), field=_prompt_field(obj),
-                                 allow_empty=placeholder)
+        problem = prompt_problem(input_ids, vocab, field=_prompt_field(obj), allow_empty=placeholder)
         if problem is None and obj.input_embeds is not None:
             problem = embeds_problem(obj.input_embeds, int(self.model_config.hidden_size))
         if problem is None:
-            problem = request_fields_problem(obj, int(self.model_config.vocab_size))
+            problem = request_fields_problem(obj, vocab)
         if problem is not None:
             raise BadRequest(problem)
     return original(self, obj, input_ids, *args, **kwargs)

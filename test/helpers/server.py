@@ -18,6 +18,8 @@ from pathlib import Path
 import requests
 
 REPO = Path(__file__).resolve().parents[2]
+#: SGLang's strict idle memory check: a server whose KV pool is not empty when idle stops.
+STRICT = {"SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "1"}
 
 
 def server_env(extra: dict[str, str] | None = None) -> dict[str, str]:
