@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 JOBS    ?= 2
 XDIST   := $(if $(filter 0 1,$(JOBS)),,-n $(JOBS) --dist loadgroup)
 
-.PHONY: install model serve test test-fast bench clean
+.PHONY: install model serve test test-fast bench device-check device-check-dry clean
 
 install: $(STAMP) $(MODEL)
 
@@ -36,6 +36,17 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest test -m "not server" $(XDIST) $(PYTEST_ARGS)
+
+# The one-call GPU check (run on the lent H200 through the device tool, carry [".device"]; prepare
+# .device/flashinfer first with ../shared/tools/flashinfer-for-device.sh): pool + page-table kernel
+# against the torch path in bf16/fp16, per-layer decode-step time, kernel vs FlashInfer.
+device-check:
+	bash kernels/bench_device.sh
+
+# The same scripts on the CPU (tiny sizes, Triton interpreted): checks their plumbing.
+device-check-dry: install
+	OUT=$${OUT:-out} TRITON_INTERPRET=1 $(PY) kernels/check_pool_device.py --dry-run
+	OUT=$${OUT:-out} TRITON_INTERPRET=1 $(PY) kernels/bench_ragged_device.py --dry-run
 
 clean:
 	rm -rf $(VENV) models

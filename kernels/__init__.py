@@ -1,9 +1,10 @@
 """Kernels of sglang-fairkv (importable as ``sglang_fairkv.kernels``).
 
-``ragged_decode``: decode attention over ragged per-(request, KV head) segments, Triton on CUDA (or
-under ``TRITON_INTERPRET=1`` on CPU), with ``ragged_decode_reference`` the float32 torch version.
+``ragged_decode``: decode attention that reads the ragged pool's page table (``paged_decode``, Triton
+on CUDA or under ``TRITON_INTERPRET=1`` on CPU), its static bounds (``DecodeWorkspace``), the per-step
+chunk tables (``chunk_tables``) and a float64 reference (``paged_decode_reference``).
 """
 
-from .ragged_decode import ragged_decode, ragged_decode_reference, chunk_indptr_for
+from .ragged_decode import DecodeWorkspace, chunk_tables, paged_decode, paged_decode_reference
 
-__all__ = ["ragged_decode", "ragged_decode_reference", "chunk_indptr_for"]
+__all__ = ["DecodeWorkspace", "chunk_tables", "paged_decode", "paged_decode_reference"]

@@ -1,27 +1,38 @@
-"""Plan-free split-KV decode attention over ragged per-head segments, with a fused LSE merge.
+"""Split-KV decode attention that reads the ragged pool's page table, with static bounds.
 
-Layout (token-granular ragged pool, the layout of the ``fairkv`` KV pool): one *segment* per
-(request, KV head) — in a layer, request ``b``'s KV head ``h`` is segment ``s = b * H + h`` (or any
-order the caller likes). A segment is a list of rows of the pool, each row one token of one head::
+Layout (the ``fairkv`` KV pool, :class:`sglang_fairkv.kv.ragged_pool.RaggedKVPool`): one *segment*
+per (request, layer, KV head), stored in pages of ``P`` rows::
 
-    k_pool, v_pool : [N, D]  (or [N, 1, D]), one row per (token, head)
-    seg_indptr     : int32/int64 [S + 1], segment s owns seg_indices[seg_indptr[s]:seg_indptr[s+1]]
-    seg_indices    : int32/int64 [nnz], rows of k_pool / v_pool
-    q              : [S, G, D], the G query heads of segment s's GQA group (one decode token)
+    k_rows, v_rows : [N, D]                      one row = one token of one KV head of one layer
+    seg_pages      : int32 [R, L, H, MP]          pages of each segment, in order
+    seg_len        : int32 [R, L, H]              tokens in each segment
+    row of token t of segment (r, l, h) = seg_pages[r, l, h, t // P] * P + t % P
 
-Work balance: every segment is cut into chunks of ``chunk_size`` tokens; one Triton program per
-chunk (so a 8192-token head is 16 programs, not one slow one) writes its partial output and
-log-sum-exp; a second Triton kernel, one program per segment, merges the partials (fused: no
-torch-level merge). Plan-free: the chunk table is two torch ops on the device (no host sync, no
-per-layer host planning); the grid is the static bound ``nnz // chunk_size + S``, so a CUDA graph can
-capture the call for fixed buffer sizes. Programs beyond the real chunk count exit at once.
-Zero-length segments (a Fair-Copying replica's non-owned requests) produce zeros.
+A decode step of layer ``layer`` attends, for batch slot ``b`` (``req_idx[b]`` = its ``req_pool_idx``)
+and local KV head ``h < Hl``, the G query heads ``q[b, h]`` over segment ``(req_idx[b], layer, h)``.
+The kernel reads that segment's page-table row in place (a pointer, no copy of ``[B, L, H, MP]``)
+and builds no per-token row list.
+
+Work balance: every segment is cut into chunks of ``CHUNK`` tokens; one program per chunk (an 8192-token
+head is 16 programs, not one slow one) writes its partial output and log-sum-exp; a second kernel,
+one program per (slot, head), merges the partials (fused; no torch-level merge). The chunk table
+(``chunk_tables``: a cumsum over the step's lengths, for all layers at once) is built on the device
+once per step; each program finds its segment by a binary search over it.
+
+Static bounds (the same compiled kernels serve every step; a CUDA graph can capture the call):
+:class:`DecodeWorkspace` fixes the grid (``max_chunks`` programs; those past the step's real chunk
+count exit at once), the binary search depth (from ``max_segments``) and the scratch buffers. A
+bound on the chunks of one layer that needs no data: ``pool rows // CHUNK + max_segments`` (a layer
+cannot hold more rows than the pool); the workspace raises ``CHUNK`` when that would make the
+scratch too large. Zero-length segments (a Fair-Copying replica's requests served elsewhere, heads a
+rank does not hold in a layer) produce zeros.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -37,48 +48,115 @@ except ImportError:  # pragma: no cover - triton is a declared dependency
     HAS_TRITON = False
 
 
-def ragged_decode_reference(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
-                            seg_indptr: torch.Tensor, seg_indices: torch.Tensor,
-                            sm_scale: float) -> torch.Tensor:
-    """float32 torch reference (and the CPU path). Shapes as in the module docstring.
-
-    Returns ``out`` [S, G, D] in ``q.dtype``; zero-length segments give zeros.
-    """
-    S, G, D = q.shape
-    k2 = k_pool.reshape(k_pool.shape[0], -1)
-    v2 = v_pool.reshape(v_pool.shape[0], -1)
-    out = torch.zeros(S, G, D, dtype=torch.float32, device=q.device)
-    lens = (seg_indptr[1:] - seg_indptr[:-1]).tolist()
-    starts = seg_indptr[:-1].tolist()
-    for s in range(S):
-        if lens[s] == 0:
-            continue
-        idx = seg_indices[starts[s]: starts[s] + lens[s]].long()
-        k = k2[idx].float()  # [L, D]
-        v = v2[idx].float()
-        scores = (q[s].float() @ k.T) * sm_scale  # [G, L]
-        out[s] = torch.softmax(scores, dim=-1) @ v
-    return out.to(q.dtype)
+# ---- references ------------------------------------------------------------------------------------
+def segment_rows(seg_pages: torch.Tensor, page_size: int, r: int, layer: int, h: int, n: int) -> torch.Tensor:
+    """int64 ``[n]``: the rows of tokens ``0..n-1`` of segment ``(r, layer, h)`` (host-side helper)."""
+    t = torch.arange(n, device=seg_pages.device)
+    return seg_pages[r, layer, h, t // page_size].to(torch.int64) * page_size + t % page_size
 
 
-def chunk_indptr_for(seg_indptr: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """Chunk table on the device: int32 [S + 1], segment s owns chunks [c[s], c[s+1])."""
-    lens = seg_indptr[1:] - seg_indptr[:-1]
-    counts = torch.div(lens + (chunk_size - 1), chunk_size, rounding_mode="floor")
-    out = torch.zeros(seg_indptr.numel(), dtype=torch.int32, device=seg_indptr.device)
-    out[1:] = torch.cumsum(counts, 0).to(torch.int32)
+def paged_decode_reference(q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor,
+                           seg_pages: torch.Tensor, seg_len: torch.Tensor, req_idx: torch.Tensor,
+                           layer: int, page_size: int, sm_scale: float) -> torch.Tensor:
+    """Per-segment float64 loop (tests, device checks). ``q`` [B, Hl, G, D]; returns [B, Hl, G, D]
+    float64; zero-length segments give zeros. Syncs freely: not for the serving path."""
+    B, Hl, G, D = q.shape
+    out = torch.zeros(B, Hl, G, D, dtype=torch.float64, device=q.device)
+    for b, r in enumerate(req_idx.tolist()):
+        for h in range(Hl):
+            n = int(seg_len[r, layer, h])
+            if n == 0:
+                continue
+            rows = segment_rows(seg_pages, page_size, r, layer, h, n)
+            k, v = k_rows[rows].double(), v_rows[rows].double()
+            out[b, h] = torch.softmax(q[b, h].double() @ k.T * sm_scale, dim=-1) @ v
     return out
 
 
+def chunk_tables(lens: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """Chunk tables of every layer of one step, on the device (no host sync).
+
+    ``lens``: int ``[B, L, H]`` segment lengths of the batch. Returns int32 ``[L, B * H + 1]``: in
+    layer ``l``, segment ``s = b * H + h`` owns chunks ``[c[l, s], c[l, s + 1])``.
+    """
+    B, L, H = lens.shape
+    counts = torch.div(lens.transpose(0, 1).reshape(L, B * H) + (chunk_size - 1), chunk_size,
+                       rounding_mode="floor")
+    out = torch.zeros(L, B * H + 1, dtype=torch.int32, device=lens.device)
+    out[:, 1:] = torch.cumsum(counts, dim=1, dtype=torch.int32)
+    return out
+
+
+# ---- static workspace -----------------------------------------------------------------------------
+@dataclass
+class DecodeWorkspace:
+    """Static launch bounds and scratch of :func:`paged_decode`, allocated once per server.
+
+    ``max_segments``: the most (slot, pool head) segments of one step (max batch x pool heads);
+    ``max_chunks``: the grid; ``o_part`` float32 ``[max_chunks, BG, BD]``, ``lse_part`` ``[max_chunks, BG]``.
+    """
+
+    max_segments: int
+    max_chunks: int
+    chunk_size: int
+    block_n: int
+    block_g: int
+    block_d: int
+    search_steps: int
+    o_part: torch.Tensor
+    lse_part: torch.Tensor
+
+    @classmethod
+    def create(cls, *, max_segments: int, pool_rows: int, group: int, head_dim: int,
+               device: torch.device | str, chunk_size: int = 512, block_n: int = 64,
+               max_scratch_chunks: int = 16384) -> "DecodeWorkspace":
+        """Bounds from static sizes: ``pool_rows`` (the most rows one layer can hold) and
+        ``max_segments``. ``chunk_size`` is raised (in multiples of ``block_n``) until the grid is at
+        most ``max_scratch_chunks + max_segments``."""
+        if chunk_size % block_n or chunk_size < block_n:
+            raise ValueError(f"chunk_size={chunk_size} must be a positive multiple of block_n={block_n}")
+        while pool_rows // chunk_size > max_scratch_chunks:
+            chunk_size += block_n * max(1, chunk_size // block_n)  # double, still a multiple
+        max_chunks = max(1, pool_rows // chunk_size + max_segments)
+        bg = max(16, _next_pow2(group))
+        bd = max(16, _next_pow2(head_dim))
+        dev = torch.device(device)
+        return cls(max_segments=max_segments, max_chunks=max_chunks, chunk_size=chunk_size,
+                   block_n=block_n, block_g=bg, block_d=bd,
+                   search_steps=max(1, math.ceil(math.log2(max_segments + 1))),
+                   o_part=torch.empty(max_chunks, bg, bd, dtype=torch.float32, device=dev),
+                   lse_part=torch.empty(max_chunks, bg, dtype=torch.float32, device=dev))
+
+    @property
+    def nbytes(self) -> int:
+        return self.o_part.numel() * 4 + self.lse_part.numel() * 4
+
+    @staticmethod
+    def bytes_for(*, max_segments: int, pool_rows: int, group: int, head_dim: int,
+                  chunk_size: int = 512, block_n: int = 64, max_scratch_chunks: int = 16384) -> int:
+        """Scratch bytes :meth:`create` would allocate (for budgeting before the pool exists)."""
+        while pool_rows // chunk_size > max_scratch_chunks:
+            chunk_size += block_n * max(1, chunk_size // block_n)
+        chunks = max(1, pool_rows // chunk_size + max_segments)
+        bg, bd = max(16, _next_pow2(group)), max(16, _next_pow2(head_dim))
+        return chunks * bg * (bd + 1) * 4
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+# ---- Triton kernels -------------------------------------------------------------------------------
 if HAS_TRITON:
 
     @triton.jit
-    def _chunk_attn_kernel(Q, K, V, SegIndptr, SegIndices, ChunkIndptr, OPart, LsePart,
-                           sm_scale, num_segs,
-                           stride_qs, stride_qg, stride_kn, stride_vn,
-                           G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
-                           BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
-                           SEARCH_STEPS: tl.constexpr, DOT_F32: tl.constexpr):
+    def _paged_chunk_kernel(Q, K, V, SegPages, SegLen, ReqIdx, ChunkIndptr, OPart, LsePart,
+                            sm_scale, num_segs, layer, num_layers, pool_heads, heads_here, max_pages,
+                            stride_qb, stride_qh, stride_qg, stride_kn, stride_vn,
+                            G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
+                            BLOCK_D: tl.constexpr, P: tl.constexpr, CHUNK: tl.constexpr,
+                            BLOCK_N: tl.constexpr, SEARCH_STEPS: tl.constexpr,
+                            DOT_F32: tl.constexpr):
         pid = tl.program_id(0)
         total = tl.load(ChunkIndptr + num_segs)
         if pid < total:
@@ -91,16 +169,19 @@ if HAS_TRITON:
                 lo = tl.where(go, mid, lo)
                 hi = tl.where(go, hi, mid)
             seg = lo
-            first = tl.load(ChunkIndptr + seg)
-            seg_start = tl.load(SegIndptr + seg)
-            seg_end = tl.load(SegIndptr + seg + 1)
-            start = seg_start + (pid - first) * CHUNK
+            b = seg // pool_heads
+            h = seg % pool_heads
+            r = tl.load(ReqIdx + b).to(tl.int64)
+            base = (r * num_layers + layer) * pool_heads + h
+            seg_len = tl.load(SegLen + base)
+            table = SegPages + base * max_pages
+            start = (pid - tl.load(ChunkIndptr + seg)) * CHUNK
 
             offs_g = tl.arange(0, BLOCK_G)
             offs_d = tl.arange(0, BLOCK_D)
-            mask_g = offs_g < G
+            mask_g = (offs_g < G) & ((offs_g * 0 + h) < heads_here)  # heads past the layer's own: never active
             mask_d = offs_d < D
-            q = tl.load(Q + seg * stride_qs + offs_g[:, None] * stride_qg + offs_d[None, :],
+            q = tl.load(Q + b * stride_qb + h * stride_qh + offs_g[:, None] * stride_qg + offs_d[None, :],
                         mask=mask_g[:, None] & mask_d[None, :], other=0.0)
             if DOT_F32:
                 q = q.to(tl.float32)
@@ -108,9 +189,10 @@ if HAS_TRITON:
             l = tl.zeros([BLOCK_G], tl.float32)
             acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
             for n0 in range(0, CHUNK, BLOCK_N):
-                offs_n = start + n0 + tl.arange(0, BLOCK_N)
-                mask_n = offs_n < seg_end
-                rows = tl.load(SegIndices + offs_n, mask=mask_n, other=0).to(tl.int64)
+                t = start + n0 + tl.arange(0, BLOCK_N)
+                mask_n = t < seg_len
+                page = tl.load(table + t // P, mask=mask_n, other=0).to(tl.int64)
+                rows = page * P + t % P
                 kv_mask = mask_n[:, None] & mask_d[None, :]
                 k = tl.load(K + rows[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
                 v = tl.load(V + rows[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
@@ -130,10 +212,14 @@ if HAS_TRITON:
             tl.store(LsePart + pid * BLOCK_G + offs_g, m + tl.log(l))
 
     @triton.jit
-    def _merge_kernel(OPart, LsePart, ChunkIndptr, Out, stride_os, stride_og,
-                      G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
-                      BLOCK_D: tl.constexpr):
-        seg = tl.program_id(0)
+    def _paged_merge_kernel(OPart, LsePart, ChunkIndptr, Out, pool_heads, heads_here,
+                            stride_ob, stride_oh, stride_og,
+                            G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
+                            BLOCK_D: tl.constexpr):
+        pid = tl.program_id(0)  # (slot, local head) = (pid // heads_here, pid % heads_here)
+        b = pid // heads_here
+        h = pid % heads_here
+        seg = b * pool_heads + h
         c0 = tl.load(ChunkIndptr + seg)
         c1 = tl.load(ChunkIndptr + seg + 1)
         offs_g = tl.arange(0, BLOCK_G)
@@ -152,82 +238,80 @@ if HAS_TRITON:
             m = m_new
         res = tl.where(l[:, None] > 0, acc / tl.where(l > 0, l, 1.0)[:, None], 0.0)
         mask = (offs_g[:, None] < G) & (offs_d[None, :] < D)
-        tl.store(Out + seg * stride_os + offs_g[:, None] * stride_og + offs_d[None, :],
+        tl.store(Out + b * stride_ob + h * stride_oh + offs_g[:, None] * stride_og + offs_d[None, :],
                  res.to(Out.dtype.element_ty), mask=mask)
 
 
-def _check(q, k_pool, v_pool, seg_indptr, seg_indices, chunk_size, block_n):
-    if q.dim() != 3:
-        raise ValueError(f"q must be [S, G, D], got shape {tuple(q.shape)}")
-    S, G, D = q.shape
-    if seg_indptr.dim() != 1 or seg_indptr.numel() != S + 1:
-        raise ValueError(f"seg_indptr must be [S + 1] = [{S + 1}], got {tuple(seg_indptr.shape)}")
-    for name, t in (("k_pool", k_pool), ("v_pool", v_pool)):
-        if t.shape[-1] != D or t.reshape(t.shape[0], -1).shape[1] != D:
-            raise ValueError(f"{name} must be [N, {D}] or [N, 1, {D}], got {tuple(t.shape)}")
-        if t.stride(-1) != 1:
-            raise ValueError(f"{name} must be contiguous in the last dimension")
-    if chunk_size % block_n or chunk_size < block_n:
-        raise ValueError(f"chunk_size={chunk_size} must be a positive multiple of block_n={block_n}")
+def _check(q, k_rows, v_rows, seg_pages, seg_len, req_idx, chunk_indptr, ws: DecodeWorkspace):
+    if q.dim() != 4:
+        raise ValueError(f"q must be [B, Hl, G, D], got shape {tuple(q.shape)}")
+    B, Hl, G, D = q.shape
+    if seg_pages.dim() != 4 or seg_len.shape != seg_pages.shape[:3]:
+        raise ValueError(f"seg_pages must be [R, L, H, MP] and seg_len [R, L, H], got "
+                         f"{tuple(seg_pages.shape)} and {tuple(seg_len.shape)}")
+    H = seg_pages.shape[2]
+    if Hl > H:
+        raise ValueError(f"q has {Hl} KV heads, the page table {H}")
+    if req_idx.shape != (B,):
+        raise ValueError(f"req_idx must be [B] = [{B}], got {tuple(req_idx.shape)}")
+    if chunk_indptr.shape != (B * H + 1,):
+        raise ValueError(f"chunk_indptr must be [B * H + 1] = [{B * H + 1}], got {tuple(chunk_indptr.shape)}")
+    if B * H > ws.max_segments:
+        raise ValueError(f"{B} slots x {H} heads exceed the workspace's {ws.max_segments} segments")
+    if G > ws.block_g or D > ws.block_d:
+        raise ValueError(f"group {G} / head_dim {D} exceed the workspace's {ws.block_g} / {ws.block_d}")
+    for name, t in (("k_rows", k_rows), ("v_rows", v_rows)):
+        if t.dim() != 2 or t.shape[1] != D or t.stride(-1) != 1:
+            raise ValueError(f"{name} must be [N, {D}] contiguous in D, got {tuple(t.shape)}")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"q dtype must be float16, bfloat16 or float32, got {q.dtype}")
-    if k_pool.dtype != q.dtype or v_pool.dtype != q.dtype:
-        raise ValueError(f"dtypes differ: q {q.dtype}, k_pool {k_pool.dtype}, v_pool {v_pool.dtype}")
+    if k_rows.dtype != q.dtype or v_rows.dtype != q.dtype:
+        raise ValueError(f"dtypes differ: q {q.dtype}, k_rows {k_rows.dtype}, v_rows {v_rows.dtype}")
+    if seg_pages.dtype != torch.int32 or not seg_pages.is_contiguous() or not seg_len.is_contiguous():
+        raise ValueError("seg_pages must be contiguous int32, seg_len contiguous")
 
 
-def ragged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
-                  seg_indptr: torch.Tensor, seg_indices: torch.Tensor, sm_scale: float,
-                  out: torch.Tensor | None = None, chunk_size: int = 512, block_n: int = 64,
-                  max_chunks: int | None = None) -> torch.Tensor:
-    """Decode attention of ``q`` [S, G, D] over ragged segments; returns ``out`` [S, G, D].
+def paged_decode(q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor, seg_pages: torch.Tensor,
+                 seg_len: torch.Tensor, req_idx: torch.Tensor, layer: int, chunk_indptr: torch.Tensor,
+                 sm_scale: float, ws: DecodeWorkspace, page_size: int,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """Decode attention of one layer over the pool's page table; returns ``out`` [B, Hl, G, D].
 
     Parameters
     ----------
-    q : fp16/bf16/fp32 [S, G, D], contiguous in D; G query heads (one GQA group) per segment.
-    k_pool, v_pool : same dtype, [N, D] or [N, 1, D], rows addressed by ``seg_indices``.
-    seg_indptr : int32/int64 [S + 1] on q's device, non-decreasing, seg_indptr[0] == 0.
-    seg_indices : int32/int64 [>= seg_indptr[-1]] rows of the pools.
-    sm_scale : softmax scale (usually D ** -0.5).
-    out : optional [S, G, D] output buffer (every row is written, zero-length segments with 0).
-    chunk_size : tokens per work item (a multiple of ``block_n``).
-    max_chunks : static grid size; default ``seg_indices.numel() // chunk_size + S``, an upper
-        bound on the real chunk count that needs no host sync.
+    q : fp16/bf16/fp32 [B, Hl, G, D] (strided in B and Hl is fine; contiguous in D).
+    k_rows, v_rows : same dtype, [N, D].
+    seg_pages, seg_len : the pool's tables (int32 ``[R, L, H, MP]``, int ``[R, L, H]``), on q's device.
+    req_idx : int ``[B]`` ``req_pool_idx`` of each batch slot (padding slots: any request whose
+        segments in ``layer`` are empty, e.g. SGLang's padding slot 0).
+    chunk_indptr : int32 ``[B * H + 1]``, this layer's row of :func:`chunk_tables` (``ws.chunk_size``).
+    ws : the static bounds and scratch (:class:`DecodeWorkspace`).
 
-    Accumulates in float32. Uses the Triton kernels (CUDA, or CPU under ``TRITON_INTERPRET=1``);
-    without them falls back to :func:`ragged_decode_reference`.
+    No host sync, no allocation but ``out`` (when not given); grid ``ws.max_chunks``. Accumulates in
+    float32. Runs the Triton kernels on CUDA or under ``TRITON_INTERPRET=1``.
     """
-    _check(q, k_pool, v_pool, seg_indptr, seg_indices, chunk_size, block_n)
-    S, G, D = q.shape
+    _check(q, k_rows, v_rows, seg_pages, seg_len, req_idx, chunk_indptr, ws)
+    B, Hl, G, D = q.shape
+    R, L, H, MP = seg_pages.shape
     if out is None:
-        out = torch.empty_like(q)
-    elif out.shape != q.shape:
-        raise ValueError(f"out must have shape {tuple(q.shape)}, got {tuple(out.shape)}")
-    use_triton = HAS_TRITON and (q.is_cuda or _interpreting())
-    if not use_triton:
-        out.copy_(ragged_decode_reference(q, k_pool, v_pool, seg_indptr, seg_indices, sm_scale))
+        out = torch.empty(B, Hl, G, D, dtype=q.dtype, device=q.device)
+    if not (HAS_TRITON and (q.is_cuda or _interpreting())):
+        raise RuntimeError("paged_decode needs CUDA or TRITON_INTERPRET=1 (the CPU server uses "
+                           "attention.ragged_torch.paged_decode_torch)")
+    if B == 0 or Hl == 0:
         return out
-    if S == 0:
-        return out
-    q = q if q.stride(-1) == 1 else q.contiguous()
-    block_g = max(16, triton.next_power_of_2(G))
-    block_d = max(16, triton.next_power_of_2(D))
-    chunks = chunk_indptr_for(seg_indptr, chunk_size)
-    grid_chunks = max_chunks if max_chunks is not None else seg_indices.numel() // chunk_size + S
-    grid_chunks = max(grid_chunks, 1)
-    o_part = torch.empty(grid_chunks, block_g, block_d, dtype=torch.float32, device=q.device)
-    lse_part = torch.empty(grid_chunks, block_g, dtype=torch.float32, device=q.device)
-    k2 = k_pool.reshape(k_pool.shape[0], D)
-    v2 = v_pool.reshape(v_pool.shape[0], D)
-    _chunk_attn_kernel[(grid_chunks,)](
-        q, k2, v2, seg_indptr, seg_indices, chunks, o_part, lse_part, float(sm_scale), S,
-        q.stride(0), q.stride(1), k2.stride(0), v2.stride(0),
-        G=G, BLOCK_G=block_g, D=D, BLOCK_D=block_d, CHUNK=chunk_size, BLOCK_N=block_n,
-        SEARCH_STEPS=max(1, math.ceil(math.log2(S + 1))),
+    _paged_chunk_kernel[(ws.max_chunks,)](
+        q, k_rows, v_rows, seg_pages, seg_len, req_idx, chunk_indptr, ws.o_part, ws.lse_part,
+        float(sm_scale), B * H, int(layer), L, H, Hl, MP,
+        q.stride(0), q.stride(1), q.stride(2), k_rows.stride(0), v_rows.stride(0),
+        G=G, BLOCK_G=ws.block_g, D=D, BLOCK_D=ws.block_d, P=page_size, CHUNK=ws.chunk_size,
+        BLOCK_N=ws.block_n, SEARCH_STEPS=ws.search_steps,
         # Triton's CPU interpreter computes tl.dot on bfloat16 inputs wrongly (checked with 3.9.0):
         # upcast there only; on CUDA the dots run on the native 16-bit inputs (tensor cores).
         DOT_F32=_interpreting() and q.dtype == torch.bfloat16)
-    _merge_kernel[(S,)](o_part, lse_part, chunks, out, out.stride(0), out.stride(1),
-                        G=G, BLOCK_G=block_g, D=D, BLOCK_D=block_d)
+    _paged_merge_kernel[(B * Hl,)](
+        ws.o_part, ws.lse_part, chunk_indptr, out, H, Hl, out.stride(0), out.stride(1), out.stride(2),
+        G=G, BLOCK_G=ws.block_g, D=D, BLOCK_D=ws.block_d)
     return out
 
 

@@ -15,6 +15,7 @@ import random
 from types import SimpleNamespace
 
 import pytest
+import numpy as np
 import torch
 
 from sglang_fairkv.compress.policy import CompressConfig
@@ -36,7 +37,8 @@ def half_copied_plan() -> Plan:
 def rank_states(plan: Plan, max_total_tokens: int):
     return [build_state(CompressConfig(), None, rank_plan=RankPlan(plan, r, Q), max_total_tokens=max_total_tokens,
                         rows_per_token_budget=L * KV // plan.tp, page_size=P, head_dim=2, max_reqs=MAX_REQS,
-                        max_context=4096, dtype=torch.float32, device="cpu") for r in range(plan.tp)]
+                        max_context=4096, dtype=torch.float32, device="cpu", metadata_in_budget=False)
+            for r in range(plan.tp)]
 
 
 def fake_req(rid: str, n: int, m: int):
@@ -174,7 +176,7 @@ def test_random_passes_with_chunks_compression_and_releases_never_overflow():
                 for layer in range(L):
                     counts = torch.zeros(KV, dtype=torch.int64)
                     for q, st in enumerate(states):
-                        own = st.pool.active[r, layer].nonzero().flatten().tolist()
+                        own = np.nonzero(st.pool.active_host[r, layer])[0].tolist()
                         kept = []
                         for j in own:
                             keep = sorted(rng.sample(range(done), rng.randrange(1, done + 1)))
@@ -245,3 +247,24 @@ def test_idle_server_admits_a_request_whose_share_choice_would_not_fit():
     assert all(not admission_pass(st, [fake_req("second", n, m)])[0] for st in states)
     release(states, req, free_idx)
     assert pool_pages(states) == [0, 0]
+
+
+def test_page_tables_are_paid_from_the_kv_budget():
+    """The segment tables (and on CUDA the decode scratch) come out of the bytes SGLang sized for
+    ``max_total_tokens``: the pool gets fewer pages, never more memory; too small a budget is refused
+    with the flags to change."""
+    from sglang_fairkv.kv.ragged_pool import RaggedKVPool
+
+    plan = half_copied_plan()
+    kw = dict(rank_plan=RankPlan(plan, 0, Q), rows_per_token_budget=L * KV // 2, page_size=P, head_dim=8,
+              max_reqs=MAX_REQS, max_context=512, dtype=torch.float32, device="cpu")
+    st = build_state(CompressConfig(), None, max_total_tokens=20000, **kw)
+    pool = st.pool
+    budget = 20000 * (L * KV // 2) * pool.bytes_per_row()
+    table = RaggedKVPool.table_bytes(max_reqs=MAX_REQS, num_layers=L, num_kv_heads=pool.num_kv_heads,
+                                     max_context=512, page_size=P)
+    used = pool.usable_pages * P * pool.bytes_per_row() + table
+    assert budget - P * pool.bytes_per_row() < used <= budget
+    assert pool.max_context >= 512
+    with pytest.raises(ValueError, match="lower --max-running-requests or --context-length"):
+        build_state(CompressConfig(), None, max_total_tokens=50, **kw)

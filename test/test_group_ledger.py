@@ -68,10 +68,10 @@ def test_ledger_equals_every_rank_pool_through_a_random_lifecycle():
             for layer in range(L):
                 counts = torch.zeros(KV, dtype=torch.int64)
                 for q, (rp, pool) in enumerate(zip(rps, pools)):
-                    own = pool.active[r, layer].nonzero().flatten().tolist()
+                    own = np.nonzero(pool.active_host[r, layer])[0].tolist()
                     kept = []
                     for j in own:
-                        n = int(pool.seg_len[r, layer, j])
+                        n = int(pool.seg_len_host[r, layer, j])
                         kept.append(torch.tensor(sorted(rng.sample(range(n), rng.randrange(1, n + 1)))))
                         counts[rp.local_heads[layer][j]] = len(kept[-1])
                     pool.compact(r, layer, kept, own)
@@ -82,8 +82,8 @@ def test_ledger_equals_every_rank_pool_through_a_random_lifecycle():
             need = ledger.decode_pages_needed(batch)
             for q, pool in enumerate(pools):
                 assert pool.decode_pages_needed(torch.tensor(batch)) == int(need[q])
-                pool.append(torch.tensor(batch))
-            ledger.append(torch.tensor(batch))
+                pool.append(np.array(batch), torch.tensor(batch))
+            ledger.append(batch)
         elif r in live:  # release
             for pool in pools:
                 pool.free(r)

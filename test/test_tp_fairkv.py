@@ -112,10 +112,12 @@ def edge_plan(path) -> Path:
 @pytest.fixture(scope="module")
 def edge_server(tiny_kv6_path, tp1_reference, tmp_path_factory):
     """TP 2 through :func:`edge_plan` (copies, a rank with no head in a layer), AdaKV, a KV pool too
-    small for all the traffic below at once; strict idle memory check on every rank."""
+    small for all the traffic below at once; strict idle memory check on every rank. Requests and
+    context bounded as a small server would be: the segment page table (requests x layers x heads x
+    context / page) is paid from the same 1200-token KV budget."""
     plan = edge_plan(tmp_path_factory.mktemp("edge") / "plan.json")
     args = ["--model-path", str(tiny_kv6_path), "--tp-size", "2", *ADAKV, "--max-total-tokens", "1200",
-            "--fairkv-plan", str(plan)]
+            "--max-running-requests", "24", "--context-length", "2048", "--fairkv-plan", str(plan)]
     with Server(args, env=STRICT) as s:
         yield s
 

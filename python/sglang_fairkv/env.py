@@ -58,10 +58,10 @@ def profile_dir() -> str | None:
 
 def decode_kernel() -> str:
     """``FAIRKV_DECODE_KERNEL``: the fairkv backend's CUDA decode path, ``triton`` (default, the ragged
-    kernel in ``kernels/``), ``flashinfer`` (flattened segments, page size 1) or ``torch``."""
+    kernel in ``kernels/``, reading the page table) or ``torch`` (padded torch path, as on CPU)."""
     v = os.environ.get("FAIRKV_DECODE_KERNEL", "triton")
-    if v not in ("triton", "flashinfer", "torch"):
-        raise ValueError(f"FAIRKV_DECODE_KERNEL must be triton, flashinfer or torch, got {v!r}")
+    if v not in ("triton", "torch"):
+        raise ValueError(f"FAIRKV_DECODE_KERNEL must be triton or torch, got {v!r}")
     return v
 
 

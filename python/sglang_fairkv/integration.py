@@ -13,6 +13,9 @@ attention registry, only when ``FAIRKV_KV_COMPRESS`` is set (``--kv-compress`` g
   hold there (replicas chosen before admission; see ``kv.sglang_pool.FairKVPrefillBudget``).
 * ``ScheduleBatch.prepare_for_extend`` (AFTER): each request's full prompt length, by
   ``req_pool_idx``, so the backend knows which prefill chunk is the last (compress then).
+* ``ScheduleBatch.prepare_for_decode`` (AFTER): the host copy of the decode batch's
+  ``req_pool_indices`` that SGLang's scheduler keeps, so the backend's per-step bookkeeping never
+  reads the device tensor back.
 * ``mem_cache.common.release_kv_cache`` (BEFORE -- it ends by freeing ``req_pool_idx``): free every
   segment of the request (finish, abort, disconnect, retract).
 * ``SchedulerInternalStateController._add_memory_usage`` (AFTER): pool usage in ``/get_server_info``.
@@ -33,6 +36,7 @@ T_BUILD_POOL = f"{_CFG}._build_token_to_kv_pool"
 T_BUILD_ALLOC = f"{_CFG}._build_token_to_kv_pool_allocator"
 T_CONFIGURE = f"{_CFG}.configure"
 T_PREPARE_EXTEND = "sglang.srt.managers.schedule_batch.ScheduleBatch.prepare_for_extend"
+T_PREPARE_DECODE = "sglang.srt.managers.schedule_batch.ScheduleBatch.prepare_for_decode"
 T_RELEASE = "sglang.srt.mem_cache.common.release_kv_cache"
 T_ADD_ONE_REQ = "sglang.srt.managers.schedule_policy.PrefillAdder.add_one_req"
 T_ADD_CHUNKED_REQ = "sglang.srt.managers.schedule_policy.PrefillAdder.add_chunked_req"
@@ -68,8 +72,10 @@ def build_pool_hook(original, self, *args, **kwargs):
                         max_total_tokens=sizes.max_total_num_tokens,
                         rows_per_token_budget=layers * _num_kv_heads(self),
                         page_size=env.kv_page_size(), head_dim=mc.head_dim,
-                        max_reqs=req_to_token.shape[0], max_context=req_to_token.shape[1],
-                        dtype=self.kv_cache_dtype, device=self.device, profile_path=_profile_path())
+                        max_reqs=req_to_token.shape[0], max_context=min(mc.context_len, req_to_token.shape[1]),
+                        dtype=self.kv_cache_dtype, device=self.device,
+                        group=max(1, mc.num_attention_heads // max(1, mc.num_key_value_heads)),
+                        profile_path=_profile_path())
     return FairKVCache(state, size=sizes.max_total_num_tokens, page_size=1, dtype=self.kv_cache_dtype,
                        layer_num=layers, device=self.device, start_layer=self.layer_info.start_layer,
                        end_layer=self.layer_info.end_layer)
@@ -185,6 +191,16 @@ def prepare_for_extend_hook(result, batch, *args, **kwargs):
     return result
 
 
+def prepare_for_decode_hook(result, batch, *args, **kwargs):
+    """AFTER ``ScheduleBatch.prepare_for_decode``: remember the batch's host ``req_pool_indices``
+    (SGLang keeps them in ``req_pool_indices_cpu``) beside the device tensor they belong to."""
+    state = _state_of(batch.token_to_kv_pool_allocator)
+    if state is not None:
+        cpu = getattr(batch, "req_pool_indices_cpu", None)
+        state.decode_batch = None if cpu is None else (batch.req_pool_indices, cpu.numpy().astype("int64"))
+    return result
+
+
 def release_hook(req, tree_cache, *args, **kwargs):
     """BEFORE ``release_kv_cache``: free the request's segments while ``req_pool_idx`` is still its."""
     state = _state_of(tree_cache.token_to_kv_pool_allocator)
@@ -209,7 +225,8 @@ def hook_triples() -> list[tuple[str, object, str]]:
     return [(T_BUILD_POOL, build_pool_hook, "AROUND"), (T_BUILD_ALLOC, build_allocator_hook, "AROUND"),
             (T_CONFIGURE, configure_hook, "AROUND"),
             (T_ADD_ONE_REQ, adder_request_hook, "AROUND"), (T_ADD_CHUNKED_REQ, adder_request_hook, "AROUND"),
-            (T_PREPARE_EXTEND, prepare_for_extend_hook, "AFTER"), (T_RELEASE, release_hook, "BEFORE"),
+            (T_PREPARE_EXTEND, prepare_for_extend_hook, "AFTER"),
+            (T_PREPARE_DECODE, prepare_for_decode_hook, "AFTER"), (T_RELEASE, release_hook, "BEFORE"),
             (T_INTERNAL_STATE, internal_state_hook, "AFTER")]
 
 

@@ -1,7 +1,14 @@
 """``--attention-backend fairkv``: SGLang attention over the ragged per-(request, layer, KV head) pool.
 
-Prefill (extend): each chunk's K/V are written into the request's segments, attention runs over the
-whole prefix (dense: before compression every segment of a request holds every position). When the
+Per step, ``init_forward_metadata`` takes every page decision on the host (the pool's host mirror and
+free stack) and sends the step's table writes and metadata in one host-to-device copy; the per-layer
+calls then read only device tensors and host values of that metadata: no host sync, no
+data-dependent host decision (``test/test_decode_path.py`` makes the sync entry points raise).
+
+Prefill (extend): each chunk's K/V are written into the request's segments, and one attention call per
+layer covers every request of the batch (queries padded to the longest chunk, keys to the longest
+sequence, a mask per request: work chunk x sequence, not sequence squared; before compression every
+segment of a request holds every position). When the
 chunk is the prompt's last, the layer is compressed right there: SnapKV scores from the window's
 post-RoPE queries against all prompt keys, budgets per ``CompressConfig``, the kept rows are compacted
 to the segment's front and the tail pages go back to the pool. Layer ``l``'s compression only changes
@@ -14,10 +21,11 @@ produce zeros (the TP sum of the layer output adds the owner's result). After co
 ranks exchange what the TP group's ledger needs (kept counts per head) and, for AdaKV, the scores
 (the layer-wide top-k must see every head): one all-reduce each, on every rank, in the same order.
 
-Decode: one new row per active segment (pages reserved for all layers once per step in
-``init_forward_metadata``), then ragged attention of each GQA group over its own segment:
-``attention.ragged_torch`` on CPU; on CUDA the Triton kernel of ``kernels/ragged_decode.py`` (default)
-or FlashInfer on the flattened segments (``FAIRKV_DECODE_KERNEL=flashinfer``).
+Decode: one new row per active segment (pages taken on the host for all layers once per step, write
+rows computed on the device), then ragged attention of each GQA group over its own segment, read
+through the page table: on CUDA the static-bounded Triton kernel of ``kernels/ragged_decode.py``
+(``paged_decode``; ``FAIRKV_DECODE_KERNEL=torch`` for the torch path), on CPU
+``attention.ragged_torch.paged_decode_torch`` (padded to the layer's longest segment, a host value).
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import logging
 from dataclasses import dataclass
 from functools import partial
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
@@ -34,29 +43,57 @@ from torch.nn.functional import scaled_dot_product_attention
 from .. import env
 from ..compress.policy import kept_for_layer
 from ..kv.sglang_pool import FairKVCache, FairKVState
-from .ragged_torch import ragged_decode_torch
+from .ragged_torch import paged_decode_torch
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class ExtendMetadata:
-    """One prefill forward: per request ``req_pool_idx``, prefix and chunk lengths (tokens), and
-    whether the chunk completes the prompt (compress then)."""
+    """One prefill forward, built once per step (host lists + one upload shared with the pool's
+    table writes).
+
+    Host: per request ``req_pool_idx``, prefix / chunk / sequence lengths (tokens), whether the chunk
+    completes the prompt (compress then), and where its tokens start in the packed batch.
+    Device: ``idx`` int64 [b]; ``q_slot`` int64 [T], packed token -> ``b * max_ext + e`` (the padded
+    layout of one batched attention call); ``new_pos`` int64 [b, max_ext] the position of each padded
+    query (0 for padding) and ``new_valid`` bool [b, max_ext]; ``mask`` bool [b, 1, max_ext, max_seq]
+    (query ``e`` of request ``i`` sees keys ``t <= prefix_i + e``; padding queries see key 0 only);
+    ``active`` bool [b, L, H], the segments each request holds on this rank.
+    """
 
     req_pool_idx: list[int]
     prefix_lens: list[int]
     extend_lens: list[int]
     seq_lens: list[int]
     is_last: list[bool]
+    starts: list[int]
+    idx_host: np.ndarray
+    max_ext: int
+    max_seq: int
+    idx: torch.Tensor
+    q_slot: torch.Tensor
+    new_pos: torch.Tensor
+    new_valid: torch.Tensor
+    mask: torch.Tensor
+    active: torch.Tensor
 
 
 @dataclass(frozen=True)
 class DecodeMetadata:
-    """One decode step: ``req_pool_idx`` int64 [b] and the row of each new token, int64 [b, L, H]."""
+    """One decode step, built once per step (no device read-back).
+
+    ``req_pool_idx`` int64 [b] (device); ``write_rows``: per layer int64 [b, H], the row of each new
+    token; ``lens`` int32 [b, L, H] lengths after the step; ``chunk_indptr``: per layer int32
+    [b*H + 1] (Triton path) or None; ``max_len`` (host, torch path): the longest segment of each
+    layer in the batch. Per-layer entries are views made once per step (a list index per layer).
+    """
 
     req_pool_idx: torch.Tensor
-    write_rows: torch.Tensor
+    write_rows: tuple[torch.Tensor, ...]
+    lens: torch.Tensor
+    chunk_indptr: tuple[torch.Tensor, ...] | None
+    max_len: list[int] | None
 
 
 class FairKVAttnBackend(AttentionBackend):
@@ -74,18 +111,13 @@ class FairKVAttnBackend(AttentionBackend):
         self.num_layers = self.pool.num_layers
         on_cuda = torch.device(self.device).type == "cuda"
         self.decode_kernel = env.decode_kernel() if on_cuda else "torch"
-        # one callable (q[S, G, D], k_rows, v_rows, seg_indptr, seg_rows, sm_scale) -> [S, G, D],
-        # resolved once here rather than per layer call
+        self.workspace = self.state.workspace
         if self.decode_kernel == "triton":
-            from ..kernels.ragged_decode import ragged_decode
+            from ..kernels.ragged_decode import chunk_tables, paged_decode
 
-            self._ragged_decode = ragged_decode
-        elif self.decode_kernel == "flashinfer":
-            from .flashinfer_decode import FlashInferRaggedDecode
-
-            self._ragged_decode = FlashInferRaggedDecode(self.device).run
-        else:
-            self._ragged_decode = ragged_decode_torch
+            if self.workspace is None:
+                raise RuntimeError("fairkv: the Triton decode path needs the pool's static workspace")
+            self._paged_decode, self._chunk_tables = paged_decode, chunk_tables
         self.forward_metadata: ExtendMetadata | DecodeMetadata | None = None
         self.ledger = self.state.ledger
         self.tp = self.state.rank_plan.tp
@@ -99,28 +131,57 @@ class FairKVAttnBackend(AttentionBackend):
 
             self._group = get_parallel().tp_group.device_group
 
-    # ---- metadata --------------------------------------------------------------------------
+    # ---- metadata (once per step; host decisions, one upload) --------------------------------
     def init_forward_metadata(self, forward_batch):
         mode = forward_batch.forward_mode
         if mode.is_idle():
             self.forward_metadata = None
         elif mode.is_decode():
-            idx = forward_batch.req_pool_indices.to(self.pool.device, torch.int64)
-            self.forward_metadata = DecodeMetadata(idx, self.pool.append(idx))
-            self.ledger.append(idx)
+            self.forward_metadata = self._decode_metadata(forward_batch)
         elif mode.is_extend():
-            idx = forward_batch.req_pool_indices.tolist()
-            prefix = [int(x) for x in forward_batch.extend_prefix_lens_cpu]
-            ext = [int(x) for x in forward_batch.extend_seq_lens_cpu]
-            seq = [p + e for p, e in zip(prefix, ext)]
-            target = self.state.target_len[idx].tolist()
-            is_last = [t < 0 or s >= t for s, t in zip(seq, target)]
-            self.pool.extend(torch.tensor(idx, device=self.pool.device),
-                             torch.tensor(seq, device=self.pool.device))
-            self.ledger.extend(idx, seq)
-            self.forward_metadata = ExtendMetadata(idx, prefix, ext, seq, is_last)
+            self.forward_metadata = self._extend_metadata(forward_batch)
         else:
             raise NotImplementedError(f"fairkv backend: forward mode {mode} is not supported")
+
+    def _decode_metadata(self, forward_batch) -> DecodeMetadata:
+        idx_dev = forward_batch.req_pool_indices
+        idx_host = self.state.host_req_pool_indices(idx_dev)
+        write_rows, lens = self.pool.append(idx_host, idx_dev)
+        write_rows = write_rows.unbind(0)
+        self.ledger.append(idx_host)
+        if self.decode_kernel == "triton":
+            return DecodeMetadata(idx_dev, write_rows, lens,
+                                  self._chunk_tables(lens, self.workspace.chunk_size).unbind(0), None)
+        lens_h = self.pool.seg_len_host[idx_host]  # [b, L, H] after the step (host mirror)
+        max_len = lens_h.max(axis=(0, 2)).tolist() if lens_h.size else [0] * self.num_layers
+        return DecodeMetadata(idx_dev, write_rows, lens, None, max_len)
+
+    def _extend_metadata(self, forward_batch) -> ExtendMetadata:
+        idx_cpu = forward_batch.req_pool_indices_cpu
+        idx = (idx_cpu.numpy() if idx_cpu is not None
+               else self.state.host_req_pool_indices(forward_batch.req_pool_indices)).astype(np.int64)
+        prefix = np.asarray(forward_batch.extend_prefix_lens_cpu, dtype=np.int64)
+        ext = np.asarray(forward_batch.extend_seq_lens_cpu, dtype=np.int64)
+        seq = prefix + ext
+        target = self.state.target_len[torch.from_numpy(idx)].numpy()
+        is_last = ((target < 0) | (seq >= target)).tolist()
+        self.pool.extend(idx, seq)
+        self.ledger.extend(idx.tolist(), seq.tolist())
+        b, max_ext, max_seq = len(idx), int(ext.max()), int(seq.max())
+        starts = np.concatenate([[0], np.cumsum(ext)[:-1]]).astype(np.int64)
+        q_slot = np.concatenate([i * max_ext + np.arange(e) for i, e in enumerate(ext.tolist())])
+        dev = self.pool.flush(extra=np.concatenate([idx, prefix, ext, seq, q_slot]))
+        d_idx, d_pre, d_ext, d_seq, d_slot = dev[:b], dev[b:2 * b], dev[2 * b:3 * b], dev[3 * b:4 * b], dev[4 * b:]
+        e = torch.arange(max_ext, device=dev.device)
+        new_pos = d_pre[:, None] + e  # [b, max_ext]
+        new_valid = e < d_ext[:, None]
+        t = torch.arange(max_seq, device=dev.device)
+        mask = (t[None, None, :] <= new_pos[:, :, None]) & (t < d_seq[:, None])[:, None, :]
+        mask[:, :, 0] |= ~new_valid  # padding queries attend key 0 (never all -inf); output dropped
+        return ExtendMetadata(idx.tolist(), prefix.tolist(), ext.tolist(), seq.tolist(), is_last,
+                              starts.tolist(), idx, max_ext, max_seq, d_idx, d_slot,
+                              torch.where(new_valid, new_pos, 0), new_valid, mask[:, None],
+                              self.pool.active[d_idx])
 
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int):
         raise NotImplementedError("fairkv backend: CUDA graphs are not supported yet (launch_server "
@@ -148,40 +209,61 @@ class FairKVAttnBackend(AttentionBackend):
             q = torch.empty(num_tokens, 0, head_dim, dtype=dtype, device=device)
             self._extend(q, q, q, layer_id, 1.0, head_dim, False)
 
+    def _pad(self, x: torch.Tensor, md: ExtendMetadata) -> torch.Tensor:
+        """Packed ``[T, n, D]`` -> padded ``[b, n, max_ext, D]`` (one scatter; a view when b == 1)."""
+        b, n = len(md.req_pool_idx), x.shape[1]
+        if b == 1:
+            return x.transpose(0, 1).unsqueeze(0)
+        pad = x.new_zeros(b * md.max_ext, n, x.shape[2])
+        pad[md.q_slot] = x
+        return pad.view(b, md.max_ext, n, x.shape[2]).transpose(1, 2)
+
     def _extend(self, q_, k_, v_, lid: int, scaling: float, v_head_dim: int, save_kv_cache: bool):
-        """Prefill attention of one layer. ``q_`` [T, Hq, D], ``k_``/``v_`` [T, H, D] (this rank's
-        heads); returns [T, Hq, Dv], zeros for the query heads of segments this rank does not hold."""
+        """Prefill attention of one layer over every request of the batch in one call. ``q_`` [T, Hq, D],
+        ``k_``/``v_`` [T, H, D] (this rank's heads); returns [T, Hq, Dv], zeros for the query heads of
+        segments this rank does not hold. Work ``b x max_ext x max_seq`` (for one request: the chunk
+        times its sequence, not the sequence squared)."""
         md: ExtendMetadata = self.forward_metadata
         hq, hkv, d = q_.shape[1], (k_.shape[1] if k_ is not None else 0), q_.shape[2]
         group = hq // hkv if hkv else 1
-        o = torch.zeros(q_.shape[0], hq, v_head_dim, dtype=q_.dtype, device=q_.device)
-        start = 0
-        for i, r in enumerate(md.req_pool_idx):
-            pre, ext, sl = md.prefix_lens[i], md.extend_lens[i], md.seq_lens[i]
-            own = self.pool.active[r, lid, :hkv].nonzero().flatten()  # local heads held for r
-            q_heads = (own[:, None] * group + torch.arange(group, device=own.device)).flatten()
-            rows = self.pool.prefix_rows(r, lid, sl)[own]  # [n_own, sl]
-            if save_kv_cache and k_ is not None and own.numel():
-                new = rows[:, pre:sl]
-                self.pool.k_rows[new] = k_[start:start + ext, own].transpose(0, 1).to(self.pool.dtype)
-                self.pool.v_rows[new] = v_[start:start + ext, own].transpose(0, 1).to(self.pool.dtype)
-            kk = self.pool.k_rows[rows]  # [n_own, sl, D]
-            vv = self.pool.v_rows[rows]
-            q_req = q_[start:start + ext]  # [ext, Hq, D]
-            if own.numel():
-                # SGLang torch_native's layout: queries padded to the full sequence, causal SDPA
-                q_full = q_req.new_empty(q_heads.numel(), sl, d)
-                q_full[:, pre:, :] = q_req[:, q_heads].transpose(0, 1)
-                out = scaled_dot_product_attention(
-                    q_full.unsqueeze(0), kk.unsqueeze(0).to(q_.dtype), vv.unsqueeze(0).to(q_.dtype),
-                    is_causal=True, scale=scaling, enable_gqa=group > 1).squeeze(0)
-                o[start:start + ext, q_heads] = out[:, pre:, :].transpose(0, 1)
-            if self.state.cfg.enabled:
-                self._compress(r, lid, q_req, kk, own, q_heads, md.is_last[i])
-            start += ext
+        b, pool = len(md.req_pool_idx), self.pool
+        act = md.active[:, lid, :hkv]  # [b, hkv] device
+        kk = None
+        if hkv:
+            if save_kv_cache and k_ is not None:
+                wrows = pool.rows_at(md.idx, lid, hkv, md.new_pos)  # [b, hkv, max_ext]
+                wrows = torch.where(act[:, :, None] & md.new_valid[:, None, :], wrows, 0)  # page 0: sink
+                pool.k_rows[wrows] = self._pad(k_, md).to(pool.dtype)
+                pool.v_rows[wrows] = self._pad(v_, md).to(pool.dtype)
+            rows = pool.rows_at(md.idx, lid, hkv, torch.arange(md.max_seq, device=q_.device))
+            kk = pool.k_rows[rows].to(q_.dtype)  # [b, hkv, max_seq, D]
+            vv = pool.v_rows[rows].to(q_.dtype)
+            out = scaled_dot_product_attention(self._pad(q_, md), kk, vv, attn_mask=md.mask, scale=scaling,
+                                               enable_gqa=group > 1)  # [b, Hq, max_ext, Dv]
+            out = out * act.repeat_interleave(group, dim=1)[:, :, None, None].to(out.dtype)
+            if b == 1:
+                o = out[0].transpose(0, 1)
+            else:
+                o = out.transpose(1, 2).reshape(b * md.max_ext, hq, v_head_dim)[md.q_slot]
+        else:
+            o = q_.new_zeros(q_.shape[0], hq, v_head_dim)
+        if self.state.cfg.enabled:
+            for i in range(b):  # only requests whose chunk ends the prompt do work here
+                self._compress_request(i, md, q_, kk, lid, hkv, group)
         return o
 
-    def _compress(self, r: int, lid: int, q_req: torch.Tensor, k_own: torch.Tensor, own: torch.Tensor,
+    def _compress_request(self, i: int, md: ExtendMetadata, q_: torch.Tensor, kk: torch.Tensor | None,
+                          lid: int, hkv: int, group: int) -> None:
+        """Window-query stash or compression of layer ``lid`` for request ``i`` of the batch. The heads
+        it holds come from the pool's host mirror (no device read)."""
+        r, s, ext, sl = md.req_pool_idx[i], md.starts[i], md.extend_lens[i], md.seq_lens[i]
+        own_l = np.nonzero(self.pool.active_host[r, lid, :hkv])[0].tolist()
+        own = torch.as_tensor(own_l, dtype=torch.int64).to(q_.device)
+        q_heads = (own[:, None] * group + torch.arange(group, device=q_.device)).flatten()
+        k_own = kk[i, own, :sl] if kk is not None else q_.new_zeros(0, sl, q_.shape[2])
+        self._compress(r, lid, q_[s:s + ext], k_own, own_l, q_heads, md.is_last[i])
+
+    def _compress(self, r: int, lid: int, q_req: torch.Tensor, k_own: torch.Tensor, own: list[int],
                   q_heads: torch.Tensor, last: bool) -> None:
         """Stash the window queries of a non-final chunk, or compress layer ``lid`` of request ``r``.
 
@@ -200,15 +282,15 @@ class FairKVAttnBackend(AttentionBackend):
         sl = k_own.shape[1]
         if q_tail.shape[0] == w:
             heads = self.state.local_heads(lid)
-            head_ids = [heads[j] for j in own.tolist()]
+            head_ids = [heads[j] for j in own]
             gather = partial(self._gather_scores, r) if self.tp > 1 else None
             kept = kept_for_layer(self.state.cfg, lid, self.num_layers, q_tail[:, q_heads].transpose(0, 1),
                                   k_own, self.state.head_budgets, head_ids=head_ids, gather_scores=gather)
             if kept is not None:
-                self.pool.compact(r, lid, kept, own.tolist())
+                self.pool.compact(r, lid, kept, own)
                 self._update_ledger(r, lid, head_ids, [int(x.numel()) for x in kept])
         if logger.isEnabledFor(logging.DEBUG):
-            self.state.kept_log.setdefault(r, []).append(int(self.pool.seg_len[r, lid].sum()))
+            self.state.kept_log.setdefault(r, []).append(int(self.pool.seg_len_host[r, lid].sum()))
             if lid == self.num_layers - 1:
                 logger.debug("fairkv req_pool_idx %d: %d prompt tokens, kept per layer (heads here) %s",
                              r, sl, self.state.kept_log.pop(r))
@@ -241,29 +323,43 @@ class FairKVAttnBackend(AttentionBackend):
 
     def _update_ledger(self, r: int, lid: int, head_ids: list[int], counts: list[int]) -> None:
         """Kept tokens of every head of the layer into the group ledger (exchanged at TP > 1)."""
-        c = torch.tensor(counts, dtype=torch.float64, device=self.pool.device).view(-1, 1)
-        if self.tp > 1:
-            full = self._all_reduce_heads(head_ids, c)[:, 0]
+        if self.tp > 1:  # the exchange's result is read on the host (the ledger): one sync per layer
+            c = torch.tensor(counts, dtype=torch.float64, device=self.pool.device).view(-1, 1)
+            full = self._all_reduce_heads(head_ids, c)[:, 0].round().to(torch.int64).cpu()
         else:
-            full = torch.zeros(self.num_kv_heads_total, dtype=torch.float64)
-            full[head_ids] = c[:, 0].cpu()
-        self.ledger.set_kept(r, lid, full.round().to(torch.int64))
+            full = torch.zeros(self.num_kv_heads_total, dtype=torch.int64)
+            full[head_ids] = torch.tensor(counts, dtype=torch.int64)
+        self.ledger.set_kept(r, lid, full)
 
     # ---- decode ----------------------------------------------------------------------------
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
+        """One layer of a decode step: write the new K/V rows, attend. Reads only the step's
+        metadata and the pool's device tables: no host sync, no data-dependent host decision, no
+        per-token row list (the kernel reads the page table). CUDA path: 8 tensor ops (2 writes, 2
+        kernel launches, 4 views) when q / k / v are in the pool's dtype."""
         md: DecodeMetadata = self.forward_metadata
         lid = layer.layer_id
-        hq, hkv, d = layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim
-        b = md.req_pool_idx.numel()
+        hq, hkv, d, dv = layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim, layer.v_head_dim
+        b, pool = md.req_pool_idx.shape[0], self.pool
         if save_kv_cache and k is not None:
-            rows = md.write_rows[:, lid, :hkv].reshape(-1)  # page-0 rows for segments not held here
-            self.pool.k_rows[rows] = k.reshape(b * hkv, d).to(self.pool.dtype)
-            self.pool.v_rows[rows] = v.reshape(b * hkv, layer.v_head_dim).to(self.pool.dtype)
-        indptr, seg_rows = self.pool.flat_segments(md.req_pool_idx, lid, hkv)
-        qg = q.reshape(b * hkv, hq // hkv, d)
-        out = self._ragged_decode(qg.to(self.pool.dtype), self.pool.k_rows, self.pool.v_rows, indptr,
-                                  seg_rows, layer.scaling).to(q.dtype)
-        return out.reshape(b, hq * layer.v_head_dim)
+            rows = md.write_rows[lid][:, :hkv] if hkv < pool.num_kv_heads else md.write_rows[lid]
+            pool.k_rows[rows] = _as(k.reshape(b, hkv, d), pool.dtype)  # page-0 rows: segments not held here
+            pool.v_rows[rows] = _as(v.reshape(b, hkv, dv), pool.dtype)
+        qg = _as(q.reshape(b, hkv, hq // hkv, d), pool.dtype)
+        if self.decode_kernel == "triton":
+            out = self._paged_decode(qg, pool.k_rows, pool.v_rows, pool.seg_pages, pool.seg_len,
+                                     md.req_pool_idx, lid, md.chunk_indptr[lid], layer.scaling,
+                                     self.workspace, pool.page_size)
+        else:
+            t = md.max_len[lid]
+            rows = pool.rows_at(md.req_pool_idx, lid, hkv, torch.arange(t, device=q.device))
+            out = paged_decode_torch(qg, pool.k_rows, pool.v_rows, rows, md.lens[:, lid, :hkv], layer.scaling)
+        return _as(out, q.dtype).reshape(b, hq * dv)
+
+
+def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` in ``dtype`` (no op when it already is)."""
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 def create_fairkv_backend(model_runner) -> FairKVAttnBackend:

@@ -57,8 +57,9 @@ class GroupLedger:
         """Kept tokens of every KV head of one layer after compression, int ``[KV]``."""
         self.length[req_pool_idx, layer] = counts.to(torch.int64).cpu()
 
-    def append(self, req_pool_idx: torch.Tensor) -> None:
-        idx = req_pool_idx.cpu()
+    def append(self, req_pool_idx) -> None:
+        """A decode step of these requests (host ints ``[b]``: never a device tensor)."""
+        idx = torch.from_numpy(np.asarray(req_pool_idx, dtype=np.int64))
         self.length[idx] += 1
 
     def release(self, req_pool_idx: int) -> None:

@@ -1,33 +1,45 @@
 """A paged, physically ragged KV pool: one segment per (request, layer, KV head).
 
-Layout
-------
+Layout (device)
+---------------
 * ``k_rows`` / ``v_rows``: ``[num_pages * page_size, head_dim]`` -- one *row* is one token of one KV
   head of one layer; all layers share the row space, so per-layer and per-head budgets (AdaKV,
   PyramidKV, HeadKV) cost exactly what they keep.
 * ``seg_pages``: int32 ``[max_reqs, num_layers, num_kv_heads, max_pages]`` -- the pages of each
-  segment in order; ``seg_len``: int64 ``[max_reqs, num_layers, num_kv_heads]`` -- tokens in it.
-  Both are indexed by SGLang's ``req_pool_idx`` (tables, not per-request objects: they survive
-  CUDA-graph replay and are shared by every layer).
+  segment in order; ``seg_len``: int32 ``[max_reqs, num_layers, num_kv_heads]`` -- tokens in it;
+  ``active``: bool, same shape -- which segments a request holds on this rank. Indexed by SGLang's
+  ``req_pool_idx``: static tables, read in place by the decode kernel (and by a captured graph).
 * Row of token ``t`` of segment ``(r, l, h)``: ``seg_pages[r, l, h, t // P] * P + t % P``.
 
+Host-side bookkeeping, one upload per step
+------------------------------------------
+Every decision about pages is taken on the host, from host mirrors of the three tables
+(``seg_len_host``, ``active_host``, ``seg_pages_host``; numpy) and a host free stack of page ids: a
+decode step knows without asking the device which segments cross a page boundary (``len % P == 0``).
+Table changes are queued as ``(flat index, value)`` writes and applied by :meth:`flush` -- one packed
+host-to-device copy (from a pinned staging buffer on CUDA) and one scatter per table -- which the
+backend calls once per forward. Decode then advances ``seg_len`` and computes the write rows on the
+device (:meth:`append`), touching only the ``[b, L, H]`` entries of the batch, never whole
+``[.., max_pages]`` rows. Nothing here reads a device tensor back.
+
 Page granularity (``P``, default 16) and not token granularity: a token-granular segment needs a
-``max_context`` row table (GBs for a 70B model at long context); pages bound the table to
-``max_context / P`` entries and the slack to ``P - 1`` rows per segment.
+``max_context`` row table; pages bound it to ``max_context / P`` entries and the slack to ``P - 1``
+rows per segment. :meth:`table_bytes` is what the tables cost; the server takes it out of SGLang's
+KV budget (``sglang_pool.build_state``).
 
 Row 0..P-1 (page 0) is never handed out: like SGLang's slot 0 it absorbs writes of padded tokens
 and of segments this rank does not hold.
 
-Ownership: ``active[r, l, h]`` (bool) says which segments request ``r`` has on this rank. Under a
-FairKV plan a layer may hold fewer heads than ``num_kv_heads`` (the largest count over layers), and a
-copied head's replica holds only the requests assigned to it; inactive segments stay empty (zero
-length, no pages), give zero attention, and their decode writes land in page 0.
+Ownership: under a FairKV plan a layer may hold fewer heads than ``num_kv_heads`` (the largest count
+over layers), and a copied head's replica holds only the requests assigned to it; inactive segments
+stay empty (zero length, no pages), give zero attention, and their decode writes land in page 0.
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 
@@ -35,8 +47,12 @@ class RaggedPoolFull(RuntimeError):
     """Raised when an allocation finds no free page (admission should have prevented it)."""
 
 
+_PAGES, _LEN, _ACTIVE = 0, 1, 2  # the device tables that pending writes target
+
+
 class RaggedKVPool:
-    """Paged per-(request, layer, KV head) segments; all tensors on ``device``.
+    """Paged per-(request, layer, KV head) segments; KV rows and tables on ``device``, bookkeeping
+    on the host.
 
     Parameters
     ----------
@@ -57,179 +73,333 @@ class RaggedKVPool:
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.max_reqs = max_reqs
-        self.max_pages = math.ceil(max_context / page_size) + 1
+        self.max_pages = self.pages_per_segment(max_context, page_size)
+        self.max_context = (self.max_pages - 1) * page_size
         self.dtype = dtype
         self.device = torch.device(device)
         rows = num_pages * page_size
+        shape = (max_reqs, num_layers, num_kv_heads)
         self.k_rows = torch.zeros(rows, head_dim, dtype=dtype, device=self.device)
         self.v_rows = torch.zeros(rows, head_dim, dtype=dtype, device=self.device)
-        self.seg_pages = torch.zeros(max_reqs, num_layers, num_kv_heads, self.max_pages,
-                                     dtype=torch.int32, device=self.device)
-        self.seg_len = torch.zeros(max_reqs, num_layers, num_kv_heads, dtype=torch.int64,
-                                   device=self.device)
-        self.active = torch.zeros(max_reqs, num_layers, num_kv_heads, dtype=torch.bool, device=self.device)
+        self.seg_pages = torch.zeros(*shape, self.max_pages, dtype=torch.int32, device=self.device)
+        self.seg_len = torch.zeros(shape, dtype=torch.int32, device=self.device)
+        self.active = torch.zeros(shape, dtype=torch.bool, device=self.device)
+        self.seg_pages_host = np.zeros((*shape, self.max_pages), dtype=np.int32)
+        self.seg_len_host = np.zeros(shape, dtype=np.int64)
+        self.active_host = np.zeros(shape, dtype=np.bool_)
+        # flat index of segment (0, l, h): base[l, h]; of (r, l, h): r * L * H + base[l, h]
+        self._seg_base = torch.arange(num_layers * num_kv_heads, dtype=torch.int64,
+                                      device=self.device).view(num_layers, num_kv_heads)
+        self._staging: list[torch.Tensor | None] = [None, None]
+        self._staging_events: list[object | None] = [None, None]
+        self._flip = 0
+        self.uploads = 0  # host-to-device copies made by flush (a test counts them)
         self.clear()
+
+    @staticmethod
+    def pages_per_segment(max_context: int, page_size: int) -> int:
+        """Page-table entries per segment for sequences up to ``max_context`` tokens (+1: a decode
+        step at a page boundary takes the next page before the length check)."""
+        return math.ceil(max_context / page_size) + 1
+
+    @classmethod
+    def table_bytes(cls, *, max_reqs: int, num_layers: int, num_kv_heads: int, max_context: int,
+                    page_size: int) -> int:
+        """Device bytes of ``seg_pages`` + ``seg_len`` + ``active`` (the metadata the KV budget pays)."""
+        segs = max_reqs * num_layers * num_kv_heads
+        return segs * (4 * cls.pages_per_segment(max_context, page_size) + 4 + 1)
 
     # ---- accounting -------------------------------------------------------------------------
     def clear(self) -> None:
-        self.free_pages = torch.arange(1, self.num_pages, dtype=torch.int64, device=self.device)
+        """Every page free, every segment empty and inactive (host and device)."""
+        # a stack popped from the top: pages come out 1, 2, 3, ... on an empty pool
+        self._free = np.arange(self.num_pages - 1, 0, -1, dtype=np.int32)
+        self._n_free = self.num_pages - 1
+        self.seg_len_host[:] = 0
+        self.active_host[:] = False
+        self._pending: list[list[tuple[np.ndarray, np.ndarray]]] = [[], [], []]
         self.seg_len.zero_()
         self.active.zero_()
 
-    def set_active(self, req_pool_idx: int, mask: torch.Tensor | None = None) -> None:
+    def set_active(self, req_pool_idx: int, mask: np.ndarray | torch.Tensor | None = None) -> None:
         """Which segments request ``req_pool_idx`` holds here: bool ``[num_layers, num_kv_heads]``
         (None: all). Set once before its first :meth:`extend`; :meth:`free` clears it."""
-        if bool(self.seg_len[req_pool_idx].any()):
+        if self.seg_len_host[req_pool_idx].any():
             raise AssertionError("set_active on a request that already holds segments")
         if mask is None:
-            self.active[req_pool_idx] = True
+            m = np.ones((self.num_layers, self.num_kv_heads), dtype=np.bool_)
         else:
-            self.active[req_pool_idx] = mask.to(self.device, torch.bool)
+            m = np.asarray(mask.cpu() if isinstance(mask, torch.Tensor) else mask, dtype=np.bool_)
+        self.active_host[req_pool_idx] = m
+        self._queue(_ACTIVE, self._seg_flat(req_pool_idx), m.reshape(-1))
 
     @property
     def usable_pages(self) -> int:
         return self.num_pages - 1
 
+    @property
+    def free_pages(self) -> torch.Tensor:
+        """int64 copy of the free page ids (tests; not for serving paths)."""
+        return torch.from_numpy(self._free[:self._n_free].astype(np.int64))
+
     def free_page_count(self) -> int:
-        return int(self.free_pages.numel())
+        return self._n_free
 
     def used_pages(self) -> int:
-        return self.usable_pages - self.free_page_count()
+        return self.usable_pages - self._n_free
 
     def used_tokens(self, req_pool_idx: int | None = None) -> int:
-        """Sum of segment lengths (rows holding KV), for one request or all."""
+        """Sum of segment lengths (rows holding KV), for one request or all (host mirror)."""
         if req_pool_idx is None:
-            return int(self.seg_len.sum())
-        return int(self.seg_len[req_pool_idx].sum())
+            return int(self.seg_len_host.sum())
+        return int(self.seg_len_host[req_pool_idx].sum())
+
+    def requests_holding(self) -> int:
+        """Requests with at least one non-empty segment here."""
+        return int((self.seg_len_host.reshape(self.max_reqs, -1).sum(axis=1) > 0).sum())
 
     def bytes_per_row(self) -> int:
         return 2 * self.head_dim * self.k_rows.element_size()
 
-    # ---- allocation ---------------------------------------------------------------------------
-    def _pop(self, n: int) -> torch.Tensor:
-        if n > self.free_pages.numel():
-            raise RaggedPoolFull(f"ragged KV pool: need {n} pages, {self.free_pages.numel()} free")
-        out, self.free_pages = self.free_pages[:n], self.free_pages[n:]
+    # ---- host free stack and queued table writes ---------------------------------------------
+    def _pop(self, n: int) -> np.ndarray:
+        if n > self._n_free:
+            raise RaggedPoolFull(f"ragged KV pool: need {n} pages, {self._n_free} free")
+        out = self._free[self._n_free - n:self._n_free][::-1].copy()
+        self._n_free -= n
         return out
 
-    def _push(self, pages: torch.Tensor) -> None:
-        if pages.numel():
-            self.free_pages = torch.cat([self.free_pages, pages.to(torch.int64)])
+    def _push(self, pages: np.ndarray) -> None:
+        k = int(pages.size)
+        if k:
+            self._free[self._n_free:self._n_free + k] = pages.reshape(-1)
+            self._n_free += k
 
-    def _pages_for(self, length: torch.Tensor) -> torch.Tensor:
-        return (length + self.page_size - 1) // self.page_size
+    def _seg_flat(self, r: int) -> np.ndarray:
+        """Flat indices (into ``seg_len`` / ``active``) of every segment of request ``r``, ``[L*H]``."""
+        n = self.num_layers * self.num_kv_heads
+        return np.arange(r * n, (r + 1) * n, dtype=np.int64)
 
-    def extend(self, req_pool_idx: torch.Tensor, new_len: torch.Tensor) -> None:
-        """Grow every active segment of each request to ``new_len`` tokens (prefill chunk).
+    def _queue(self, table: int, flat: np.ndarray, values: np.ndarray) -> None:
+        if flat.size:
+            self._pending[table].append((flat.astype(np.int64, copy=False).reshape(-1),
+                                         np.asarray(values, dtype=np.int64).reshape(-1)))
 
-        ``req_pool_idx``, ``new_len``: int64 ``[b]``. Before compression all active segments of a
-        request have the same length; the rows of the new positions are then written layer by layer.
-        """
-        if bool((new_len > (self.max_pages - 1) * self.page_size).any()):
-            raise ValueError(f"sequence of {int(new_len.max())} tokens exceeds the pool's max context")
-        for i, r in enumerate(req_pool_idx.tolist()):
-            act = self.active[r]  # [L, H]
-            n_act = int(act.sum())
-            if n_act == 0:
+    def pending_writes(self) -> int:
+        return sum(int(i.size) for t in self._pending for i, _ in t)
+
+    def flush(self, tables: tuple[int, ...] = (_PAGES, _LEN, _ACTIVE),
+              extra: np.ndarray | None = None) -> torch.Tensor | None:
+        """Apply the queued writes of ``tables`` (default all): one host-to-device copy of one packed
+        int64 buffer, one scatter per table touched. A segment written twice keeps the later value.
+
+        ``extra``: int64 host data the caller needs on the device this step (the backend's prefill
+        metadata); it travels in the same copy and comes back as a device tensor (else None)."""
+        parts, sizes = [], []
+        for t in range(3):
+            if t not in tables or not self._pending[t]:
+                sizes.append(0)
                 continue
-            lens = self.seg_len[r][act]
+            idx = np.concatenate([i for i, _ in self._pending[t]])
+            val = np.concatenate([v for _, v in self._pending[t]])
+            # last write wins: unique over the reversed list keeps each index's last occurrence
+            _, first_rev = np.unique(idx[::-1], return_index=True)
+            keep = idx.size - 1 - first_rev
+            parts += [idx[keep], val[keep]]
+            sizes.append(int(keep.size))
+            self._pending[t] = []
+        if extra is not None:
+            parts.append(np.asarray(extra, dtype=np.int64).reshape(-1))
+        if not parts:
+            return None
+        packed = self._upload(np.concatenate(parts))
+        off = 0
+        for t, n in enumerate(sizes):
+            if not n:
+                continue
+            idx, val = packed[off:off + n], packed[off + n:off + 2 * n]
+            off += 2 * n
+            table = (self.seg_pages, self.seg_len, self.active)[t]
+            table.view(-1)[idx] = val.to(table.dtype)
+        return packed[off:] if extra is not None else None
+
+    def _upload(self, host: np.ndarray) -> torch.Tensor:
+        """One host-to-device copy. On CUDA through two alternating pinned staging buffers (a buffer
+        is refilled only after the copy that last read it has finished)."""
+        self.uploads += 1
+        src = torch.from_numpy(host)
+        if self.device.type != "cuda":
+            return src.to(self.device)
+        slot, self._flip = self._flip, self._flip ^ 1
+        buf, ev = self._staging[slot], self._staging_events[slot]
+        if ev is not None:
+            ev.synchronize()  # the copy of two flushes ago; long done in practice
+        if buf is None or buf.numel() < src.numel():
+            buf = self._staging[slot] = torch.empty(max(src.numel(), 1 << 16), dtype=torch.int64,
+                                                    pin_memory=True)
+        buf[:src.numel()].copy_(src)
+        out = buf[:src.numel()].to(self.device, non_blocking=True)
+        ev = torch.cuda.Event()
+        ev.record()
+        self._staging_events[slot] = ev
+        return out
+
+    # ---- allocation (host decisions) -----------------------------------------------------------
+    def extend(self, req_pool_idx, new_len) -> None:
+        """Grow every active segment of each request to ``new_len`` tokens (a prefill chunk).
+
+        ``req_pool_idx``, ``new_len``: host ints (sequences or CPU tensors) ``[b]``. Before compression
+        all active segments of a request have the same length; the rows of the new positions are
+        written layer by layer by the backend. Queues table writes (see :meth:`flush`).
+        """
+        P, MP = self.page_size, self.max_pages
+        for r, new in zip(_host_ints(req_pool_idx), _host_ints(new_len)):
+            if new > self.max_context:
+                raise ValueError(f"sequence of {new} tokens exceeds the pool's max context {self.max_context}")
+            act = self.active_host[r]  # [L, H]
+            l_i, h_i = np.nonzero(act)
+            if l_i.size == 0:
+                continue
+            lens = self.seg_len_host[r, l_i, h_i]
             old = int(lens[0])
-            if bool((lens != old).any()):
+            if (lens != old).any():
                 raise AssertionError("extend on a request whose segments were already compressed")
-            new = int(new_len[i])
             if new < old:
                 raise ValueError("extend cannot shrink a segment")
-            a, b = -(-old // self.page_size), -(-new // self.page_size)
+            a, b = -(-old // P), -(-new // P)
+            seg = (r * self.num_layers + l_i) * self.num_kv_heads + h_i  # [n_act]
             if b > a:
-                pages = self._pop(n_act * (b - a)).view(n_act, b - a).to(torch.int32)
-                sp = self.seg_pages[r]
-                sp[act, a:b] = pages
-            self.seg_len[r][act] = new
+                pages = self._pop(l_i.size * (b - a)).reshape(l_i.size, b - a)
+                self.seg_pages_host[r, l_i, h_i, a:b] = pages
+                self._queue(_PAGES, seg[:, None] * MP + np.arange(a, b)[None, :], pages)
+            self.seg_len_host[r, l_i, h_i] = new
+            self._queue(_LEN, seg, np.full(seg.size, new))
 
-    def decode_pages_needed(self, req_pool_idx: torch.Tensor) -> int:
+    def decode_pages_needed(self, req_pool_idx) -> int:
         """Pages the next :meth:`append` of these requests will take (segments at a page boundary)."""
-        return int(((self.seg_len[req_pool_idx] % self.page_size == 0) & self.active[req_pool_idx]).sum())
+        idx = np.asarray(_host_ints(req_pool_idx), dtype=np.int64)
+        return int(((self.seg_len_host[idx] % self.page_size == 0) & self.active_host[idx]).sum())
 
-    def append(self, req_pool_idx: torch.Tensor) -> torch.Tensor:
+    def append(self, req_pool_idx_host, req_pool_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Add one token to every active segment of each request (a decode step).
 
-        Returns int64 ``[b, num_layers, num_kv_heads]``: the row each new token's K/V goes to (a row
-        of the reserved page 0 for inactive segments).
+        ``req_pool_idx_host``: host ints ``[b]``; ``req_pool_idx``: the same on the device (int64).
+        Host: pages for the segments at a page boundary from the free stack, queued and flushed (the
+        step's one upload). Device: the write rows from the page table and ``seg_len`` advanced.
+
+        Returns ``write_rows`` int64 ``[L, b, H]`` (the row of each new token's K/V; a row of the
+        reserved page 0 for inactive segments) and ``lens`` int32 ``[b, L, H]`` (lengths after the
+        step).
         """
-        lens = self.seg_len[req_pool_idx]  # [b, L, H]
-        act = self.active[req_pool_idx]
-        if bool((lens // self.page_size >= self.max_pages).any()):
+        P, L, H, MP = self.page_size, self.num_layers, self.num_kv_heads, self.max_pages
+        idx = np.asarray(_host_ints(req_pool_idx_host), dtype=np.int64)
+        lens = self.seg_len_host[idx]  # [b, L, H]
+        act = self.active_host[idx]
+        if (lens[act] >= self.max_context).any():
             raise ValueError("a segment would exceed the pool's max context")
-        need = (lens % self.page_size == 0) & act
-        n = int(need.sum())
-        if n:
-            pages = self._pop(n)
-            b_i, l_i, h_i = need.nonzero(as_tuple=True)
-            self.seg_pages[req_pool_idx[b_i], l_i, h_i, lens[b_i, l_i, h_i] // self.page_size] = \
-                pages.to(torch.int32)
-        page = self.seg_pages[req_pool_idx].gather(-1, (lens // self.page_size).unsqueeze(-1)).squeeze(-1)
-        rows = torch.where(act, page.to(torch.int64) * self.page_size + lens % self.page_size, 0)
-        self.seg_len[req_pool_idx] = lens + act.to(lens.dtype)
-        return rows
+        need = (lens % P == 0) & act
+        b_i, l_i, h_i = np.nonzero(need)
+        if b_i.size:
+            pages = self._pop(b_i.size)
+            slot = lens[b_i, l_i, h_i] // P
+            self.seg_pages_host[idx[b_i], l_i, h_i, slot] = pages
+            self._queue(_PAGES, ((idx[b_i] * L + l_i) * H + h_i) * MP + slot, pages)
+        self.seg_len_host[idx] = lens + act
+        self.flush()
+        # device: rows from the (just updated) page table, then the lengths advance
+        r = req_pool_idx.to(torch.int64)
+        lens_d = self.seg_len[r]  # [b, L, H] int32
+        act_d = self.active[r]
+        seg = r[:, None, None] * (L * H) + self._seg_base  # [b, L, H]
+        page = self.seg_pages.view(-1)[seg * MP + (lens_d // P).to(torch.int64)]
+        rows = torch.where(act_d, page.to(torch.int64) * P + (lens_d % P).to(torch.int64), 0)
+        new_lens = lens_d + act_d.to(lens_d.dtype)
+        self.seg_len[r] = new_lens
+        return rows.permute(1, 0, 2), new_lens
 
     def free(self, req_pool_idx: int) -> int:
-        """Return every page of one request; returns the number of pages freed."""
-        lens = self.seg_len[req_pool_idx]  # [L, H]
-        n_pages = self._pages_for(lens)
-        self.active[req_pool_idx] = False
-        if int(n_pages.sum()) == 0:
+        """Return every page of one request (host); returns the number of pages freed."""
+        r = int(req_pool_idx)
+        lens = self.seg_len_host[r]  # [L, H]
+        n_pages = -(-lens // self.page_size)
+        had_active = bool(self.active_host[r].any())
+        self.active_host[r] = False
+        flat = self._seg_flat(r)
+        if had_active:
+            self._queue(_ACTIVE, flat, np.zeros(flat.size))
+        total = int(n_pages.sum())
+        if total == 0:
             return 0
-        mask = torch.arange(self.max_pages, device=self.device) < n_pages.unsqueeze(-1)
-        pages = self.seg_pages[req_pool_idx][mask]
-        self._push(pages)
-        self.seg_len[req_pool_idx] = 0
-        return int(pages.numel())
-
-    # ---- addressing ---------------------------------------------------------------------------
-    def rows_of(self, req_pool_idx: int, layer: int, head: int, positions: torch.Tensor) -> torch.Tensor:
-        """Rows of ``positions`` (int64 ``[n]``, < segment length) in one segment."""
-        pages = self.seg_pages[req_pool_idx, layer, head].to(torch.int64)
-        return pages[positions // self.page_size] * self.page_size + positions % self.page_size
-
-    def prefix_rows(self, req_pool_idx: int, layer: int, length: int) -> torch.Tensor:
-        """Rows of positions ``[0, length)`` of every head of one (request, layer): ``[H, length]``."""
-        t = torch.arange(length, device=self.device)
-        pages = self.seg_pages[req_pool_idx, layer].to(torch.int64)  # [H, max_pages]
-        return pages[:, t // self.page_size] * self.page_size + t % self.page_size
-
-    def flat_segments(self, req_pool_idx: torch.Tensor, layer: int,
-                      num_heads: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """CSR view of one layer's segments of a batch (first ``num_heads`` heads, default all),
-        segment ``s = b * H + h``.
-
-        Returns ``seg_indptr`` int32 ``[b*H + 1]`` and ``seg_rows`` int64 ``[nnz]`` (rows in order).
-        """
-        H = self.num_kv_heads if num_heads is None else num_heads
-        lens = self.seg_len[req_pool_idx, layer, :H].reshape(-1)  # [S]
-        pages = self.seg_pages[req_pool_idx, layer, :H].reshape(lens.numel(), -1).to(torch.int64)
-        indptr = torch.zeros(lens.numel() + 1, dtype=torch.int64, device=self.device)
-        torch.cumsum(lens, 0, out=indptr[1:])
-        nnz = int(indptr[-1])
-        seg = torch.repeat_interleave(torch.arange(lens.numel(), device=self.device), lens,
-                                      output_size=nnz)
-        t = torch.arange(nnz, device=self.device) - indptr[seg]
-        rows = pages[seg, t // self.page_size] * self.page_size + t % self.page_size
-        return indptr.to(torch.int32), rows
+        mask = np.arange(self.max_pages)[None, None, :] < n_pages[..., None]
+        self._push(self.seg_pages_host[r][mask])
+        self.seg_len_host[r] = 0
+        self._queue(_LEN, flat, np.zeros(flat.size))
+        return total
 
     def compact(self, req_pool_idx: int, layer: int, kept: list[torch.Tensor],
                 heads: list[int] | None = None) -> None:
-        """Keep only ``kept[i]`` (sorted positions) of head ``heads[i]``'s segment (default: head
-        ``i``); free the tail pages."""
-        for h, pos in zip(range(len(kept)) if heads is None else heads, kept):
-            old = int(self.seg_len[req_pool_idx, layer, h])
-            n = int(pos.numel())
+        """Keep only ``kept[i]`` (sorted positions, a tensor on any device) of head ``heads[i]``'s
+        segment (default: head ``i``), moved to the segment's front; the tail pages go back to the
+        free stack. All heads move in one gather/scatter of K and of V; the destination rows and head
+        ids come from the host tables (one small upload), the sources are read from the device page
+        table (the positions stay on the device)."""
+        r, P, MP = int(req_pool_idx), self.page_size, self.max_pages
+        heads = list(range(len(kept))) if heads is None else list(heads)
+        move_h, move_pos, dst = [], [], []
+        for h, pos in zip(heads, kept):
+            old, n = int(self.seg_len_host[r, layer, h]), int(pos.numel())
             if n == old:
                 continue
-            src = self.rows_of(req_pool_idx, layer, h, pos.to(self.device, torch.int64))
-            dst = self.rows_of(req_pool_idx, layer, h, torch.arange(n, device=self.device))
-            self.k_rows[dst] = self.k_rows[src]  # advanced indexing copies src before writing
-            self.v_rows[dst] = self.v_rows[src]
-            keep_p = math.ceil(n / self.page_size)
-            old_p = math.ceil(old / self.page_size)
-            self._push(self.seg_pages[req_pool_idx, layer, h, keep_p:old_p].clone())
-            self.seg_len[req_pool_idx, layer, h] = n
+            if n > old:
+                raise ValueError(f"compact keeps {n} of {old} tokens")
+            t = np.arange(n)
+            dst.append(self.seg_pages_host[r, layer, h, t // P].astype(np.int64) * P + t % P)
+            move_h.append(np.full(n, h, dtype=np.int64))
+            move_pos.append(pos)
+            keep_p, old_p = -(-n // P), -(-old // P)
+            self._push(self.seg_pages_host[r, layer, h, keep_p:old_p].copy())
+            self.seg_len_host[r, layer, h] = n
+            seg = (r * self.num_layers + layer) * self.num_kv_heads + h
+            self._queue(_LEN, np.array([seg]), np.array([n]))
+        if not move_h:
+            return
+        n_tot = sum(x.size for x in move_h)
+        if n_tot:
+            self.flush((_PAGES,))  # no-op in the server (its step's pages are flushed already)
+            host = self._upload(np.concatenate([*move_h, *dst]))
+            hcol, dst_rows = host[:n_tot], host[n_tot:]
+            pos = torch.cat([p.to(self.device, torch.int64) for p in move_pos])
+            seg = (r * self.num_layers + layer) * self.num_kv_heads + hcol
+            src = self.seg_pages.view(-1)[seg * MP + pos // P].to(torch.int64) * P + pos % P
+            self.k_rows[dst_rows] = self.k_rows[src]  # advanced indexing reads src before writing
+            self.v_rows[dst_rows] = self.v_rows[src]
+
+    # ---- addressing ---------------------------------------------------------------------------
+    def rows_at(self, req_pool_idx: torch.Tensor, layer: int, num_heads: int,
+                positions: torch.Tensor) -> torch.Tensor:
+        """int64 ``[b, num_heads, T]``: rows of ``positions`` (int64 ``[b, T]`` or ``[T]``, device) in
+        the segments ``(req_pool_idx[b], layer, h < num_heads)``. Reads only those page-table entries
+        (a flat gather); positions past a segment's pages read stale entries: mask them."""
+        P, MP = self.page_size, self.max_pages
+        r = req_pool_idx.to(torch.int64)
+        seg = r[:, None] * (self.num_layers * self.num_kv_heads) + self._seg_base[layer, :num_heads]
+        pos = positions if positions.dim() == 2 else positions[None, :]
+        page = self.seg_pages.view(-1)[seg[:, :, None] * MP + (pos // P)[:, None, :]]
+        return page.to(torch.int64) * P + (pos % P)[:, None, :]
+
+    def rows_of(self, req_pool_idx: int, layer: int, head: int, positions: torch.Tensor) -> torch.Tensor:
+        """Rows of ``positions`` (int64 ``[n]``, < segment length) in one segment (host tables)."""
+        pos = positions.cpu().numpy().astype(np.int64)
+        pages = self.seg_pages_host[req_pool_idx, layer, head, pos // self.page_size].astype(np.int64)
+        return torch.from_numpy(pages * self.page_size + pos % self.page_size).to(self.device)
+
+
+def _host_ints(x) -> list[int]:
+    """A host sequence of ints from a list, numpy array or CPU tensor (never a device tensor)."""
+    if isinstance(x, torch.Tensor):
+        if x.device.type != "cpu":
+            raise TypeError("host bookkeeping was given a device tensor (it would sync)")
+        return x.tolist()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    return [int(v) for v in x]

@@ -74,10 +74,30 @@ class FairKVState:
     #: seconds between the per-rank KV log lines (rank 0, while requests arrive)
     log_interval_s: float = 10.0
     _last_log: float = 0.0
+    #: the Triton decode kernel's static bounds and scratch (CUDA), counted in the KV budget
+    workspace: object | None = None
+    #: the decode batch SGLang is about to run: (its device ``req_pool_indices`` tensor, the same on
+    #: the host), recorded by the ``prepare_for_decode`` hook from ``ScheduleBatch.req_pool_indices_cpu``
+    decode_batch: tuple[torch.Tensor, np.ndarray] | None = None
+    #: decode steps whose host indices had to be read back from the device (should stay 0)
+    host_index_readbacks: int = 0
 
     def __post_init__(self):
         self._local_heads = self.rank_plan.local_heads
         self.heads_per_layer = [len(h) for h in self._local_heads]
+
+    def host_req_pool_indices(self, req_pool_indices: torch.Tensor) -> np.ndarray:
+        """int64 host copy of a forward batch's ``req_pool_indices`` without reading the device: the
+        copy SGLang's scheduler keeps (recorded by the ``prepare_for_decode`` hook) when it belongs to
+        this very tensor; otherwise read back (a sync on CUDA; counted in ``host_index_readbacks``)."""
+        rec = self.decode_batch
+        if rec is not None and rec[0] is req_pool_indices:
+            return rec[1]
+        self.host_index_readbacks += 1
+        if self.host_index_readbacks == 1 and req_pool_indices.device.type != "cpu":
+            logger.warning("sglang-fairkv: a decode batch without SGLang's host req_pool_indices; "
+                           "reading them back from the device (a host sync per step)")
+        return req_pool_indices.cpu().numpy().astype(np.int64)
 
     def local_heads(self, layer: int) -> list[int]:
         """Global KV head ids this rank holds in ``layer`` (its local heads ``0..n-1`` in order)."""
@@ -91,9 +111,9 @@ class FairKVState:
         self.assigner.admit(rid, max(1, weight), self.planned.pop(rid, None))
         owner = self.assigner.owners(rid)  # [L, KV]
         self.ledger.admit(req_pool_idx, owner)
-        mask = torch.zeros(self.pool.num_layers, self.pool.num_kv_heads, dtype=torch.bool)
+        mask = np.zeros((self.pool.num_layers, self.pool.num_kv_heads), dtype=np.bool_)
         for l, heads in enumerate(self._local_heads):
-            mask[l, :len(heads)] = torch.from_numpy(owner[l, heads] == self.rank_plan.rank)
+            mask[l, :len(heads)] = owner[l, heads] == self.rank_plan.rank
         self.pool.set_active(req_pool_idx, mask)
         self.admitted[req_pool_idx] = rid
 
@@ -160,7 +180,11 @@ class FairKVState:
             "rows_in_segments": used_rows,
             "token_equivalents_in_use": used_rows / max(1, self.rows_per_token),
             "pool_bytes_in_use": used_pages * p.page_size * p.bytes_per_row(),
-            "requests_with_segments": int((p.seg_len.sum(dim=(1, 2)) > 0).sum()),
+            "requests_with_segments": p.requests_holding(),
+            "page_table_bytes": p.table_bytes(max_reqs=p.max_reqs, num_layers=p.num_layers,
+                                              num_kv_heads=p.num_kv_heads, max_context=p.max_context,
+                                              page_size=p.page_size),
+            "decode_host_index_readbacks": self.host_index_readbacks,
             "requests_admitted": len(self.admitted),
             "ledger_matches_pool": self.ledger_mismatch() is None,
             # the whole TP group, from the ledger (identical on every rank)
@@ -440,30 +464,55 @@ class FairKVTokenAllocator(TokenToKVPoolAllocator):
 
 def build_state(cfg: CompressConfig, head_budgets: torch.Tensor | None, *, rank_plan: RankPlan,
                 max_total_tokens: int, rows_per_token_budget: int, page_size: int, head_dim: int,
-                max_reqs: int, max_context: int, dtype: torch.dtype, device: str,
-                profile_path: str | None = None) -> FairKVState:
-    """The pool sized like SGLang's stock pool for ``max_total_tokens`` tokens (+ reserved page 0).
+                max_reqs: int, max_context: int, dtype: torch.dtype, device: str, group: int = 1,
+                profile_path: str | None = None, metadata_in_budget: bool = True) -> FairKVState:
+    """The pool in the bytes SGLang's stock pool would take for ``max_total_tokens`` tokens.
 
     ``rows_per_token_budget``: the rows per token SGLang sized this rank's KV memory for (layers x its
-    stock per-rank KV heads), so every plan gets the same bytes per rank. The pool's head dimension is
-    the largest number of heads the plan gives this rank in any layer.
+    stock per-rank KV heads), so every plan gets the same bytes per rank. Out of those bytes come the
+    segment tables (``[max_reqs, layers, heads, ceil(max_context / P) + 1]`` page ids, lengths, owner
+    bits) and on CUDA the decode kernel's static scratch; the rest is pages (plus reserved page 0).
+    The pool's head dimension is the largest number of heads the plan gives this rank in any layer.
+    ``metadata_in_budget=False`` (unit tests of admission arithmetic only): every byte is pages.
     """
-    rows = max_total_tokens * rows_per_token_budget
+    from ..kernels.ragged_decode import DecodeWorkspace
+
     num_layers = rank_plan.plan.num_layers
-    pool = RaggedKVPool(num_pages=math.ceil(rows / page_size) + 1, page_size=page_size,
-                        num_layers=num_layers, num_kv_heads=max(1, rank_plan.max_local_heads),
-                        head_dim=head_dim, max_reqs=max_reqs, max_context=max_context, dtype=dtype,
-                        device=device)
+    heads = max(1, rank_plan.max_local_heads)
+    row_bytes = 2 * head_dim * torch.empty(0, dtype=dtype).element_size()
+    budget = max_total_tokens * rows_per_token_budget * row_bytes
+    table = RaggedKVPool.table_bytes(max_reqs=max_reqs, num_layers=num_layers, num_kv_heads=heads,
+                                     max_context=max_context, page_size=page_size)
+    on_cuda = torch.device(device).type == "cuda"
+    ws_kw = dict(max_segments=max_reqs * heads, pool_rows=max_total_tokens * rows_per_token_budget,
+                 group=group, head_dim=head_dim)
+    scratch = DecodeWorkspace.bytes_for(**ws_kw) if on_cuda else 0
+    num_pages = (budget - table - scratch) // (page_size * row_bytes)
+    if not metadata_in_budget:
+        table = scratch = 0
+        num_pages = -(-budget // (page_size * row_bytes))
+    if num_pages < 2:
+        raise ValueError(
+            f"sglang-fairkv: the KV budget ({budget / 2**20:.1f} MB for {max_total_tokens} tokens) does not "
+            f"hold the segment page table ({table / 2**20:.1f} MB for {max_reqs} requests x {num_layers} "
+            f"layers x {heads} heads x context {max_context}) and the decode scratch "
+            f"({scratch / 2**20:.1f} MB): lower --max-running-requests or --context-length, or give more "
+            "memory (--mem-fraction-static / --max-total-tokens)")
+    pool = RaggedKVPool(num_pages=int(num_pages) + 1, page_size=page_size, num_layers=num_layers,
+                        num_kv_heads=heads, head_dim=head_dim, max_reqs=max_reqs, max_context=max_context,
+                        dtype=dtype, device=device)
+    workspace = DecodeWorkspace.create(**ws_kw, device=device) if on_cuda else None
     ledger = GroupLedger(tp=rank_plan.tp, max_reqs=max_reqs, num_layers=num_layers,
                          num_kv_heads=rank_plan.plan.num_kv_heads, page_size=page_size,
                          usable_pages=pool.usable_pages, rows_per_token=rank_plan.expected_rows_per_token())
     target = torch.full((max_reqs,), -1, dtype=torch.int64)
-    logger.info("sglang-fairkv: rank %d/%d ragged KV pool %d pages x %d rows (%.1f MB K+V, page table "
-                "%.1f MB for %d requests), plan %s (KV heads per layer here %s), compression %s",
+    logger.info("sglang-fairkv: rank %d/%d ragged KV pool %d pages x %d rows (%.1f MB K+V; of the %.1f MB "
+                "budget, %.1f MB page table for %d requests x context %d, %.1f MB decode scratch), plan %s "
+                "(KV heads per layer here %s), compression %s",
                 rank_plan.rank, rank_plan.tp, pool.usable_pages, page_size,
-                2 * pool.k_rows.numel() * pool.k_rows.element_size() / 2**20,
-                pool.seg_pages.numel() * 4 / 2**20, max_reqs, rank_plan.plan.strategy,
+                2 * pool.k_rows.numel() * pool.k_rows.element_size() / 2**20, budget / 2**20,
+                table / 2**20, max_reqs, pool.max_context, scratch / 2**20, rank_plan.plan.strategy,
                 rank_plan.heads_per_layer(), cfg.to_json())
     return FairKVState(pool=pool, cfg=cfg, head_budgets=head_budgets, target_len=target,
                        rank_plan=rank_plan, ledger=ledger, assigner=ReplicaAssigner(rank_plan.plan),
-                       profile_path=profile_path)
+                       profile_path=profile_path, workspace=workspace)

@@ -1,0 +1,128 @@
+"""Host cost of the fairkv backend's decode step on the CPU: tensor ops and host microseconds per layer,
+tensor ops per step, host syncs per step, uploads per step.
+
+The backend is driven through its SGLang interface (``test/helpers/backend_harness.py``: the real
+``FairKVAttnBackend`` over a real ``FairKVCache``; no server, no model), so the same script measures
+an older tree: ``PYTHONPATH=<old tree>/python python benchmark/decode_host_ops.py``. The CUDA branch
+is measured with its attention kernel replaced by a stand-in that allocates the output (the launch
+itself is not host work we can see on a CPU); the torch branch (what the CPU server runs) is measured
+whole. Syncs: calls of ``item``, ``tolist``, ``__bool__``, ``__int__``, ``nonzero``, ``cpu`` ...
+(counted by wrapping them) during the step's metadata and every layer.
+
+    python benchmark/decode_host_ops.py [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "test"))
+
+from helpers.backend_harness import Geometry, decode_batch, extend_batch, layer, make_backend, qkv, sync_points  # noqa: E402
+
+SHAPES = {
+    "smollm2-135m": Geometry(layers=30, q_heads=9, kv_heads=3, head_dim=64, max_reqs=40, max_context=2048,
+                             max_total_tokens=40000),
+    "llama-70b-tp8-rank": Geometry(layers=80, q_heads=8, kv_heads=1, head_dim=128, max_reqs=40,
+                                   max_context=2048, max_total_tokens=40000),
+}
+
+
+def top_level_ops(fn) -> int:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(1 for e in prof.events() if e.name.startswith("aten::") and
+               (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
+
+
+def measure(name: str, geo: Geometry, batch: int, prompt: int, steps: int, kernel: str) -> dict:
+    torch.manual_seed(0)
+    backend = make_backend(geo, method="adakv", ratio=0.5, window=32)
+    gen = torch.Generator().manual_seed(0)
+    reqs = list(range(1, batch + 1))
+    for i in range(0, batch, 8):  # prefill in batches of 8 prompts
+        part = reqs[i:i + 8]
+        fb = extend_batch(backend, part, [0] * len(part), [prompt] * len(part), [prompt] * len(part))
+        backend.init_forward_metadata(fb)
+        for lid in range(geo.layers):
+            q, k, v = qkv(geo, prompt * len(part), gen)
+            backend.forward_extend(q, k, v, layer(geo, lid), fb)
+    if kernel == "triton":  # the CUDA branch with the kernel launch replaced by a stand-in
+        backend.decode_kernel = "triton"
+        if hasattr(backend, "workspace"):  # this tree (issue 13)
+            from sglang_fairkv.kernels.ragged_decode import DecodeWorkspace, chunk_tables
+
+            p = backend.pool
+            backend.workspace = DecodeWorkspace.create(max_segments=p.max_reqs * p.num_kv_heads,
+                                                       pool_rows=p.k_rows.shape[0], group=geo.q_heads // geo.kv_heads,
+                                                       head_dim=geo.head_dim, device="cpu")
+            backend._chunk_tables = chunk_tables
+            backend._paged_decode = lambda q, *a, **k: torch.empty_like(q)
+        else:  # the tree before issue 13: CSR rows per layer, then the kernel
+            backend._ragged_decode = lambda q, *a, **k: torch.empty_like(q)
+    layers = [layer(geo, lid) for lid in range(geo.layers)]
+    q, k, v = qkv(geo, batch, gen)
+    syncs: dict[str, int] = {}
+    meta_s = layer_s = 0.0
+    for step in range(steps + 1):
+        fb = decode_batch(backend, reqs)
+        counter: dict[str, int] = {}
+        with sync_points("count", counter):
+            t0 = time.perf_counter()
+            backend.init_forward_metadata(fb)
+            t1 = time.perf_counter()
+            for ly in layers:
+                backend.forward_decode(q, k, v, ly, fb)
+            t2 = time.perf_counter()
+        if step:  # step 0 warms up
+            meta_s += t1 - t0
+            layer_s += t2 - t1
+            for key, n in counter.items():
+                syncs[key] = syncs.get(key, 0) + n
+    fb = decode_batch(backend, reqs)
+    step_ops = top_level_ops(lambda: backend.init_forward_metadata(fb))
+    layer_ops = top_level_ops(lambda: backend.forward_decode(q, k, v, layers[1], fb))
+    if kernel == "triton":
+        layer_ops += 1  # the stand-in (1 op) stands for two launches (partials + merge)
+    pool = backend.pool
+    kept = int(pool.seg_len_host.sum()) if hasattr(pool, "seg_len_host") else int(pool.seg_len.sum())
+    return {"shape": name, "branch": kernel, "batch": batch, "prompt": prompt, "layers": geo.layers,
+            "kept_rows": kept, "step_ops": step_ops, "layer_ops": layer_ops,
+            "meta_us_per_step": meta_s / steps * 1e6, "layer_us": layer_s / steps / geo.layers * 1e6,
+            "syncs_per_step": sum(syncs.values()) / steps,
+            "sync_kinds": {k2: n / steps for k2, n in sorted(syncs.items())}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--prompt", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=5)
+    a = ap.parse_args()
+    rows = []
+    for name, geo in SHAPES.items():
+        for kernel in ("triton", "torch"):
+            rows.append(measure(name, geo, a.batch, a.prompt, a.steps, kernel))
+            print(json.dumps(rows[-1]), flush=True)
+    print("\n| shape | branch | ops / layer | host us / layer | ops / step (metadata) | metadata us / step | syncs / step |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['shape']} | {r['branch']} | {r['layer_ops']} | {r['layer_us']:.0f} | {r['step_ops']} | "
+              f"{r['meta_us_per_step']:.0f} | {r['syncs_per_step']:.0f} |")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""The fairkv attention backend driven directly (no SGLang server, no model): the real
+``FairKVAttnBackend`` over a real ``FairKVCache``, fed SGLang-shaped forward batches and layers.
+
+Used by ``test/test_decode_path.py`` (sync-free decode, graph-shaped metadata) and by
+``benchmark/decode_host_ops.py`` (tensor ops, host time and syncs per layer, before/after).
+Everything here goes through the backend's SGLang interface (``init_forward_metadata``,
+``forward_extend``, ``forward_decode``), so the same harness runs against older trees.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Geometry:
+    layers: int = 4
+    q_heads: int = 6
+    kv_heads: int = 2
+    head_dim: int = 16
+    max_reqs: int = 12
+    max_context: int = 1024
+    max_total_tokens: int = 8192
+
+
+def make_backend(geo: Geometry, method: str = "none", ratio: float | None = None, window: int = 8,
+                 dtype=torch.float32):
+    """A backend over a fresh pool (TP 1, every head on rank 0)."""
+    from sglang.srt.mem_cache.memory_pool import KVCache  # noqa: F401  (SGLang importable)
+
+    from sglang_fairkv.attention.fairkv_backend import FairKVAttnBackend
+    from sglang_fairkv.compress.policy import CompressConfig
+    from sglang_fairkv.kv.sglang_pool import FairKVCache, build_state
+    from sglang_fairkv.placement.runtime import RankPlan, sha_plan
+
+    cfg = CompressConfig(method=method, ratio=ratio, window=window, kernel=3)
+    plan = sha_plan("harness", geo.layers, geo.kv_heads, geo.q_heads, 1)
+    state = build_state(cfg, None, rank_plan=RankPlan(plan, 0, geo.q_heads), max_total_tokens=geo.max_total_tokens,
+                        rows_per_token_budget=geo.layers * geo.kv_heads, page_size=16, head_dim=geo.head_dim,
+                        max_reqs=geo.max_reqs, max_context=geo.max_context, dtype=dtype, device="cpu")
+    cache = FairKVCache(state, size=geo.max_total_tokens, page_size=1, dtype=dtype, layer_num=geo.layers,
+                        device="cpu")
+    runner = SimpleNamespace(token_to_kv_pool=cache, device="cpu", model=SimpleNamespace())
+    return FairKVAttnBackend(runner)
+
+
+def layer(geo: Geometry, lid: int):
+    return SimpleNamespace(layer_id=lid, tp_q_head_num=geo.q_heads, tp_k_head_num=geo.kv_heads,
+                           qk_head_dim=geo.head_dim, v_head_dim=geo.head_dim, scaling=geo.head_dim ** -0.5)
+
+
+def extend_batch(backend, reqs: list[int], prefix: list[int], ext: list[int], target: list[int]):
+    """A prefill forward batch (admits new requests with every segment active, as the prepare hook does)."""
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    st = backend.state
+    for r, p, t in zip(reqs, prefix, target):
+        st.target_len[r] = t
+        if p == 0:
+            st.admit(r, f"req{r}", t)
+    idx = torch.tensor(reqs, dtype=torch.int64)
+    return SimpleNamespace(forward_mode=ForwardMode.EXTEND, req_pool_indices=idx, req_pool_indices_cpu=idx,
+                           extend_prefix_lens_cpu=list(prefix), extend_seq_lens_cpu=list(ext))
+
+
+def decode_batch(backend, reqs: list[int]):
+    """A decode forward batch, with the host indices recorded as the ``prepare_for_decode`` hook does."""
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    idx = torch.tensor(reqs, dtype=torch.int64)
+    if hasattr(backend.state, "decode_batch"):
+        backend.state.decode_batch = (idx, np.asarray(reqs, dtype=np.int64))
+    return SimpleNamespace(forward_mode=ForwardMode.DECODE, req_pool_indices=idx)
+
+
+def qkv(geo: Geometry, n: int, gen: torch.Generator, dtype=torch.float32):
+    """Random q [n, Hq*D], k / v [n, H*D] as a model's attention layer passes them."""
+    q = torch.randn(n, geo.q_heads * geo.head_dim, generator=gen).to(dtype)
+    k = torch.randn(n, geo.kv_heads * geo.head_dim, generator=gen).to(dtype)
+    v = torch.randn(n, geo.kv_heads * geo.head_dim, generator=gen).to(dtype)
+    return q, k, v
+
+
+#: host-sync entry points: (owner, attribute)
+SYNC_POINTS = [(torch.Tensor, n) for n in ("item", "__bool__", "__int__", "__float__", "__index__",
+                                           "tolist", "nonzero", "cpu", "numpy")] + [(torch, "nonzero")]
+
+
+@contextlib.contextmanager
+def sync_points(mode: str = "raise", counter: dict | None = None):
+    """Make every host-sync entry point of torch raise (``mode="raise"``) or count its calls into
+    ``counter`` (``mode="count"``) inside the block."""
+    saved = [(o, n, getattr(o, n)) for o, n in SYNC_POINTS]
+
+    def make(name, orig):
+        def hooked(*a, **k):
+            if mode == "raise":
+                raise AssertionError(f"host sync inside the decode path: {name}")
+            counter[name] = counter.get(name, 0) + 1
+            return orig(*a, **k)
+        return hooked
+
+    try:
+        for o, n, f in saved:
+            setattr(o, n, make(n, f))
+        yield
+    finally:
+        for o, n, f in saved:
+            setattr(o, n, f)

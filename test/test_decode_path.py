@@ -1,0 +1,191 @@
+"""The backend's decode step is GPU-shaped: no host sync, one upload per step, few ops per layer, and
+the answers of independent references (dense fp64 attention; the page tables read by a loop)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from helpers.backend_harness import (Geometry, decode_batch, extend_batch, layer, make_backend, qkv,
+                                     sync_points)
+
+GEO = Geometry()
+
+
+def dense(q, k, v, scale, causal_from=None):
+    """fp64 GQA attention: q [n, Hq, D] over k / v [t, H, D]; ``causal_from``: query i sits at
+    position ``causal_from + i`` (None: sees every key)."""
+    n, hq, d = q.shape
+    g = hq // k.shape[1]
+    kk = k.double().repeat_interleave(g, dim=1).transpose(0, 1)  # [Hq, t, D]
+    vv = v.double().repeat_interleave(g, dim=1).transpose(0, 1)
+    logits = torch.einsum("nhd,htd->hnt", q.double(), kk) * scale
+    if causal_from is not None:
+        pos = torch.arange(k.shape[0])
+        logits = logits.masked_fill(pos[None, None, :] > (causal_from + torch.arange(n))[None, :, None], float("-inf"))
+    return torch.einsum("hnt,htd->nhd", torch.softmax(logits, -1), vv)
+
+
+def run_prefill(backend, chunks, gen, kv_log=None):
+    """``chunks``: list of forward batches, each a list of (req, prefix, ext, target). Returns the
+    extend outputs per batch; logs every request's K/V per layer into ``kv_log``."""
+    outs = []
+    for batch in chunks:
+        fb = extend_batch(backend, [c[0] for c in batch], [c[1] for c in batch], [c[2] for c in batch],
+                          [c[3] for c in batch])
+        backend.init_forward_metadata(fb)
+        T = sum(c[2] for c in batch)
+        per_layer = []
+        for lid in range(GEO.layers):
+            q, k, v = qkv(GEO, T, gen)
+            per_layer.append((q, k, v, backend.forward_extend(q, k, v, layer(GEO, lid), fb)))
+            if kv_log is not None:
+                s = 0
+                for r, _, e, _ in batch:
+                    kv_log.setdefault((r, lid), []).append((k[s:s + e], v[s:s + e], q[s:s + e]))
+                    s += e
+        outs.append(per_layer)
+    return outs
+
+
+def test_prefill_batched_and_decode_equal_dense_attention():
+    """No compression: a batched prefill (three requests of different lengths, one chunked over two
+    forwards) and ten decode steps (one crossing a page boundary) run with every host-sync entry
+    point raising, at most one upload per step, and equal dense fp64 attention over everything
+    written."""
+    backend = make_backend(GEO)
+    gen = torch.Generator().manual_seed(0)
+    log = {}
+    chunks = [[(3, 0, 20, 40), (5, 0, 7, 7), (1, 0, 23, 23)], [(3, 20, 20, 40)]]
+    outs = run_prefill(backend, chunks, gen, log)
+    hd, scale = GEO.head_dim, GEO.head_dim ** -0.5
+    for lid in range(GEO.layers):  # the chunked request's second chunk sees its first
+        q, k, v, o = outs[1][lid]
+        k_all = torch.cat([x[0] for x in log[(3, lid)]]).view(-1, GEO.kv_heads, hd)
+        v_all = torch.cat([x[1] for x in log[(3, lid)]]).view(-1, GEO.kv_heads, hd)
+        ref = dense(q.view(-1, GEO.q_heads, hd), k_all, v_all, scale, causal_from=20)
+        assert (o.view(-1, GEO.q_heads, hd).double() - ref).abs().max() < 1e-5
+        q, k, v, o = outs[0][lid]  # batch of three: request 5's tokens sit at 20..26
+        ref = dense(q[20:27].view(-1, GEO.q_heads, hd), k[20:27].view(-1, GEO.kv_heads, hd),
+                    v[20:27].view(-1, GEO.kv_heads, hd), scale, causal_from=0)
+        assert (o[20:27].view(-1, GEO.q_heads, hd).double() - ref).abs().max() < 1e-5
+    reqs = [1, 3, 5]
+    steps_with_upload = 0
+    for step in range(10):
+        fb = decode_batch(backend, reqs)
+        uploads = backend.pool.uploads
+        with sync_points("raise"):
+            backend.init_forward_metadata(fb)
+        assert backend.pool.uploads - uploads <= 1
+        steps_with_upload += backend.pool.uploads - uploads
+        for lid in range(GEO.layers):
+            q, k, v = qkv(GEO, len(reqs), gen)
+            with sync_points("raise"):
+                o = backend.forward_decode(q, k, v, layer(GEO, lid), fb)
+            for i, r in enumerate(reqs):
+                log[(r, lid)].append((k[i:i + 1], v[i:i + 1], None))
+                k_all = torch.cat([x[0] for x in log[(r, lid)]]).view(-1, GEO.kv_heads, hd)
+                v_all = torch.cat([x[1] for x in log[(r, lid)]]).view(-1, GEO.kv_heads, hd)
+                ref = dense(q[i].view(1, GEO.q_heads, hd), k_all, v_all, scale)
+                assert (o[i].view(1, GEO.q_heads, hd).double() - ref).abs().max() < 1e-5, (step, lid, r)
+    assert steps_with_upload >= 1  # request 5 reached 16 tokens: new pages went up in that step's copy
+    assert backend.state.host_index_readbacks == 0
+    for r in reqs:
+        backend.state.release(r)
+    assert backend.pool.used_pages() == 0
+
+
+@pytest.fixture
+def compressed():
+    """AdaKV at ratio 0.5 after a batched prefill of prompts of 64..100 tokens: skewed kept lengths."""
+    backend = make_backend(GEO, method="adakv", ratio=0.5)
+    gen = torch.Generator().manual_seed(1)
+    run_prefill(backend, [[(2, 0, 64, 64), (7, 0, 100, 100), (4, 0, 81, 81)]], gen)
+    yield backend, gen
+    for r in (2, 4, 7):
+        backend.state.release(r)
+    assert backend.pool.used_pages() == 0
+
+
+def test_compressed_decode_is_sync_free_and_reads_the_tables(compressed):
+    backend, gen = compressed
+    pool, reqs = backend.pool, [7, 2, 4]
+    kept = pool.seg_len_host[reqs]
+    assert len(np.unique(kept)) > 3, "AdaKV should leave heads of different lengths"
+    from sglang_fairkv.kernels.ragged_decode import paged_decode_reference
+
+    for step in range(3):
+        fb = decode_batch(backend, reqs)
+        with sync_points("raise"):
+            backend.init_forward_metadata(fb)
+        for lid in range(GEO.layers):
+            q, k, v = qkv(GEO, len(reqs), gen)
+            with sync_points("raise"):
+                o = backend.forward_decode(q, k, v, layer(GEO, lid), fb)
+            qg = q.view(len(reqs), GEO.kv_heads, -1, GEO.head_dim)
+            ref = paged_decode_reference(qg, pool.k_rows, pool.v_rows, pool.seg_pages, pool.seg_len,
+                                         torch.tensor(reqs), lid, pool.page_size, GEO.head_dim ** -0.5)
+            assert (o.view_as(qg).double() - ref).abs().max() < 1e-5
+    assert np.array_equal(pool.seg_len_host[reqs], kept + 3)
+
+
+def test_triton_path_in_the_backend_equals_torch_path(compressed):
+    """The backend's CUDA branch (``paged_decode`` over the step's chunk tables and the static
+    workspace, interpreted) gives the CPU branch's outputs for the same step."""
+    from sglang_fairkv.attention.fairkv_backend import DecodeMetadata
+    from sglang_fairkv.kernels.ragged_decode import DecodeWorkspace, chunk_tables, paged_decode
+
+    backend, gen = compressed
+    pool, reqs = backend.pool, [4, 7, 2]
+    backend.workspace = DecodeWorkspace.create(max_segments=pool.max_reqs * pool.num_kv_heads,
+                                               pool_rows=pool.k_rows.shape[0], group=3, head_dim=GEO.head_dim,
+                                               device="cpu", chunk_size=64, block_n=32)
+    backend._paged_decode, backend._chunk_tables = paged_decode, chunk_tables
+    backend.decode_kernel = "triton"
+    fb = decode_batch(backend, reqs)
+    backend.init_forward_metadata(fb)
+    md = backend.forward_metadata
+    assert len(md.chunk_indptr) == GEO.layers
+    assert md.chunk_indptr[0].shape == (len(reqs) * pool.num_kv_heads + 1,)
+    max_len = pool.seg_len_host[reqs].max(axis=(0, 2)).tolist()
+    for lid in range(GEO.layers):
+        q, k, v = qkv(GEO, len(reqs), gen)
+        backend.decode_kernel, backend.forward_metadata = "triton", md
+        o_tri = backend.forward_decode(q, k, v, layer(GEO, lid), fb)
+        backend.decode_kernel = "torch"  # same step, same rows written again
+        backend.forward_metadata = DecodeMetadata(md.req_pool_idx, md.write_rows, md.lens, None, max_len)
+        o_ref = backend.forward_decode(q, k, v, layer(GEO, lid), fb)
+        assert (o_tri.double() - o_ref.double()).abs().max() < 1e-5
+
+
+def top_level_ops(fn) -> list[str]:
+    """Names of the tensor ops ``fn`` issues (top-level aten calls, as the profiler records them)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return [e.name for e in prof.events() if e.name.startswith("aten::") and
+            (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))]
+
+
+def test_op_budget_per_layer_and_per_step(compressed):
+    """The CUDA branch issues at most 10 tensor ops per layer (the two kernel launches counted as
+    ops; here a stand-in that allocates the output), and the step's metadata a bounded number (the
+    host bookkeeping, the upload's scatters, write rows, chunk tables of every layer at once)."""
+    from sglang_fairkv.kernels.ragged_decode import DecodeWorkspace, chunk_tables
+
+    backend, gen = compressed
+    pool, reqs = backend.pool, [2, 4, 7]
+    backend.workspace = DecodeWorkspace.create(max_segments=pool.max_reqs * pool.num_kv_heads,
+                                               pool_rows=pool.k_rows.shape[0], group=3, head_dim=GEO.head_dim,
+                                               device="cpu")
+    backend._chunk_tables = chunk_tables
+    backend._paged_decode = lambda q, *a, **k: torch.empty_like(q)  # stands for the two launches
+    backend.decode_kernel = "triton"
+    fb = decode_batch(backend, reqs)
+    step_ops = top_level_ops(lambda: backend.init_forward_metadata(fb))
+    q, k, v = qkv(GEO, len(reqs), gen)
+    layer_ops = top_level_ops(lambda: backend.forward_decode(q, k, v, layer(GEO, 1), fb))
+    assert len(layer_ops) - 1 + 2 <= 10, layer_ops
+    assert len(step_ops) <= 50, step_ops  # independent of the layer count (per-layer views: one unbind)
