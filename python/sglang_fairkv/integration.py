@@ -13,9 +13,9 @@ attention registry, only when ``FAIRKV_KV_COMPRESS`` is set (``--kv-compress`` g
   hold there (replicas chosen before admission; see ``kv.sglang_pool.FairKVPrefillBudget``).
 * ``ScheduleBatch.prepare_for_extend`` (AFTER): each request's full prompt length, by
   ``req_pool_idx``, so the backend knows which prefill chunk is the last (compress then).
-* ``ScheduleBatch.prepare_for_decode`` (AFTER): the host copy of the decode batch's
-  ``req_pool_indices`` that SGLang's scheduler keeps, so the backend's per-step bookkeeping never
-  reads the device tensor back.
+* ``ForwardBatch.init_new`` (AFTER): a decode batch gets the host copy of its ``req_pool_indices``
+  that SGLang's scheduler keeps (``ScheduleBatch.req_pool_indices_cpu``; SGLang passes it for prefill
+  only), so the backend's per-step bookkeeping never reads the device tensor back.
 * ``mem_cache.common.release_kv_cache`` (BEFORE -- it ends by freeing ``req_pool_idx``): free every
   segment of the request (finish, abort, disconnect, retract).
 * ``SchedulerInternalStateController._add_memory_usage`` (AFTER): pool usage in ``/get_server_info``.
@@ -36,7 +36,7 @@ T_BUILD_POOL = f"{_CFG}._build_token_to_kv_pool"
 T_BUILD_ALLOC = f"{_CFG}._build_token_to_kv_pool_allocator"
 T_CONFIGURE = f"{_CFG}.configure"
 T_PREPARE_EXTEND = "sglang.srt.managers.schedule_batch.ScheduleBatch.prepare_for_extend"
-T_PREPARE_DECODE = "sglang.srt.managers.schedule_batch.ScheduleBatch.prepare_for_decode"
+T_FORWARD_BATCH = "sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new"
 T_RELEASE = "sglang.srt.mem_cache.common.release_kv_cache"
 T_ADD_ONE_REQ = "sglang.srt.managers.schedule_policy.PrefillAdder.add_one_req"
 T_ADD_CHUNKED_REQ = "sglang.srt.managers.schedule_policy.PrefillAdder.add_chunked_req"
@@ -191,14 +191,16 @@ def prepare_for_extend_hook(result, batch, *args, **kwargs):
     return result
 
 
-def prepare_for_decode_hook(result, batch, *args, **kwargs):
-    """AFTER ``ScheduleBatch.prepare_for_decode``: remember the batch's host ``req_pool_indices``
-    (SGLang keeps them in ``req_pool_indices_cpu``) beside the device tensor they belong to."""
-    state = _state_of(batch.token_to_kv_pool_allocator)
-    if state is not None:
+def forward_batch_hook(result, cls, batch, *args, **kwargs):
+    """AFTER ``ForwardBatch.init_new`` (a classmethod: ``cls`` first): give a fairkv decode batch the
+    host ``req_pool_indices`` the scheduler keeps beside the device tensor (SGLang forwards them for
+    prefill only)."""
+    if (getattr(result, "req_pool_indices_cpu", None) is None and result.forward_mode.is_decode()
+            and _state_of(getattr(batch, "token_to_kv_pool_allocator", None)) is not None):
         cpu = getattr(batch, "req_pool_indices_cpu", None)
-        state.decode_batch = None if cpu is None else (batch.req_pool_indices, cpu.numpy().astype("int64"))
-    return result
+        if cpu is not None and cpu.shape[0] == result.req_pool_indices.shape[0]:
+            result.req_pool_indices_cpu = cpu
+    return None
 
 
 def release_hook(req, tree_cache, *args, **kwargs):
@@ -226,7 +228,7 @@ def hook_triples() -> list[tuple[str, object, str]]:
             (T_CONFIGURE, configure_hook, "AROUND"),
             (T_ADD_ONE_REQ, adder_request_hook, "AROUND"), (T_ADD_CHUNKED_REQ, adder_request_hook, "AROUND"),
             (T_PREPARE_EXTEND, prepare_for_extend_hook, "AFTER"),
-            (T_PREPARE_DECODE, prepare_for_decode_hook, "AFTER"), (T_RELEASE, release_hook, "BEFORE"),
+            (T_FORWARD_BATCH, forward_batch_hook, "AFTER"), (T_RELEASE, release_hook, "BEFORE"),
             (T_INTERNAL_STATE, internal_state_hook, "AFTER")]
 
 

@@ -13,7 +13,6 @@ import contextlib
 from dataclasses import dataclass
 from types import SimpleNamespace
 
-import numpy as np
 import torch
 
 
@@ -69,13 +68,12 @@ def extend_batch(backend, reqs: list[int], prefix: list[int], ext: list[int], ta
 
 
 def decode_batch(backend, reqs: list[int]):
-    """A decode forward batch, with the host indices recorded as the ``prepare_for_decode`` hook does."""
+    """A decode forward batch carrying its host indices, as the ``ForwardBatch.init_new`` hook makes it."""
     from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
     idx = torch.tensor(reqs, dtype=torch.int64)
-    if hasattr(backend.state, "decode_batch"):
-        backend.state.decode_batch = (idx, np.asarray(reqs, dtype=np.int64))
-    return SimpleNamespace(forward_mode=ForwardMode.DECODE, req_pool_indices=idx)
+    return SimpleNamespace(forward_mode=ForwardMode.DECODE, req_pool_indices=idx,
+                           req_pool_indices_cpu=torch.tensor(reqs, dtype=torch.int64))
 
 
 def qkv(geo: Geometry, n: int, gen: torch.Generator, dtype=torch.float32):
@@ -86,9 +84,9 @@ def qkv(geo: Geometry, n: int, gen: torch.Generator, dtype=torch.float32):
     return q, k, v
 
 
-#: host-sync entry points: (owner, attribute)
+#: host-sync entry points: (owner, attribute). (``numpy()`` of a device tensor raises by itself.)
 SYNC_POINTS = [(torch.Tensor, n) for n in ("item", "__bool__", "__int__", "__float__", "__index__",
-                                           "tolist", "nonzero", "cpu", "numpy")] + [(torch, "nonzero")]
+                                           "tolist", "nonzero", "cpu")] + [(torch, "nonzero")]
 
 
 @contextlib.contextmanager

@@ -145,7 +145,7 @@ class FairKVAttnBackend(AttentionBackend):
 
     def _decode_metadata(self, forward_batch) -> DecodeMetadata:
         idx_dev = forward_batch.req_pool_indices
-        idx_host = self.state.host_req_pool_indices(idx_dev)
+        idx_host = self.state.host_req_pool_indices(forward_batch)
         write_rows, lens = self.pool.append(idx_host, idx_dev)
         write_rows = write_rows.unbind(0)
         self.ledger.append(idx_host)
@@ -157,9 +157,7 @@ class FairKVAttnBackend(AttentionBackend):
         return DecodeMetadata(idx_dev, write_rows, lens, None, max_len)
 
     def _extend_metadata(self, forward_batch) -> ExtendMetadata:
-        idx_cpu = forward_batch.req_pool_indices_cpu
-        idx = (idx_cpu.numpy() if idx_cpu is not None
-               else self.state.host_req_pool_indices(forward_batch.req_pool_indices)).astype(np.int64)
+        idx = self.state.host_req_pool_indices(forward_batch)
         prefix = np.asarray(forward_batch.extend_prefix_lens_cpu, dtype=np.int64)
         ext = np.asarray(forward_batch.extend_seq_lens_cpu, dtype=np.int64)
         seq = prefix + ext
@@ -240,7 +238,7 @@ class FairKVAttnBackend(AttentionBackend):
             vv = pool.v_rows[rows].to(q_.dtype)
             out = scaled_dot_product_attention(self._pad(q_, md), kk, vv, attn_mask=md.mask, scale=scaling,
                                                enable_gqa=group > 1)  # [b, Hq, max_ext, Dv]
-            out = out * act.repeat_interleave(group, dim=1)[:, :, None, None].to(out.dtype)
+            out = torch.where(act.repeat_interleave(group, dim=1)[:, :, None, None], out, 0)
             if b == 1:
                 o = out[0].transpose(0, 1)
             else:
@@ -258,13 +256,19 @@ class FairKVAttnBackend(AttentionBackend):
         it holds come from the pool's host mirror (no device read)."""
         r, s, ext, sl = md.req_pool_idx[i], md.starts[i], md.extend_lens[i], md.seq_lens[i]
         own_l = np.nonzero(self.pool.active_host[r, lid, :hkv])[0].tolist()
-        own = torch.as_tensor(own_l, dtype=torch.int64).to(q_.device)
-        q_heads = (own[:, None] * group + torch.arange(group, device=q_.device)).flatten()
-        k_own = kk[i, own, :sl] if kk is not None else q_.new_zeros(0, sl, q_.shape[2])
+        if not md.is_last[i] or kk is None or not own_l:  # stash only, or nothing held here
+            q_heads = slice(0, 0)
+            k_own = q_.new_zeros(0, sl, q_.shape[2])
+        elif len(own_l) == hkv:  # every local head (no plan, or a rank that holds them all): views
+            q_heads, k_own = slice(None), kk[i, :, :sl]
+        else:
+            own = torch.as_tensor(own_l, dtype=torch.int64).to(q_.device)
+            q_heads = (own[:, None] * group + torch.arange(group, device=q_.device)).flatten()
+            k_own = kk[i, own, :sl]
         self._compress(r, lid, q_[s:s + ext], k_own, own_l, q_heads, md.is_last[i])
 
     def _compress(self, r: int, lid: int, q_req: torch.Tensor, k_own: torch.Tensor, own: list[int],
-                  q_heads: torch.Tensor, last: bool) -> None:
+                  q_heads: torch.Tensor | slice, last: bool) -> None:
         """Stash the window queries of a non-final chunk, or compress layer ``lid`` of request ``r``.
 
         ``q_req`` [ext, Hq, D] this chunk's queries (all local heads); ``k_own`` [n_own, sl, D] every

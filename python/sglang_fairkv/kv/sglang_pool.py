@@ -76,28 +76,26 @@ class FairKVState:
     _last_log: float = 0.0
     #: the Triton decode kernel's static bounds and scratch (CUDA), counted in the KV budget
     workspace: object | None = None
-    #: the decode batch SGLang is about to run: (its device ``req_pool_indices`` tensor, the same on
-    #: the host), recorded by the ``prepare_for_decode`` hook from ``ScheduleBatch.req_pool_indices_cpu``
-    decode_batch: tuple[torch.Tensor, np.ndarray] | None = None
-    #: decode steps whose host indices had to be read back from the device (should stay 0)
+    #: forward batches whose host indices had to be read back from the device (should stay 0)
     host_index_readbacks: int = 0
 
     def __post_init__(self):
         self._local_heads = self.rank_plan.local_heads
         self.heads_per_layer = [len(h) for h in self._local_heads]
 
-    def host_req_pool_indices(self, req_pool_indices: torch.Tensor) -> np.ndarray:
-        """int64 host copy of a forward batch's ``req_pool_indices`` without reading the device: the
-        copy SGLang's scheduler keeps (recorded by the ``prepare_for_decode`` hook) when it belongs to
-        this very tensor; otherwise read back (a sync on CUDA; counted in ``host_index_readbacks``)."""
-        rec = self.decode_batch
-        if rec is not None and rec[0] is req_pool_indices:
-            return rec[1]
+    def host_req_pool_indices(self, forward_batch) -> np.ndarray:
+        """int64 host ``req_pool_indices`` of a forward batch without reading the device: SGLang's
+        scheduler keeps them (``ScheduleBatch.req_pool_indices_cpu``); ForwardBatch carries them for
+        prefill, and for decode the ``ForwardBatch.init_new`` hook adds them. Otherwise they are read
+        back (a sync on CUDA; counted in ``host_index_readbacks``, which the e2e test expects at 0)."""
+        cpu = getattr(forward_batch, "req_pool_indices_cpu", None)
+        if cpu is not None:
+            return cpu.numpy().astype(np.int64, copy=False)
         self.host_index_readbacks += 1
-        if self.host_index_readbacks == 1 and req_pool_indices.device.type != "cpu":
-            logger.warning("sglang-fairkv: a decode batch without SGLang's host req_pool_indices; "
+        if self.host_index_readbacks == 1:
+            logger.warning("sglang-fairkv: a forward batch without SGLang's host req_pool_indices; "
                            "reading them back from the device (a host sync per step)")
-        return req_pool_indices.cpu().numpy().astype(np.int64)
+        return forward_batch.req_pool_indices.cpu().numpy().astype(np.int64)
 
     def local_heads(self, layer: int) -> list[int]:
         """Global KV head ids this rank holds in ``layer`` (its local heads ``0..n-1`` in order)."""
