@@ -37,6 +37,29 @@ def test_cpu_environment_binds_within_the_launchers_cores(monkeypatch, affinity,
     assert env.get("SGLANG_CPU_OMP_THREADS_BIND") == want
 
 
+def test_cpu_children_fork_unless_told_to_spawn(monkeypatch):
+    """A CPU launcher starts SGLang's children by fork (they inherit its imports); spawn on request
+    or on CUDA; a bad value is refused. The hook really changes the start method SGLang set."""
+    import multiprocessing as mp
+
+    monkeypatch.delenv("FAIRKV_CPU_START_METHOD", raising=False)
+    assert platform.launcher_hook_triples(on_cpu=True) == [
+        ("sglang.srt.entrypoints.engine._set_envs_and_config", platform.fork_children_hook, "AFTER")]
+    assert platform.launcher_hook_triples(on_cpu=False) == []
+    monkeypatch.setenv("FAIRKV_CPU_START_METHOD", "spawn")
+    assert platform.launcher_hook_triples(on_cpu=True) == []
+    monkeypatch.setenv("FAIRKV_CPU_START_METHOD", "forkserver")
+    with pytest.raises(ValueError, match="FAIRKV_CPU_START_METHOD must be fork or spawn"):
+        platform.launcher_hook_triples(on_cpu=True)
+    before = mp.get_start_method(allow_none=True)
+    try:
+        mp.set_start_method("spawn", force=True)
+        platform.fork_children_hook(None)
+        assert mp.get_start_method() == "fork"
+    finally:
+        mp.set_start_method(before, force=True)
+
+
 def test_cpu_pythonpath_puts_stand_in_first_once():
     p = patches.cpu_pythonpath("/a" + os.pathsep + str(patches.CPU_PATH))
     assert p.split(os.pathsep) == [str(patches.CPU_PATH), "/a"]

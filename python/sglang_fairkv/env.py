@@ -74,3 +74,13 @@ def plan_path() -> str | None:
 
 def set_plan_path(path: str) -> None:
     os.environ["FAIRKV_PLAN"] = path
+
+
+def cpu_start_method() -> str:
+    """``FAIRKV_CPU_START_METHOD``: how a CPU server starts SGLang's scheduler and detokenizer
+    processes: ``fork`` (default: they inherit the launcher's imports instead of importing SGLang and
+    torch again) or ``spawn`` (SGLang's own choice, needed on CUDA)."""
+    v = os.environ.get("FAIRKV_CPU_START_METHOD", "fork")
+    if v not in ("fork", "spawn"):
+        raise ValueError(f"FAIRKV_CPU_START_METHOD must be fork or spawn, got {v!r}")
+    return v

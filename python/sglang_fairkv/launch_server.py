@@ -315,7 +315,7 @@ def run(plan: LaunchPlan) -> None:
     # the tokenizer manager runs in this process: bad requests get HTTP 400 before any scheduler
     from .request_guard import apply_tokenizer_guards
 
-    apply_tokenizer_guards()
+    apply_tokenizer_guards(extra=platform.launcher_hook_triples(plan.on_cpu))
     server_args = prepare_server_args(plan.sglang_argv)
     server_args.resolve_once()
     try:

@@ -56,3 +56,30 @@ def configure_cpu_environment(tp_size: int) -> None:
     from .patches import enable_cpu_startup_patches
 
     enable_cpu_startup_patches()
+
+
+#: SGLang's process set-up before it starts the scheduler / detokenizer processes (forces "spawn")
+T_SET_ENVS = "sglang.srt.entrypoints.engine._set_envs_and_config"
+
+
+def fork_children_hook(result, *args, **kwargs):
+    """AFTER ``_set_envs_and_config`` on a CPU server: start SGLang's children by ``fork``.
+
+    SGLang forces ``spawn`` (CUDA cannot be forked); on a CPU each spawned child imports SGLang and
+    torch again (about 15 s of one core each, two children per rank). Forked, they inherit the
+    launcher's modules, hooks and environment. The launcher runs no OpenMP-parallel torch op before it
+    forks (it has not loaded a model), so the children's thread pools start clean.
+    """
+    import multiprocessing as mp
+
+    mp.set_start_method("fork", force=True)
+    return None
+
+
+def launcher_hook_triples(on_cpu: bool) -> list[tuple[str, object, str]]:
+    """Hooks of the launcher process that depend on the device (CPU: fork the children)."""
+    from . import env
+
+    if on_cpu and env.cpu_start_method() == "fork":
+        return [(T_SET_ENVS, fork_children_hook, "AFTER")]
+    return []

@@ -235,11 +235,12 @@ async def serve_generate_hook(original, obj, request, *args, **kwargs):
                                 background=tm.create_abort_task(obj))
 
 
-def apply_tokenizer_guards() -> list[str]:
-    """Register and apply the tokenizer-manager guards in this (the launcher's) process."""
+def apply_tokenizer_guards(extra: list[tuple[str, object, str]] = ()) -> list[str]:
+    """Register and apply the tokenizer-manager guards (and ``extra`` launcher hooks) in this (the
+    launcher's) process."""
     from .patches import apply_process_patches
 
-    return apply_process_patches(on_cpu=False, extra=tokenizer_hook_triples())
+    return apply_process_patches(on_cpu=False, extra=[*tokenizer_hook_triples(), *extra])
 
 
 def tokenizer_hook_triples() -> list[tuple[str, object, str]]:
