@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
+from torch.nn.attention.bias import causal_lower_right
 from torch.nn.functional import scaled_dot_product_attention
 
 from .. import env
@@ -58,7 +59,8 @@ class ExtendMetadata:
     Device: ``idx`` int64 [b]; ``q_slot`` int64 [T], packed token -> ``b * max_ext + e`` (the padded
     layout of one batched attention call); ``new_pos`` int64 [b, max_ext] the position of each padded
     query (0 for padding) and ``new_valid`` bool [b, max_ext]; ``mask`` bool [b, 1, max_ext, max_seq]
-    (query ``e`` of request ``i`` sees keys ``t <= prefix_i + e``; padding queries see key 0 only);
+    (query ``e`` of request ``i`` sees keys ``t <= prefix_i + e``; padding queries see key 0 only), or
+    for a single request torch's lower-right causal bias (no mask tensor; flash / efficient kernels);
     ``active`` bool [b, L, H], the segments each request holds on this rank.
     """
 
@@ -75,7 +77,7 @@ class ExtendMetadata:
     q_slot: torch.Tensor
     new_pos: torch.Tensor
     new_valid: torch.Tensor
-    mask: torch.Tensor
+    mask: object
     active: torch.Tensor
 
 
@@ -173,13 +175,16 @@ class FairKVAttnBackend(AttentionBackend):
         e = torch.arange(max_ext, device=dev.device)
         new_pos = d_pre[:, None] + e  # [b, max_ext]
         new_valid = e < d_ext[:, None]
-        t = torch.arange(max_seq, device=dev.device)
-        mask = (t[None, None, :] <= new_pos[:, :, None]) & (t < d_seq[:, None])[:, None, :]
-        mask[:, :, 0] |= ~new_valid  # padding queries attend key 0 (never all -inf); output dropped
+        if b == 1:  # one request: the chunk is the sequence's tail, a lower-right causal mask (no tensor)
+            mask = causal_lower_right(max_ext, max_seq)
+        else:
+            t = torch.arange(max_seq, device=dev.device)
+            mask = (t[None, None, :] <= new_pos[:, :, None]) & (t < d_seq[:, None])[:, None, :]
+            mask[:, :, 0] |= ~new_valid  # padding queries attend key 0 (never all -inf); output dropped
+            mask = mask[:, None]
         return ExtendMetadata(idx.tolist(), prefix.tolist(), ext.tolist(), seq.tolist(), is_last,
                               starts.tolist(), idx, max_ext, max_seq, d_idx, d_slot,
-                              torch.where(new_valid, new_pos, 0), new_valid, mask[:, None],
-                              self.pool.active[d_idx])
+                              torch.where(new_valid, new_pos, 0), new_valid, mask, self.pool.active[d_idx])
 
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int):
         raise NotImplementedError("fairkv backend: CUDA graphs are not supported yet (launch_server "
