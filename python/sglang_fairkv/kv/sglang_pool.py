@@ -3,8 +3,9 @@
 SGLang's scheduler speaks in *token slots*: it allocates one slot per position (``req_to_token``)
 and admits requests by ``available_size()``. Here those slots are **logical**: they index no KV
 bytes, so there are many of them (``LOGICAL_SLOTS_PER_TOKEN`` x the token capacity). The KV bytes
-live in :class:`RaggedKVPool`, sized to exactly what SGLang's stock pool would take for
-``--max-total-tokens`` tokens (``max_total_tokens * layers * kv_heads`` rows, plus one reserved page).
+live in :class:`RaggedKVPool`, in the bytes SGLang's stock pool would take for ``--max-total-tokens``
+tokens (``max_total_tokens * layers * kv_heads`` rows) minus the segment page tables (and on CUDA the
+decode kernel's static scratch), plus one reserved page.
 The allocator reports capacity in **token equivalents** of free rows (``rows / (layers * kv_heads)``),
 so SGLang's own admission, ``new_token_ratio`` reservation, retraction, metrics and idle leak check
 all see the compressed footprint.
