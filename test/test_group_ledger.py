@@ -92,6 +92,14 @@ def test_ledger_equals_every_rank_pool_through_a_random_lifecycle():
             compressed.discard(r)
         assert ledger.pages_used().tolist() == [p.used_pages() for p in pools]
         assert ledger.rows_used().tolist() == [p.used_tokens() for p in pools]
+        # per-layer attention load: the rows each rank's pool holds in that layer, computed directly
+        direct = np.array([[int(p.seg_len_host[:, l].sum()) for l in range(L)] for p in pools])
+        assert ledger.layer_loads().tolist() == direct.tolist()
+        mx = direct.max(axis=0)
+        bal = np.where(mx > 0, direct.mean(axis=0) / np.maximum(mx, 1), 1.0)
+        assert ledger.layer_balance().tolist() == pytest.approx(bal.tolist())
+        want = direct.mean(axis=0).sum() / mx.sum() if mx.sum() else 1.0
+        assert ledger.attention_busy_rate() == pytest.approx(want)
         free_tokens = [math.floor(p.free_page_count() * P / rpt) for p, rpt in zip(pools, ledger.rows_per_token)]
         assert ledger.token_capacity_free() == min(free_tokens)
     for r in list(live):
@@ -99,6 +107,7 @@ def test_ledger_equals_every_rank_pool_through_a_random_lifecycle():
             pool.free(r)
         ledger.release(r)
     assert ledger.pages_used().tolist() == [0, 0] and ledger.busy_rate() == 1.0
+    assert ledger.attention_busy_rate() == 1.0 and ledger.layer_loads().sum() == 0
 
 
 def test_adakv_split_over_ranks_equals_one_rank():

@@ -124,8 +124,35 @@ class GroupLedger:
     def decode_fits(self, req_pool_idx: list[int]) -> bool:
         return bool((self.decode_pages_needed(req_pool_idx) <= self.pages_free()).all())
 
+    def layer_loads(self) -> torch.Tensor:
+        """int64 ``[tp, L]``: the KV rows each rank reads in each layer of a decode step of every
+        admitted request (a copied head's segment counted on the replica rank that holds it for that
+        request). Every layer ends in an all-reduce, so a step costs the sum over layers of the
+        slowest rank: this is the load FairKV balances."""
+        L = self.length.shape[1]
+        held = self.owner >= 0
+        layer = torch.arange(L).view(1, L, 1).expand_as(self.owner)
+        slot = torch.where(held, self.owner, 0) * L + layer
+        loads = torch.bincount(slot[held], weights=self.length[held].to(torch.float64), minlength=self.tp * L)
+        return loads.to(torch.int64).view(self.tp, L)
+
+    def layer_balance(self) -> torch.Tensor:
+        """float64 ``[L]``: per layer, mean over ranks / max over ranks of :meth:`layer_loads` (1.0 for
+        a layer nobody reads)."""
+        loads = self.layer_loads().to(torch.float64)
+        mx = loads.max(dim=0).values
+        return torch.where(mx > 0, loads.mean(dim=0) / mx.clamp_min(1), torch.ones_like(mx))
+
+    def attention_busy_rate(self) -> float:
+        """The paper's GPU busy rate of a decode step: sum over layers of the mean rank load / sum over
+        layers of the max (1.0 when empty). Compare :meth:`busy_rate`, the memory balance."""
+        loads = self.layer_loads().to(torch.float64)
+        mx = float(loads.max(dim=0).values.sum())
+        return float(loads.mean(dim=0).sum()) / mx if mx > 0 else 1.0
+
     def busy_rate(self) -> float:
-        """Mean over ranks / max over ranks of KV rows in use (1.0 when empty)."""
+        """Memory balance: mean over ranks / max over ranks of KV rows in use, all layers summed (1.0
+        when empty). Per-layer attention balance: :meth:`attention_busy_rate`."""
         rows = self.rows_used().to(torch.float64)
         m = float(rows.max())
         return float(rows.mean()) / m if m > 0 else 1.0
