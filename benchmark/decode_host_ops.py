@@ -25,7 +25,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "test"))
 
-from helpers.backend_harness import Geometry, decode_batch, extend_batch, layer, make_backend, qkv, sync_points  # noqa: E402
+from helpers.backend_harness import (Geometry, decode_batch, extend_batch, layer, make_backend, qkv,  # noqa: E402
+                                     sync_points, top_level_ops, use_cuda_branch)
 
 SHAPES = {
     "smollm2-135m": Geometry(layers=30, q_heads=9, kv_heads=3, head_dim=64, max_reqs=40, max_context=2048,
@@ -33,15 +34,6 @@ SHAPES = {
     "llama-70b-tp8-rank": Geometry(layers=80, q_heads=8, kv_heads=1, head_dim=128, max_reqs=40,
                                    max_context=2048, max_total_tokens=40000),
 }
-
-
-def top_level_ops(fn) -> int:
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fn()
-    return sum(1 for e in prof.events() if e.name.startswith("aten::") and
-               (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
 
 
 def measure(name: str, geo: Geometry, batch: int, prompt: int, steps: int, kernel: str) -> dict:
@@ -57,17 +49,10 @@ def measure(name: str, geo: Geometry, batch: int, prompt: int, steps: int, kerne
             q, k, v = qkv(geo, prompt * len(part), gen)
             backend.forward_extend(q, k, v, layer(geo, lid), fb)
     if kernel == "triton":  # the CUDA branch with the kernel launch replaced by a stand-in
-        backend.decode_kernel = "triton"
         if hasattr(backend, "workspace"):  # this tree (issue 13)
-            from sglang_fairkv.kernels.ragged_decode import DecodeWorkspace, chunk_tables
-
-            p = backend.pool
-            backend.workspace = DecodeWorkspace.create(max_segments=p.max_reqs * p.num_kv_heads,
-                                                       pool_rows=p.k_rows.shape[0], group=geo.q_heads // geo.kv_heads,
-                                                       head_dim=geo.head_dim, device="cpu")
-            backend._chunk_tables = chunk_tables
-            backend._paged_decode = lambda q, *a, **k: torch.empty_like(q)
+            use_cuda_branch(backend, kernel=lambda q, *a, **k: torch.empty_like(q))
         else:  # the tree before issue 13: CSR rows per layer, then the kernel
+            backend.decode_kernel = "triton"
             backend._ragged_decode = lambda q, *a, **k: torch.empty_like(q)
     layers = [layer(geo, lid) for lid in range(geo.layers)]
     q, k, v = qkv(geo, batch, gen)
@@ -89,8 +74,8 @@ def measure(name: str, geo: Geometry, batch: int, prompt: int, steps: int, kerne
             for key, n in counter.items():
                 syncs[key] = syncs.get(key, 0) + n
     fb = decode_batch(backend, reqs)
-    step_ops = top_level_ops(lambda: backend.init_forward_metadata(fb))
-    layer_ops = top_level_ops(lambda: backend.forward_decode(q, k, v, layers[1], fb))
+    step_ops = len(top_level_ops(lambda: backend.init_forward_metadata(fb)))
+    layer_ops = len(top_level_ops(lambda: backend.forward_decode(q, k, v, layers[1], fb)))
     if kernel == "triton":
         layer_ops += 1  # the stand-in (1 op) stands for two launches (partials + merge)
     pool = backend.pool

@@ -106,39 +106,45 @@ class DecodeWorkspace:
     o_part: torch.Tensor
     lse_part: torch.Tensor
 
+    @staticmethod
+    def _bounds(*, max_segments: int, pool_rows: int, group: int, head_dim: int, chunk_size: int,
+                block_n: int, max_scratch_chunks: int) -> tuple[int, int, int, int]:
+        """``(chunk_size, max_chunks, block_g, block_d)`` from the static sizes: ``chunk_size`` raised
+        (doubled, a multiple of ``block_n``) until the grid is at most ``max_scratch_chunks +
+        max_segments``."""
+        if chunk_size % block_n or chunk_size < block_n:
+            raise ValueError(f"chunk_size={chunk_size} must be a positive multiple of block_n={block_n}")
+        while pool_rows // chunk_size > max_scratch_chunks:
+            chunk_size *= 2
+        return (chunk_size, max(1, pool_rows // chunk_size + max_segments),
+                max(16, _next_pow2(group)), max(16, _next_pow2(head_dim)))
+
     @classmethod
     def create(cls, *, max_segments: int, pool_rows: int, group: int, head_dim: int,
                device: torch.device | str, chunk_size: int = 512, block_n: int = 64,
                max_scratch_chunks: int = 16384) -> "DecodeWorkspace":
         """Bounds from static sizes: ``pool_rows`` (the most rows one layer can hold) and
-        ``max_segments``. ``chunk_size`` is raised (in multiples of ``block_n``) until the grid is at
-        most ``max_scratch_chunks + max_segments``."""
-        if chunk_size % block_n or chunk_size < block_n:
-            raise ValueError(f"chunk_size={chunk_size} must be a positive multiple of block_n={block_n}")
-        while pool_rows // chunk_size > max_scratch_chunks:
-            chunk_size += block_n * max(1, chunk_size // block_n)  # double, still a multiple
-        max_chunks = max(1, pool_rows // chunk_size + max_segments)
-        bg = max(16, _next_pow2(group))
-        bd = max(16, _next_pow2(head_dim))
+        ``max_segments`` (see :meth:`_bounds`); the scratch allocated once."""
+        chunk, chunks, bg, bd = cls._bounds(max_segments=max_segments, pool_rows=pool_rows, group=group,
+                                            head_dim=head_dim, chunk_size=chunk_size, block_n=block_n,
+                                            max_scratch_chunks=max_scratch_chunks)
         dev = torch.device(device)
-        return cls(max_segments=max_segments, max_chunks=max_chunks, chunk_size=chunk_size,
-                   block_n=block_n, block_g=bg, block_d=bd,
-                   search_steps=max(1, math.ceil(math.log2(max_segments + 1))),
-                   o_part=torch.empty(max_chunks, bg, bd, dtype=torch.float32, device=dev),
-                   lse_part=torch.empty(max_chunks, bg, dtype=torch.float32, device=dev))
+        return cls(max_segments=max_segments, max_chunks=chunks, chunk_size=chunk, block_n=block_n,
+                   block_g=bg, block_d=bd, search_steps=max(1, math.ceil(math.log2(max_segments + 1))),
+                   o_part=torch.empty(chunks, bg, bd, dtype=torch.float32, device=dev),
+                   lse_part=torch.empty(chunks, bg, dtype=torch.float32, device=dev))
 
     @property
     def nbytes(self) -> int:
         return self.o_part.numel() * 4 + self.lse_part.numel() * 4
 
-    @staticmethod
-    def bytes_for(*, max_segments: int, pool_rows: int, group: int, head_dim: int,
+    @classmethod
+    def bytes_for(cls, *, max_segments: int, pool_rows: int, group: int, head_dim: int,
                   chunk_size: int = 512, block_n: int = 64, max_scratch_chunks: int = 16384) -> int:
         """Scratch bytes :meth:`create` would allocate (for budgeting before the pool exists)."""
-        while pool_rows // chunk_size > max_scratch_chunks:
-            chunk_size += block_n * max(1, chunk_size // block_n)
-        chunks = max(1, pool_rows // chunk_size + max_segments)
-        bg, bd = max(16, _next_pow2(group)), max(16, _next_pow2(head_dim))
+        _, chunks, bg, bd = cls._bounds(max_segments=max_segments, pool_rows=pool_rows, group=group,
+                                        head_dim=head_dim, chunk_size=chunk_size, block_n=block_n,
+                                        max_scratch_chunks=max_scratch_chunks)
         return chunks * bg * (bd + 1) * 4
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from helpers.backend_harness import (Geometry, decode_batch, extend_batch, layer, make_backend, qkv,
-                                     sync_points)
+                                     sync_points, top_level_ops, use_cuda_branch)
 
 GEO = Geometry()
 
@@ -134,15 +134,10 @@ def test_triton_path_in_the_backend_equals_torch_path(compressed):
     """The backend's CUDA branch (``paged_decode`` over the step's chunk tables and the static
     workspace, interpreted) gives the CPU branch's outputs for the same step."""
     from sglang_fairkv.attention.fairkv_backend import DecodeMetadata
-    from sglang_fairkv.kernels.ragged_decode import DecodeWorkspace, chunk_tables, paged_decode
 
     backend, gen = compressed
     pool, reqs = backend.pool, [4, 7, 2]
-    backend.workspace = DecodeWorkspace.create(max_segments=pool.max_reqs * pool.num_kv_heads,
-                                               pool_rows=pool.k_rows.shape[0], group=3, head_dim=GEO.head_dim,
-                                               device="cpu", chunk_size=64, block_n=32)
-    backend._paged_decode, backend._chunk_tables = paged_decode, chunk_tables
-    backend.decode_kernel = "triton"
+    use_cuda_branch(backend, chunk_size=64, block_n=32)
     fb = decode_batch(backend, reqs)
     backend.init_forward_metadata(fb)
     md = backend.forward_metadata
@@ -159,30 +154,13 @@ def test_triton_path_in_the_backend_equals_torch_path(compressed):
         assert (o_tri.double() - o_ref.double()).abs().max() < 1e-5
 
 
-def top_level_ops(fn) -> list[str]:
-    """Names of the tensor ops ``fn`` issues (top-level aten calls, as the profiler records them)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fn()
-    return [e.name for e in prof.events() if e.name.startswith("aten::") and
-            (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))]
-
-
 def test_op_budget_per_layer_and_per_step(compressed):
     """The CUDA branch issues at most 10 tensor ops per layer (the two kernel launches counted as
     ops; here a stand-in that allocates the output), and the step's metadata a bounded number (the
     host bookkeeping, the upload's scatters, write rows, chunk tables of every layer at once)."""
-    from sglang_fairkv.kernels.ragged_decode import DecodeWorkspace, chunk_tables
-
     backend, gen = compressed
-    pool, reqs = backend.pool, [2, 4, 7]
-    backend.workspace = DecodeWorkspace.create(max_segments=pool.max_reqs * pool.num_kv_heads,
-                                               pool_rows=pool.k_rows.shape[0], group=3, head_dim=GEO.head_dim,
-                                               device="cpu")
-    backend._chunk_tables = chunk_tables
-    backend._paged_decode = lambda q, *a, **k: torch.empty_like(q)  # stands for the two launches
-    backend.decode_kernel = "triton"
+    reqs = [2, 4, 7]
+    use_cuda_branch(backend, kernel=lambda q, *a, **k: torch.empty_like(q))  # stands for the two launches
     fb = decode_batch(backend, reqs)
     step_ops = top_level_ops(lambda: backend.init_forward_metadata(fb))
     q, k, v = qkv(GEO, len(reqs), gen)
@@ -196,8 +174,6 @@ def test_step_ops_do_not_grow_with_layers():
     tables of every layer come from whole-batch ops; per-layer views from one ``unbind``)."""
     from dataclasses import replace
 
-    from sglang_fairkv.kernels.ragged_decode import DecodeWorkspace, chunk_tables
-
     counts = []
     for layers in (4, 16):
         geo = replace(GEO, layers=layers)
@@ -208,10 +184,7 @@ def test_step_ops_do_not_grow_with_layers():
         for lid in range(layers):
             q, k, v = qkv(geo, 49, gen)
             backend.forward_extend(q, k, v, layer(geo, lid), fb)
-        p = backend.pool
-        backend.workspace = DecodeWorkspace.create(max_segments=p.max_reqs * p.num_kv_heads, pool_rows=p.k_rows.shape[0],
-                                                   group=3, head_dim=geo.head_dim, device="cpu")
-        backend._chunk_tables, backend.decode_kernel = chunk_tables, "triton"
+        use_cuda_branch(backend)
         fb = decode_batch(backend, [1, 2])
         counts.append(len(top_level_ops(lambda: backend.init_forward_metadata(fb))))
     assert counts[0] == counts[1], counts

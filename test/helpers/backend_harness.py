@@ -53,6 +53,36 @@ def layer(geo: Geometry, lid: int):
                            qk_head_dim=geo.head_dim, v_head_dim=geo.head_dim, scaling=geo.head_dim ** -0.5)
 
 
+def use_cuda_branch(backend, kernel=None, **workspace_kw) -> None:
+    """Switch a CPU backend to its CUDA decode branch: a static workspace for its pool, the chunk
+    tables, and ``kernel`` (default the Triton ``paged_decode``, interpreted on a CPU; a stand-in
+    callable to count the ops around the launches)."""
+    from sglang_fairkv.kernels.ragged_decode import DecodeWorkspace, chunk_tables, paged_decode
+
+    p = backend.pool
+    workspace_kw.setdefault("group", max(1, backend_group(backend)))
+    backend.workspace = DecodeWorkspace.create(max_segments=p.max_reqs * p.num_kv_heads, pool_rows=p.k_rows.shape[0],
+                                               head_dim=p.head_dim, device="cpu", **workspace_kw)
+    backend._chunk_tables, backend._paged_decode = chunk_tables, kernel or paged_decode
+    backend.decode_kernel = "triton"
+
+
+def backend_group(backend) -> int:
+    """Query heads per KV head of the harness model behind ``backend``."""
+    plan = backend.state.rank_plan.plan
+    return plan.num_q_heads // plan.num_kv_heads
+
+
+def top_level_ops(fn) -> list[str]:
+    """Names of the tensor ops ``fn`` issues (top-level aten calls, as ``torch.profiler`` records them)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return [e.name for e in prof.events() if e.name.startswith("aten::") and
+            (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))]
+
+
 def extend_batch(backend, reqs: list[int], prefix: list[int], ext: list[int], target: list[int]):
     """A prefill forward batch (admits new requests with every segment active, as the prepare hook does)."""
     from sglang.srt.model_executor.forward_batch_info import ForwardMode

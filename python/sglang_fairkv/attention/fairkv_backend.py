@@ -70,7 +70,6 @@ class ExtendMetadata:
     seq_lens: list[int]
     is_last: list[bool]
     starts: list[int]
-    idx_host: np.ndarray
     max_ext: int
     max_seq: int
     idx: torch.Tensor
@@ -183,7 +182,7 @@ class FairKVAttnBackend(AttentionBackend):
             mask[:, :, 0] |= ~new_valid  # padding queries attend key 0 (never all -inf); output dropped
             mask = mask[:, None]
         return ExtendMetadata(idx.tolist(), prefix.tolist(), ext.tolist(), seq.tolist(), is_last,
-                              starts.tolist(), idx, max_ext, max_seq, d_idx, d_slot,
+                              starts.tolist(), max_ext, max_seq, d_idx, d_slot,
                               torch.where(new_valid, new_pos, 0), new_valid, mask, self.pool.active[d_idx])
 
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int):

@@ -136,17 +136,17 @@ class GroupLedger:
         loads = torch.bincount(slot[held], weights=self.length[held].to(torch.float64), minlength=self.tp * L)
         return loads.to(torch.int64).view(self.tp, L)
 
-    def layer_balance(self) -> torch.Tensor:
+    def layer_balance(self, loads: torch.Tensor | None = None) -> torch.Tensor:
         """float64 ``[L]``: per layer, mean over ranks / max over ranks of :meth:`layer_loads` (1.0 for
-        a layer nobody reads)."""
-        loads = self.layer_loads().to(torch.float64)
+        a layer nobody reads); ``loads``: those loads when the caller has them already."""
+        loads = (self.layer_loads() if loads is None else loads).to(torch.float64)
         mx = loads.max(dim=0).values
         return torch.where(mx > 0, loads.mean(dim=0) / mx.clamp_min(1), torch.ones_like(mx))
 
-    def attention_busy_rate(self) -> float:
+    def attention_busy_rate(self, loads: torch.Tensor | None = None) -> float:
         """The paper's GPU busy rate of a decode step: sum over layers of the mean rank load / sum over
         layers of the max (1.0 when empty). Compare :meth:`busy_rate`, the memory balance."""
-        loads = self.layer_loads().to(torch.float64)
+        loads = (self.layer_loads() if loads is None else loads).to(torch.float64)
         mx = float(loads.max(dim=0).values.sum())
         return float(loads.mean(dim=0).sum()) / mx if mx > 0 else 1.0
 

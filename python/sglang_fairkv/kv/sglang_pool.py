@@ -152,10 +152,11 @@ class FairKVState:
             return
         self._last_log = now
         lg = self.ledger
+        loads = lg.layer_loads()
         logger.info("sglang-fairkv KV per rank: rows %s, pages %s of %d, memory busy rate %.3f, attention "
                     "busy rate %.3f (per layer, min %.3f), %d requests (plan %s)", lg.rows_used().tolist(),
-                    lg.pages_used().tolist(), lg.usable_pages, lg.busy_rate(), lg.attention_busy_rate(),
-                    float(lg.layer_balance().min()), len(self.admitted), self.rank_plan.plan.strategy)
+                    lg.pages_used().tolist(), lg.usable_pages, lg.busy_rate(), lg.attention_busy_rate(loads),
+                    float(lg.layer_balance(loads).min()), len(self.admitted), self.rank_plan.plan.strategy)
 
     def ledger_mismatch(self) -> str | None:
         """None when the ledger's page count for this rank equals the real pool's, else why not."""
@@ -170,6 +171,7 @@ class FairKVState:
         used_rows, used_pages = p.used_tokens(), p.used_pages()
         rows, pages = lg.rows_used(), lg.pages_used()
         rpt = lg.rows_per_token.clamp_min(1)
+        loads, memory_balance = lg.layer_loads(), lg.busy_rate()
         return {
             "kv_compress": self.cfg.method,
             "plan": self.rank_plan.plan.strategy,
@@ -190,12 +192,12 @@ class FairKVState:
             # the whole TP group, from the ledger (identical on every rank)
             "ranks": [{"rank": q, "rows_in_use": int(rows[q]), "pages_used": int(pages[q]),
                        "token_equivalents_in_use": float(rows[q] / rpt[q])} for q in range(lg.tp)],
-            "busy_rate": lg.busy_rate(),  # memory balance (kept as the historical key)
-            "memory_busy_rate": lg.busy_rate(),
+            "busy_rate": memory_balance,  # the historical key
+            "memory_busy_rate": memory_balance,
             # per-layer attention balance: each rank's rows read per layer, the step's busy rate
-            "attention_busy_rate": lg.attention_busy_rate(),
-            "layer_balance": [round(x, 4) for x in lg.layer_balance().tolist()],
-            "layer_loads": lg.layer_loads().tolist(),
+            "attention_busy_rate": lg.attention_busy_rate(loads),
+            "layer_balance": [round(x, 4) for x in lg.layer_balance(loads).tolist()],
+            "layer_loads": loads.tolist(),
             "group_token_capacity": lg.capacity_when_empty(),
             "plan_copies_per_layer": self.rank_plan.plan.copies_per_layer(),
             "replicas": self.assigner.served(),
