@@ -105,7 +105,7 @@ def test_budget_charges_each_rank_its_pages_and_beats_full_price_admission():
     # tight: the next request does not fit with the decode pages reserved for the admitted ones
     nxt = queue[len(taken)]
     owner = states[0].assigner.owners_for(states[0].assigner.choose(n))
-    decode_each = math.ceil(m / P) + 1
+    decode_each = math.ceil((n + m) / P) - math.ceil(n / P)  # a segment's pages grow to ceil((n + m) / P)
     for q, st in enumerate(states):
         segs_admitted = sum(int((st.ledger.owner[req.kv.req_pool_idx] == q).sum()) for req, _ in taken)
         need_q = int((torch.as_tensor(owner) == q).sum()) * (math.ceil(n / P) + decode_each)
@@ -232,7 +232,7 @@ def test_idle_server_admits_a_request_whose_share_choice_would_not_fit():
     n, m = 80, 4
     share_owner = states[0].assigner.owners_for(states[0].assigner.choose(n))
     assert (share_owner == 0).all()  # the share rule alone would put the whole request on rank 0
-    per_segment = math.ceil(n / P) + math.ceil(m / P) + 1
+    per_segment = math.ceil((n + m) / P)
     assert L * KV * per_segment > usable >= L * KV // 2 * per_segment
     req = fake_req("long", n, m)
     free_idx = list(range(MAX_REQS - 1, 0, -1))

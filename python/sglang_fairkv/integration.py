@@ -10,7 +10,9 @@ attention registry, only when ``FAIRKV_KV_COMPRESS`` is set (``--kv-compress`` g
   counts), so SGLang's token accounting and idle leak check match the ledger.
 * ``PrefillAdder.add_one_req`` / ``add_chunked_req`` (AROUND): name the request being considered to
   the fairkv prefill budget, which charges each TP rank the pages of the segments the request will
-  hold there (replicas chosen before admission; see ``kv.sglang_pool.FairKVPrefillBudget``).
+  hold there once compressed, and the transient of its prefill (replicas chosen before admission; see
+  ``kv.sglang_pool.FairKVPrefillBudget``); ``PrefillAdder.__init__`` (AFTER): the running requests'
+  remaining decode reserved in exact pages per rank instead of SGLang's scalar tokens.
 * ``ScheduleBatch.prepare_for_extend`` (AFTER): each request's full prompt length, by
   ``req_pool_idx``, so the backend knows which prefill chunk is the last (compress then).
 * ``ForwardBatch.init_new`` (AFTER): a decode batch gets the host copy of its ``req_pool_indices``
@@ -40,6 +42,7 @@ T_FORWARD_BATCH = "sglang.srt.model_executor.forward_batch_info.ForwardBatch.ini
 T_RELEASE = "sglang.srt.mem_cache.common.release_kv_cache"
 T_ADD_ONE_REQ = "sglang.srt.managers.schedule_policy.PrefillAdder.add_one_req"
 T_ADD_CHUNKED_REQ = "sglang.srt.managers.schedule_policy.PrefillAdder.add_chunked_req"
+T_ADDER_INIT = "sglang.srt.managers.schedule_policy.PrefillAdder.__init__"
 T_INTERNAL_STATE = ("sglang.srt.managers.scheduler_components.internal_state."
                     "SchedulerInternalStateController._add_memory_usage")
 
@@ -178,6 +181,17 @@ def adder_request_hook(original, adder, req, *args, **kwargs):
         budget.current_req = outer
 
 
+def adder_init_hook(result, adder, *args, **kwargs):
+    """AFTER ``PrefillAdder.__init__``: the fairkv budget reserves the running requests' decode in exact
+    pages per rank instead of SGLang's scalar tokens (``FairKVPrefillBudget.adopt_running``)."""
+    from .kv.sglang_pool import FairKVPrefillBudget
+
+    budget = getattr(adder, "memory_budget", None)
+    if isinstance(budget, FairKVPrefillBudget):
+        budget.adopt_running(adder)
+    return None
+
+
 def prepare_for_extend_hook(result, batch, *args, **kwargs):
     """AFTER ``ScheduleBatch.prepare_for_extend``: record each request's full prompt length and, on its
     first chunk, admit it: replicas chosen (same on every rank), its segments on this rank activated."""
@@ -187,6 +201,7 @@ def prepare_for_extend_hook(result, batch, *args, **kwargs):
             r, n = int(req.kv.req_pool_idx), len(req.full_untruncated_fill_ids)
             state.target_len[r] = n
             state.admit(r, req.rid, n)
+            state.fixed_length[r] = bool(getattr(req.sampling_params, "ignore_eos", False))
         state.maybe_log_group_usage()
     return result
 
@@ -227,6 +242,7 @@ def hook_triples() -> list[tuple[str, object, str]]:
     return [(T_BUILD_POOL, build_pool_hook, "AROUND"), (T_BUILD_ALLOC, build_allocator_hook, "AROUND"),
             (T_CONFIGURE, configure_hook, "AROUND"),
             (T_ADD_ONE_REQ, adder_request_hook, "AROUND"), (T_ADD_CHUNKED_REQ, adder_request_hook, "AROUND"),
+            (T_ADDER_INIT, adder_init_hook, "AFTER"),
             (T_PREPARE_EXTEND, prepare_for_extend_hook, "AFTER"),
             (T_FORWARD_BATCH, forward_batch_hook, "AFTER"), (T_RELEASE, release_hook, "BEFORE"),
             (T_INTERNAL_STATE, internal_state_hook, "AFTER")]

@@ -5,7 +5,9 @@ free stack) and sends the step's table writes and metadata in one host-to-device
 calls then read only device tensors and host values of that metadata: no host sync, no
 data-dependent host decision (``test/test_decode_path.py`` makes the sync entry points raise).
 
-Prefill (extend): each chunk's K/V are written into the request's segments, and one attention call per
+Prefill (extend): each chunk's K/V are written into the request's segments (the last chunk of a prompt
+that is compressed takes each layer's pages only when that layer runs, and gives the tail back right
+after compressing it: the dense prompt of one layer at a time), and one attention call per
 layer covers every request of the batch (queries padded to the longest chunk, keys to the longest
 sequence, a mask per request: work chunk x sequence, not sequence squared; before compression every
 segment of a request holds every position). When the
@@ -42,6 +44,7 @@ from torch.nn.attention.bias import causal_lower_right
 from torch.nn.functional import scaled_dot_product_attention
 
 from .. import env
+from ..compress.footprint import compresses
 from ..compress.policy import kept_for_layer
 from ..kv.sglang_pool import FairKVCache, FairKVState
 from .ragged_torch import paged_decode_torch
@@ -62,6 +65,9 @@ class ExtendMetadata:
     (query ``e`` of request ``i`` sees keys ``t <= prefix_i + e``; padding queries see key 0 only), or
     for a single request torch's lower-right causal bias (no mask tensor; flash / efficient kernels);
     ``active`` bool [b, L, H], the segments each request holds on this rank.
+    ``grow_idx`` / ``grow_len`` (host int64 [g], or None): requests whose chunk ends a prompt that is
+    compressed, and that prompt's length; their pages are taken layer by layer in the forward
+    (compress as you go: one layer of the prompt dense at a time), not here.
     """
 
     req_pool_idx: list[int]
@@ -78,6 +84,8 @@ class ExtendMetadata:
     new_valid: torch.Tensor
     mask: object
     active: torch.Tensor
+    grow_idx: np.ndarray | None = None
+    grow_len: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -163,9 +171,14 @@ class FairKVAttnBackend(AttentionBackend):
         ext = np.asarray(forward_batch.extend_seq_lens_cpu, dtype=np.int64)
         seq = prefix + ext
         target = self.state.target_len[torch.from_numpy(idx)].numpy()
-        is_last = ((target < 0) | (seq >= target)).tolist()
-        self.pool.extend(idx, seq)
-        self.ledger.extend(idx.tolist(), seq.tolist())
+        last = (target < 0) | (seq >= target)
+        cfg = self.state.cfg
+        grow = last & np.array([compresses(cfg, int(n)) for n in seq.tolist()], dtype=np.bool_)
+        # a compressed prompt's last chunk: pages per layer in the forward (``_extend``), else all now
+        self.pool.extend(idx[~grow], seq[~grow])
+        self.ledger.extend(idx.tolist(), seq.tolist())  # the ledger sees the step's end (kept after it)
+        self.state.prompts_done(idx[last])
+        is_last = last.tolist()
         b, max_ext, max_seq = len(idx), int(ext.max()), int(seq.max())
         starts = np.concatenate([[0], np.cumsum(ext)[:-1]]).astype(np.int64)
         q_slot = np.concatenate([i * max_ext + np.arange(e) for i, e in enumerate(ext.tolist())])
@@ -181,9 +194,11 @@ class FairKVAttnBackend(AttentionBackend):
             mask = (t[None, None, :] <= new_pos[:, :, None]) & (t < d_seq[:, None])[:, None, :]
             mask[:, :, 0] |= ~new_valid  # padding queries attend key 0 (never all -inf); output dropped
             mask = mask[:, None]
+        grown = (idx[grow], seq[grow]) if grow.any() else (None, None)
         return ExtendMetadata(idx.tolist(), prefix.tolist(), ext.tolist(), seq.tolist(), is_last,
                               starts.tolist(), max_ext, max_seq, d_idx, d_slot,
-                              torch.where(new_valid, new_pos, 0), new_valid, mask, self.pool.active[d_idx])
+                              torch.where(new_valid, new_pos, 0), new_valid, mask, self.pool.active[d_idx],
+                              *grown)
 
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int):
         raise NotImplementedError("fairkv backend: CUDA graphs are not supported yet (launch_server "
@@ -226,6 +241,9 @@ class FairKVAttnBackend(AttentionBackend):
         segments this rank does not hold. Work ``b x max_ext x max_seq`` (for one request: the chunk
         times its sequence, not the sequence squared)."""
         md: ExtendMetadata = self.forward_metadata
+        if md.grow_idx is not None:  # this layer's pages of the prompts that end here (one upload)
+            self.pool.extend_layer(md.grow_idx, lid, md.grow_len)
+            self.pool.flush()
         hq, hkv, d = q_.shape[1], (k_.shape[1] if k_ is not None else 0), q_.shape[2]
         group = hq // hkv if hkv else 1
         b, pool = len(md.req_pool_idx), self.pool

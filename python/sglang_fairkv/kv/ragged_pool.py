@@ -115,6 +115,8 @@ class RaggedKVPool:
         # a stack popped from the top: pages come out 1, 2, 3, ... on an empty pool
         self._free = np.arange(self.num_pages - 1, 0, -1, dtype=np.int32)
         self._n_free = self.num_pages - 1
+        #: the most pages in use since the last :meth:`reset_peak` (the transient high-water mark)
+        self.peak_used = 0
         self.seg_len_host[:] = 0
         self.active_host[:] = False
         self._pending: list[list[tuple[np.ndarray, np.ndarray]]] = [[], [], []]
@@ -148,6 +150,11 @@ class RaggedKVPool:
     def used_pages(self) -> int:
         return self.usable_pages - self._n_free
 
+    def reset_peak(self) -> int:
+        """Start a new high-water mark at the pages in use now; returns the previous mark."""
+        prev, self.peak_used = self.peak_used, self.used_pages()
+        return prev
+
     def used_tokens(self, req_pool_idx: int | None = None) -> int:
         """Sum of segment lengths (rows holding KV), for one request or all (host mirror)."""
         if req_pool_idx is None:
@@ -167,6 +174,7 @@ class RaggedKVPool:
             raise RaggedPoolFull(f"ragged KV pool: need {n} pages, {self._n_free} free")
         out = self._free[self._n_free - n:self._n_free][::-1].copy()
         self._n_free -= n
+        self.peak_used = max(self.peak_used, self.num_pages - 1 - self._n_free)
         return out
 
     def _push(self, pages: np.ndarray) -> None:
@@ -252,28 +260,45 @@ class RaggedKVPool:
         all active segments of a request have the same length; the rows of the new positions are
         written layer by layer by the backend. Queues table writes (see :meth:`flush`).
         """
-        P, MP = self.page_size, self.max_pages
         for r, new in zip(_host_ints(req_pool_idx), _host_ints(new_len)):
-            if new > self.max_context:
-                raise ValueError(f"sequence of {new} tokens exceeds the pool's max context {self.max_context}")
             act = self.active_host[r]  # [L, H]
             l_i, h_i = np.nonzero(act)
-            if l_i.size == 0:
-                continue
-            lens = self.seg_len_host[r, l_i, h_i]
-            old = int(lens[0])
-            if (lens != old).any():
-                raise AssertionError("extend on a request whose segments were already compressed")
-            if new < old:
-                raise ValueError("extend cannot shrink a segment")
-            a, b = -(-old // P), -(-new // P)
-            seg = (r * self.num_layers + l_i) * self.num_kv_heads + h_i  # [n_act]
-            if b > a:
-                pages = self._pop(l_i.size * (b - a)).reshape(l_i.size, b - a)
-                self.seg_pages_host[r, l_i, h_i, a:b] = pages
-                self._queue(_PAGES, seg[:, None] * MP + np.arange(a, b)[None, :], pages)
-            self.seg_len_host[r, l_i, h_i] = new
-            self._queue(_LEN, seg, np.full(seg.size, new))
+            self._grow(np.full(l_i.size, r, dtype=np.int64), l_i, h_i, new)
+
+    def extend_layer(self, req_pool_idx, layer: int, new_len) -> None:
+        """Grow the active segments of one layer of each request to ``new_len`` tokens: the prompt's last
+        chunk compressing as it goes allocates each layer's pages when that layer runs (issue 14), so
+        the dense prompt of only one layer exists at a time. Host ints ``[b]``; vectorised over the
+        batch (no loop over requests); queues table writes (the caller flushes)."""
+        idx = np.asarray(_host_ints(req_pool_idx), dtype=np.int64)
+        new = np.asarray(_host_ints(new_len), dtype=np.int64)
+        b_i, h_i = np.nonzero(self.active_host[idx, layer])
+        self._grow(idx[b_i], np.full(b_i.size, layer, dtype=np.int64), h_i, new[b_i])
+
+    def _grow(self, r: np.ndarray, l_i: np.ndarray, h_i: np.ndarray, new) -> None:
+        """Grow segments ``(r, l_i, h_i)`` (``[n]`` each) from their length to ``new`` (scalar or ``[n]``):
+        pages from the free stack, writes queued."""
+        if l_i.size == 0:
+            return
+        P, MP = self.page_size, self.max_pages
+        new = np.broadcast_to(np.asarray(new, dtype=np.int64), l_i.shape)
+        if (new > self.max_context).any():
+            raise ValueError(f"sequence of {int(new.max())} tokens exceeds the pool's max context {self.max_context}")
+        old = self.seg_len_host[r, l_i, h_i]
+        if (new < old).any():
+            raise ValueError("extend cannot shrink a segment")
+        a, b = -(-old // P), -(-new // P)
+        seg = (r * self.num_layers + l_i) * self.num_kv_heads + h_i  # [n]
+        grow = b - a
+        total = int(grow.sum())
+        if total:
+            pages = self._pop(total)
+            who = np.repeat(np.arange(l_i.size), grow)
+            slot = a[who] + (np.arange(total) - np.repeat(np.cumsum(grow) - grow, grow))
+            self.seg_pages_host[r[who], l_i[who], h_i[who], slot] = pages
+            self._queue(_PAGES, seg[who] * MP + slot, pages)
+        self.seg_len_host[r, l_i, h_i] = new
+        self._queue(_LEN, seg, new)
 
     def decode_pages_needed(self, req_pool_idx) -> int:
         """Pages the next :meth:`append` of these requests will take (segments at a page boundary)."""

@@ -34,6 +34,7 @@ from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
 from sglang.srt.mem_cache.memory_pool import KVCache
 from sglang.srt.mem_cache.prefill_budget import PrefillBudget
 
+from ..compress import footprint
 from ..compress.policy import CompressConfig
 from ..placement.replicas import ReplicaAssigner
 from ..placement.runtime import RankPlan
@@ -79,10 +80,24 @@ class FairKVState:
     workspace: object | None = None
     #: forward batches whose host indices had to be read back from the device (should stay 0)
     host_index_readbacks: int = 0
+    #: rid -> pages per rank the admission pass charged it for its whole life (kept + decode), until
+    #: admitted; then by req_pool_idx in ``charged``
+    planned_charge: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self):
         self._local_heads = self.rank_plan.local_heads
         self.heads_per_layer = [len(h) for h in self._local_heads]
+        n = self.target_len.shape[0]
+        #: bool [max_reqs]: the request's prompt is done (compressed); until then its rows are transient
+        self.prompt_done = np.zeros(n, dtype=np.bool_)
+        #: bool [max_reqs]: the request decodes all its max_new_tokens (ignore_eos): reserved in full
+        self.fixed_length = np.zeros(n, dtype=np.bool_)
+        #: int64 [max_reqs, tp]: pages each rank was charged for the request's whole life
+        self.charged = np.zeros((n, self.rank_plan.tp), dtype=np.int64)
+
+    def prompts_done(self, req_pool_idx: np.ndarray) -> None:
+        """These requests' prompts end in the step being built (compressed by its end)."""
+        self.prompt_done[np.asarray(req_pool_idx, dtype=np.int64)] = True
 
     def host_req_pool_indices(self, forward_batch) -> np.ndarray:
         """int64 host ``req_pool_indices`` of a forward batch without reading the device: SGLang's
@@ -115,6 +130,9 @@ class FairKVState:
             mask[l, :len(heads)] = owner[l, heads] == self.rank_plan.rank
         self.pool.set_active(req_pool_idx, mask)
         self.admitted[req_pool_idx] = rid
+        self.prompt_done[req_pool_idx] = False
+        charge = self.planned_charge.pop(rid, None)
+        self.charged[req_pool_idx] = 0 if charge is None else charge
 
     def record_prompt(self, req_pool_idx: int, prompt_len: int) -> None:
         """Append this request's kept prompt tokens per (layer, KV head) of the whole model (the
@@ -137,6 +155,9 @@ class FairKVState:
         self.q_stash.pop(req_pool_idx, None)
         self.kept_log.pop(req_pool_idx, None)
         self.target_len[req_pool_idx] = -1
+        self.prompt_done[req_pool_idx] = False
+        self.fixed_length[req_pool_idx] = False
+        self.charged[req_pool_idx] = 0
         rid = self.admitted.pop(req_pool_idx, None)
         if rid is not None:
             self.assigner.release(rid)
@@ -153,10 +174,60 @@ class FairKVState:
         self._last_log = now
         lg = self.ledger
         loads = lg.layer_loads()
-        logger.info("sglang-fairkv KV per rank: rows %s, pages %s of %d, memory busy rate %.3f, attention "
-                    "busy rate %.3f (per layer, min %.3f), %d requests (plan %s)", lg.rows_used().tolist(),
-                    lg.pages_used().tolist(), lg.usable_pages, lg.busy_rate(), lg.attention_busy_rate(loads),
-                    float(lg.layer_balance(loads).min()), len(self.admitted), self.rank_plan.plan.strategy)
+        kept, transient = self.kept_and_transient_rows()
+        logger.info("sglang-fairkv KV per rank: rows %s (kept %s, transient prefill %s), pages %s of %d, memory "
+                    "busy rate %.3f, attention busy rate %.3f (per layer, min %.3f), %d requests, the empty "
+                    "pool would admit %s at this mix (plan %s)", lg.rows_used().tolist(), kept.tolist(),
+                    transient.tolist(), lg.pages_used().tolist(), lg.usable_pages, lg.busy_rate(),
+                    lg.attention_busy_rate(loads), float(lg.layer_balance(loads).min()), len(self.admitted),
+                    self.admissible_when_empty(), self.rank_plan.plan.strategy)
+
+    def decode_pages_to_come(self, new_token_ratio: float) -> torch.Tensor:
+        """int64 ``[tp]``: pages each rank still owes the requests past their prompt: what each was
+        charged for its life (kept + decode) minus what it holds, per rank exact (a copy counted where
+        its replica is), scaled like SGLang's running-request reservation (``new_token_ratio``, or 1 for
+        a request that decodes all its tokens)."""
+        lg = self.ledger
+        idx = np.fromiter(self.admitted, dtype=np.int64)
+        if idx.size:
+            idx = idx[self.prompt_done[idx]]
+        if idx.size == 0:
+            return torch.zeros(lg.tp, dtype=torch.int64)
+        it = torch.from_numpy(idx)
+        own, pages = lg.owner[it], (lg.length[it] + lg.page_size - 1) // lg.page_size
+        held = own >= 0
+        slot = torch.arange(idx.size).view(-1, 1, 1).expand_as(own) * lg.tp + own.clamp_min(0)
+        per_req = torch.bincount(slot[held], weights=pages[held].to(torch.float64),
+                                 minlength=idx.size * lg.tp).view(idx.size, lg.tp).numpy()
+        left = np.maximum(0, self.charged[idx] - per_req)
+        ratio = np.where(self.fixed_length[idx], 1.0, min(1.0, max(0.0, new_token_ratio)))
+        return torch.from_numpy(np.ceil((left * ratio[:, None]).sum(axis=0)).astype(np.int64))
+
+    def kept_and_transient_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """int64 ``[tp]`` each: KV rows of requests whose prompt is done (compressed, plus decode) and of
+        requests still in prefill (dense chunks awaiting their last one), from the ledger."""
+        lg = self.ledger
+        done = torch.from_numpy(self.prompt_done)
+        held = lg.owner >= 0
+        out = []
+        for mask in (done, ~done):
+            sel = held & mask[:, None, None]
+            out.append(torch.bincount(lg.owner[sel], weights=lg.length[sel].to(torch.float64),
+                                      minlength=lg.tp).to(torch.int64).numpy())
+        return out[0], out[1]
+
+    def admissible_when_empty(self) -> int | None:
+        """Requests the empty pool would admit at the mix now running: usable pages over the mean pages
+        per rank the admitted requests were charged (kept + decode), the fullest rank deciding; None with
+        nothing admitted."""
+        idx = np.fromiter(self.admitted, dtype=np.int64)
+        if idx.size == 0:
+            return None
+        mean = self.charged[idx].mean(axis=0)
+        held = mean > 0
+        if not held.any():
+            return None
+        return int(np.floor(self.ledger.usable_pages / mean[held]).min())
 
     def ledger_mismatch(self) -> str | None:
         """None when the ledger's page count for this rank equals the real pool's, else why not."""
@@ -172,6 +243,7 @@ class FairKVState:
         rows, pages = lg.rows_used(), lg.pages_used()
         rpt = lg.rows_per_token.clamp_min(1)
         loads, memory_balance = lg.layer_loads(), lg.busy_rate()
+        kept, transient = self.kept_and_transient_rows()
         return {
             "kv_compress": self.cfg.method,
             "plan": self.rank_plan.plan.strategy,
@@ -188,6 +260,13 @@ class FairKVState:
                                               page_size=p.page_size),
             "decode_host_index_readbacks": self.host_index_readbacks,
             "requests_admitted": len(self.admitted),
+            # issue 14: rows of compressed requests vs dense prefill rows awaiting their last chunk
+            "kept_rows": kept.tolist(),
+            "transient_rows": transient.tolist(),
+            "requests_in_prefill": int((~self.prompt_done[np.fromiter(self.admitted, dtype=np.int64)]).sum())
+            if self.admitted else 0,
+            "admissible_when_empty": self.admissible_when_empty(),
+            "peak_pages_used": p.peak_used,
             "ledger_matches_pool": self.ledger_mismatch() is None,
             # the whole TP group, from the ledger (identical on every rank)
             "ranks": [{"rank": q, "rows_in_use": int(rows[q]), "pages_used": int(pages[q]),
@@ -231,38 +310,76 @@ class FairKVCache(KVCache):
 
 
 class FairKVPrefillBudget(PrefillBudget):
-    """One admission pass, charged per TP rank in pages (SGLang's ``PrefillBudget`` interface).
+    """One admission pass, charged per TP rank in pages, by what requests will *keep* (SGLang's
+    ``PrefillBudget`` interface).
 
-    SGLang's budget is one number of tokens; under a FairKV plan a request costs each rank a different
-    number of pages (the segments it holds there, and with Fair-Copying that depends on which replicas
-    serve the request). While SGLang's ``PrefillAdder`` considers a request, the ``current_req`` hook
-    (:func:`sglang_fairkv.integration.adder_request_hook`) names it; the budget then previews its
-    replicas (:meth:`ReplicaAssigner.choose`, counting the requests already taken in this pass),
-    checks the pages each rank needs against that rank's free pages from the ledger, and on
+    SGLang's budget is one number of tokens, charged the dense prompt plus ``max_new_tokens``. Here a
+    request is charged per rank (its segments there; with Fair-Copying that depends on which replicas
+    serve it) and by its compressed size (issue 14):
+
+    * **now** (this step's peak, against ``remaining_current``): a chunk that does not end the prompt
+      grows every segment dense; the last chunk compresses as it goes (the backend allocates each
+      layer's pages when that layer runs and returns the tail right after compressing it), so its
+      peak is the kept layers before the running one, that layer dense and the prefix of the layers
+      after it (:func:`~sglang_fairkv.compress.footprint.last_chunk_peak`) -- the *transient reserve*,
+      returned when the forward ends;
+    * **total** (what it holds afterwards, against ``remaining_total``): a completing request its kept
+      rows plus ``max_new_tokens`` decode rows per segment
+      (:func:`~sglang_fairkv.compress.footprint.kept_pages`, exact at TP 1, a per-rank bound for AdaKV
+      under a plan); a request whose prompt continues in later chunks its whole prompt dense (earlier
+      chunks stay dense until the last one: SnapKV/AdaKV score with the final window).
+
+    Both are net of the pages the request already holds. While SGLang's ``PrefillAdder`` considers a
+    request the ``current_req`` hook (:func:`sglang_fairkv.integration.adder_request_hook`) names it; the
+    budget previews its replicas (:meth:`ReplicaAssigner.choose`, counting the requests already taken
+    in this pass), checks both charges against every rank's free pages from the ledger, and on
     ``reserve`` records the choice (``state.planned``) so the ``prepare_for_extend`` hook admits the
     request with exactly the replicas it was charged for. Every rank runs the same pass on the same
-    ledger, so all take the same decision.
-
-    Page charges per segment held: the prompt (or this chunk) exactly from the segment's current
-    length, and for decode ``ceil(max_new_tokens / P) + 1`` (the partial page left by prefill).
-    SGLang's scalar offsets (running requests' future decode, mixed decode tokens) stay in tokens and
-    are converted with the expected price (:attr:`GroupLedger.rows_per_token`). Without a named
-    request (other SGLang paths) the scalar rule applies, with two pages of slack per request.
+    ledger, so all take the same decision. SGLang's scalar offsets (running requests' future decode
+    scaled by ``new_token_ratio``, mixed decode tokens) stay in tokens and are converted with the
+    expected price (:attr:`GroupLedger.rows_per_token`): one decode token is one row per segment for
+    stock and fairkv alike. Without a named request (other SGLang paths) the scalar rule applies, with
+    two pages of slack per request.
     """
 
     def __init__(self, allocator, tree_cache, *, num_mixed_decode_tokens: int = 0):
         super().__init__(allocator, tree_cache, num_mixed_decode_tokens=num_mixed_decode_tokens)
         self.state: FairKVState = allocator.state
         tp = self.state.ledger.tp
-        #: pages reserved in this pass per rank: prefill only / prefill + decode
+        #: pages reserved in this pass per rank: this step's peak / what the requests hold afterwards
         self.pages_current = torch.zeros(tp, dtype=torch.int64)
         self.pages_total = torch.zeros(tp, dtype=torch.int64)
-        #: the request SGLang's PrefillAdder is considering (set by the adder hook), else None
-        self.current_req = None
+        #: pages the admitted requests hold once this step's forward ends (tests compare the pools)
+        self.pages_after = torch.zeros(tp, dtype=torch.int64)
+        self._current_req = None
+        self._credit = 0  # see can_allocate_prefill
+        #: pages per rank the running requests will still take (see :meth:`adopt_running`)
+        self.running_pages = torch.zeros(tp, dtype=torch.int64)
         self._pending = self.state.assigner.new_pending()
         self._preview: tuple[str, np.ndarray] | None = None
         self._preview_roomiest = False  # the preview is the roomiest choice, not the share rule's
         self.state.planned.clear()  # choices of an earlier pass that were never admitted
+        self.state.planned_charge.clear()
+
+    @property
+    def current_req(self):
+        """The request SGLang's PrefillAdder is considering (set by the adder hook), else None."""
+        return self._current_req
+
+    @current_req.setter
+    def current_req(self, req) -> None:
+        self._current_req, self._credit = req, 0
+
+    def adopt_running(self, adder) -> None:
+        """After ``PrefillAdder.__init__`` (the adder-init hook): SGLang added every running request's
+        remaining decode to ``total_offset`` in tokens (``new_token_ratio`` x tokens left); take that back
+        and reserve instead each rank's exact pages still owed to those requests
+        (:meth:`FairKVState.decode_pages_to_come`, same ratio): a decode token costs one row per
+        segment, and a page per segment at a page boundary, which a scalar cannot price."""
+        rb = getattr(adder, "running_batch", None)
+        if rb is not None and rb.reqs:
+            self.total_offset -= sum(adder._get_running_request_total_token_offset(r) for r in rb.reqs)
+        self.running_pages = self.state.decode_pages_to_come(float(getattr(adder, "new_token_ratio", 1.0)))
 
     # ---- per-rank view ---------------------------------------------------------------------------
     def _offset_pages(self, tokens: float) -> torch.Tensor:
@@ -274,11 +391,11 @@ class FairKVPrefillBudget(PrefillBudget):
         free = self.state.ledger.pages_free()
         if current:
             return free - self.pages_current - self._offset_pages(self.current_offset)
-        return free - self.pages_total - self._offset_pages(self.total_offset)
+        return free - self.pages_total - self.running_pages - self._offset_pages(self.total_offset)
 
     def _remaining(self, current: bool) -> int:
         lg = self.state.ledger
-        free = lg.pages_free() - (self.pages_current if current else self.pages_total)
+        free = lg.pages_free() - (self.pages_current if current else self.pages_total + self.running_pages)
         offset = self.current_offset if current else self.total_offset
         return lg.tokens_for(free.clamp_min(0)) - offset + self.tree_cache.evictable_size()
 
@@ -288,7 +405,7 @@ class FairKVPrefillBudget(PrefillBudget):
 
     @property
     def remaining_current(self):
-        return self._remaining(current=True)
+        return self._remaining(current=True) + self._credit
 
     def _segments(self, req):
         """``(owner [L, KV], current lengths [L, KV] or 0, choice or None)`` of the named request
@@ -304,29 +421,46 @@ class FairKVPrefillBudget(PrefillBudget):
             self._preview, self._preview_roomiest = (req.rid, chosen), False
         return st.assigner.owners_for(chosen), 0, chosen
 
-    def _decode_pages_each(self, tokens: int) -> int:
-        """Pages one segment reserves for ``tokens`` decode steps: ``ceil(tokens / P) + 1`` (the
-        partial page prefill leaves), 0 when no decode."""
-        return -(-tokens // self.state.ledger.page_size) + 1 if tokens > 0 else 0
+    def _charges(self, req, extend_tokens: int, decode_tokens: int, owner=None):
+        """int64 ``[tp]`` each, net of what the request holds now: ``(now, total, after)`` -- this step's
+        peak, what it holds once its prompt is done (with ``decode_tokens`` decode rows per segment) or,
+        for a chunk that does not end the prompt, the whole prompt dense, and what it holds when this
+        step's forward ends; then ``held`` (pages it holds now, ``[tp]``) and whether the chunk ends
+        the prompt. ``extend_tokens``: this chunk (``s + extend_tokens`` reaching the prompt
+        length is the last chunk). ``owner``: replicas to price instead of the request's own."""
+        st, lg = self.state, self.state.ledger
+        own0, start, _ = self._segments(req)
+        own = np.asarray(own0 if owner is None else owner, dtype=np.int64)
+        n = max(1, len(req.full_untruncated_fill_ids))
+        s = int(torch.as_tensor(start).max())  # before compression every segment has the prefix length
+        tp, P = lg.tp, lg.page_size
+        held = footprint.dense_pages(s, own, tp, P)  # [tp, L]
+        held_sum = held.sum(axis=1)
+        if s + extend_tokens < n:  # not the last chunk: dense now, the whole prompt dense until the last
+            after = footprint.dense_pages(s + extend_tokens, own, tp, P).sum(axis=1)
+            total = np.maximum(footprint.dense_pages(n, own, tp, P).sum(axis=1),
+                               footprint.kept_pages(st.cfg, n, decode_tokens, own, tp, P, st.head_budgets).sum(axis=1))
+            now = after
+        else:
+            kept = footprint.kept_pages(st.cfg, n, 0, own, tp, P, st.head_budgets)
+            after = kept.sum(axis=1)
+            now = footprint.last_chunk_peak(kept, footprint.dense_pages(n, own, tp, P), held)
+            total = footprint.kept_pages(st.cfg, n, decode_tokens, own, tp, P, st.head_budgets).sum(axis=1)
+        t = lambda x: torch.from_numpy(np.asarray(x - held_sum, dtype=np.int64))  # noqa: E731
+        return t(now), t(total), t(after), torch.from_numpy(held_sum), s + extend_tokens >= n
 
-    def _decode_pages(self, owner, tokens: int) -> torch.Tensor:
-        """int64 ``[tp]``: :meth:`_decode_pages_each` per segment held."""
-        return self.state.ledger.segments_per_rank(owner) * self._decode_pages_each(tokens)
-
-    def _pages_needed(self, req, extend_tokens: int, decode_tokens: int) -> torch.Tensor:
-        """int64 ``[tp]``: pages per rank for ``extend_tokens`` more prompt and a decode reserve."""
-        owner, start, _ = self._segments(req)
-        return self.state.ledger.request_pages(owner, start, extend_tokens) + self._decode_pages(owner, decode_tokens)
-
-    def _roomiest_choice(self, extend_tokens: int, decode_tokens: int, left: torch.Tensor) -> np.ndarray:
+    def _roomiest_choice(self, req, extend_tokens: int, decode_tokens: int, left_now: torch.Tensor,
+                         left_total: torch.Tensor) -> np.ndarray:
         """Replicas chosen for room instead of shares: each copied head (in order) on the replica whose
-        rank has the most pages left after this request's other segments. Deterministic (ties to the
-        lower-listed replica), so every rank picks the same."""
+        rank has the most pages left after this request's other segments (priced as if every segment
+        cost the same). Deterministic (ties to the lower-listed replica), so every rank picks the same."""
         lg, asg = self.state.ledger, self.state.assigner
         base = asg.base_owner
-        need = lg.request_pages(base, 0, extend_tokens) + self._decode_pages(base, decode_tokens)
-        per_segment = -(-extend_tokens // lg.page_size) + self._decode_pages_each(decode_tokens)
-        room = left - need
+        now, total, *_ = self._charges(req, extend_tokens, decode_tokens, owner=base)
+        room = torch.minimum(left_now - now, left_total - total)
+        one = np.zeros_like(base)  # the mean cost of a segment: every segment on rank 0
+        now1, total1, *_ = self._charges(req, extend_tokens, decode_tokens, owner=one)
+        per_segment = -(-int(max(now1[0], total1[0])) // one.size)
         chosen = np.empty(len(asg.copied_ranks), dtype=np.int64)
         for i, ranks in enumerate(asg.copied_ranks):
             j = int(np.argmax(room[torch.as_tensor(ranks)].numpy()))
@@ -334,22 +468,34 @@ class FairKVPrefillBudget(PrefillBudget):
             room[int(ranks[j])] -= per_segment
         return chosen
 
-    def _fits(self, req, extend_tokens: int, decode_tokens: int, left: torch.Tensor) -> bool:
-        """Whether ``req`` fits every rank's ``left`` pages. A new request whose share-keeping replicas
-        do not fit (e.g. all its copies on one rank) is given the roomiest replicas instead, so a
-        request that fits the group is never refused for its replica choice (an idle server must
-        admit it)."""
-        if bool((self._pages_needed(req, extend_tokens, decode_tokens) <= left).all()):
+    def _fits(self, req, extend_tokens: int, decode_tokens: int) -> bool:
+        """Whether ``req`` fits every rank, this step's peak and what it holds afterwards. A new request
+        whose share-keeping replicas do not fit (e.g. all its copies on one rank) is given the roomiest
+        replicas instead, so a request that fits the group is never refused for its replica choice (an
+        idle server must admit it)."""
+        left_now, left_total = self._pages_left(current=True), self._pages_left(current=False)
+
+        def ok() -> bool:
+            now, total, *_ = self._charges(req, extend_tokens, decode_tokens)
+            return bool((now <= left_now).all() and (total <= left_total).all())
+
+        if ok():
             return True
         _, _, chosen = self._segments(req)
         if chosen is None or not self.state.assigner.num_copied_heads:
             return False
-        alt = self._roomiest_choice(extend_tokens, decode_tokens, left)
+        alt = self._roomiest_choice(req, extend_tokens, decode_tokens, left_now, left_total)
         self._preview, self._preview_roomiest = (req.rid, alt), True
-        if bool((self._pages_needed(req, extend_tokens, decode_tokens) <= left).all()):
+        if ok():
             return True
         self._preview = None
         return False
+
+    def _chunk(self, req, extend_input_len: int, chunk_limit: int | None) -> int:
+        """The chunk SGLang will run of ``extend_input_len`` remaining tokens (its chunking rule)."""
+        if chunk_limit is None or extend_input_len <= chunk_limit:
+            return extend_input_len
+        return max(1, chunk_limit // self.page_size * self.page_size)
 
     # ---- SGLang's budget interface ----------------------------------------------------------------
     def check_prefill(self, *, extend_input_len, total_tokens, max_new_tokens, input_tokens,
@@ -360,16 +506,29 @@ class FairKVPrefillBudget(PrefillBudget):
                 extend_input_len=extend_input_len, total_tokens=total_tokens, max_new_tokens=max_new_tokens,
                 input_tokens=input_tokens, swa_host_hit_length=swa_host_hit_length, chunk_limit=chunk_limit,
                 auxiliary_swa_host_hit_length=auxiliary_swa_host_hit_length)
-        fits = self._fits(req, extend_input_len, total_tokens - extend_input_len, self._pages_left(current=False))
-        return (True, chunk_limit) if fits else (False, None)
+        ext = self._chunk(req, extend_input_len, chunk_limit)
+        decode = total_tokens - extend_input_len if ext == extend_input_len else 0
+        return (True, chunk_limit) if self._fits(req, ext, decode) else (False, None)
 
     def can_allocate_prefill(self, *, paged_input, extend_input_len, max_new_tokens, chunk_limit):
         req = self.current_req
         if req is None:
             return super().can_allocate_prefill(paged_input=paged_input, extend_input_len=extend_input_len,
                                                 max_new_tokens=max_new_tokens, chunk_limit=chunk_limit)
-        left = torch.minimum(self._pages_left(current=True), self._pages_left(current=False))
-        return self._fits(req, extend_input_len, 0, left)
+        ext = self._chunk(req, extend_input_len, chunk_limit)
+        decode = max_new_tokens if ext == extend_input_len else 0
+        if not self._fits(req, ext, decode):
+            return False
+        # SGLang's ignore-eos look-ahead then subtracts ``paged_input`` (the dense prompt) from
+        # ``remaining_current``: credit the difference to what this request really takes this step, so
+        # the look-ahead works in the same units (cleared by reserve / the next request)
+        now = self._charges(req, ext, 0)[0]
+        lg = self.state.ledger
+        held = lg.rows_per_token > 0
+        now_tokens = float((now[held].to(torch.float64) * lg.page_size / lg.rows_per_token[held]).max()) \
+            if bool(held.any()) else 0.0
+        self._credit = max(0, int(paged_input - math.ceil(now_tokens)))
+        return True
 
     def available_chunk_tokens(self, chunk_limit):
         req = self.current_req
@@ -377,16 +536,18 @@ class FairKVPrefillBudget(PrefillBudget):
             return super().available_chunk_tokens(chunk_limit)
         owner, start, _ = self._segments(req)
         lg = self.state.ledger
+        s = int(torch.as_tensor(start).max())
+        rest = len(req.full_untruncated_fill_ids) - s
+        if rest <= chunk_limit and self._fits(req, rest, 0):
+            return chunk_limit  # the last chunk fits (compressing as it goes)
         segs = lg.segments_per_rank(owner)
         left = self._pages_left(current=True)
         held = segs > 0
         if not bool(held.any()):
             return chunk_limit
-        # before compression every segment of a request has the same length (start)
-        s = int(torch.as_tensor(start).max())
         pages_each = int((left[held] // segs[held]).min())
         fit = (-(-s // lg.page_size) + pages_each) * lg.page_size - s
-        available = min(chunk_limit, fit)
+        available = min(chunk_limit, fit, rest - 1) if rest > 1 else min(chunk_limit, fit)
         return available if available > 0 else chunk_limit  # a continuation must progress (as SGLang)
 
     def reserve(self, extend_input_len, max_new_tokens, *, extra_tokens=0, chunk_limit=None,
@@ -396,17 +557,22 @@ class FairKVPrefillBudget(PrefillBudget):
             slack = 2 * self.state.pool.page_size
             return super().reserve(extend_input_len, max_new_tokens, extra_tokens=extra_tokens + slack,
                                    chunk_limit=chunk_limit, is_chunked_continuation=is_chunked_continuation)
-        owner, start, chosen = self._segments(req)
-        self.pages_current += self._pages_needed(req, extend_input_len, 0)
-        # the total holds the rest of the prompt too, even if only one chunk runs now (SGLang's chunked
-        # request is the first one each pass considers, so nothing is admitted against its pages)
-        done = int(torch.as_tensor(start).max())  # 0 for a new request
-        rest = max(extend_input_len, len(req.full_untruncated_fill_ids) - done)
-        self.pages_total += self._pages_needed(req, rest, max_new_tokens)
+        _, _, chosen = self._segments(req)
+        now, total, after, held, last = self._charges(req, extend_input_len, max_new_tokens)
+        self.pages_current += now
+        self.pages_total += total
+        self.pages_after += after
+        self._credit = 0
         # SGLang's extra (page alignment it already counts, request-slot/mamba reserves: 0 here)
         extra = max(0, extra_tokens + self.page_size)
         self.current_offset += extra
         self.total_offset += extra
+        if last:  # what it holds for the rest of its life (shown as the mix in /server_info)
+            life = (total + held).numpy()
+            if chosen is None:
+                self.state.charged[int(req.kv.req_pool_idx)] = life
+            else:
+                self.state.planned_charge[req.rid] = life
         if chosen is not None:  # a new request: these replicas are the ones it was charged for
             self.state.planned[req.rid] = chosen
             self.state.roomiest_admissions += int(self._preview_roomiest)

@@ -1,0 +1,107 @@
+"""What a request will hold after compression, known before it runs (pure functions, host numpy).
+
+Admission charges a request what it will keep, not its dense prompt (issue 14). The budget rule of
+:func:`~sglang_fairkv.compress.policy.kept_for_layer` fixes the kept count of every (layer, KV head)
+from the prompt length alone for SnapKV, PyramidKV, HeadKV and ``none``; AdaKV fixes each layer's total
+(``KV * n_kept``) and a per-head floor (the ``alpha`` safeguard), the split between heads being data
+dependent. So at TP 1 the kept *rows* are exact for every method; per TP rank (a subset of a layer's
+heads) AdaKV gives a bound: the rank's heads take at most the layer total minus the other heads'
+floors, and at most the whole prompt each.
+
+Pages: a segment of ``k`` rows takes ``ceil(k / P)`` pages. For AdaKV's bound the page rounding is
+bounded too (``s`` heads of ``R`` rows in all take at most ``(R + s (P - 1)) // P`` pages).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .budgets import pyramid_layer_budget
+from .policy import CompressConfig
+
+
+def compresses(cfg: CompressConfig, seq_len: int) -> bool:
+    """Whether a prompt of ``seq_len`` tokens may be compressed in some layer (else it keeps all)."""
+    if not cfg.enabled or seq_len <= cfg.window:
+        return False
+    return cfg.method == "headkv" or cfg.n_kept(seq_len) < seq_len
+
+
+def kept_per_head(cfg: CompressConfig, seq_len: int, num_layers: int, num_kv_heads: int,
+                  head_budgets: torch.Tensor | None = None) -> np.ndarray | None:
+    """int64 ``[L, KV]``: rows each segment keeps after compressing a ``seq_len``-token prompt, exactly as
+    :func:`kept_for_layer` decides; None for AdaKV (data-dependent split, see :func:`adakv_layer_rule`)."""
+    n = seq_len
+    shape = (num_layers, num_kv_heads)
+    if not compresses(cfg, n):
+        return np.full(shape, n, dtype=np.int64)
+    n_kept = cfg.n_kept(n)
+    if cfg.method == "snapkv":
+        return np.full(shape, min(n_kept, n), dtype=np.int64)
+    if cfg.method == "adakv":
+        return None
+    if cfg.method == "pyramidkv":
+        eff = cfg.ratio if cfg.ratio is not None else 1.0 - n_kept / n
+        per_layer = [min(n, pyramid_layer_budget(l, num_layers, n, eff, cfg.window)) for l in range(num_layers)]
+        return np.repeat(np.asarray(per_layer, dtype=np.int64)[:, None], num_kv_heads, axis=1)
+    if head_budgets is None:
+        raise ValueError("headkv needs the per-head budgets tensor")
+    return np.minimum(np.asarray(head_budgets, dtype=np.int64), n)
+
+
+def adakv_layer_rule(cfg: CompressConfig, seq_len: int, num_kv_heads: int) -> tuple[int, int]:
+    """AdaKV for a compressed ``seq_len``-token prompt: ``(rows the layer keeps in all, floor per head)``."""
+    n_kept = min(cfg.n_kept(seq_len), seq_len)
+    floor = int(n_kept * cfg.alpha)
+    if cfg.alpha > 0:
+        floor = max(1, floor) if n_kept > 0 else 0
+    return num_kv_heads * n_kept, floor
+
+
+def kept_pages(cfg: CompressConfig, seq_len: int, extra: int, owner: np.ndarray | torch.Tensor, tp: int,
+               page_size: int, head_budgets: torch.Tensor | None = None) -> np.ndarray:
+    """int64 ``[tp, L]``: pages each rank holds per layer for one request once its ``seq_len``-token prompt
+    is compressed and ``extra`` more tokens are appended (its decode), its segments held as ``owner``
+    says (int ``[L, KV]``: the rank of each, -1 not held). Exact except AdaKV (an upper bound per rank;
+    exact rows at TP 1, pages up to the rounding of each head)."""
+    own = np.asarray(owner, dtype=np.int64)
+    num_layers, kv = own.shape
+    P = page_size
+    out = np.zeros((tp, num_layers), dtype=np.int64)
+    held = own >= 0
+    layer = np.broadcast_to(np.arange(num_layers)[:, None], own.shape)
+    kept = kept_per_head(cfg, seq_len, num_layers, kv, head_budgets)
+    if kept is not None:
+        pages = -(-(kept + extra) // P)
+        np.add.at(out, (own[held], layer[held]), pages[held])
+        return out
+    total, floor = adakv_layer_rule(cfg, seq_len, kv)
+    segs = np.zeros((tp, num_layers), dtype=np.int64)
+    np.add.at(segs, (own[held], layer[held]), 1)
+    rows = np.minimum(segs * seq_len, np.maximum(0, total - (kv - segs) * floor))  # kept rows, bound
+    by_rounding = (rows + segs * extra + segs * (P - 1)) // P
+    return np.minimum(segs * (-(-(seq_len + extra) // P)), by_rounding)
+
+
+def dense_pages(seq_len: int, owner: np.ndarray | torch.Tensor, tp: int, page_size: int) -> np.ndarray:
+    """int64 ``[tp, L]``: pages each rank holds per layer for one request's uncompressed ``seq_len`` tokens."""
+    own = np.asarray(owner, dtype=np.int64)
+    num_layers = own.shape[0]
+    out = np.zeros((tp, num_layers), dtype=np.int64)
+    held = own >= 0
+    layer = np.broadcast_to(np.arange(num_layers)[:, None], own.shape)
+    np.add.at(out, (own[held], layer[held]), -(-seq_len // page_size))
+    return out
+
+
+def last_chunk_peak(kept: np.ndarray, dense_full: np.ndarray, dense_prefix: np.ndarray) -> np.ndarray:
+    """int64 ``[tp]``: the most pages a request holds on each rank during the forward of its prompt's last
+    chunk, compressing as it goes (``[tp, L]`` inputs: kept pages per layer, pages of the whole prompt
+    dense, pages of the prefix held before this chunk). While layer ``l`` runs, layers before it are
+    compressed, layer ``l`` holds the whole prompt and later layers still hold only the prefix:
+    ``sum(kept[:l]) + dense_full[l] + sum(dense_prefix[l+1:])``; the peak is the max over ``l`` (and is
+    at least the kept total the forward ends with)."""
+    before = np.cumsum(kept, axis=1) - kept
+    after = dense_prefix[:, ::-1].cumsum(axis=1)[:, ::-1] - dense_prefix
+    return np.maximum((before + dense_full + after).max(axis=1, initial=0), kept.sum(axis=1))
