@@ -28,6 +28,7 @@ CONFIGS = {
     "fairkv none": ["--kv-compress", "none"],
     "fairkv snapkv ratio 0.75": ["--kv-compress", "snapkv", "--kv-compress-ratio", "0.75"],
     "fairkv adakv ratio 0.75": ["--kv-compress", "adakv", "--kv-compress-ratio", "0.75"],
+    "fairkv adakv ratio 0.5": ["--kv-compress", "adakv", "--kv-compress-ratio", "0.5"],
 }
 
 

@@ -3,8 +3,9 @@
 For each plan: start ``python -m sglang_fairkv.launch_server --tp-size N --fairkv-plan ...`` with the
 same ``--kv-compress`` setting, ``--max-total-tokens`` (so the same KV bytes per rank) and
 ``--max-running-requests``; run ``sglang.benchmark.serving`` (random-ids prompts, concurrency above
-what fits); poll ``/server_info`` during the run for every rank's KV rows in use and the realised busy
-rate (mean rank rows / max rank rows, from the TP group's ledger); take the most requests holding KV at once
+what fits); poll ``/server_info`` during the run for every rank's KV rows in use, the realised memory busy
+rate (mean rank rows / max rank rows, from the TP group's ledger) and the attention busy rate (per layer
+each rank's rows read in a decode step; sum over layers of the mean rank / sum of the slowest rank); take the most requests holding KV at once
 (sampled, and the largest ``#running-req`` SGLang logged for a decode batch). Writes a Markdown table (stdout and ``--out-dir/results.md``) and
 ``--out-dir/tp_plans.png`` (throughput, TTFT/TPOT, per-rank KV, busy rate).
 
@@ -56,6 +57,7 @@ class Poller(threading.Thread):
         super().__init__(daemon=True)
         self.server, self.period, self.samples, self.stop = server, period, [], threading.Event()
         self.max_admitted = 0
+        self.attention = []  # the step's per-layer busy rate (sum of mean / sum of max rank loads)
 
     def run(self):
         while not self.stop.is_set():
@@ -65,6 +67,7 @@ class Poller(threading.Thread):
                 self.max_admitted = max(self.max_admitted, fk["requests_admitted"])
                 if max(rows) > 0:
                     self.samples.append(rows)
+                    self.attention.append(fk["attention_busy_rate"])
             except (requests.RequestException, KeyError, ValueError):
                 pass
             self.stop.wait(self.period)
@@ -94,7 +97,8 @@ def run_one(name: str, plan_args: list[str], a) -> dict:
             "req_s": r["request_throughput"], "out_tok_s": r["output_throughput"],
             "ttft_ms": r["mean_ttft_ms"], "tpot_ms": r["mean_tpot_ms"], "wall_s": time.time() - t0,
             "peak_rows_per_rank": rows.max(0).tolist(), "mean_rows_per_rank": rows.mean(0).tolist(),
-            "busy_rate_mean": float(busy.mean())}
+            "busy_rate_mean": float(busy.mean()),
+            "attention_busy_rate_mean": float(np.mean(poll.attention)) if poll.attention else 1.0}
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
@@ -163,13 +167,15 @@ def main() -> int:
             f"(same KV bytes per rank), plans from {Path(a.stats).name}")
     lines = [head, "",
              "| plan | copies | capacity (prompt tokens) | max running | completed | req/s | out tok/s | "
-             f"vs {base['plan']} | mean TTFT ms | mean TPOT ms | peak KV rows per rank | busy rate |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"vs {base['plan']} | mean TTFT ms | mean TPOT ms | peak KV rows per rank | memory busy rate | "
+             "attention busy rate |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['plan']} | {r['copies']} | {r['capacity_tokens']} | {r['max_running']} | "
                      f"{r['completed']}/{a.num_prompts} | {r['req_s']:.3f} | {r['out_tok_s']:.2f} | "
                      f"{r['out_tok_s'] / base['out_tok_s']:.2f}x | {r['ttft_ms']:.0f} | {r['tpot_ms']:.0f} | "
-                     f"{' / '.join(str(int(x)) for x in r['peak_rows_per_rank'])} | {r['busy_rate_mean']:.3f} |")
+                     f"{' / '.join(str(int(x)) for x in r['peak_rows_per_rank'])} | {r['busy_rate_mean']:.3f} | "
+                     f"{r['attention_busy_rate_mean']:.3f} |")
     text = "\n".join(lines)
     print("\n" + text)
     (a.out_dir / "results.md").write_text(text + "\n")

@@ -54,7 +54,8 @@ def test_kv_compress_bad_budget_one_line():
     (["--kv-compress", "adakv", "--kv-budget", "64", "--enable-mixed-chunk"],
      "cannot be used with a compressed KV cache (--kv-compress): --enable-mixed-chunk"),
     (["--kv-compress", "adakv", "--kv-budget", "64", "--page-size", "16"], "--page-size > 1"),
-    (["--kv-compress", "none", "--cuda-graph-backend-decode", "full"], "--cuda-graph-backend-decode full"),
+    (["--kv-compress", "none", "--cuda-graph-backend-prefill", "full"], "--cuda-graph-backend-prefill full"),
+    (["--kv-compress", "none", "--cuda-graph-backend-decode", "full"], "--cuda-graph-backend-decode full (CUDA"),
     (["--kv-compress", "adakv", "--kv-budget", "64", "--kv-cache-dtype", "fp8_e4m3"], "--kv-cache-dtype fp8_e4m3"),
     (["--fairkv-plan", "sha", "--tp-size", "3", "--kv-cache-dtype", "fp8_e5m2"], "--kv-cache-dtype fp8_e5m2"),
     (["--kv-compress", "adakv", "--kv-budget", "64", "--tp-size", "2"],
@@ -91,8 +92,28 @@ def test_kv_head_budgets_checked_against_model(smollm2_path, tmp_path):
     assert plan.kv_compress_json is not None and "headkv" in plan.kv_compress_json
     argv = plan.sglang_argv
     assert argv[argv.index("--attention-backend") + 1] == "fairkv"
-    assert "--disable-radix-cache" in argv and "--disable-overlap-schedule" in argv
+    assert "--disable-radix-cache" in argv and "--disable-overlap-schedule" not in argv  # overlap stays on
+    assert argv[argv.index("--cuda-graph-backend-decode") + 1] == "disabled"  # no CUDA here
     assert "--kv-compress" not in argv and "--kv-head-budgets" not in argv  # ours never reach SGLang
+
+
+def test_cuda_launch_keeps_decode_graphs_and_overlap(smollm2_path, monkeypatch):
+    """On a CUDA machine fairkv leaves SGLang's decode CUDA graphs and overlap scheduling on (graph
+    interface and deferred free, issue 15); prefill graphs are turned off (per-layer page decisions);
+    with the torch decode path, decode graphs are turned off too."""
+    from sglang_fairkv.launch_server import plan_launch
+
+    monkeypatch.delenv("FAIRKV_DECODE_KERNEL", raising=False)
+    argv = plan_launch(["--model-path", str(smollm2_path), "--kv-compress", "adakv", "--kv-compress-ratio",
+                        "0.5", "--cuda-graph-backend-decode", "full"], on_cpu=False).sglang_argv
+    assert "--disable-overlap-schedule" not in argv
+    assert argv[argv.index("--cuda-graph-backend-decode") + 1] == "full"
+    assert argv[argv.index("--cuda-graph-backend-prefill") + 1] == "disabled"
+    argv = plan_launch(["--model-path", str(smollm2_path), "--kv-compress", "none"], on_cpu=False).sglang_argv
+    assert "--cuda-graph-backend-decode" not in argv  # SGLang's default
+    monkeypatch.setenv("FAIRKV_DECODE_KERNEL", "torch")
+    argv = plan_launch(["--model-path", str(smollm2_path), "--kv-compress", "none"], on_cpu=False).sglang_argv
+    assert argv[argv.index("--cuda-graph-backend-decode") + 1] == "disabled"
 
 
 def _plan_file(tmp_path, name, **kw):

@@ -18,6 +18,8 @@ attention registry, only when ``FAIRKV_KV_COMPRESS`` is set (``--kv-compress`` g
 * ``ForwardBatch.init_new`` (AFTER): a decode batch gets the host copy of its ``req_pool_indices``
   that SGLang's scheduler keeps (``ScheduleBatch.req_pool_indices_cpu``; SGLang passes it for prefill
   only), so the backend's per-step bookkeeping never reads the device tensor back.
+* ``decode_cuda_graph_runner.build_replay_fb_view`` (AFTER): the padded batch view of a CUDA-graph
+  replay carries those host indices too.
 * ``mem_cache.common.release_kv_cache`` (BEFORE -- it ends by freeing ``req_pool_idx``): free every
   segment of the request (finish, abort, disconnect, retract).
 * ``SchedulerInternalStateController._add_memory_usage`` (AFTER): pool usage in ``/get_server_info``.
@@ -40,6 +42,7 @@ T_CONFIGURE = f"{_CFG}.configure"
 T_PREPARE_EXTEND = "sglang.srt.managers.schedule_batch.ScheduleBatch.prepare_for_extend"
 T_FORWARD_BATCH = "sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new"
 T_RELEASE = "sglang.srt.mem_cache.common.release_kv_cache"
+T_REPLAY_VIEW = "sglang.srt.model_executor.runner.decode_cuda_graph_runner.build_replay_fb_view"
 T_ADD_ONE_REQ = "sglang.srt.managers.schedule_policy.PrefillAdder.add_one_req"
 T_ADD_CHUNKED_REQ = "sglang.srt.managers.schedule_policy.PrefillAdder.add_chunked_req"
 T_ADDER_INIT = "sglang.srt.managers.schedule_policy.PrefillAdder.__init__"
@@ -218,6 +221,17 @@ def forward_batch_hook(result, cls, batch, *args, **kwargs):
     return None
 
 
+def replay_view_hook(result, *args, **kwargs):
+    """AFTER ``decode_cuda_graph_runner.build_replay_fb_view`` (the padded batch view a CUDA-graph replay
+    hands the backend): carry the real batch's host ``req_pool_indices`` (the view has only the padded
+    device buffer), so a graph replay's bookkeeping reads no device tensor back either."""
+    fb = kwargs.get("forward_batch", args[0] if args else None)
+    cpu = getattr(fb, "req_pool_indices_cpu", None)
+    if cpu is not None and getattr(result, "req_pool_indices_cpu", None) is None:
+        result.req_pool_indices_cpu = cpu
+    return result
+
+
 def release_hook(req, tree_cache, *args, **kwargs):
     """BEFORE ``release_kv_cache``: free the request's segments while ``req_pool_idx`` is still its."""
     state = _state_of(tree_cache.token_to_kv_pool_allocator)
@@ -244,7 +258,8 @@ def hook_triples() -> list[tuple[str, object, str]]:
             (T_ADD_ONE_REQ, adder_request_hook, "AROUND"), (T_ADD_CHUNKED_REQ, adder_request_hook, "AROUND"),
             (T_ADDER_INIT, adder_init_hook, "AFTER"),
             (T_PREPARE_EXTEND, prepare_for_extend_hook, "AFTER"),
-            (T_FORWARD_BATCH, forward_batch_hook, "AFTER"), (T_RELEASE, release_hook, "BEFORE"),
+            (T_FORWARD_BATCH, forward_batch_hook, "AFTER"), (T_REPLAY_VIEW, replay_view_hook, "AFTER"),
+            (T_RELEASE, release_hook, "BEFORE"),
             (T_INTERNAL_STATE, internal_state_hook, "AFTER")]
 
 

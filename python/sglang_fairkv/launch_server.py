@@ -10,8 +10,8 @@ Accepts every ``python -m sglang.launch_server`` argument, plus the project's ow
     ``--kv-compress-ratio R``, ``--kv-window``, ``--kv-pool-kernel``, ``--kv-alpha``,
     ``--kv-head-budgets FILE``) serves through the ``fairkv`` attention backend over a ragged
     per-(request, layer, KV head) pool; it turns off what cannot work with a compressed cache (radix
-    prefix sharing, overlap scheduling, CUDA graphs; logged) and rejects flags that cannot be turned
-    off, naming them;
+    prefix sharing, prefill CUDA graphs; decode graphs on a machine without CUDA; logged) and rejects
+    flags that cannot be turned off, naming them; overlap scheduling and CUDA-graph decode stay on;
   * bad input (unknown flag, missing model folder, port in use) stops with one clear line, exit 2;
   * malformed requests (empty prompts, token ids outside the vocabulary, ill-typed sampling
     parameters) get HTTP 400 instead of reaching a scheduler (:mod:`sglang_fairkv.request_guard`).
@@ -52,10 +52,12 @@ FAIRKV_REJECTED_FLAGS: tuple[str, ...] = (
 #: Added when fairkv is on (what the compressed cache needs), with the reason logged.
 FAIRKV_FORCED: tuple[tuple[tuple[str, ...], str], ...] = (
     (("--disable-radix-cache",), "radix prefix sharing cannot share per-head compressed KV"),
-    (("--disable-overlap-schedule",), "segments are freed synchronously with the request"),
-    (("--cuda-graph-backend-decode", "disabled"), "the fairkv decode path is not graph-captured yet"),
-    (("--cuda-graph-backend-prefill", "disabled"), "the fairkv decode path is not graph-captured yet"),
+    (("--cuda-graph-backend-prefill", "disabled"), "fairkv prefill takes page decisions per layer "
+     "(compress as you go): eager; decode steps are graph-captured on CUDA"),
 )
+#: Added on a machine without CUDA (or with FAIRKV_DECODE_KERNEL=torch): decode runs eager there.
+FAIRKV_FORCED_EAGER_DECODE = (("--cuda-graph-backend-decode", "disabled"),
+                              "CUDA-graph decode needs CUDA and the Triton decode kernel")
 
 
 #: Default ``--max-running-requests`` with fairkv (sizes the per-request segment page table).
@@ -177,7 +179,7 @@ def plan_launch(argv: list[str], on_cpu: bool) -> LaunchPlan:
         )
     cfg_json, notes, plan_json = None, (), None
     if fk.kv_compress is not None or ns.attention_backend == "fairkv":
-        cfg_json, notes = _fairkv_setup(fk, ns, out, model_path)
+        cfg_json, notes = _fairkv_setup(fk, ns, out, model_path, on_cpu)
         plan_json, plan_notes = _plan_setup(fk, ns, out, model_path)
         notes += plan_notes
     if on_cpu:
@@ -191,7 +193,7 @@ def plan_launch(argv: list[str], on_cpu: bool) -> LaunchPlan:
 
 
 def _fairkv_setup(fk: argparse.Namespace, ns: argparse.Namespace, out: list[str],
-                  model_path: str) -> tuple[str, tuple[str, ...]]:
+                  model_path: str, on_cpu: bool) -> tuple[str, tuple[str, ...]]:
     """Validate the compression flags, adjust SGLang's argv in place; returns (config JSON, notes)."""
     from .compress.policy import CompressConfig, load_config_head_budgets
 
@@ -210,15 +212,20 @@ def _fairkv_setup(fk: argparse.Namespace, ns: argparse.Namespace, out: list[str]
         bad.append("--dp-size > 1")
     if (ns.page_size or 1) > 1:
         bad.append("--page-size > 1 (the ragged pool pages itself: FAIRKV_KV_PAGE_SIZE)")
-    for flag in ("--cuda-graph-backend-decode", "--cuda-graph-backend-prefill"):
-        if _given(out, flag) and _value(out, flag) != "disabled":
-            bad.append(f"{flag} {_value(out, flag)} (CUDA graphs are not supported by fairkv yet)")
+    flag = "--cuda-graph-backend-prefill"
+    if _given(out, flag) and _value(out, flag) != "disabled":
+        bad.append(f"{flag} {_value(out, flag)} (fairkv prefill runs eager; decode graphs are supported)")
+    eager_decode = on_cpu or os.environ.get("FAIRKV_DECODE_KERNEL", "triton") == "torch"
+    flag = "--cuda-graph-backend-decode"
+    if eager_decode and _given(out, flag) and _value(out, flag) != "disabled":
+        bad.append(f"{flag} {_value(out, flag)} (CUDA-graph decode needs CUDA and the Triton decode kernel)")
     kv_dtype = _value(out, "--kv-cache-dtype")
     if kv_dtype not in (None, "auto", "bf16", "bfloat16"):
         bad.append(f"--kv-cache-dtype {kv_dtype} (the ragged pool and its decode kernel hold fp16 / bf16 / "
                    "fp32 KV; quantized KV is not supported yet)")
     if _given(out, "--cuda-graph-config"):
-        bad.append("--cuda-graph-config (CUDA graphs are not supported by fairkv yet)")
+        bad.append("--cuda-graph-config (fairkv: set decode graphs with --cuda-graph-backend-decode; "
+                   "prefill runs eager)")
     if bad:
         raise UsageError(f"cannot be used with a compressed KV cache (--kv-compress): {', '.join(bad)}")
     if cfg.method == "headkv":
@@ -239,7 +246,8 @@ def _fairkv_setup(fk: argparse.Namespace, ns: argparse.Namespace, out: list[str]
         out += ["--max-running-requests", str(FAIRKV_DEFAULT_MAX_RUNNING)]
         notes.append(f"--max-running-requests {FAIRKV_DEFAULT_MAX_RUNNING}: bounds the segment page "
                      "table (give the flag to change it)")
-    for flag_value, why in FAIRKV_FORCED:
+    forced = FAIRKV_FORCED + ((FAIRKV_FORCED_EAGER_DECODE,) if eager_decode else ())
+    for flag_value, why in forced:
         if not _given(out, flag_value[0]):
             out += list(flag_value)
             notes.append(f"{' '.join(flag_value)}: {why}")

@@ -142,7 +142,9 @@ class FairKVAttnBackend(AttentionBackend):
 
     # ---- metadata (once per step; host decisions, one upload) --------------------------------
     def init_forward_metadata(self, forward_batch):
+        """Eager step (no CUDA graph): host bookkeeping, one upload, metadata of this batch."""
         mode = forward_batch.forward_mode
+        self.pool.begin_step()
         if mode.is_idle():
             self.forward_metadata = None
         elif mode.is_decode():
@@ -200,9 +202,73 @@ class FairKVAttnBackend(AttentionBackend):
                               torch.where(new_valid, new_pos, 0), new_valid, mask, self.pool.active[d_idx],
                               *grown)
 
+    # ---- CUDA graphs (decode) ----------------------------------------------------------------
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int):
-        raise NotImplementedError("fairkv backend: CUDA graphs are not supported yet (launch_server "
-                                  "passes --cuda-graph-backend-decode disabled)")
+        """Static buffers for every decode batch size SGLang captures (up to ``max_bs``): the request
+        indices ``[max_bs]``, the new tokens' rows ``[L, max_bs, H]``, lengths ``[max_bs, L, H]`` and the
+        chunk tables ``[L, max_bs * H + 1]``. Captured graphs read only these (and the pool's tables in
+        place); each replay's out-of-graph part (:meth:`init_forward_metadata_out_graph`) refills them.
+        Allocated once: never reallocated."""
+        if self.decode_kernel != "triton":
+            raise NotImplementedError("fairkv backend: CUDA graphs need the Triton decode kernel "
+                                      "(FAIRKV_DECODE_KERNEL=torch runs eager only)")
+        L, H, dev = self.num_layers, self.pool.num_kv_heads, self.pool.device
+        self._g_max_bs = max_bs
+        self._g_idx = torch.zeros(max_bs, dtype=torch.int64, device=dev)
+        self._g_rows = torch.zeros(L, max_bs, H, dtype=torch.int64, device=dev)
+        self._g_lens = torch.zeros(max_bs, L, H, dtype=torch.int32, device=dev)
+        self._g_indptr = torch.zeros(L, max_bs * H + 1, dtype=torch.int32, device=dev)
+        self._g_meta: dict[int, DecodeMetadata] = {}
+
+    def graph_buffers(self) -> tuple[torch.Tensor, ...]:
+        """The static buffers (tests check they are never reallocated)."""
+        return self._g_idx, self._g_rows, self._g_lens, self._g_indptr
+
+    def _graph_metadata(self, bs: int) -> DecodeMetadata:
+        """The decode metadata of a captured batch size: views of the static buffers (made once)."""
+        md = self._g_meta.get(bs)
+        if md is None:
+            H = self.pool.num_kv_heads
+            md = DecodeMetadata(self._g_idx[:bs], self._g_rows[:, :bs].unbind(0), self._g_lens[:bs],
+                                self._g_indptr[:, :bs * H + 1].unbind(0), None)
+            self._g_meta[bs] = md
+        return md
+
+    def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
+        """Outside the graph. Capture: the metadata of ``batch_size`` slots over the static buffers,
+        all slots empty (writes to the sink page, no attention work). Replay (SGLang's padded view of
+        the batch; ``num_padding`` slots past the real ones): the step's host bookkeeping and upload
+        as in eager mode, then the real slots' rows / lengths / indices copied into the buffers, padding
+        slots zeroed (they write the sink page and attend nothing), chunk tables rebuilt in place."""
+        mode = forward_batch.forward_mode
+        if not mode.is_decode():
+            return self.init_forward_metadata(forward_batch)
+        bs = int(forward_batch.batch_size)
+        if in_capture:
+            self._g_idx[:bs].zero_()
+            self._g_rows[:, :bs].zero_()
+            self._g_lens[:bs].zero_()
+            self._g_indptr[:, :bs * self.pool.num_kv_heads + 1].zero_()
+            self.forward_metadata = self._graph_metadata(bs)
+            return
+        self.pool.begin_step()
+        raw = bs - int(getattr(forward_batch, "num_padding", 0) or 0)
+        idx_dev = forward_batch.req_pool_indices[:raw]
+        idx_host = self.state.host_req_pool_indices(forward_batch)[:raw]
+        rows, lens = self.pool.append(idx_host, idx_dev)  # [L, raw, H], [raw, L, H]
+        self.ledger.append(idx_host)
+        self._g_idx[:raw].copy_(idx_dev)
+        self._g_idx[raw:bs].zero_()
+        self._g_rows[:, :raw].copy_(rows)
+        self._g_rows[:, raw:bs].zero_()
+        self._g_lens[:raw].copy_(lens)
+        self._g_lens[raw:bs].zero_()
+        self._g_indptr[:, :bs * self.pool.num_kv_heads + 1].copy_(
+            self._chunk_tables(self._g_lens[:bs], self.workspace.chunk_size))
+        self.forward_metadata = self._graph_metadata(bs)
+
+    def init_forward_metadata_in_graph(self, forward_batch):
+        """Nothing: the captured part is each layer's writes and kernel launch on the static buffers."""
 
     def get_cuda_graph_seq_len_fill_value(self):
         return 1

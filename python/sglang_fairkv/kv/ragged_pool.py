@@ -117,6 +117,11 @@ class RaggedKVPool:
         self._n_free = self.num_pages - 1
         #: the most pages in use since the last :meth:`reset_peak` (the transient high-water mark)
         self.peak_used = 0
+        #: freed pages a launched step may still read: ``(step, pages, CUDA event or None)``
+        self._limbo: list[tuple[int, np.ndarray, object | None]] = []
+        self._limbo_pages = 0
+        #: forward steps launched (:meth:`begin_step`)
+        self.step = 0
         self.seg_len_host[:] = 0
         self.active_host[:] = False
         self._pending: list[list[tuple[np.ndarray, np.ndarray]]] = [[], [], []]
@@ -145,10 +150,12 @@ class RaggedKVPool:
         return torch.from_numpy(self._free[:self._n_free].astype(np.int64))
 
     def free_page_count(self) -> int:
-        return self._n_free
+        """Free pages, those in limbo included (they come back before a pop could fail)."""
+        return self._n_free + self._limbo_pages
 
     def used_pages(self) -> int:
-        return self.usable_pages - self._n_free
+        """Pages held by segments (pages in limbo are held by none: freed, awaiting reuse)."""
+        return self.usable_pages - self._n_free - self._limbo_pages
 
     def reset_peak(self) -> int:
         """Start a new high-water mark at the pages in use now; returns the previous mark."""
@@ -169,13 +176,65 @@ class RaggedKVPool:
         return 2 * self.head_dim * self.k_rows.element_size()
 
     # ---- host free stack and queued table writes ---------------------------------------------
+    # ---- deferred free (overlap scheduling) ---------------------------------------------------------
+    def begin_step(self) -> None:
+        """A forward step is being launched (the backend's metadata, once per step). Pages freed during
+        an earlier step come back to the free stack once that step has finished: on CUDA when the event
+        recorded at their release has completed (queried, no wait), on a CPU at once (its forward ran
+        synchronously)."""
+        self.step += 1
+        self._reclaim(wait=False)
+
+    def _reclaim(self, wait: bool) -> None:
+        """Return limbo pages whose step is over (``wait``: block on their events -- only when a pop
+        would otherwise fail)."""
+        keep = []
+        for step, pages, ev in self._limbo:
+            if step >= self.step:  # released during the step being built: not before it launches
+                keep.append((step, pages, ev))
+                continue
+            if ev is not None and not ev.query():
+                if not wait:
+                    keep.append((step, pages, ev))
+                    continue
+                ev.synchronize()
+            self._push(pages)
+            self._limbo_pages -= int(pages.size)
+        self._limbo = keep
+
+    def limbo_pages(self) -> int:
+        """Pages freed but not yet reusable (a launched step may still read them)."""
+        return self._limbo_pages
+
     def _pop(self, n: int) -> np.ndarray:
+        if n > self._n_free and self._limbo_pages:  # released pages of a step that must end first
+            self.step += 1  # the caller's step is launched after everything queued so far
+            self._reclaim(wait=True)
+            self.step -= 1
         if n > self._n_free:
             raise RaggedPoolFull(f"ragged KV pool: need {n} pages, {self._n_free} free")
         out = self._free[self._n_free - n:self._n_free][::-1].copy()
         self._n_free -= n
-        self.peak_used = max(self.peak_used, self.num_pages - 1 - self._n_free)
+        self.peak_used = max(self.peak_used, self.used_pages())
         return out
+
+    def _release(self, pages: np.ndarray) -> None:
+        """Pages of a released request (finish / abort, from the scheduler, maybe while a launched step
+        still reads them): reusable at once before any step was launched, else through the limbo
+        (:meth:`begin_step`). Compaction's tail pages go back at once (:meth:`_push`): only the same
+        step's later, stream-ordered work can take them."""
+        pages = np.asarray(pages, dtype=np.int32).reshape(-1)
+        if not pages.size:
+            return
+        if self.step == 0:
+            self._push(pages)
+            return
+        ev = None
+        if self.device.type == "cuda":
+            ev = torch.cuda.Event()
+            ev.record()  # after every kernel queued so far (the launched steps that may read these pages)
+        self._limbo.append((self.step, pages.copy(), ev))
+        self._limbo_pages += int(pages.size)
 
     def _push(self, pages: np.ndarray) -> None:
         k = int(pages.size)
@@ -356,7 +415,7 @@ class RaggedKVPool:
         if total == 0:
             return 0
         mask = np.arange(self.max_pages)[None, None, :] < n_pages[..., None]
-        self._push(self.seg_pages_host[r][mask])
+        self._release(self.seg_pages_host[r][mask])
         self.seg_len_host[r] = 0
         self._queue(_LEN, flat, np.zeros(flat.size))
         return total

@@ -1,0 +1,155 @@
+"""CUDA-graph decode and overlap scheduling, checked without CUDA (issue 15).
+
+Graph replay equivalence: "capture" = the backend's out-of-graph capture metadata, then the in-graph
+part (each layer's ``forward_decode``, the Triton kernel interpreted) run once on the static buffers;
+"replay" = the out-of-graph part refills those buffers from SGLang's padded batch view for another batch
+(different requests and lengths, padding slots, a request whose copied head is served by another
+rank's replica) and the same in-graph part runs again. Every replay must equal a fresh eager step of a
+twin backend over the same pool contents, padding slots must give zeros and leave every real row alone,
+and the buffers must never be reallocated.
+
+Deferred free: a request's pages released while a step is in flight are not handed out until that step
+has ended (the pool's explicit step window).
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from helpers.backend_harness import Geometry, decode_batch, extend_batch, layer, make_backend, qkv, use_cuda_branch
+from sglang_fairkv.kv.ragged_pool import RaggedKVPool
+
+GEO = Geometry(layers=3, q_heads=4, kv_heads=2, head_dim=16, max_reqs=10, max_context=512)
+PROMPTS = {1: 40, 2: 17, 3: 64, 5: 33, 6: 90}
+INACTIVE = (5, 1, 1)  # request 5's head 1 in layer 1 is a copy served by another rank's replica
+
+
+def twin(seed: int = 0):
+    """A backend on the CUDA branch with the prompts prefilled (same K/V for every twin)."""
+    b = make_backend(GEO)
+    use_cuda_branch(b, chunk_size=32, block_n=16)
+    st, gen = b.state, torch.Generator().manual_seed(seed)
+    r, l, h = INACTIVE
+    for req, n in PROMPTS.items():
+        st.target_len[req] = n
+        st.admit(req, f"req{req}", n)
+    mask = np.ones((GEO.layers, GEO.kv_heads), dtype=np.bool_)
+    mask[l, h] = False
+    st.pool.free(r)
+    st.pool.set_active(r, mask)
+    fb = extend_batch(b, list(PROMPTS), [0] * len(PROMPTS), list(PROMPTS.values()), list(PROMPTS.values()))
+    b.init_forward_metadata(fb)
+    for lid in range(GEO.layers):
+        q, k, v = qkv(GEO, sum(PROMPTS.values()), gen)
+        b.forward_extend(q, k, v, layer(GEO, lid), fb)
+    return b
+
+
+def replay_view(reqs: list[int], bs: int):
+    """SGLang's padded batch view of a replay (``build_replay_fb_view`` + our hook's host indices)."""
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    padded = torch.zeros(bs, dtype=torch.int64)
+    padded[:len(reqs)] = torch.tensor(reqs)
+    return SimpleNamespace(forward_mode=ForwardMode.DECODE, batch_size=bs, num_padding=bs - len(reqs),
+                           req_pool_indices=padded, req_pool_indices_cpu=torch.tensor(reqs, dtype=torch.int64))
+
+
+def in_graph(b, bs: int, gen: torch.Generator, q_real=None):
+    """The captured part: every layer's forward_decode on the current metadata. ``q_real``: per layer
+    the real slots' (q, k, v); padding slots get random q/k/v (their results must not matter)."""
+    outs = []
+    for lid in range(GEO.layers):
+        q, k, v = qkv(GEO, bs, gen)
+        if q_real is not None:
+            qr, kr, vr = q_real[lid]
+            q[:qr.shape[0]], k[:qr.shape[0]], v[:qr.shape[0]] = qr, kr, vr
+        outs.append(b.forward_decode(q, k, v, layer(GEO, lid), None))
+    return outs
+
+
+def test_graph_replay_equals_eager_steps_and_never_reallocates():
+    eager, graph = twin(), twin()
+    gen = torch.Generator().manual_seed(1)
+    graph.init_cuda_graph_state(max_bs=8, max_num_tokens=8)
+    buffers = [t.data_ptr() for t in graph.graph_buffers()]
+    bs = 4
+    capture = SimpleNamespace(forward_mode=replay_view([], bs).forward_mode, batch_size=bs,
+                              req_pool_indices=torch.zeros(bs, dtype=torch.int64))
+    graph.init_forward_metadata_out_graph(capture, in_capture=True)
+    before = graph.pool.k_rows[graph.pool.page_size:].clone()
+    for o in in_graph(graph, bs, gen):
+        assert not o.any()  # capture: empty slots attend nothing
+    assert torch.equal(graph.pool.k_rows[graph.pool.page_size:], before)  # and write only the sink page
+    md_capture = graph.forward_metadata
+
+    steps = [[1, 2, 5], [3, 6, 1, 2], [5, 6], [2, 3, 5, 6]]  # different batches, lengths, padding
+    for reqs in steps:
+        real = [qkv(GEO, len(reqs), gen) for _ in range(GEO.layers)]
+        fb = decode_batch(eager, reqs)
+        eager.init_forward_metadata(fb)
+        want = [eager.forward_decode(*real[lid], layer(GEO, lid), fb) for lid in range(GEO.layers)]
+        graph.init_forward_metadata_out_graph(replay_view(reqs, bs))
+        assert graph.forward_metadata is md_capture  # the captured views, refilled in place
+        got = in_graph(graph, bs, gen, real)
+        for lid in range(GEO.layers):
+            assert torch.allclose(got[lid][:len(reqs)], want[lid], atol=1e-5), (reqs, lid)
+            assert not got[lid][len(reqs):].any()  # padding slots give zeros
+        # the copied head's segment (served elsewhere) gives zeros and stays empty
+        if INACTIVE[0] in reqs:
+            i = reqs.index(INACTIVE[0])
+            g = GEO.q_heads // GEO.kv_heads
+            head = got[INACTIVE[1]][i].view(GEO.q_heads, GEO.head_dim)[INACTIVE[2] * g:(INACTIVE[2] + 1) * g]
+            assert not head.any()
+            assert graph.pool.seg_len_host[INACTIVE] == 0
+        # same pool contents and tables as the eager twin (padding wrote only the sink page)
+        assert np.array_equal(graph.pool.seg_len_host, eager.pool.seg_len_host)
+        assert torch.equal(graph.pool.seg_len, eager.pool.seg_len)
+        P = graph.pool.page_size
+        assert torch.equal(graph.pool.k_rows[P:], eager.pool.k_rows[P:])
+        assert torch.equal(graph.pool.v_rows[P:], eager.pool.v_rows[P:])
+    assert [t.data_ptr() for t in graph.graph_buffers()] == buffers  # never reallocated
+    assert graph.state.host_index_readbacks == 0
+
+
+def test_released_pages_wait_for_the_step_in_flight():
+    """Explicit step window on the pool: pages of a request released while step 1 is in flight are not
+    handed to another request during step 1; once step 2 begins (step 1 over) they are reused."""
+    pool = RaggedKVPool(num_pages=12, page_size=4, num_layers=1, num_kv_heads=1, head_dim=2, max_reqs=4,
+                        max_context=64, dtype=torch.float32)
+    pool.set_active(1)
+    pool.extend([1], [16])  # 4 pages
+    held = set(pool.seg_pages_host[1, 0, 0, :4].tolist())
+    pool.begin_step()  # step 1 launched; it may read request 1's pages
+    assert pool.free(1) == 4
+    assert pool.limbo_pages() == 4 and pool.used_pages() == 0 and pool.free_page_count() == 11
+    pool.set_active(2)
+    pool.extend([2], [16])  # during step 1: must come from elsewhere
+    got = set(pool.seg_pages_host[2, 0, 0, :4].tolist())
+    assert not got & held
+    pool.begin_step()  # step 2: step 1 has finished
+    assert pool.limbo_pages() == 0
+    pool.set_active(3)
+    pool.extend([3], [16])
+    assert set(pool.seg_pages_host[3, 0, 0, :4].tolist()) <= held | set(range(1, 12))
+    pool.free(2)
+    pool.free(3)
+    pool.begin_step()
+    assert pool.used_pages() == 0 and pool.free_page_count() == pool.usable_pages and pool.limbo_pages() == 0
+
+
+def test_a_pool_short_of_pages_waits_for_limbo_instead_of_failing():
+    """When only released pages would satisfy an allocation, the pool waits for the step that may read
+    them (an event on CUDA; at once on a CPU, whose steps are synchronous) rather than raising."""
+    pool = RaggedKVPool(num_pages=5, page_size=4, num_layers=1, num_kv_heads=1, head_dim=2, max_reqs=4,
+                        max_context=64, dtype=torch.float32)
+    pool.set_active(1)
+    pool.extend([1], [16])
+    pool.begin_step()
+    pool.free(1)
+    pool.set_active(2)
+    pool.extend([2], [16])  # all 4 usable pages are in limbo
+    assert pool.used_pages() == 4 and pool.limbo_pages() == 0
