@@ -38,8 +38,9 @@ test-fast: install
 	$(PY) -m pytest test -m "not server" $(XDIST) $(PYTEST_ARGS)
 
 # The one-call GPU check (run on the lent H200 through the device tool, carry [".device"]; prepare
-# .device/flashinfer first with ../shared/tools/flashinfer-for-device.sh): pool + page-table kernel
-# against the torch path in bf16/fp16, per-layer decode-step time, kernel vs FlashInfer.
+# .device/flashinfer first with ../shared/tools/flashinfer-for-device.sh, .device/sglang with
+# ../shared/tools/sglang-for-device/build.sh): pool + page-table kernel against the torch path in
+# bf16/fp16, per-layer decode-step time, kernel vs FlashInfer, stock SGLang vs fairkv servers.
 device-check:
 	bash kernels/bench_device.sh
 
@@ -47,6 +48,7 @@ device-check:
 device-check-dry: install
 	OUT=$${OUT:-out} TRITON_INTERPRET=1 $(PY) kernels/check_pool_device.py --dry-run
 	OUT=$${OUT:-out} TRITON_INTERPRET=1 $(PY) kernels/bench_ragged_device.py --dry-run
+	OUT=$${OUT:-out} $(PY) kernels/serve_device.py --dry-run
 
 clean:
 	rm -rf $(VENV) models

@@ -49,6 +49,8 @@ class Req:
 
     def __post_init__(self):
         self.full_untruncated_fill_ids = list(range(self.n))
+        self.sampling_params = SimpleNamespace(max_new_tokens=self.m, ignore_eos=self.ignore_eos)
+        self.output_ids = []
 
 
 def budget_for(state) -> FairKVPrefillBudget:
@@ -255,8 +257,7 @@ def workload(rng: random.Random, count: int, max_len: int) -> list[Req]:
     return out
 
 
-@pytest.mark.parametrize("method,ratio,seed", [("snapkv", 0.75, 1), ("adakv", 0.5, 2), ("none", None, 3),
-                                               ("snapkv", 0.5, 4)])
+@pytest.mark.parametrize("method,ratio,seed", [("snapkv", 0.75, 1), ("adakv", 0.5, 2)])
 def test_tp1_backend_random_workload_never_overflows_and_charges_what_it_takes(method, ratio, seed):
     rng = random.Random(seed)
     backend = make_backend(GEO, method=method, ratio=ratio, window=8)
@@ -337,10 +338,10 @@ class PoolWorkload(Workload):
             st.ledger.append(idx)
 
 
-@pytest.mark.parametrize("method,ratio,seed", [("adakv", 0.75, 11), ("snapkv", 0.5, 12)])
+@pytest.mark.parametrize("method,ratio,seed", [("adakv", 0.75, 11), ("snapkv", 0.5, 12), ("none", None, 13)])
 def test_tp2_copied_plan_random_workload_never_overflows(method, ratio, seed):
     rng = random.Random(seed)
-    cfg = CompressConfig(method=method, ratio=ratio, window=8)
+    cfg = CompressConfig(method=method, ratio=ratio, window=8 if method != "none" else 64)
     plan = half_copied_plan()
     states = [build_state(cfg, None, rank_plan=RankPlan(plan, q, Q), max_total_tokens=6000,
                           rows_per_token_budget=L * KV // 2, page_size=P, head_dim=2, max_reqs=32,
@@ -348,7 +349,7 @@ def test_tp2_copied_plan_random_workload_never_overflows(method, ratio, seed):
               for q in range(2)]
     w = PoolWorkload(states, rng, chunk=rng.choice([300, 700, 1500]), cfg=cfg)
     w.waiting = workload(rng, 60, 4096)
-    w.run(600)
+    w.run(1500)
     s = w.stats
     assert s["admitted"] >= 30 and s["finished"] >= 15 and s["chunked_steps"] >= 3, s
 

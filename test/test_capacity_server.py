@@ -21,7 +21,7 @@ from helpers.server import STRICT, Server
 
 pytestmark = [pytest.mark.server]
 
-MAX_TOTAL, PROMPT, NEW, CONCURRENCY = 2048, 400, 16, 16
+MAX_TOTAL, PROMPT, NEW, CONCURRENCY = 1024, 256, 8, 12
 
 
 def test_small_pool_decodes_three_times_the_dense_requests_at_once():

@@ -438,8 +438,11 @@ class FairKVPrefillBudget(PrefillBudget):
         held_sum = held.sum(axis=1)
         if s + extend_tokens < n:  # not the last chunk: dense now, the whole prompt dense until the last
             after = footprint.dense_pages(s + extend_tokens, own, tp, P).sum(axis=1)
+            # SGLang passes no decode for a chunk that does not end the prompt; reserve the request's own
+            # (the last chunk will need it, and nothing admitted meanwhile may take it)
+            decode = max(decode_tokens, _max_new_tokens(req))
             total = np.maximum(footprint.dense_pages(n, own, tp, P).sum(axis=1),
-                               footprint.kept_pages(st.cfg, n, decode_tokens, own, tp, P, st.head_budgets).sum(axis=1))
+                               footprint.kept_pages(st.cfg, n, decode, own, tp, P, st.head_budgets).sum(axis=1))
             now = after
         else:
             kept = footprint.kept_pages(st.cfg, n, 0, own, tp, P, st.head_budgets)
@@ -580,6 +583,17 @@ class FairKVPrefillBudget(PrefillBudget):
             for i, j in enumerate(chosen):
                 self._pending[i][j] += weight
         self._preview = None
+
+
+def _max_new_tokens(req) -> int:
+    """The decode tokens SGLang reserves for ``req`` when its last chunk is admitted (its remaining
+    ``max_new_tokens``, clipped as SGLang clips it)."""
+    from sglang.srt.managers.schedule_policy import CLIP_MAX_NEW_TOKENS
+
+    sp = getattr(req, "sampling_params", None)
+    if sp is None or sp.max_new_tokens is None:
+        return 0
+    return max(0, min(sp.max_new_tokens - len(getattr(req, "output_ids", ()) or ()), CLIP_MAX_NEW_TOKENS))
 
 
 class FairKVTokenAllocator(TokenToKVPoolAllocator):
