@@ -54,7 +54,8 @@ def bench_serving(port: int, a) -> dict:
 
 
 def run_one(name: str, extra: list[str], a) -> dict:
-    args = [*extra, "--max-total-tokens", str(a.max_total_tokens), "--max-running-requests", "64"]
+    args = [*extra, "--max-total-tokens", str(a.max_total_tokens), "--max-running-requests", "64",
+            "--decode-log-interval", "1"]  # every decode batch logged: the true peak of #running-req
     with Server(args, startup_timeout=300) as s:
         r = bench_serving(s.port, a)
         log = Path(s.log.name).read_text(errors="replace")

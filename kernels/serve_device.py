@@ -283,7 +283,8 @@ def main() -> int:
             rows.append(run)
             continue
         log = out / f"server-{run.model}-{re.sub(r'[^a-z0-9]+', '-', run.name.lower())}.log"
-        args = [*run.args, "--max-total-tokens", str(total), "--max-running-requests", str(max(conc, 8))]
+        args = [*run.args, "--max-total-tokens", str(total), "--max-running-requests", str(max(conc, 8)),
+                "--decode-log-interval", "1"]
         fairkv = run.module.startswith("sglang_fairkv") and "--kv-compress" in args
         try:
             s = Server(run.module, models[run.model], args, env, log, up_timeout=240)
