@@ -53,10 +53,11 @@ class Req:
         self.output_ids = []
 
 
-def budget_for(state) -> FairKVPrefillBudget:
+def budget_for(state, chunk: int | None = None) -> FairKVPrefillBudget:
     b = FairKVPrefillBudget(SimpleNamespace(state=state, page_size=1),
                             SimpleNamespace(evictable_size=lambda: 0, supports_mamba=lambda: False))
-    b.adopt_running(SimpleNamespace(running_batch=None, new_token_ratio=1.0))  # the adder-init hook
+    # the adder-init hook (SGLang's PrefillAdder: no running offsets here, its chunk size)
+    b.adopt_running(SimpleNamespace(running_batch=None, new_token_ratio=1.0, rem_chunk_tokens=chunk))
     return b
 
 
@@ -80,7 +81,7 @@ class Workload:
         return res[0]
 
     def admission_pass(self) -> list[tuple[Req, int]]:
-        self.budgets = [budget_for(st) for st in self.states]
+        self.budgets = [budget_for(st, self.chunk) for st in self.states]
         taken, rem, new_chunked = [], self.chunk, None
         if self.chunked is not None:
             req = self.chunked

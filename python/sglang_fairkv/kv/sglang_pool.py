@@ -326,8 +326,9 @@ class FairKVPrefillBudget(PrefillBudget):
     * **total** (what it holds afterwards, against ``remaining_total``): a completing request its kept
       rows plus ``max_new_tokens`` decode rows per segment
       (:func:`~sglang_fairkv.compress.footprint.kept_pages`, exact at TP 1, a per-rank bound for AdaKV
-      under a plan); a request whose prompt continues in later chunks its whole prompt dense (earlier
-      chunks stay dense until the last one: SnapKV/AdaKV score with the final window).
+      under a plan); a request whose prompt continues in later chunks the peak of its last chunk when
+      the next chunk ends the prompt (the rest fits a pass's chunk), else its whole prompt dense
+      (earlier chunks stay dense until the last one: SnapKV/AdaKV score with the final window).
 
     Both are net of the pages the request already holds. While SGLang's ``PrefillAdder`` considers a
     request the ``current_req`` hook (:func:`sglang_fairkv.integration.adder_request_hook`) names it; the
@@ -355,6 +356,7 @@ class FairKVPrefillBudget(PrefillBudget):
         self._credit = 0  # see can_allocate_prefill
         #: pages per rank the running requests will still take (see :meth:`adopt_running`)
         self.running_pages = torch.zeros(tp, dtype=torch.int64)
+        self.chunk_size: int | None = None
         self._pending = self.state.assigner.new_pending()
         self._preview: tuple[str, np.ndarray] | None = None
         self._preview_roomiest = False  # the preview is the roomiest choice, not the share rule's
@@ -376,6 +378,8 @@ class FairKVPrefillBudget(PrefillBudget):
         and reserve instead each rank's exact pages still owed to those requests
         (:meth:`FairKVState.decode_pages_to_come`, same ratio): a decode token costs one row per
         segment, and a page per segment at a page boundary, which a scalar cannot price."""
+        #: tokens of a pass's chunk (SGLang's chunked_prefill_size less mixed decode tokens), or None
+        self.chunk_size = getattr(adder, "rem_chunk_tokens", None)
         rb = getattr(adder, "running_batch", None)
         if rb is not None and rb.reqs:
             self.total_offset -= sum(adder._get_running_request_total_token_offset(r) for r in rb.reqs)
@@ -441,8 +445,16 @@ class FairKVPrefillBudget(PrefillBudget):
             # SGLang passes no decode for a chunk that does not end the prompt; reserve the request's own
             # (the last chunk will need it, and nothing admitted meanwhile may take it)
             decode = max(decode_tokens, _max_new_tokens(req))
-            total = np.maximum(footprint.dense_pages(n, own, tp, P).sum(axis=1),
-                               footprint.kept_pages(st.cfg, n, decode, own, tp, P, st.head_budgets).sum(axis=1))
+            nxt = s + extend_tokens
+            if self.chunk_size is not None and n - nxt <= self.chunk_size:
+                # the next chunk ends the prompt (SGLang gives a continuation a whole chunk): its peak
+                # from this chunk's end, compressing as it goes
+                peak = footprint.last_chunk_peak(footprint.kept_pages(st.cfg, n, 0, own, tp, P, st.head_budgets),
+                                                 footprint.dense_pages(n, own, tp, P),
+                                                 footprint.dense_pages(nxt, own, tp, P))
+            else:  # later chunks stay dense until the last: bounded by the whole prompt dense
+                peak = footprint.dense_pages(n, own, tp, P).sum(axis=1)
+            total = np.maximum(peak, footprint.kept_pages(st.cfg, n, decode, own, tp, P, st.head_budgets).sum(axis=1))
             now = after
         else:
             kept = footprint.kept_pages(st.cfg, n, 0, own, tp, P, st.head_budgets)
