@@ -268,3 +268,24 @@ def test_page_tables_are_paid_from_the_kv_budget():
     assert pool.max_context >= 512
     with pytest.raises(ValueError, match="lower --max-running-requests or --context-length"):
         build_state(CompressConfig(), None, max_total_tokens=50, **kw)
+
+
+def test_ranks_with_different_head_counts_price_each_rank_by_its_own_pool():
+    """The page tables come out of the KV bytes, so a rank holding more heads has fewer pages (a plan
+    with 3 KV heads at TP 2: 2 + 1). Every rank's ledger must know every rank's own pool size, the
+    same on all ranks: a ledger that assumed its own size for all ranks made the ranks admit different
+    requests under load (a gloo collective mismatch killed a TP 2 server)."""
+    plan = Plan(model="t", tp=2, num_kv_heads=3, strategy="sha", cost_model={"c_head": 0, "c_token": 1},
+                layers=[[[(0, 1.0)], [(0, 1.0)], [(1, 1.0)]] for _ in range(L)], num_q_heads=6)
+    states = [build_state(CompressConfig(), None, rank_plan=RankPlan(plan, q, 6), max_total_tokens=4000,
+                          rows_per_token_budget=L * 2, page_size=P, head_dim=8, max_reqs=MAX_REQS,
+                          max_context=2048, dtype=torch.float32, device="cpu") for q in range(2)]
+    sizes = [st.pool.usable_pages for st in states]
+    assert sizes[0] < sizes[1]  # rank 0's pool holds two heads' tables
+    for st in states:
+        assert st.ledger.usable.tolist() == sizes
+    assert states[0].ledger.capacity_when_empty() == states[1].ledger.capacity_when_empty()
+    # the same pass on both ranks takes the same requests, up to the smaller rank's room
+    queue = [fake_req(f"u{i}", 200, 8) for i in range(100)]
+    passes = [admission_pass(st, queue) for st in states]
+    assert [r.rid for r, _ in passes[0][0]] == [r.rid for r, _ in passes[1][0]]

@@ -197,7 +197,7 @@ class Workload:
             assert st.ledger_mismatch() is None
             # never admitted what it cannot hold: what is held plus the decode still owed fits every rank
             owed = st.decode_pages_to_come(1.0)
-            assert bool((st.ledger.pages_used() + owed <= st.ledger.usable_pages).all()), \
+            assert bool((st.ledger.pages_used() + owed <= st.ledger.usable).all()), \
                 (st.ledger.pages_used().tolist(), owed.tolist())
 
     def run(self, steps: int) -> None:
@@ -339,7 +339,7 @@ class PoolWorkload(Workload):
             st.ledger.append(idx)
 
 
-@pytest.mark.parametrize("method,ratio,seed", [("adakv", 0.75, 11), ("snapkv", 0.5, 12), ("none", None, 13)])
+@pytest.mark.parametrize("method,ratio,seed", [("adakv", 0.75, 11), ("none", None, 13)])
 def test_tp2_copied_plan_random_workload_never_overflows(method, ratio, seed):
     rng = random.Random(seed)
     cfg = CompressConfig(method=method, ratio=ratio, window=8 if method != "none" else 64)

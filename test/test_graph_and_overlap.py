@@ -22,9 +22,9 @@ import torch
 from helpers.backend_harness import Geometry, decode_batch, extend_batch, layer, make_backend, qkv, use_cuda_branch
 from sglang_fairkv.kv.ragged_pool import RaggedKVPool
 
-GEO = Geometry(layers=3, q_heads=4, kv_heads=2, head_dim=16, max_reqs=10, max_context=512)
+GEO = Geometry(layers=2, q_heads=4, kv_heads=2, head_dim=16, max_reqs=10, max_context=512)
 PROMPTS = {1: 40, 2: 17, 3: 64, 5: 33, 6: 90}
-INACTIVE = (5, 1, 1)  # request 5's head 1 in layer 1 is a copy served by another rank's replica
+INACTIVE = (5, 1, 1)  # request 5 head 1 in layer 1: a copy served by another rank replica
 
 
 def twin(seed: int = 0):

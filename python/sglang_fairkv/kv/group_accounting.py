@@ -35,13 +35,20 @@ class GroupLedger:
     """
 
     def __init__(self, *, tp: int, max_reqs: int, num_layers: int, num_kv_heads: int, page_size: int,
-                 usable_pages: int, rows_per_token: np.ndarray):
+                 usable_pages: int | list[int], rows_per_token: np.ndarray):
         self.tp = tp
         self.page_size = page_size
-        self.usable_pages = usable_pages
+        #: int64 ``[tp]``: each rank's usable pages (they differ when the plan gives ranks different head
+        #: counts: the page tables come out of the same KV bytes), identical on every rank
+        self.usable = torch.as_tensor(usable_pages, dtype=torch.int64).expand(tp).clone()
         self.rows_per_token = torch.as_tensor(np.asarray(rows_per_token, dtype=np.float64))
         self.length = torch.zeros(max_reqs, num_layers, num_kv_heads, dtype=torch.int64)
         self.owner = torch.full((max_reqs, num_layers, num_kv_heads), -1, dtype=torch.int64)
+
+    @property
+    def usable_pages(self) -> int:
+        """The smallest rank's usable pages (a scalar for callers that assume equal ranks)."""
+        return int(self.usable.min())
 
     # ---- events (same order on every rank) ------------------------------------------------------
     def admit(self, req_pool_idx: int, owner: np.ndarray | torch.Tensor) -> None:
@@ -81,7 +88,7 @@ class GroupLedger:
         return self._by_rank((self.length + self.page_size - 1) // self.page_size, self.owner)
 
     def pages_free(self) -> torch.Tensor:
-        return self.usable_pages - self.pages_used()
+        return self.usable - self.pages_used()
 
     def tokens_for(self, pages: torch.Tensor) -> int:
         """Prompt tokens of typical requests that ``pages [tp]`` free pages per rank hold on every
@@ -112,7 +119,7 @@ class GroupLedger:
 
     def capacity_when_empty(self) -> int:
         """:meth:`token_capacity_free` of the empty group: SGLang's ``max_total_num_tokens`` under the plan."""
-        return self.tokens_for(torch.full((self.tp,), self.usable_pages, dtype=torch.int64))
+        return self.tokens_for(self.usable)
 
     def decode_pages_needed(self, req_pool_idx: list[int]) -> torch.Tensor:
         """int64 ``[tp]``: pages each rank's next decode step of these requests takes."""

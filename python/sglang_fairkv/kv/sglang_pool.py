@@ -175,10 +175,10 @@ class FairKVState:
         lg = self.ledger
         loads = lg.layer_loads()
         kept, transient = self.kept_and_transient_rows()
-        logger.info("sglang-fairkv KV per rank: rows %s (kept %s, transient prefill %s), pages %s of %d, memory "
+        logger.info("sglang-fairkv KV per rank: rows %s (kept %s, transient prefill %s), pages %s of %s, memory "
                     "busy rate %.3f, attention busy rate %.3f (per layer, min %.3f), %d requests, the empty "
                     "pool would admit %s at this mix (plan %s)", lg.rows_used().tolist(), kept.tolist(),
-                    transient.tolist(), lg.pages_used().tolist(), lg.usable_pages, lg.busy_rate(),
+                    transient.tolist(), lg.pages_used().tolist(), lg.usable.tolist(), lg.busy_rate(),
                     lg.attention_busy_rate(loads), float(lg.layer_balance(loads).min()), len(self.admitted),
                     self.admissible_when_empty(), self.rank_plan.plan.strategy)
 
@@ -227,7 +227,7 @@ class FairKVState:
         held = mean > 0
         if not held.any():
             return None
-        return int(np.floor(self.ledger.usable_pages / mean[held]).min())
+        return int(np.floor(self.ledger.usable.numpy()[held] / mean[held]).min())
 
     def ledger_mismatch(self) -> str | None:
         """None when the ledger's page count for this rank equals the real pool's, else why not."""
@@ -270,6 +270,7 @@ class FairKVState:
             "ledger_matches_pool": self.ledger_mismatch() is None,
             # the whole TP group, from the ledger (identical on every rank)
             "ranks": [{"rank": q, "rows_in_use": int(rows[q]), "pages_used": int(pages[q]),
+                       "pages_total": int(lg.usable[q]),
                        "token_equivalents_in_use": float(rows[q] / rpt[q])} for q in range(lg.tp)],
             "busy_rate": memory_balance,  # the historical key
             "memory_busy_rate": memory_balance,
@@ -677,20 +678,29 @@ def build_state(cfg: CompressConfig, head_budgets: torch.Tensor | None, *, rank_
     from ..kernels.ragged_decode import DecodeWorkspace
 
     num_layers = rank_plan.plan.num_layers
-    heads = max(1, rank_plan.max_local_heads)
     row_bytes = 2 * head_dim * torch.empty(0, dtype=dtype).element_size()
     budget = max_total_tokens * rows_per_token_budget * row_bytes
-    table = RaggedKVPool.table_bytes(max_reqs=max_reqs, num_layers=num_layers, num_kv_heads=heads,
-                                     max_context=max_context, page_size=page_size)
     on_cuda = torch.device(device).type == "cuda"
-    ws_kw = dict(max_segments=max_reqs * heads, pool_rows=max_total_tokens * rows_per_token_budget,
-                 group=group, head_dim=head_dim)
-    scratch = DecodeWorkspace.bytes_for(**ws_kw) if on_cuda else 0
-    num_pages = (budget - table - scratch) // (page_size * row_bytes)
-    if not metadata_in_budget:
-        table = scratch = 0
-        num_pages = -(-budget // (page_size * row_bytes))
-    if num_pages < 2:
+
+    def sizes(heads: int) -> tuple[int, int, int, dict]:
+        """(pages, table bytes, scratch bytes, workspace kwargs) of a rank whose pool holds ``heads``."""
+        table = RaggedKVPool.table_bytes(max_reqs=max_reqs, num_layers=num_layers, num_kv_heads=heads,
+                                         max_context=max_context, page_size=page_size)
+        kw = dict(max_segments=max_reqs * heads, pool_rows=max_total_tokens * rows_per_token_budget,
+                  group=group, head_dim=head_dim)
+        scratch = DecodeWorkspace.bytes_for(**kw) if on_cuda else 0
+        if not metadata_in_budget:
+            return -(-budget // (page_size * row_bytes)), 0, 0, kw
+        return (budget - table - scratch) // (page_size * row_bytes), table, scratch, kw
+
+    # every rank's pool size (its tables depend on the heads the plan gives it), known on every rank:
+    # the ledger must price each rank against that rank's own pages
+    heads_of = [max(1, RankPlan(rank_plan.plan, q, rank_plan.num_q_heads).max_local_heads)
+                for q in range(rank_plan.tp)]
+    pages_of = [sizes(h)[0] for h in heads_of]
+    heads = heads_of[rank_plan.rank]
+    num_pages, table, scratch, ws_kw = sizes(heads)
+    if min(pages_of) < 2:
         raise ValueError(
             f"sglang-fairkv: the KV budget ({budget / 2**20:.1f} MB for {max_total_tokens} tokens) does not "
             f"hold the segment page table ({table / 2**20:.1f} MB for {max_reqs} requests x {num_layers} "
@@ -703,7 +713,9 @@ def build_state(cfg: CompressConfig, head_budgets: torch.Tensor | None, *, rank_
     workspace = DecodeWorkspace.create(**ws_kw, device=device) if on_cuda else None
     ledger = GroupLedger(tp=rank_plan.tp, max_reqs=max_reqs, num_layers=num_layers,
                          num_kv_heads=rank_plan.plan.num_kv_heads, page_size=page_size,
-                         usable_pages=pool.usable_pages, rows_per_token=rank_plan.expected_rows_per_token())
+                         usable_pages=[int(n) for n in pages_of],
+                         rows_per_token=rank_plan.expected_rows_per_token())
+    assert int(ledger.usable[rank_plan.rank]) == pool.usable_pages
     target = torch.full((max_reqs,), -1, dtype=torch.int64)
     logger.info("sglang-fairkv: rank %d/%d ragged KV pool %d pages x %d rows (%.1f MB K+V; of the %.1f MB "
                 "budget, %.1f MB page table for %d requests x context %d, %.1f MB decode scratch), plan %s "
