@@ -100,6 +100,13 @@ def test_ledger_equals_every_rank_pool_through_a_random_lifecycle():
         assert ledger.layer_balance().tolist() == pytest.approx(bal.tolist())
         want = direct.mean(axis=0).sum() / mx.sum() if mx.sum() else 1.0
         assert ledger.attention_busy_rate() == pytest.approx(want)
+        # per-request pages per rank and rows of a request subset: from each rank's pool directly
+        ids = np.arange(8)
+        per_req = [[int(((p.seg_len_host[r] + P - 1) // P).sum()) for p in pools] for r in ids]
+        assert ledger.pages_per_request(ids).tolist() == per_req
+        subset = np.array([rng.random() < 0.5 for _ in ids])
+        rows = [int(p.seg_len_host[subset].sum()) for p in pools]
+        assert ledger.rows_where(subset).tolist() == rows
         free_tokens = [math.floor(p.free_page_count() * P / rpt) for p, rpt in zip(pools, ledger.rows_per_token)]
         assert ledger.token_capacity_free() == min(free_tokens)
     for r in list(live):

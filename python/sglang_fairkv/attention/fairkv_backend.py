@@ -154,12 +154,19 @@ class FairKVAttnBackend(AttentionBackend):
         else:
             raise NotImplementedError(f"fairkv backend: forward mode {mode} is not supported")
 
+    def _decode_step(self, idx_host: np.ndarray, idx_dev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A decode step's bookkeeping, eager or graph replay alike: one new row per segment of each
+        request (host ``[b]`` and device ``[b]`` indices) in the pool and the ledger; returns the new
+        rows ``[L, b, H]`` and lengths after the step ``[b, L, H]`` (device, one upload)."""
+        rows, lens = self.pool.append(idx_host, idx_dev)
+        self.ledger.append(idx_host)
+        return rows, lens
+
     def _decode_metadata(self, forward_batch) -> DecodeMetadata:
         idx_dev = forward_batch.req_pool_indices
         idx_host = self.state.host_req_pool_indices(forward_batch)
-        write_rows, lens = self.pool.append(idx_host, idx_dev)
+        write_rows, lens = self._decode_step(idx_host, idx_dev)
         write_rows = write_rows.unbind(0)
-        self.ledger.append(idx_host)
         if self.decode_kernel == "triton":
             return DecodeMetadata(idx_dev, write_rows, lens,
                                   self._chunk_tables(lens, self.workspace.chunk_size).unbind(0), None)
@@ -213,7 +220,6 @@ class FairKVAttnBackend(AttentionBackend):
             raise NotImplementedError("fairkv backend: CUDA graphs need the Triton decode kernel "
                                       "(FAIRKV_DECODE_KERNEL=torch runs eager only)")
         L, H, dev = self.num_layers, self.pool.num_kv_heads, self.pool.device
-        self._g_max_bs = max_bs
         self._g_idx = torch.zeros(max_bs, dtype=torch.int64, device=dev)
         self._g_rows = torch.zeros(L, max_bs, H, dtype=torch.int64, device=dev)
         self._g_lens = torch.zeros(max_bs, L, H, dtype=torch.int32, device=dev)
@@ -255,8 +261,7 @@ class FairKVAttnBackend(AttentionBackend):
         raw = bs - int(getattr(forward_batch, "num_padding", 0) or 0)
         idx_dev = forward_batch.req_pool_indices[:raw]
         idx_host = self.state.host_req_pool_indices(forward_batch)[:raw]
-        rows, lens = self.pool.append(idx_host, idx_dev)  # [L, raw, H], [raw, L, H]
-        self.ledger.append(idx_host)
+        rows, lens = self._decode_step(idx_host, idx_dev)  # [L, raw, H], [raw, L, H]
         self._g_idx[:raw].copy_(idx_dev)
         self._g_idx[raw:bs].zero_()
         self._g_rows[:, :raw].copy_(rows)

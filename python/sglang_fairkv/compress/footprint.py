@@ -59,6 +59,16 @@ def adakv_layer_rule(cfg: CompressConfig, seq_len: int, num_kv_heads: int) -> tu
     return num_kv_heads * n_kept, floor
 
 
+def _per_rank_layer(values: np.ndarray | int, own: np.ndarray, tp: int) -> np.ndarray:
+    """int64 ``[tp, L]``: ``values`` (``[L, KV]`` or a scalar per segment) summed per holding rank and
+    layer over the held segments of ``own`` (int ``[L, KV]``, -1 not held)."""
+    out = np.zeros((tp, own.shape[0]), dtype=np.int64)
+    held = own >= 0
+    layer = np.broadcast_to(np.arange(own.shape[0])[:, None], own.shape)
+    np.add.at(out, (own[held], layer[held]), np.broadcast_to(values, own.shape)[held])
+    return out
+
+
 def kept_pages(cfg: CompressConfig, seq_len: int, extra: int, owner: np.ndarray | torch.Tensor, tp: int,
                page_size: int, head_budgets: torch.Tensor | None = None) -> np.ndarray:
     """int64 ``[tp, L]``: pages each rank holds per layer for one request once its ``seq_len``-token prompt
@@ -68,17 +78,11 @@ def kept_pages(cfg: CompressConfig, seq_len: int, extra: int, owner: np.ndarray 
     own = np.asarray(owner, dtype=np.int64)
     num_layers, kv = own.shape
     P = page_size
-    out = np.zeros((tp, num_layers), dtype=np.int64)
-    held = own >= 0
-    layer = np.broadcast_to(np.arange(num_layers)[:, None], own.shape)
     kept = kept_per_head(cfg, seq_len, num_layers, kv, head_budgets)
     if kept is not None:
-        pages = -(-(kept + extra) // P)
-        np.add.at(out, (own[held], layer[held]), pages[held])
-        return out
+        return _per_rank_layer(-(-(kept + extra) // P), own, tp)
     total, floor = adakv_layer_rule(cfg, seq_len, kv)
-    segs = np.zeros((tp, num_layers), dtype=np.int64)
-    np.add.at(segs, (own[held], layer[held]), 1)
+    segs = _per_rank_layer(1, own, tp)
     rows = np.minimum(segs * seq_len, np.maximum(0, total - (kv - segs) * floor))  # kept rows, bound
     by_rounding = (rows + segs * extra + segs * (P - 1)) // P
     return np.minimum(segs * (-(-(seq_len + extra) // P)), by_rounding)
@@ -86,13 +90,7 @@ def kept_pages(cfg: CompressConfig, seq_len: int, extra: int, owner: np.ndarray 
 
 def dense_pages(seq_len: int, owner: np.ndarray | torch.Tensor, tp: int, page_size: int) -> np.ndarray:
     """int64 ``[tp, L]``: pages each rank holds per layer for one request's uncompressed ``seq_len`` tokens."""
-    own = np.asarray(owner, dtype=np.int64)
-    num_layers = own.shape[0]
-    out = np.zeros((tp, num_layers), dtype=np.int64)
-    held = own >= 0
-    layer = np.broadcast_to(np.arange(num_layers)[:, None], own.shape)
-    np.add.at(out, (own[held], layer[held]), -(-seq_len // page_size))
-    return out
+    return _per_rank_layer(-(-seq_len // page_size), np.asarray(owner, dtype=np.int64), tp)
 
 
 def last_chunk_peak(kept: np.ndarray, dense_full: np.ndarray, dense_prefix: np.ndarray) -> np.ndarray:

@@ -108,6 +108,20 @@ class GroupLedger:
         grow = (start + tokens + P - 1) // P - (start + P - 1) // P
         return self._by_rank(grow, own)
 
+    def pages_per_request(self, req_pool_idx: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """int64 ``[b, tp]``: pages each of these requests (host ints ``[b]``) holds on each rank."""
+        idx = torch.as_tensor(np.asarray(req_pool_idx), dtype=torch.int64)
+        own, pages = self.owner[idx], (self.length[idx] + self.page_size - 1) // self.page_size
+        held = own >= 0
+        slot = torch.arange(idx.numel()).view(-1, 1, 1).expand_as(own) * self.tp + own.clamp_min(0)
+        return torch.bincount(slot[held], weights=pages[held].to(torch.float64),
+                              minlength=idx.numel() * self.tp).to(torch.int64).view(idx.numel(), self.tp)
+
+    def rows_where(self, mask: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """int64 ``[tp]``: KV rows each rank holds for the requests selected by ``mask`` (bool ``[max_reqs]``)."""
+        sel = torch.as_tensor(np.asarray(mask), dtype=torch.bool)[:, None, None]
+        return self._by_rank(self.length * sel, self.owner)
+
     def segments_per_rank(self, owner: torch.Tensor | np.ndarray) -> torch.Tensor:
         """int64 ``[tp]``: segments of one request (``owner [L, KV]``) each rank holds."""
         own = torch.as_tensor(np.asarray(owner), dtype=torch.int64)

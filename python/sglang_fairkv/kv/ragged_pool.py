@@ -183,14 +183,14 @@ class RaggedKVPool:
         recorded at their release has completed (queried, no wait), on a CPU at once (its forward ran
         synchronously)."""
         self.step += 1
-        self._reclaim(wait=False)
+        self._reclaim(before_step=self.step, wait=False)
 
-    def _reclaim(self, wait: bool) -> None:
-        """Return limbo pages whose step is over (``wait``: block on their events -- only when a pop
-        would otherwise fail)."""
+    def _reclaim(self, before_step: int, wait: bool) -> None:
+        """Return limbo pages released during steps before ``before_step`` once those are over
+        (``wait``: block on their events -- only when a pop would otherwise fail)."""
         keep = []
         for step, pages, ev in self._limbo:
-            if step >= self.step:  # released during the step being built: not before it launches
+            if step >= before_step:  # released during a step not yet launched: not before it launches
                 keep.append((step, pages, ev))
                 continue
             if ev is not None and not ev.query():
@@ -208,9 +208,8 @@ class RaggedKVPool:
 
     def _pop(self, n: int) -> np.ndarray:
         if n > self._n_free and self._limbo_pages:  # released pages of a step that must end first
-            self.step += 1  # the caller's step is launched after everything queued so far
-            self._reclaim(wait=True)
-            self.step -= 1
+            # the caller's step is launched after everything queued so far, this step's releases included
+            self._reclaim(before_step=self.step + 1, wait=True)
         if n > self._n_free:
             raise RaggedPoolFull(f"ragged KV pool: need {n} pages, {self._n_free} free")
         out = self._free[self._n_free - n:self._n_free][::-1].copy()

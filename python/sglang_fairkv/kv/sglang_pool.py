@@ -193,12 +193,7 @@ class FairKVState:
             idx = idx[self.prompt_done[idx]]
         if idx.size == 0:
             return torch.zeros(lg.tp, dtype=torch.int64)
-        it = torch.from_numpy(idx)
-        own, pages = lg.owner[it], (lg.length[it] + lg.page_size - 1) // lg.page_size
-        held = own >= 0
-        slot = torch.arange(idx.size).view(-1, 1, 1).expand_as(own) * lg.tp + own.clamp_min(0)
-        per_req = torch.bincount(slot[held], weights=pages[held].to(torch.float64),
-                                 minlength=idx.size * lg.tp).view(idx.size, lg.tp).numpy()
+        per_req = lg.pages_per_request(idx).numpy()
         left = np.maximum(0, self.charged[idx] - per_req)
         ratio = np.where(self.fixed_length[idx], 1.0, min(1.0, max(0.0, new_token_ratio)))
         return torch.from_numpy(np.ceil((left * ratio[:, None]).sum(axis=0)).astype(np.int64))
@@ -206,15 +201,8 @@ class FairKVState:
     def kept_and_transient_rows(self) -> tuple[np.ndarray, np.ndarray]:
         """int64 ``[tp]`` each: KV rows of requests whose prompt is done (compressed, plus decode) and of
         requests still in prefill (dense chunks awaiting their last one), from the ledger."""
-        lg = self.ledger
-        done = torch.from_numpy(self.prompt_done)
-        held = lg.owner >= 0
-        out = []
-        for mask in (done, ~done):
-            sel = held & mask[:, None, None]
-            out.append(torch.bincount(lg.owner[sel], weights=lg.length[sel].to(torch.float64),
-                                      minlength=lg.tp).to(torch.int64).numpy())
-        return out[0], out[1]
+        done = self.prompt_done
+        return self.ledger.rows_where(done).numpy(), self.ledger.rows_where(~done).numpy()
 
     def admissible_when_empty(self) -> int | None:
         """Requests the empty pool would admit at the mix now running: usable pages over the mean pages
@@ -361,6 +349,7 @@ class FairKVPrefillBudget(PrefillBudget):
         self._pending = self.state.assigner.new_pending()
         self._preview: tuple[str, np.ndarray] | None = None
         self._preview_roomiest = False  # the preview is the roomiest choice, not the share rule's
+        self._charge_memo: dict[tuple, tuple] = {}  # see _charges
         self.state.planned.clear()  # choices of an earlier pass that were never admitted
         self.state.planned_charge.clear()
 
@@ -381,6 +370,7 @@ class FairKVPrefillBudget(PrefillBudget):
         segment, and a page per segment at a page boundary, which a scalar cannot price."""
         #: tokens of a pass's chunk (SGLang's chunked_prefill_size less mixed decode tokens), or None
         self.chunk_size = getattr(adder, "rem_chunk_tokens", None)
+        self._charge_memo.clear()  # prices depend on the chunk size
         rb = getattr(adder, "running_batch", None)
         if rb is not None and rb.reqs:
             self.total_offset -= sum(adder._get_running_request_total_token_offset(r) for r in rb.reqs)
@@ -433,11 +423,20 @@ class FairKVPrefillBudget(PrefillBudget):
         step's forward ends; then ``held`` (pages it holds now, ``[tp]``) and whether the chunk ends
         the prompt. ``extend_tokens``: this chunk (``s + extend_tokens`` reaching the prompt
         length is the last chunk). ``owner``: replicas to price instead of the request's own."""
-        st, lg = self.state, self.state.ledger
         own0, start, _ = self._segments(req)
         own = np.asarray(own0 if owner is None else owner, dtype=np.int64)
         n = max(1, len(req.full_untruncated_fill_ids))
         s = int(torch.as_tensor(start).max())  # before compression every segment has the prefix length
+        # the same request is priced several times per pass (fits, credit, reserve): once per key
+        key = (n, s, extend_tokens, decode_tokens, _max_new_tokens(req), own.tobytes())
+        hit = self._charge_memo.get(key)
+        if hit is None:
+            hit = self._charge_memo[key] = self._price(n, s, extend_tokens, decode_tokens, own, req)
+        return hit
+
+    def _price(self, n: int, s: int, extend_tokens: int, decode_tokens: int, own: np.ndarray, req):
+        """:meth:`_charges` of a prompt of ``n`` tokens holding ``s`` now, its segments as ``own`` says."""
+        st, lg = self.state, self.state.ledger
         tp, P = lg.tp, lg.page_size
         held = footprint.dense_pages(s, own, tp, P)  # [tp, L]
         held_sum = held.sum(axis=1)
