@@ -12,7 +12,18 @@ each rank's rows read in a decode step; sum over layers of the mean rank / sum o
 Plans: ``sha`` is the standard contiguous split; when the KV heads do not divide evenly over the TP
 ranks (SmolLM2: 3 heads at TP 2) it is the contiguous split with the remainder on the first ranks
 (2 + 1 -- the layout SGLang's CPU head padding produces). ``assign`` / ``fairkv`` are computed at
-start-up from ``--stats`` (a ``fairkv-stats/1`` file, e.g. from ``python -m sglang_fairkv.profile``).
+start-up from ``--stats`` (a ``fairkv-stats/1`` file, e.g. from ``python -m sglang_fairkv.profile``);
+``assign@live`` / ``fairkv@live`` from the stats of the *served* prompts: the live profile of the first
+run (``python -m sglang_fairkv.profile --from-server`` at its end, written to
+``--out-dir/live-stats-tp<N>.json``), i.e. stats profiled on the same kind of prompts the benchmark
+serves, where ``--stats`` may come from other prompts (the default: real text vs random ids).
+
+Balance, from ``/server_info`` at the end of each run (``FAIRKV_BALANCE_SAMPLE_STEPS=1``: every decode
+step sampled): the attention busy rate since start (per layer, the rank loads of the decode step;
+sum over steps and layers of the mean rank / of the slowest rank -- the time balance), next to the
+memory busy rate (rank rows summed over layers); the plan's share drift against the stats it was made
+from (``sha`` gets ``--stats`` as its reference) and the cost-model gain of re-planning on the live
+shares.
 
     .venv/bin/python benchmark/tp_plans.py [--tp 2] [--stats benchmark/calibration/smollm2-adakv-r0.75.json]
         [--kv-compress adakv --ratio 0.75] [--num-prompts 48] [--input-len 1000] [--output-len 32]
@@ -73,12 +84,13 @@ class Poller(threading.Thread):
             self.stop.wait(self.period)
 
 
-def run_one(name: str, plan_args: list[str], a) -> dict:
+def run_one(name: str, plan_args: list[str], a, live_stats_out: Path | None = None) -> dict:
     args = ["--tp-size", str(a.tp), "--kv-compress", a.kv_compress, "--kv-compress-ratio", str(a.ratio),
             *plan_args, "--max-total-tokens", str(a.max_total_tokens), "--max-running-requests", "128"]
     if a.model_path:
         args += ["--model-path", a.model_path]
-    with Server(args, startup_timeout=600) as s:
+    env = {"FAIRKV_BALANCE_SAMPLE_STEPS": "1", "FAIRKV_DRIFT_INTERVAL_S": "0"}
+    with Server(args, env=env, startup_timeout=600) as s:
         cap = s.fairkv_info()["group_token_capacity"]
         poll = Poller(s)
         poll.start()
@@ -88,6 +100,11 @@ def run_one(name: str, plan_args: list[str], a) -> dict:
         finally:
             poll.stop.set()
             poll.join()
+        fk = s.fairkv_info(timeout=120)
+        if live_stats_out is not None:
+            from sglang_fairkv.profile import stats_from_server
+
+            stats_from_server(s.url, min_samples=1).save(live_stats_out)
         log = Path(s.log.name).read_text(errors="replace")
         copies = re.search(r"fairkv-plan \S+: \w+ plan, tp=\d+, (\d+) head copies", log)
     rows = np.array(poll.samples, dtype=float) if poll.samples else np.zeros((1, a.tp))
@@ -98,7 +115,12 @@ def run_one(name: str, plan_args: list[str], a) -> dict:
             "ttft_ms": r["mean_ttft_ms"], "tpot_ms": r["mean_tpot_ms"], "wall_s": time.time() - t0,
             "peak_rows_per_rank": rows.max(0).tolist(), "mean_rows_per_rank": rows.mean(0).tolist(),
             "busy_rate_mean": float(busy.mean()),
-            "attention_busy_rate_mean": float(np.mean(poll.attention)) if poll.attention else 1.0}
+            "attention_busy_rate_mean": float(np.mean(poll.attention)) if poll.attention else 1.0,
+            "attention_busy_rate_since_start": fk["attention_busy_rate_since_start"],
+            "balance_samples": fk["balance_samples"], "memory_busy_rate_idle": fk["memory_busy_rate"],
+            "share_drift": (fk["plan_drift"] or {}).get("share_drift"),
+            "replan_gain": (fk["plan_drift"] or {}).get("replan_gain"),
+            "live_prompts": (fk["live_profile"] or {}).get("samples", 0)}
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
@@ -133,6 +155,10 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _f(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tp", type=int, default=2)
@@ -146,36 +172,45 @@ def main() -> int:
     p.add_argument("--output-len", type=int, default=32)
     p.add_argument("--concurrency", type=int, default=48)
     p.add_argument("--max-total-tokens", type=int, default=6000)
-    p.add_argument("--plans", nargs="*", default=["sha", "assign", "fairkv"])
+    p.add_argument("--plans", nargs="*", default=["sha", "assign", "fairkv", "assign@live", "fairkv@live"],
+                   help="the first run's live profile is the @live plans' stats")
     p.add_argument("--out-dir", type=Path, default=REPO / "benchmark" / "out" / "tp_plans")
     a = p.parse_args()
     a.out_dir.mkdir(parents=True, exist_ok=True)
     stats = load_stats(a.stats)
     sha_file = a.out_dir / "sha-contiguous.json"
     contiguous_plan(stats.num_layers, stats.num_kv_heads, stats.num_q_heads, a.tp).save(sha_file)
-    plan_args = {"sha": ["--fairkv-plan", str(sha_file)],
-                 "assign": ["--fairkv-plan", "assign", "--fairkv-stats", a.stats],
-                 "fairkv": ["--fairkv-plan", "fairkv", "--fairkv-stats", a.stats,
-                            "--fairkv-max-copies-per-layer", str(a.max_copies_per_layer)]}
+    live = a.out_dir / f"live-stats-tp{a.tp}.json"
+
+    def plan_args(name: str) -> list[str]:
+        kind, _, src = name.partition("@")
+        stats_file = str(live) if src == "live" else a.stats
+        if kind == "sha":  # the stats are its drift reference only
+            return ["--fairkv-plan", str(sha_file), "--fairkv-stats", stats_file]
+        extra = ["--fairkv-max-copies-per-layer", str(a.max_copies_per_layer)] if kind == "fairkv" else []
+        return ["--fairkv-plan", kind, "--fairkv-stats", stats_file, *extra]
+
     rows = []
-    for name in a.plans:
-        rows.append(run_one(name, plan_args[name], a))
+    for i, name in enumerate(a.plans):
+        rows.append(run_one(name, plan_args(name), a, live_stats_out=live if i == 0 else None))
         print(json.dumps(rows[-1]), flush=True)
     base = rows[0]
     head = (f"TP={a.tp}, {a.kv_compress} ratio {a.ratio}, {a.num_prompts} prompts x {a.input_len} in / "
             f"{a.output_len} out, concurrency {a.concurrency}, --max-total-tokens {a.max_total_tokens} "
-            f"(same KV bytes per rank), plans from {Path(a.stats).name}")
+            f"(same KV bytes per rank), plans from {Path(a.stats).name} (@live: the first run's live profile)")
     lines = [head, "",
              "| plan | copies | capacity (prompt tokens) | max running | completed | req/s | out tok/s | "
              f"vs {base['plan']} | mean TTFT ms | mean TPOT ms | peak KV rows per rank | memory busy rate | "
-             "attention busy rate |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "attention busy rate (polled) | attention busy rate (every decode step) | share drift vs its stats "
+             "| re-plan gain |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['plan']} | {r['copies']} | {r['capacity_tokens']} | {r['max_running']} | "
                      f"{r['completed']}/{a.num_prompts} | {r['req_s']:.3f} | {r['out_tok_s']:.2f} | "
                      f"{r['out_tok_s'] / base['out_tok_s']:.2f}x | {r['ttft_ms']:.0f} | {r['tpot_ms']:.0f} | "
                      f"{' / '.join(str(int(x)) for x in r['peak_rows_per_rank'])} | {r['busy_rate_mean']:.3f} | "
-                     f"{r['attention_busy_rate_mean']:.3f} |")
+                     f"{r['attention_busy_rate_mean']:.3f} | {r['attention_busy_rate_since_start']:.3f} | "
+                     f"{_f(r['share_drift'])} | {_f(r['replan_gain'])} |")
     text = "\n".join(lines)
     print("\n" + text)
     (a.out_dir / "results.md").write_text(text + "\n")

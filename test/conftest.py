@@ -31,6 +31,7 @@ if _WORKER and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, _cores[_k * _per:(_k + 1) * _per])
         os.environ["OMP_NUM_THREADS"] = str(_per)
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -136,9 +137,12 @@ def smollm2_server():
 @pytest.fixture(scope="session")
 def tiny_kv6_path(tmp_path_factory):
     """3 layers, 12 query / 6 KV heads (GQA 2), head_dim 16, MLP 384: every head layout over TP 2
-    and 3 (sha splits it evenly at both)."""
+    and 3 (sha splits it evenly at both). Per-head query scales make AdaKV keep unequal counts: in
+    layer ``l`` heads ``2l, 2l+1`` attend flat and keep about a third of the others' tokens, so sha at
+    TP 3 puts both light heads on one rank in every layer (memory balanced over layers, attention not)."""
+    scales = [np.roll([0.05, 0.05, 4.0, 4.0, 4.0, 4.0], 2 * l).tolist() for l in range(3)]
     return shared_model(tmp_path_factory, "tiny-kv6", num_layers=3, hidden=192, num_heads=12,
-                        num_kv_heads=6, head_dim=16, intermediate=384)
+                        num_kv_heads=6, head_dim=16, intermediate=384, q_head_scales=scales)
 
 
 @pytest.hookimpl(trylast=True)

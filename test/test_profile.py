@@ -52,3 +52,21 @@ def test_profile_bad_input(tmp_path):
                         "8", "--prompts", str(bad), "--out", str(tmp_path / "s.json")],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "longer than the observation window (64)" in r.stderr, r.stderr[-2000:]
+    # --from-server: a server that is not there, or server flags beside it, is a clear error
+    port = _closed_port()
+    r = subprocess.run([sys.executable, "-m", "sglang_fairkv.profile", "--from-server", f"http://127.0.0.1:{port}",
+                        "--out", str(tmp_path / "s.json")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and f"http://127.0.0.1:{port}/server_info" in r.stderr, r.stderr[-2000:]
+    r = subprocess.run([sys.executable, "-m", "sglang_fairkv.profile", "--from-server", "http://x",
+                        "--kv-compress", "snapkv", "--out", str(tmp_path / "s.json")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--from-server takes no server flags" in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "s.json").exists()
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -9,8 +9,10 @@ compressed differently (or attended a segment twice, or not at all) would show.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -38,41 +40,124 @@ def skewed_stats(path, layers=3, kv=6, q=12, head_dim=16):
 
 
 @pytest.fixture(scope="session")
-def tp1_reference(tiny_kv6_path, shared):
-    """Greedy tokens of the same model and compression at TP = 1 (computed once per run)."""
+def tp1_run(tiny_kv6_path, shared):
+    """Greedy tokens of the same model and compression at TP = 1, and the kept-token stats of those
+    prompts as ``python -m sglang_fairkv.profile --from-server`` reads them off that server's live
+    profile (computed once per run)."""
     def compute():
         from helpers import hf_ref
 
+        from sglang_fairkv.profile import stats_from_server
+
         with Server(["--model-path", str(tiny_kv6_path), *ADAKV], env=STRICT) as s:
             out = [s.greedy_ids(p, N_NEW) for p in PROMPTS]
+            stats = stats_from_server(s.url, min_samples=len(PROMPTS)).to_json()
         full = [hf_ref.greedy(tiny_kv6_path, p, N_NEW) for p in PROMPTS]
         assert sum(a != b for a, b in zip(out, full)) >= 2, "compression must change outputs for the test to see it"
-        return out
+        return {"tokens": out, "stats": stats}
 
     return shared("tp1-kv6-adakv", compute)
 
 
-# TP 3 runs the fairkv plan only: it holds assignment (a per-layer permutation over 3 ranks) and copies.
-# A fairkv plan at TP 2 runs in test_smollm2_tp2_through_a_plan_equals_kvpress (computed from stats at
-# start-up, copies) and in the edge-plan tests below (hand-made copies, a rank with no head in a layer).
-@pytest.mark.parametrize("tp,plan", [(2, "sha"), (2, "assign"), (3, "fairkv")])
+@pytest.fixture(scope="session")
+def tp1_reference(tp1_run):
+    return tp1_run["tokens"]
+
+
+# TP 3 runs in test_tp3_live_balance_and_plan_drift (sha, and a fairkv plan: assignment -- a per-layer
+# permutation over 3 ranks -- and copies). A fairkv plan at TP 2 runs in
+# test_smollm2_tp2_through_a_plan_equals_kvpress (computed from stats at start-up, copies) and in the
+# edge-plan tests below (hand-made copies, a rank with no head in a layer).
+@pytest.mark.parametrize("tp,plan", [(2, "sha"), (2, "assign")])
 def test_plans_equal_tp1_with_adakv(tiny_kv6_path, tp1_reference, tp, plan, tmp_path):
     stats = skewed_stats(tmp_path / "stats.json")
     args = ["--model-path", str(tiny_kv6_path), "--tp-size", str(tp), *ADAKV]
     if plan != "sha":  # sha: the default plan at TP > 1
         args += ["--fairkv-plan", plan, "--fairkv-stats", str(stats)]
-    if plan == "fairkv" and tp == 3:
-        args += ["--chunked-prefill-size", "48"]  # the window's queries cross chunks on every rank
     with Server(args, env=STRICT) as s:
         got = [s.greedy_ids(p, N_NEW) for p in PROMPTS]
         info = s.fairkv_info()
     assert got == tp1_reference, f"tp={tp} plan={plan}"
-    copies = info["plan_copies_per_layer"]
-    if plan == "fairkv":
-        assert min(copies) >= 1, copies
-    else:
-        assert max(copies) == 0
+    assert max(info["plan_copies_per_layer"]) == 0
     assert [r["pages_used"] for r in info["ranks"]] == [0] * tp
+
+
+def metric_values(text: str, name: str) -> dict[tuple, float]:
+    """``{labels: value}`` of one gauge in a Prometheus text exposition (labels as sorted tuples)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for smp in fam.samples:
+            if smp.name == name:
+                out[tuple(sorted((k, v) for k, v in smp.labels.items() if k in ("tp_rank", "layer")))] = smp.value
+    return out
+
+
+def metric_scalar(text: str, name: str) -> float:
+    """The one sample of a group-wide fairkv gauge (exported by rank 0: ``tp_rank`` 0)."""
+    got = metric_values(text, name)
+    assert list(got) == [(("tp_rank", "0"),)], f"{name}: {got}"
+    return got[(("tp_rank", "0"),)]
+
+
+def test_tp3_live_balance_and_plan_drift(tiny_kv6_path, tp1_run, tmp_path):
+    """Issue 18 at TP 3, the tiny model whose light heads sha puts on one rank in every layer. sha,
+    measured against deliberately shuffled stats, then a fairkv plan made from stats profiled off the
+    TP 1 server's live traffic on the same prompts. Both decode a batch of 8 (the per-layer attention
+    busy rate sampled over every decode step of it must be clearly higher under fairkv: measured sha
+    0.788, fairkv 0.915, while sha's memory busy rate is 1.000), then serve each prompt alone (tokens
+    equal TP 1). The drift report is large against the shuffled stats (measured 0.329, a fresh plan
+    would gain 1.24x), zero against the matched ones; the Prometheus gauges say what
+    ``/server_info`` says."""
+    matched = np.asarray(tp1_run["stats"]["kv_len_mean"])
+    assert matched.min() < 0.6 * matched.max(), f"the model's heads must keep unequal counts: {matched}"
+    stats = {"matched": tmp_path / "matched.json", "shuffled": tmp_path / "shuffled.json"}
+    stats["matched"].write_text(json.dumps(tp1_run["stats"]))
+    stats["shuffled"].write_text(json.dumps({**tp1_run["stats"], "kv_len_mean": np.roll(matched, 3, axis=1).tolist()}))
+    env = {**STRICT, "FAIRKV_BALANCE_SAMPLE_STEPS": "1", "FAIRKV_DRIFT_INTERVAL_S": "0"}
+    # every decode step logs its stats, so the gauges are those of the last step when the test reads them
+    base = ["--model-path", str(tiny_kv6_path), "--tp-size", "3", *ADAKV, "--enable-metrics",
+            "--decode-log-interval", "1"]
+    runs = {}
+    for name, extra in (("sha", ["--fairkv-plan", "sha", "--fairkv-stats", str(stats["shuffled"])]),
+                        ("fairkv", ["--fairkv-plan", "fairkv", "--fairkv-stats", str(stats["matched"]),
+                                    "--chunked-prefill-size", "48"])):  # window queries cross chunks
+        with Server([*base, *extra], env=env) as s:
+            # a batch decoding together (copies split requests between their replicas), then each
+            # prompt alone for the exact comparison with TP 1
+            with ThreadPoolExecutor(2 * len(PROMPTS)) as ex:
+                list(ex.map(lambda p: s.greedy_ids(p, 6), PROMPTS * 2))  # short: kept rows dominate
+            busy = s.fairkv_info()["attention_busy_rate_since_start"]
+            got = [s.greedy_ids(p, N_NEW) for p in PROMPTS]
+            info = s.fairkv_info()
+            metrics = requests.get(s.url + "/metrics", timeout=30).text
+        assert got == tp1_run["tokens"], name
+        info["busy_batch"] = busy
+        assert [r["pages_used"] for r in info["ranks"]] == [0, 0, 0]
+        assert info["balance_samples"] >= len(PROMPTS) * (N_NEW - 1), info["balance_samples"]
+        drift = info["plan_drift"]
+        assert drift["samples"] == info["live_profile"]["samples"] >= len(PROMPTS)
+        # the gauges (rank 0 exports the whole group) agree with /server_info
+        assert metric_scalar(metrics, "sglang:fairkv_attention_busy_rate_since_start") == pytest.approx(
+            info["attention_busy_rate_since_start"], rel=1e-6)
+        assert metric_scalar(metrics, "sglang:fairkv_replan_gain") == pytest.approx(drift["replan_gain"], rel=1e-6)
+        assert metric_values(metrics, "sglang:fairkv_pages_total") == {
+            (("tp_rank", str(q)),): float(r["pages_total"]) for q, r in enumerate(info["ranks"])}
+        assert len(metric_values(metrics, "sglang:fairkv_layer_rows")) == 3 * 3
+        runs[name] = (info, drift, metric_scalar(metrics, "sglang:fairkv_plan_share_drift"))
+    (sha, sha_drift, sha_gauge), (fair, fair_drift, fair_gauge) = runs["sha"], runs["fairkv"]
+    print(f"attention busy rate of the batch: sha {sha['busy_batch']:.3f}, fairkv {fair['busy_batch']:.3f}; "
+          f"since start: sha {sha['attention_busy_rate_since_start']:.3f}, fairkv "
+          f"{fair['attention_busy_rate_since_start']:.3f}; memory: sha {sha['memory_busy_rate']:.3f}; share "
+          f"drift sha-vs-shuffled {sha_drift['share_drift']:.3f} (gain {sha_drift['replan_gain']:.3f}), fairkv-"
+          f"vs-matched {fair_drift['share_drift']:.4f} (gain {fair_drift['replan_gain']:.4f})")
+    assert min(fair["plan_copies_per_layer"]) >= 1
+    assert fair["busy_batch"] >= sha["busy_batch"] + 0.08
+    assert sha_drift["share_drift"] > 0.2 and sha_drift["replan_gain"] > 1.1
+    assert sha_gauge == pytest.approx(sha_drift["share_drift"], rel=1e-6)
+    assert fair_drift["share_drift"] < 0.01 and fair_drift["replan_gain"] < 1.01
+    assert fair_gauge == pytest.approx(fair_drift["share_drift"], rel=1e-6, abs=1e-9)
 
 
 def test_smollm2_tp2_through_a_plan_equals_kvpress(smollm2_path, fairkv_references, fairkv_prompts, tmp_path):

@@ -84,3 +84,31 @@ def cpu_start_method() -> str:
     if v not in ("fork", "spawn"):
         raise ValueError(f"FAIRKV_CPU_START_METHOD must be fork or spawn, got {v!r}")
     return v
+
+
+def _positive(name: str, default: str, cast=int):
+    v = os.environ.get(name, default)
+    try:
+        x = cast(v)
+    except ValueError:
+        raise ValueError(f"{name} must be a number, got {v!r}") from None
+    if x < 0 or (cast is int and x == 0):
+        raise ValueError(f"{name} must be {'>= 1' if cast is int else '>= 0'}, got {v!r}")
+    return x
+
+
+def live_window() -> int:
+    """``FAIRKV_LIVE_WINDOW``: compressed prompts the live profile keeps (the most recent; default 1024)."""
+    return _positive("FAIRKV_LIVE_WINDOW", "1024")
+
+
+def balance_sample_steps() -> int:
+    """``FAIRKV_BALANCE_SAMPLE_STEPS``: the per-layer balance is added to its since-start average every
+    this many decode steps (default 16; host work, outside the forward)."""
+    return _positive("FAIRKV_BALANCE_SAMPLE_STEPS", "16")
+
+
+def drift_interval_s() -> float:
+    """``FAIRKV_DRIFT_INTERVAL_S``: the plan-drift report (it runs the planner) is recomputed at most this
+    often, seconds (default 30; 0: whenever new prompts arrived)."""
+    return _positive("FAIRKV_DRIFT_INTERVAL_S", "30", float)

@@ -23,6 +23,8 @@ attention registry, only when ``FAIRKV_KV_COMPRESS`` is set (``--kv-compress`` g
 * ``mem_cache.common.release_kv_cache`` (BEFORE -- it ends by freeing ``req_pool_idx``): free every
   segment of the request (finish, abort, disconnect, retract).
 * ``SchedulerInternalStateController._add_memory_usage`` (AFTER): pool usage in ``/get_server_info``.
+* ``SchedulerMetricsCollector.log_stats`` (AFTER, ``--enable-metrics``): the fairkv gauges
+  (:mod:`sglang_fairkv.prometheus`: per-layer balance, per-rank pages, plan drift).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ T_REPLAY_VIEW = "sglang.srt.model_executor.runner.decode_cuda_graph_runner.build
 T_ADD_ONE_REQ = "sglang.srt.managers.schedule_policy.PrefillAdder.add_one_req"
 T_ADD_CHUNKED_REQ = "sglang.srt.managers.schedule_policy.PrefillAdder.add_chunked_req"
 T_ADDER_INIT = "sglang.srt.managers.schedule_policy.PrefillAdder.__init__"
+T_METRICS = "sglang.srt.observability.metrics_collector.SchedulerMetricsCollector.log_stats"
 T_INTERNAL_STATE = ("sglang.srt.managers.scheduler_components.internal_state."
                     "SchedulerInternalStateController._add_memory_usage")
 
@@ -82,9 +85,15 @@ def build_pool_hook(original, self, *args, **kwargs):
                         dtype=self.kv_cache_dtype, device=self.device,
                         group=max(1, mc.num_attention_heads // max(1, mc.num_key_value_heads)),
                         profile_path=_profile_path())
+    global _ACTIVE_STATE
+    _ACTIVE_STATE = state  # this scheduler process's (the metrics hook has no path to the pool)
     return FairKVCache(state, size=sizes.max_total_num_tokens, page_size=1, dtype=self.kv_cache_dtype,
                        layer_num=layers, device=self.device, start_layer=self.layer_info.start_layer,
                        end_layer=self.layer_info.end_layer)
+
+
+#: the FairKVState of this scheduler process (set when its pool is built), else None
+_ACTIVE_STATE = None
 
 
 def server_rank_plan(hf_config, num_layers: int | None = None):
@@ -249,6 +258,18 @@ def internal_state_hook(result, controller, state_dict, *args, **kwargs):
     return result
 
 
+def metrics_hook(result, collector, *args, **kwargs):
+    """AFTER ``SchedulerMetricsCollector.log_stats``: the fairkv gauges of this process's state."""
+    if _ACTIVE_STATE is not None:
+        from .prometheus import export
+
+        try:
+            export(collector, _ACTIVE_STATE)
+        except Exception:  # metrics must never take the scheduler down
+            logger.exception("sglang-fairkv: exporting the fairkv gauges failed")
+    return result
+
+
 def hook_triples() -> list[tuple[str, object, str]]:
     """The fairkv hooks as ``(target, hook, HookType name)`` (empty when fairkv is off)."""
     if compress_config() is None:
@@ -260,7 +281,7 @@ def hook_triples() -> list[tuple[str, object, str]]:
             (T_PREPARE_EXTEND, prepare_for_extend_hook, "AFTER"),
             (T_FORWARD_BATCH, forward_batch_hook, "AFTER"), (T_REPLAY_VIEW, replay_view_hook, "AFTER"),
             (T_RELEASE, release_hook, "BEFORE"),
-            (T_INTERNAL_STATE, internal_state_hook, "AFTER")]
+            (T_INTERNAL_STATE, internal_state_hook, "AFTER"), (T_METRICS, metrics_hook, "AFTER")]
 
 
 def check_model_package() -> None:

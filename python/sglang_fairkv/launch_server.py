@@ -84,7 +84,9 @@ def add_fairkv_args(parser: argparse.ArgumentParser) -> None:
                         "sglang_fairkv.plan), sha (standard TP split), or assign / fairkv computed now "
                         "from --fairkv-stats (default at --tp-size > 1: sha)")
     g.add_argument("--fairkv-stats", metavar="FILE",
-                   help="fairkv-stats/1 file (python -m sglang_fairkv.profile) for --fairkv-plan assign|fairkv")
+                   help="fairkv-stats/1 file (python -m sglang_fairkv.profile): the plan of --fairkv-plan "
+                        "assign|fairkv is computed from it; with sha or a plan file it is the reference the "
+                        "plan-drift report compares the live traffic with")
     g.add_argument("--fairkv-max-copies-per-layer", type=int, default=1, metavar="K",
                    help="extra head replicas per layer for --fairkv-plan fairkv (default 1)")
 
@@ -265,11 +267,10 @@ def _plan_setup(fk: argparse.Namespace, ns: argparse.Namespace, out: list[str],
     spec = fk.fairkv_plan
     if spec is None and ns.tp_size == 1:
         if fk.fairkv_stats is not None:
-            raise UsageError("--fairkv-stats is only used with --fairkv-plan assign|fairkv")
+            raise UsageError("--fairkv-stats needs a placement (--fairkv-plan, or --tp-size > 1): at TP 1 "
+                             "there is nothing to balance")
         return None, ()
     spec = spec or "sha"
-    if fk.fairkv_stats is not None and spec not in ("assign", "fairkv"):
-        raise UsageError("--fairkv-stats is only used with --fairkv-plan assign|fairkv")
     try:
         mc = json.loads((Path(model_path) / "config.json").read_text())
     except (OSError, ValueError) as e:

@@ -41,13 +41,15 @@ def synthetic_long_context(tokenizer, n: int, length: int, seed: int = 0) -> lis
     return prompts
 
 
-def add_prompt_args(p: argparse.ArgumentParser, *, num_prompts: int, prompt_len: int) -> None:
-    """``--prompts FILE | --synthetic long-context`` with ``--num-prompts`` / ``--prompt-len``."""
+def add_prompt_args(p: argparse.ArgumentParser, *, num_prompts: int, prompt_len: int):
+    """``--prompts FILE | --synthetic long-context`` with ``--num-prompts`` / ``--prompt-len``; returns the
+    (required, mutually exclusive) source group, for a caller with another source."""
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompts", type=Path, help="JSON list of token-id lists")
     src.add_argument("--synthetic", choices=("long-context",))
     p.add_argument("--num-prompts", type=int, default=num_prompts)
     p.add_argument("--prompt-len", type=int, default=prompt_len)
+    return src
 
 
 def load_prompts(a: argparse.Namespace, model_path: str) -> list[list[int]]:

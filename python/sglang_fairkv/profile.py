@@ -11,6 +11,12 @@ count -- the input of ``python -m sglang_fairkv.plan``.
     python -m sglang_fairkv.profile [--model-path M] [--tp N] --kv-compress adakv --kv-budget 256 \\
         (--prompts FILE | --synthetic long-context) [--num-prompts 16] [--prompt-len 2048] --out stats.json
 
+Or from the traffic a running fairkv server has served (no prompts sent, nothing started): its live
+profile (the last ``FAIRKV_LIVE_WINDOW`` compressed prompts, ``/server_info``), the stats to re-plan with
+when its drift report says the plan no longer fits::
+
+    python -m sglang_fairkv.profile --from-server http://HOST:PORT --out stats.json [--min-samples 32]
+
 Works on CPU with the embedded SmolLM2. ``FILE``: a JSON list of token-id lists. At TP > 1 (any
 ``--fairkv-plan``) every rank records the whole model's counts; the ranks must agree.
 """
@@ -65,16 +71,65 @@ def read_rank_files(folder: Path, tp: int, min_prompt_len: int) -> np.ndarray:
     return np.array(rows, dtype=np.float64).reshape(n, *(rows[0].shape if rows else (0, 0)))
 
 
+def stats_from_server(url: str, min_samples: int = 1):
+    """The ``fairkv-stats/1`` object of a running fairkv server's live profile (``/server_info``, rank 0's
+    fairkv state); raises ValueError when it has none or fewer than ``min_samples`` prompts."""
+    import requests
+
+    from .placement.stats import KVStats
+
+    try:
+        r = requests.get(url.rstrip("/") + "/server_info", timeout=60)
+        r.raise_for_status()
+        info = r.json()
+    except (requests.RequestException, ValueError) as e:
+        raise ValueError(f"{url}/server_info: {e}") from None
+    fk = next((s["fairkv"] for s in info.get("internal_states") or [] if isinstance(s, dict) and "fairkv" in s),
+              None)
+    if fk is None:
+        raise ValueError(f"{url} is not a fairkv server (no fairkv state in /server_info)")
+    prof = fk.get("live_profile")
+    n = 0 if prof is None else prof["samples"]
+    if n < max(1, min_samples):
+        raise ValueError(f"{url} has served {n} compressed prompts, need {max(1, min_samples)}")
+    return KVStats(model=prof["model"], num_layers=prof["num_layers"], num_q_heads=prof["num_q_heads"],
+                   num_kv_heads=prof["num_kv_heads"], head_dim=prof["head_dim"],
+                   kv_len_mean=np.asarray(prof["kv_len_mean"], dtype=np.float64),
+                   kv_len_std=np.asarray(prof["kv_len_std"], dtype=np.float64), samples=n,
+                   method=prof["method"], budget=None if prof["budget"] is None else float(prof["budget"]),
+                   extra={"kv_len_p10": prof["kv_len_p10"], "kv_len_p50": prof["kv_len_p50"],
+                          "kv_len_p90": prof["kv_len_p90"], "prompt_len_mean": prof["prompt_len_mean"],
+                          "source": f"live profile of {url} (sglang_fairkv.profile --from-server)"})
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-path", help="HF model folder (default: the embedded SmolLM2)")
     p.add_argument("--tp", type=int, default=1)
-    add_prompt_args(p, num_prompts=16, prompt_len=2048)
+    source = add_prompt_args(p, num_prompts=16, prompt_len=2048)
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--timeout", type=float, default=600.0, help="server start-up limit, seconds")
+    source.add_argument("--from-server", metavar="URL", help="read the live profile of a running fairkv server "
+                   "instead of starting one (its served traffic)")
+    p.add_argument("--min-samples", type=int, default=1,
+                   help="with --from-server: fail unless the live profile holds this many prompts")
     a, server_flags = p.parse_known_args(argv)
+    if a.from_server:
+        if server_flags:
+            print(f"{PROG}: error: --from-server takes no server flags, got {' '.join(server_flags)}",
+                  file=sys.stderr)
+            return 2
+        try:
+            stats = stats_from_server(a.from_server, a.min_samples)
+        except (ValueError, OSError) as e:
+            print(f"{PROG}: error: {e}", file=sys.stderr)
+            return 2
+        stats.save(a.out)
+        print(f"wrote {a.out}: live profile of {a.from_server}, {stats.samples} prompts, {stats.num_layers} "
+              f"layers x {stats.num_kv_heads} KV heads, mean kept {stats.kv_len_mean.mean():.1f} tokens per head")
+        return 0
     from .launch_server import fairkv_parser
 
     fka, _ = fairkv_parser().parse_known_args(server_flags)

@@ -32,8 +32,12 @@ def build_tokenizer(vocab_size: int = 512, seed: int = 0):
 
 def build_llama(dest: Path, *, num_layers: int = 2, hidden: int = 128, num_heads: int = 4,
                 num_kv_heads: int = 2, head_dim: int = 32, intermediate: int = 256,
-                init_std: float = 0.1, seed: int = 0, arch: str = "llama") -> Path:
-    """Write a float32 checkpoint + tokenizer to ``dest`` (idempotent) and return it."""
+                init_std: float = 0.1, seed: int = 0, arch: str = "llama",
+                q_head_scales: list[list[float]] | None = None) -> Path:
+    """Write a float32 checkpoint + tokenizer to ``dest`` (idempotent) and return it.
+
+    ``q_head_scales[l][h]``: multiplies the query rows of KV head ``h``'s query group in layer ``l``
+    (sharper or flatter attention per head: per-head compression then keeps unequal counts)."""
     dest = Path(dest)
     if (dest / "config.json").exists():
         return dest
@@ -57,6 +61,9 @@ def build_llama(dest: Path, *, num_layers: int = 2, hidden: int = 128, num_heads
         for name, p in model.named_parameters():
             if p.dim() >= 2 or name.endswith("proj.bias"):  # Qwen2's q/k/v biases too
                 p.normal_(0.0, init_std)
+        for l, scales in enumerate(q_head_scales or []):
+            w = model.model.layers[l].self_attn.q_proj.weight  # [q_heads * head_dim, hidden]
+            w.view(num_kv_heads, -1, w.shape[1]).mul_(torch.tensor(scales, dtype=w.dtype)[:, None, None])
     dest.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(dest)
     tok.save_pretrained(dest)

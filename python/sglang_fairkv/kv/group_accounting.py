@@ -145,13 +145,16 @@ class GroupLedger:
     def decode_fits(self, req_pool_idx: list[int]) -> bool:
         return bool((self.decode_pages_needed(req_pool_idx) <= self.pages_free()).all())
 
-    def layer_loads(self) -> torch.Tensor:
+    def layer_loads(self, requests: np.ndarray | torch.Tensor | None = None) -> torch.Tensor:
         """int64 ``[tp, L]``: the KV rows each rank reads in each layer of a decode step of every
-        admitted request (a copied head's segment counted on the replica rank that holds it for that
-        request). Every layer ends in an all-reduce, so a step costs the sum over layers of the
-        slowest rank: this is the load FairKV balances."""
+        admitted request (or of those ``requests`` selects: bool ``[max_reqs]``), a copied head's
+        segment counted on the replica rank that holds it for that request. Every layer ends in an
+        all-reduce, so a step costs the sum over layers of the slowest rank: this is the load FairKV
+        balances."""
         L = self.length.shape[1]
         held = self.owner >= 0
+        if requests is not None:
+            held = held & torch.as_tensor(np.asarray(requests), dtype=torch.bool)[:, None, None]
         layer = torch.arange(L).view(1, L, 1).expand_as(self.owner)
         slot = torch.where(held, self.owner, 0) * L + layer
         loads = torch.bincount(slot[held], weights=self.length[held].to(torch.float64), minlength=self.tp * L)

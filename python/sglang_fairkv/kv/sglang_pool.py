@@ -38,7 +38,9 @@ from ..compress import footprint
 from ..compress.policy import CompressConfig
 from ..placement.replicas import ReplicaAssigner
 from ..placement.runtime import RankPlan
+from .. import env
 from .group_accounting import GroupLedger
+from .live_traffic import LiveTraffic
 from .ragged_pool import RaggedKVPool
 
 logger = logging.getLogger(__name__)
@@ -83,8 +85,14 @@ class FairKVState:
     #: rid -> pages per rank the admission pass charged it for its whole life (kept + decode), until
     #: admitted; then by req_pool_idx in ``charged``
     planned_charge: dict[str, np.ndarray] = field(default_factory=dict)
+    #: the served traffic as the plan sees it (live profile, balance since start, drift report)
+    traffic: LiveTraffic | None = None
 
     def __post_init__(self):
+        if self.traffic is None:
+            self.traffic = LiveTraffic(self.rank_plan.plan.num_layers, self.rank_plan.plan.num_kv_heads,
+                                       window=env.live_window(), sample_every=env.balance_sample_steps(),
+                                       drift_interval_s=env.drift_interval_s())
         self._local_heads = self.rank_plan.local_heads
         self.heads_per_layer = [len(h) for h in self._local_heads]
         n = self.target_len.shape[0]
@@ -135,15 +143,41 @@ class FairKVState:
         self.charged[req_pool_idx] = 0 if charge is None else charge
 
     def record_prompt(self, req_pool_idx: int, prompt_len: int) -> None:
-        """Append this request's kept prompt tokens per (layer, KV head) of the whole model (the
-        ledger: this rank's own segments are its pool's lengths) to the profile file (if on)."""
+        """A prompt is done: its kept tokens per (layer, KV head) of the whole model (the ledger: this
+        rank's own segments are its pool's lengths) go to the live profile (when it was compressed) and
+        to the profile file (if on)."""
+        kept = self.ledger.length[req_pool_idx].numpy()
+        if footprint.compresses(self.cfg, prompt_len):
+            self.traffic.record(kept, prompt_len)
         if self.profile_path is None:
             return
         import json
 
-        kept = self.ledger.length[req_pool_idx].tolist()
         with open(self.profile_path, "a") as f:
-            f.write(json.dumps({"req_pool_idx": req_pool_idx, "prompt_len": prompt_len, "kept": kept}) + "\n")
+            f.write(json.dumps({"req_pool_idx": req_pool_idx, "prompt_len": prompt_len,
+                                "kept": kept.tolist()}) + "\n")
+
+    def live_profile(self) -> dict | None:
+        """The live profile with what makes it a ``fairkv-stats/1`` file (model shape, method, budget)."""
+        prof = self.traffic.profile()
+        if prof is None:
+            return None
+        plan, cfg = self.rank_plan.plan, self.cfg
+        return {**prof, "model": plan.model, "num_layers": plan.num_layers, "num_kv_heads": plan.num_kv_heads,
+                "num_q_heads": self.rank_plan.num_q_heads, "head_dim": self.pool.head_dim,
+                "method": cfg.method, "budget": cfg.budget if cfg.budget is not None else cfg.ratio}
+
+    def decode_step(self) -> None:
+        """A decode step is being launched (host; the per-layer balance is sampled every few steps)."""
+        self.traffic.decode_step(lambda: self.ledger.layer_loads(self.prompt_done))
+
+    def drift(self) -> dict | None:
+        """The plan-drift report (:mod:`~sglang_fairkv.placement.drift`) on the live traffic; rank 0 only
+        (the planner runs on the host), None elsewhere or before a compressed prompt."""
+        if self.rank_plan.rank != 0:
+            return None
+        return self.traffic.drift(self.rank_plan.plan, num_q_heads=self.rank_plan.num_q_heads,
+                                  head_dim=self.pool.head_dim)
 
     @property
     def rows_per_token(self) -> int:
@@ -175,12 +209,18 @@ class FairKVState:
         lg = self.ledger
         loads = lg.layer_loads()
         kept, transient = self.kept_and_transient_rows()
+        tr, drift = self.traffic, self.drift()
+        since = tr.attention_busy_rate_since_start()
         logger.info("sglang-fairkv KV per rank: rows %s (kept %s, transient prefill %s), pages %s of %s, memory "
-                    "busy rate %.3f, attention busy rate %.3f (per layer, min %.3f), %d requests, the empty "
-                    "pool would admit %s at this mix (plan %s)", lg.rows_used().tolist(), kept.tolist(),
+                    "busy rate %.3f, attention busy rate %.3f (per layer, min %.3f; since start %s), %d "
+                    "requests, the empty pool would admit %s at this mix (plan %s; share drift %s, re-plan "
+                    "gain %s over %d prompts)", lg.rows_used().tolist(), kept.tolist(),
                     transient.tolist(), lg.pages_used().tolist(), lg.usable.tolist(), lg.busy_rate(),
-                    lg.attention_busy_rate(loads), float(lg.layer_balance(loads).min()), len(self.admitted),
-                    self.admissible_when_empty(), self.rank_plan.plan.strategy)
+                    lg.attention_busy_rate(loads), float(lg.layer_balance(loads).min()),
+                    "-" if since is None else f"{since:.3f}", len(self.admitted),
+                    self.admissible_when_empty(), self.rank_plan.plan.strategy,
+                    "-" if drift is None or drift["share_drift"] is None else f"{drift['share_drift']:.3f}",
+                    "-" if drift is None else f"{drift['replan_gain']:.3f}", min(tr.seen, tr.window))
 
     def decode_pages_to_come(self, new_token_ratio: float) -> torch.Tensor:
         """int64 ``[tp]``: pages each rank still owes the requests past their prompt: what each was
@@ -266,6 +306,13 @@ class FairKVState:
             "attention_busy_rate": lg.attention_busy_rate(loads),
             "layer_balance": [round(x, 4) for x in lg.layer_balance(loads).tolist()],
             "layer_loads": loads.tolist(),
+            # issue 18: the served traffic (sampled decode steps; compressed prompts), and the plan vs it
+            "attention_busy_rate_since_start": self.traffic.attention_busy_rate_since_start(),
+            "layer_balance_since_start": self.traffic.layer_balance_since_start(),
+            "balance_samples": self.traffic.balance_samples,
+            "live_profile": self.live_profile(),
+            "plan_drift": self.drift(),
+            "plan_has_source": bool(self.rank_plan.plan.source),
             "group_token_capacity": lg.capacity_when_empty(),
             "plan_copies_per_layer": self.rank_plan.plan.copies_per_layer(),
             "replicas": self.assigner.served(),

@@ -70,6 +70,12 @@ def balance_rank_labels(layers: list[list[list[tuple[int, float]]]], w: np.ndarr
     return out
 
 
+def stats_source(stats: KVStats) -> dict:
+    """A plan's ``source`` field: the per-(layer, head) means it was made for, and their provenance."""
+    return {"kv_len_mean": np.asarray(stats.kv_len_mean, dtype=np.float64).round(3).tolist(),
+            "samples": stats.samples, "method": stats.method, "model": stats.model}
+
+
 def build_plan(stats: KVStats, tp: int, strategy: str = "fairkv", cost: CostModel | None = None,
                max_copies_per_layer: int = 2, max_copies_total: int | None = None,
                max_extra_weight_bytes: int | None = None, objective: str = "time",
@@ -117,5 +123,5 @@ def build_plan(stats: KVStats, tp: int, strategy: str = "fairkv", cost: CostMode
     plan = Plan(model=stats.model, tp=tp, num_kv_heads=stats.num_kv_heads, strategy=strategy,
                 cost_model={**cost.to_json(), "objective": objective,
                             "max_copies_per_layer": max_copies_per_layer if strategy == "fairkv" else 0},
-                layers=layers, num_q_heads=stats.num_q_heads)
+                layers=layers, num_q_heads=stats.num_q_heads, source=stats_source(stats))
     return replace(plan, predicted=evaluate(plan, stats, lbs if objective == "time" else None)), lbs

@@ -86,33 +86,49 @@ def resolve_plan(spec: str, *, model: str, num_layers: int, num_kv_heads: int, n
     """``--fairkv-plan`` -> a plan checked against the model and ``tp``; raises :class:`PlanError`.
 
     ``spec``: a ``fairkv-plan/1`` file, or ``sha`` (shape only), or ``assign`` / ``fairkv`` (computed
-    here from the ``fairkv-stats/1`` file ``stats_path``, which must describe this model's shape).
+    here from the ``fairkv-stats/1`` file ``stats_path``, which must describe this model's shape). With
+    ``sha`` or a plan file, ``stats_path`` (optional) becomes the plan's ``source``: the stats the
+    server's drift report compares the live traffic with.
     """
+    from dataclasses import replace
+
     if num_q_heads % num_kv_heads:
         raise PlanError(f"model has {num_q_heads} query heads, not a multiple of {num_kv_heads} KV heads")
-    if spec == "sha":
-        plan = sha_plan(model, num_layers, num_kv_heads, num_q_heads, tp)
-    elif spec in ("assign", "fairkv"):
+    stats = _load_stats(stats_path, num_layers, num_kv_heads, num_q_heads) if stats_path else None
+    if spec in ("assign", "fairkv"):
         from .planner import build_plan
-        from .stats import StatsError, load_stats
 
-        if not stats_path:
+        if stats is None:
             raise PlanError(f"--fairkv-plan {spec} computes the plan from measured stats: give "
                             "--fairkv-stats FILE (python -m sglang_fairkv.profile writes one)")
         if max_copies_per_layer < 0:
             raise PlanError(f"--fairkv-max-copies-per-layer must be >= 0, got {max_copies_per_layer}")
-        try:
-            stats = load_stats(stats_path)
-        except StatsError as e:
-            raise PlanError(f"--fairkv-stats {stats_path}: {e}") from None
-        if (stats.num_layers, stats.num_kv_heads, stats.num_q_heads) != (num_layers, num_kv_heads, num_q_heads):
-            raise PlanError(f"--fairkv-stats {stats_path} describes {stats.num_layers} layers x "
-                            f"{stats.num_kv_heads} KV heads ({stats.num_q_heads} query heads), the model has "
-                            f"{num_layers} x {num_kv_heads} ({num_q_heads})")
         plan, _ = build_plan(stats, tp, spec, max_copies_per_layer=max_copies_per_layer)
     else:
-        if not Path(spec).is_file():
+        if spec == "sha":
+            plan = sha_plan(model, num_layers, num_kv_heads, num_q_heads, tp)
+        elif Path(spec).is_file():
+            plan = load_plan(spec)
+        else:
             raise PlanError(f"--fairkv-plan {spec}: not a plan file and not one of sha, assign, fairkv")
-        plan = load_plan(spec)
+        if stats is not None:
+            from .planner import stats_source
+
+            plan = replace(plan, source=stats_source(stats))
     plan.check_model(num_layers, num_kv_heads, tp, num_q_heads)
     return plan
+
+
+def _load_stats(path: str, num_layers: int, num_kv_heads: int, num_q_heads: int):
+    """``--fairkv-stats`` read, validated and checked against the model's shape (:class:`PlanError`)."""
+    from .stats import StatsError, load_stats
+
+    try:
+        stats = load_stats(path)
+    except StatsError as e:
+        raise PlanError(f"--fairkv-stats {path}: {e}") from None
+    if (stats.num_layers, stats.num_kv_heads, stats.num_q_heads) != (num_layers, num_kv_heads, num_q_heads):
+        raise PlanError(f"--fairkv-stats {path} describes {stats.num_layers} layers x "
+                        f"{stats.num_kv_heads} KV heads ({stats.num_q_heads} query heads), the model has "
+                        f"{num_layers} x {num_kv_heads} ({num_q_heads})")
+    return stats

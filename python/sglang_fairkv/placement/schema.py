@@ -14,6 +14,9 @@ Schema (JSON object)::
                   one entry per layer in order, one placement entry per KV head in order; every
                   head has >= 1 replica on distinct ranks in [0, tp), shares > 0 summing to 1
     predicted     {...} metrics at plan time (informative; not validated)
+    source        optional {"kv_len_mean": [num_layers][num_kv_heads] floats >= 0, "samples": int,
+                  "method": str, "model": str}: the stats the plan was made for (the server's drift
+                  report compares the live kept shares with them)
 """
 
 from __future__ import annotations
@@ -50,6 +53,15 @@ class Plan:
     layers: list[list[Replicas]]
     num_q_heads: int | None = None
     predicted: dict = field(default_factory=dict)
+    #: the stats the plan was made for: ``{"kv_len_mean": [L][KV], ...}`` (see the module docstring)
+    source: dict = field(default_factory=dict)
+
+    def source_kv_len_mean(self):
+        """float64 ``[L, KV]``: mean kept tokens per (layer, KV head) the plan was made for, or None."""
+        import numpy as np
+
+        m = self.source.get("kv_len_mean")
+        return None if m is None else np.asarray(m, dtype=np.float64)
 
     @property
     def num_layers(self) -> int:
@@ -72,6 +84,8 @@ class Plan:
                 {"kv_head": h, "replicas": [{"rank": r, "share": s} for r, s in reps]}
                 for h, reps in enumerate(layer)]}
             for l, layer in enumerate(self.layers)], predicted=self.predicted)
+        if self.source:
+            d["source"] = self.source
         return d
 
     def save(self, path: str | Path) -> None:
@@ -154,7 +168,25 @@ def plan_from_json(d: Any) -> Plan:
     predicted = d.get("predicted", {})
     return Plan(model=d["model"], tp=tp, num_kv_heads=kv, strategy=d["strategy"],
                 cost_model=dict(cm), layers=layers, num_q_heads=q,
-                predicted=predicted if isinstance(predicted, dict) else {})
+                predicted=predicted if isinstance(predicted, dict) else {},
+                source=_source(d.get("source"), num_layers, kv))
+
+
+def _source(src: Any, num_layers: int, kv: int) -> dict:
+    """The optional ``source`` object: its ``kv_len_mean`` must have the plan's shape."""
+    if src is None:
+        return {}
+    if not isinstance(src, dict):
+        raise PlanError(f"source must be an object, got {type(src).__name__}")
+    m = src.get("kv_len_mean")
+    if not isinstance(m, list) or len(m) != num_layers or any(
+            not isinstance(row, list) or len(row) != kv for row in m):
+        raise PlanError(f"source.kv_len_mean must be [num_layers={num_layers}][num_kv_heads={kv}] numbers")
+    for i, row in enumerate(m):
+        for j, x in enumerate(row):
+            if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x < 0:
+                raise PlanError(f"source.kv_len_mean[{i}][{j}] must be a finite number >= 0, got {x!r}")
+    return dict(src)
 
 
 def load_plan(path: str | Path) -> Plan:

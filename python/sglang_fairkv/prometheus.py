@@ -1,0 +1,87 @@
+"""fairkv gauges in SGLang's Prometheus metrics (``--enable-metrics``; thin adapter).
+
+SGLang's scheduler pushes its gauges in ``SchedulerMetricsCollector.log_stats`` (rank 0 of the TP group,
+in the scheduler process, with ``PROMETHEUS_MULTIPROC_DIR`` set); an AFTER hook there calls
+:func:`export` with this process's :class:`~sglang_fairkv.kv.sglang_pool.FairKVState`. The ledger holds
+every rank's segments, so rank 0 exports the whole group: per-rank series carry ``tp_rank`` = the rank
+the value belongs to (the collector's other labels unchanged), per-layer ones a ``layer`` label.
+
+    sglang:fairkv_attention_busy_rate                 per-layer balance of the requests held now
+    sglang:fairkv_attention_busy_rate_since_start     the same over the sampled decode steps served
+    sglang:fairkv_memory_busy_rate                    KV rows summed over layers, mean / max over ranks
+    sglang:fairkv_layer_balance{layer}                per layer, mean / max rank load now
+    sglang:fairkv_layer_rows{tp_rank,layer}           KV rows each rank reads in each layer now
+    sglang:fairkv_pages_used{tp_rank} / _pages_total  pages per rank
+    sglang:fairkv_kept_rows{tp_rank} / _transient_rows
+    sglang:fairkv_plan_share_drift                    live kept shares vs the plan's source (-1: none)
+    sglang:fairkv_replan_gain                         cost-model speedup of a fresh plan on live shares
+    sglang:fairkv_live_profile_prompts                compressed prompts the live profile holds
+"""
+
+from __future__ import annotations
+
+_GAUGES: dict | None = None
+
+_SCALARS = {
+    "attention_busy_rate": "Per-layer attention balance of the requests held now (sum of mean / sum of max "
+                           "rank rows over layers).",
+    "attention_busy_rate_since_start": "Per-layer attention balance over the sampled decode steps served.",
+    "memory_busy_rate": "KV rows summed over layers: mean / max over TP ranks.",
+    "plan_share_drift": "Live per-layer kept shares vs the plan's source stats (total variation, 0..1; -1 "
+                        "when the plan has no source).",
+    "replan_gain": "Cost-model speedup a fresh plan made from the live shares would give over the running one.",
+    "live_profile_prompts": "Compressed prompts in the live profile.",
+}
+_PER_RANK = {
+    "pages_used": "KV pages in use on each TP rank (fairkv ledger).",
+    "pages_total": "Usable KV pages of each TP rank.",
+    "kept_rows": "KV rows of compressed requests on each TP rank.",
+    "transient_rows": "Dense prefill KV rows awaiting compression on each TP rank.",
+}
+
+
+def _gauges(labelnames: list[str]) -> dict:
+    global _GAUGES
+    if _GAUGES is None:
+        from prometheus_client import Gauge
+
+        g = {k: Gauge(f"sglang:fairkv_{k}", doc, labelnames=labelnames, multiprocess_mode="mostrecent")
+             for k, doc in {**_SCALARS, **_PER_RANK}.items()}
+        g["layer_balance"] = Gauge("sglang:fairkv_layer_balance", "Per layer: mean / max rank KV rows read now.",
+                                   labelnames=[*labelnames, "layer"], multiprocess_mode="mostrecent")
+        g["layer_rows"] = Gauge("sglang:fairkv_layer_rows", "KV rows each TP rank reads in each layer now.",
+                                labelnames=[*labelnames, "layer"], multiprocess_mode="mostrecent")
+        _GAUGES = g
+    return _GAUGES
+
+
+def export(collector, state) -> None:
+    """Set the fairkv gauges from ``state`` (rank 0 only: the ledger is the whole group's)."""
+    if state.rank_plan.rank != 0:
+        return
+    base = {k: str(v) for k, v in collector.labels.items()}
+    base.setdefault("tp_rank", "0")
+    g = _gauges(list(base))
+    lg = state.ledger
+    loads = lg.layer_loads()
+    kept, transient = state.kept_and_transient_rows()
+    drift = state.drift()
+    since = state.traffic.attention_busy_rate_since_start()
+    scalars = {"attention_busy_rate": lg.attention_busy_rate(loads),
+               "attention_busy_rate_since_start": -1.0 if since is None else since,
+               "memory_busy_rate": lg.busy_rate(),
+               "plan_share_drift": -1.0 if drift is None or drift["share_drift"] is None else drift["share_drift"],
+               "replan_gain": 1.0 if drift is None else drift["replan_gain"],
+               "live_profile_prompts": min(state.traffic.seen, state.traffic.window)}
+    for k, v in scalars.items():
+        g[k].labels(**base).set(float(v))
+    per_rank = {"pages_used": lg.pages_used().tolist(), "pages_total": lg.usable.tolist(),
+                "kept_rows": kept.tolist(), "transient_rows": transient.tolist()}
+    for q in range(lg.tp):
+        lab = {**base, "tp_rank": str(q)}
+        for k, v in per_rank.items():
+            g[k].labels(**lab).set(float(v[q]))
+        for layer, rows in enumerate(loads[q].tolist()):
+            g["layer_rows"].labels(**lab, layer=str(layer)).set(float(rows))
+    for layer, b in enumerate(lg.layer_balance(loads).tolist()):
+        g["layer_balance"].labels(**base, layer=str(layer)).set(b)
