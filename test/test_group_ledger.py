@@ -84,6 +84,9 @@ def test_ledger_equals_every_rank_pool_through_a_random_lifecycle():
                 assert pool.decode_pages_needed(torch.tensor(batch)) == int(need[q])
                 pool.append(np.array(batch), torch.tensor(batch))
             ledger.append(batch)
+            # the rows this decode batch reads per rank and layer (the sampled balance of a step)
+            direct_b = [[int(p.seg_len_host[batch, l].sum()) for l in range(L)] for p in pools]
+            assert ledger.layer_loads(np.array(batch)).tolist() == direct_b
         elif r in live:  # release
             for pool in pools:
                 pool.free(r)

@@ -137,8 +137,8 @@ def test_busy_rate_since_start_sums_the_sampled_steps():
 
 def test_state_records_compressed_prompts_and_samples_decoding_requests():
     """Through FairKVState as the backend drives it: a compressed prompt's ledger row goes to the live
-    profile (an uncompressed one does not), and the sampled loads count only requests past their
-    prompt, equal to the ledger's loads of those requests."""
+    profile (an uncompressed one does not), and the sampled loads count only the decode batch's
+    requests (not one still in prefill)."""
     plan = sha_plan("m", 2, 2, 4, 1)
     cfg = CompressConfig(method="snapkv", budget=8, window=4)
     st = build_state(cfg, None, rank_plan=RankPlan(plan, 0, 4), max_total_tokens=4000, rows_per_token_budget=4,
@@ -154,9 +154,11 @@ def test_state_records_compressed_prompts_and_samples_decoding_requests():
     st.admit(2, "r2", 30)
     st.ledger.extend([2], [30])  # in prefill: not read by a decode step
     st.prompts_done(np.array([0, 1]))
-    st.decode_step()
-    want = st.ledger.layer_loads(np.array([True, True, False, False]))
-    assert st.traffic.load_max_sum.tolist() == want.max(dim=0).values.tolist()
+    st.decode_step(np.array([0, 1]))
+    # the batch's rows only, per rank and layer (TP 1: one rank), as the ledger holds them
+    want = st.ledger.length[:2].sum(dim=(0, 2)).to(torch.float64)
+    assert st.traffic.load_max_sum.tolist() == want.tolist()
+    assert st.ledger.layer_loads(np.array([0, 1])).tolist() == [want.to(torch.int64).tolist()]
     assert st.stats()["balance_samples"] == 1
     for r in (0, 1, 2):
         st.release(r)

@@ -106,7 +106,7 @@ def test_tp3_live_balance_and_plan_drift(tiny_kv6_path, tp1_run, tmp_path):
     measured against deliberately shuffled stats, then a fairkv plan made from stats profiled off the
     TP 1 server's live traffic on the same prompts. Both decode a batch of 8 (the per-layer attention
     busy rate sampled over every decode step of it must be clearly higher under fairkv: measured sha
-    0.788, fairkv 0.915, while sha's memory busy rate is 1.000), then serve each prompt alone (tokens
+    0.788, fairkv 0.910-0.915, while sha's memory busy rate is 1.000), then serve each prompt alone (tokens
     equal TP 1). The drift report is large against the shuffled stats (measured 0.329, a fresh plan
     would gain 1.24x), zero against the matched ones; the Prometheus gauges say what
     ``/server_info`` says."""

@@ -160,7 +160,7 @@ class FairKVAttnBackend(AttentionBackend):
         rows ``[L, b, H]`` and lengths after the step ``[b, L, H]`` (device, one upload)."""
         rows, lens = self.pool.append(idx_host, idx_dev)
         self.ledger.append(idx_host)
-        self.state.decode_step()  # the per-layer balance, sampled (host, from the ledger)
+        self.state.decode_step(idx_host)  # the per-layer balance, sampled (host, from the ledger)
         return rows, lens
 
     def _decode_metadata(self, forward_batch) -> DecodeMetadata:

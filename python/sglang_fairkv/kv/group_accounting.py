@@ -147,17 +147,19 @@ class GroupLedger:
 
     def layer_loads(self, requests: np.ndarray | torch.Tensor | None = None) -> torch.Tensor:
         """int64 ``[tp, L]``: the KV rows each rank reads in each layer of a decode step of every
-        admitted request (or of those ``requests`` selects: bool ``[max_reqs]``), a copied head's
-        segment counted on the replica rank that holds it for that request. Every layer ends in an
-        all-reduce, so a step costs the sum over layers of the slowest rank: this is the load FairKV
-        balances."""
-        L = self.length.shape[1]
-        held = self.owner >= 0
+        admitted request (or of ``requests``: host indices ``[b]``, e.g. a decode batch -- only those
+        rows are read), a copied head's segment counted on the replica rank that holds it for that
+        request. Every layer ends in an all-reduce, so a step costs the sum over layers of the slowest
+        rank: this is the load FairKV balances."""
+        length, owner = self.length, self.owner
         if requests is not None:
-            held = held & torch.as_tensor(np.asarray(requests), dtype=torch.bool)[:, None, None]
-        layer = torch.arange(L).view(1, L, 1).expand_as(self.owner)
-        slot = torch.where(held, self.owner, 0) * L + layer
-        loads = torch.bincount(slot[held], weights=self.length[held].to(torch.float64), minlength=self.tp * L)
+            idx = torch.as_tensor(np.asarray(requests, dtype=np.int64))
+            length, owner = length[idx], owner[idx]
+        L = length.shape[1]
+        held = owner >= 0
+        layer = torch.arange(L).view(1, L, 1).expand_as(owner)
+        slot = torch.where(held, owner, 0) * L + layer
+        loads = torch.bincount(slot[held], weights=length[held].to(torch.float64), minlength=self.tp * L)
         return loads.to(torch.int64).view(self.tp, L)
 
     def layer_balance(self, loads: torch.Tensor | None = None) -> torch.Tensor:

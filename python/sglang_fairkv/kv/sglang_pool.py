@@ -167,9 +167,10 @@ class FairKVState:
                 "num_q_heads": self.rank_plan.num_q_heads, "head_dim": self.pool.head_dim,
                 "method": cfg.method, "budget": cfg.budget if cfg.budget is not None else cfg.ratio}
 
-    def decode_step(self) -> None:
-        """A decode step is being launched (host; the per-layer balance is sampled every few steps)."""
-        self.traffic.decode_step(lambda: self.ledger.layer_loads(self.prompt_done))
+    def decode_step(self, req_pool_idx: np.ndarray) -> None:
+        """A decode step of these requests (host ``[b]``) is being launched: the per-layer balance of
+        the rows it reads is sampled every few steps (host, ``[b, L, KV]`` of the ledger)."""
+        self.traffic.decode_step(lambda: self.ledger.layer_loads(req_pool_idx))
 
     def drift(self) -> dict | None:
         """The plan-drift report (:mod:`~sglang_fairkv.placement.drift`) on the live traffic; rank 0 only
