@@ -34,11 +34,11 @@ from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
 from sglang.srt.mem_cache.memory_pool import KVCache
 from sglang.srt.mem_cache.prefill_budget import PrefillBudget
 
+from .. import env
 from ..compress import footprint
 from ..compress.policy import CompressConfig
 from ..placement.replicas import ReplicaAssigner
 from ..placement.runtime import RankPlan
-from .. import env
 from .group_accounting import GroupLedger
 from .live_traffic import LiveTraffic
 from .ragged_pool import RaggedKVPool
@@ -173,9 +173,10 @@ class FairKVState:
         self.traffic.decode_step(lambda: self.ledger.layer_loads(req_pool_idx))
 
     def drift(self) -> dict | None:
-        """The plan-drift report (:mod:`~sglang_fairkv.placement.drift`) on the live traffic; rank 0 only
-        (the planner runs on the host), None elsewhere or before a compressed prompt."""
-        if self.rank_plan.rank != 0:
+        """The plan-drift report (:mod:`~sglang_fairkv.placement.drift`) on the live traffic; rank 0 of a
+        TP group only (the planner runs on the host), None elsewhere, at TP 1 (nothing to balance) or
+        before a compressed prompt."""
+        if self.rank_plan.rank != 0 or self.rank_plan.tp == 1:
             return None
         return self.traffic.drift(self.rank_plan.plan, num_q_heads=self.rank_plan.num_q_heads,
                                   head_dim=self.pool.head_dim)
