@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .placement.stats import KVStats
+from .placement.stats import QUANTILES, KVStats, summarize_counts
 
 PROG = "python -m sglang_fairkv.offline_stats"
 _WORDS = ("the river city stone north garden library window morning market bridge lantern harbor "
@@ -66,14 +66,13 @@ def load_prompts(a: argparse.Namespace, model_path: str) -> list[list[int]]:
 
 def stats_from_counts(counts: np.ndarray, model: str, cfg, method: str, budget: float) -> KVStats:
     """``counts``: int [prompts, layers, kv_heads] kept tokens -> :class:`KVStats`."""
-    q = np.quantile(counts, [0.1, 0.5, 0.9], axis=0)
+    sm = summarize_counts(counts)
     return KVStats(model=model, num_layers=counts.shape[1], num_q_heads=cfg.num_attention_heads,
                    num_kv_heads=cfg.num_key_value_heads,
                    head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
-                   hidden_size=cfg.hidden_size, kv_len_mean=counts.mean(axis=0),
-                   kv_len_std=counts.std(axis=0), samples=int(counts.shape[0]), method=method,
-                   budget=budget, extra={"kv_len_p10": q[0].tolist(), "kv_len_p50": q[1].tolist(),
-                                         "kv_len_p90": q[2].tolist(), "source": "offline_stats"})
+                   hidden_size=cfg.hidden_size, kv_len_mean=sm["kv_len_mean"], kv_len_std=sm["kv_len_std"],
+                   samples=int(counts.shape[0]), method=method, budget=budget,
+                   extra={**{k: sm[k].tolist() for k in QUANTILES}, "source": "offline_stats"})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -76,7 +76,7 @@ def stats_from_server(url: str, min_samples: int = 1):
     fairkv state); raises ValueError when it has none or fewer than ``min_samples`` prompts."""
     import requests
 
-    from .placement.stats import KVStats
+    from .placement.stats import QUANTILES, KVStats
 
     try:
         r = requests.get(url.rstrip("/") + "/server_info", timeout=60)
@@ -97,8 +97,7 @@ def stats_from_server(url: str, min_samples: int = 1):
                    kv_len_mean=np.asarray(prof["kv_len_mean"], dtype=np.float64),
                    kv_len_std=np.asarray(prof["kv_len_std"], dtype=np.float64), samples=n,
                    method=prof["method"], budget=None if prof["budget"] is None else float(prof["budget"]),
-                   extra={"kv_len_p10": prof["kv_len_p10"], "kv_len_p50": prof["kv_len_p50"],
-                          "kv_len_p90": prof["kv_len_p90"], "prompt_len_mean": prof["prompt_len_mean"],
+                   extra={**{k: prof[k] for k in QUANTILES}, "prompt_len_mean": prof["prompt_len_mean"],
                           "source": f"live profile of {url} (sglang_fairkv.profile --from-server)"})
 
 

@@ -56,32 +56,31 @@ def _gauges(labelnames: list[str]) -> dict:
 
 
 def export(collector, state) -> None:
-    """Set the fairkv gauges from ``state`` (rank 0 only: the ledger is the whole group's)."""
+    """Set the fairkv gauges from ``state`` (rank 0 only: the ledger is the whole group's). The values are
+    those of :meth:`FairKVState.stats` -- what ``/server_info`` shows -- read once."""
     if state.rank_plan.rank != 0:
         return
     base = {k: str(v) for k, v in collector.labels.items()}
     base.setdefault("tp_rank", "0")
     g = _gauges(list(base))
-    lg = state.ledger
-    loads = lg.layer_loads()
-    kept, transient = state.kept_and_transient_rows()
-    drift = state.drift()
-    since = state.traffic.attention_busy_rate_since_start()
-    scalars = {"attention_busy_rate": lg.attention_busy_rate(loads),
+    st = state.stats()
+    drift, since, prof = st["plan_drift"], st["attention_busy_rate_since_start"], st["live_profile"]
+    scalars = {"attention_busy_rate": st["attention_busy_rate"],
                "attention_busy_rate_since_start": -1.0 if since is None else since,
-               "memory_busy_rate": lg.busy_rate(),
+               "memory_busy_rate": st["memory_busy_rate"],
                "plan_share_drift": -1.0 if drift is None or drift["share_drift"] is None else drift["share_drift"],
                "replan_gain": 1.0 if drift is None else drift["replan_gain"],
-               "live_profile_prompts": min(state.traffic.seen, state.traffic.window)}
+               "live_profile_prompts": 0 if prof is None else prof["samples"]}
     for k, v in scalars.items():
         g[k].labels(**base).set(float(v))
-    per_rank = {"pages_used": lg.pages_used().tolist(), "pages_total": lg.usable.tolist(),
-                "kept_rows": kept.tolist(), "transient_rows": transient.tolist()}
-    for q in range(lg.tp):
+    per_rank = {"pages_used": [r["pages_used"] for r in st["ranks"]],
+                "pages_total": [r["pages_total"] for r in st["ranks"]],
+                "kept_rows": st["kept_rows"], "transient_rows": st["transient_rows"]}
+    for q, layer_rows in enumerate(st["layer_loads"]):
         lab = {**base, "tp_rank": str(q)}
         for k, v in per_rank.items():
             g[k].labels(**lab).set(float(v[q]))
-        for layer, rows in enumerate(loads[q].tolist()):
+        for layer, rows in enumerate(layer_rows):
             g["layer_rows"].labels(**lab, layer=str(layer)).set(float(rows))
-    for layer, b in enumerate(lg.layer_balance(loads).tolist()):
+    for layer, b in enumerate(st["layer_balance"]):
         g["layer_balance"].labels(**base, layer=str(layer)).set(b)

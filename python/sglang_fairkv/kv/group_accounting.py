@@ -74,10 +74,17 @@ class GroupLedger:
         self.owner[req_pool_idx] = -1
 
     # ---- queries ----------------------------------------------------------------------------------
-    def _by_rank(self, values: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
+    def _by_key_and_rank(self, values: torch.Tensor, owner: torch.Tensor, key: torch.Tensor | int,
+                         num_keys: int) -> torch.Tensor:
+        """int64 ``[num_keys, tp]``: ``values`` of the held segments (``owner >= 0``) summed per ``key``
+        (same shape as ``owner``, or a scalar) and holding rank -- one bincount."""
         held = owner >= 0
-        return torch.bincount(owner[held], weights=values[held].to(torch.float64),
-                              minlength=self.tp).to(torch.int64)
+        slot = torch.as_tensor(key).expand_as(owner) * self.tp + owner.clamp_min(0)
+        return torch.bincount(slot[held], weights=values[held].to(torch.float64),
+                              minlength=num_keys * self.tp).to(torch.int64).view(num_keys, self.tp)
+
+    def _by_rank(self, values: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
+        return self._by_key_and_rank(values, owner, 0, 1)[0]
 
     def rows_used(self) -> torch.Tensor:
         """int64 ``[tp]``: KV rows (tokens x heads) in use on each rank."""
@@ -112,10 +119,7 @@ class GroupLedger:
         """int64 ``[b, tp]``: pages each of these requests (host ints ``[b]``) holds on each rank."""
         idx = torch.as_tensor(np.asarray(req_pool_idx), dtype=torch.int64)
         own, pages = self.owner[idx], (self.length[idx] + self.page_size - 1) // self.page_size
-        held = own >= 0
-        slot = torch.arange(idx.numel()).view(-1, 1, 1).expand_as(own) * self.tp + own.clamp_min(0)
-        return torch.bincount(slot[held], weights=pages[held].to(torch.float64),
-                              minlength=idx.numel() * self.tp).to(torch.int64).view(idx.numel(), self.tp)
+        return self._by_key_and_rank(pages, own, torch.arange(idx.numel()).view(-1, 1, 1), idx.numel())
 
     def rows_where(self, mask: np.ndarray | torch.Tensor) -> torch.Tensor:
         """int64 ``[tp]``: KV rows each rank holds for the requests selected by ``mask`` (bool ``[max_reqs]``)."""
@@ -156,11 +160,7 @@ class GroupLedger:
             idx = torch.as_tensor(np.asarray(requests, dtype=np.int64))
             length, owner = length[idx], owner[idx]
         L = length.shape[1]
-        held = owner >= 0
-        layer = torch.arange(L).view(1, L, 1).expand_as(owner)
-        slot = torch.where(held, owner, 0) * L + layer
-        loads = torch.bincount(slot[held], weights=length[held].to(torch.float64), minlength=self.tp * L)
-        return loads.to(torch.int64).view(self.tp, L)
+        return self._by_key_and_rank(length, owner, torch.arange(L).view(1, L, 1), L).T.contiguous()
 
     def layer_balance(self, loads: torch.Tensor | None = None) -> torch.Tensor:
         """float64 ``[L]``: per layer, mean over ranks / max over ranks of :meth:`layer_loads` (1.0 for

@@ -21,8 +21,7 @@ import time
 
 import numpy as np
 
-#: quantiles the live profile reports (the keys ``kv_len_p10`` ... of ``fairkv-stats/1``'s extra)
-QUANTILES = (0.1, 0.5, 0.9)
+from ..placement.stats import summarize_counts
 
 
 class LiveTraffic:
@@ -79,15 +78,12 @@ class LiveTraffic:
         """The live profile (JSON-ready), None before any compressed prompt."""
         if self._profile is not None and self._profile["seen"] == self.seen:
             return self._profile
-        k = self._filled().astype(np.float64)
+        k = self._filled()
         if not len(k):
             return None
-        q = np.quantile(k, QUANTILES, axis=0)
-        r = lambda x: np.round(x, 3).tolist()  # noqa: E731
         self._profile = {"samples": int(len(k)), "seen": self.seen,
                          "prompt_len_mean": float(self.prompt_len[:len(k)].mean()),
-                         "kv_len_mean": r(k.mean(axis=0)), "kv_len_std": r(k.std(axis=0)),
-                         "kv_len_p10": r(q[0]), "kv_len_p50": r(q[1]), "kv_len_p90": r(q[2])}
+                         **{key: np.round(v, 3).tolist() for key, v in summarize_counts(k).items()}}
         return self._profile
 
     def attention_busy_rate_since_start(self) -> float | None:

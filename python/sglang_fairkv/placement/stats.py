@@ -135,6 +135,18 @@ def stats_from_json(d: Any) -> KVStats:
                    extra=extra)
 
 
+#: quantiles a profile reports per (layer, KV head) (``extra["kv_len_p10"]`` ...)
+QUANTILES = {"kv_len_p10": 0.1, "kv_len_p50": 0.5, "kv_len_p90": 0.9}
+
+
+def summarize_counts(counts: np.ndarray) -> dict[str, np.ndarray]:
+    """Kept tokens ``[prompts, layers, kv_heads]`` -> float64 ``[layers, kv_heads]`` each: ``kv_len_mean``,
+    ``kv_len_std`` and the :data:`QUANTILES` -- what every profile (offline, engine, live) reports."""
+    c = np.asarray(counts, dtype=np.float64)
+    q = np.quantile(c, list(QUANTILES.values()), axis=0)
+    return {"kv_len_mean": c.mean(axis=0), "kv_len_std": c.std(axis=0), **dict(zip(QUANTILES, q))}
+
+
 def load_stats(path: str | Path) -> KVStats:
     """Read and validate a stats file; raises :class:`StatsError` (also for unreadable JSON)."""
     return stats_from_json(read_json(path, StatsError))
