@@ -16,7 +16,8 @@ XDIST   := $(if $(filter 0 1,$(JOBS)),,-n $(JOBS) --dist loadgroup)
 
 install: $(STAMP) $(MODEL)
 
-$(STAMP): scripts/install.sh requirements/cpu.txt requirements/cuda.txt python/pyproject.toml
+$(STAMP): scripts/install.sh requirements/cpu.txt requirements/cuda.txt python/pyproject.toml \
+          kernels/pyproject.toml patches/pyproject.toml
 	VENV=$(VENV) scripts/install.sh
 	@touch $@
 
@@ -42,13 +43,13 @@ test-fast: install
 # ../shared/tools/sglang-for-device/build.sh): pool + page-table kernel against the torch path in
 # bf16/fp16, per-layer decode-step time, kernel vs FlashInfer, stock SGLang vs fairkv servers.
 device-check:
-	bash kernels/bench_device.sh
+	bash benchmark/device/run.sh
 
 # The same scripts on the CPU (tiny sizes, Triton interpreted): checks their plumbing.
 device-check-dry: install
-	OUT=$${OUT:-out} TRITON_INTERPRET=1 $(PY) kernels/check_pool_device.py --dry-run
-	OUT=$${OUT:-out} TRITON_INTERPRET=1 $(PY) kernels/bench_ragged_device.py --dry-run
-	OUT=$${OUT:-out} $(PY) kernels/serve_device.py --dry-run
+	OUT=$${OUT:-out} TRITON_INTERPRET=1 $(PY) benchmark/device/check_pool.py --dry-run
+	OUT=$${OUT:-out} TRITON_INTERPRET=1 $(PY) benchmark/device/bench_kernel.py --dry-run
+	OUT=$${OUT:-out} $(PY) benchmark/device/serve.py --dry-run
 
 clean:
 	rm -rf $(VENV) models

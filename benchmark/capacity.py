@@ -1,5 +1,5 @@
 """Capacity and throughput of the ragged pool on CPU: how many requests run at once at a fixed
-``--max-total-tokens``, with and without per-head compression (issue 4).
+``--max-total-tokens``, with and without per-head compression.
 
 For each configuration: start ``python -m sglang_fairkv.launch_server`` with the same token capacity
 and ``--max-running-requests``, run ``sglang.benchmark.serving`` (random-ids prompts of a fixed
@@ -20,8 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "test"))
-from helpers.server import Server  # noqa: E402
+from sglang_fairkv.server_process import ServerProcess
 
 CONFIGS = {
     "stock torch_native": [],
@@ -56,9 +55,9 @@ def bench_serving(port: int, a) -> dict:
 def run_one(name: str, extra: list[str], a) -> dict:
     args = [*extra, "--max-total-tokens", str(a.max_total_tokens), "--max-running-requests", "64",
             "--decode-log-interval", "1"]  # every decode batch logged: the true peak of #running-req
-    with Server(args, startup_timeout=300) as s:
+    with ServerProcess(args, startup_timeout=300) as s:
         r = bench_serving(s.port, a)
-        log = Path(s.log.name).read_text(errors="replace")
+        log = s.log_text()
     return {"config": name, "completed": r["completed"], "max_running": max_running(log),
             "req_s": r["request_throughput"], "out_tok_s": r["output_throughput"],
             "ttft_ms": r["mean_ttft_ms"], "tpot_ms": r["mean_tpot_ms"]}

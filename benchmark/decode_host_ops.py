@@ -49,9 +49,9 @@ def measure(name: str, geo: Geometry, batch: int, prompt: int, steps: int, kerne
             q, k, v = qkv(geo, prompt * len(part), gen)
             backend.forward_extend(q, k, v, layer(geo, lid), fb)
     if kernel == "triton":  # the CUDA branch with the kernel launch replaced by a stand-in
-        if hasattr(backend, "workspace"):  # this tree (issue 13)
+        if hasattr(backend, "workspace"):  # trees with the page-table kernel's static workspace
             use_cuda_branch(backend, kernel=lambda q, *a, **k: torch.empty_like(q))
-        else:  # the tree before issue 13: CSR rows per layer, then the kernel
+        else:  # older trees (CSR rows per layer, then the kernel): for before / after comparisons
             backend.decode_kernel = "triton"
             backend._ragged_decode = lambda q, *a, **k: torch.empty_like(q)
     layers = [layer(geo, lid) for lid in range(geo.layers)]

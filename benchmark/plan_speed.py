@@ -36,7 +36,7 @@ def main() -> None:
                 f = res["fairkv"]
                 print(f"| {shape} | {tp} | 2 | {conc} | 1.000 | "
                       f"{base / res['assign']['attention_time']:.3f} | {base / f['attention_time']:.3f} | "
-                      f"{f['busy_rate']:.3f} | {f['copies']} | {statistics.median(times):.3f} |")
+                      f"{f['attention_busy_rate']:.3f} | {f['copies']} | {statistics.median(times):.3f} |")
 
 
 if __name__ == "__main__":

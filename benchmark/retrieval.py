@@ -1,5 +1,5 @@
 """Key-value retrieval on the embedded SmolLM2 through the real server: full cache vs per-head
-compression (issue 4). Generated locally, no downloads.
+compression. Generated locally, no downloads.
 
 Each prompt is filler text with one fact, "The secret code of the <place> is <4 digits>.", at a
 seeded depth, and a closing question; a sample counts as correct when the 4 digits appear in the
@@ -18,8 +18,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "test"))
-from helpers.server import Server  # noqa: E402
+from sglang_fairkv.server_process import ServerProcess
 
 WORDS = ("the river city stone north garden library window morning market bridge lantern harbor "
          "orchard valley quiet old road near across under light green small").split()
@@ -43,7 +42,7 @@ def make_prompt(tok, n_tokens: int, seed: int) -> tuple[list[int], str]:
 
 
 def evaluate(server_args: list[str], prompts: list[tuple[list[int], str]]) -> list[bool]:
-    with Server([*server_args, "--max-running-requests", "32"], startup_timeout=300) as s:
+    with ServerProcess([*server_args, "--max-running-requests", "32"], startup_timeout=300) as s:
         def one(p):
             ids, code = p
             out = s.generate({"input_ids": ids, "sampling_params": {"max_new_tokens": 12, "temperature": 0.0}},

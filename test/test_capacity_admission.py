@@ -1,4 +1,4 @@
-"""Admission by the compressed size (issue 14): a property test over random workloads.
+"""Admission by the compressed size: a property test over random workloads.
 
 A small scheduler loop drives ``FairKVPrefillBudget`` the way SGLang's ``PrefillAdder`` does (the
 running requests' decode adopted in pages, the chunked request's continuation first, then new requests
@@ -31,7 +31,8 @@ import torch
 from helpers.backend_harness import Geometry, decode_batch, extend_batch, layer, make_backend, qkv
 from sglang_fairkv.compress import footprint
 from sglang_fairkv.compress.policy import CompressConfig
-from sglang_fairkv.kv.sglang_pool import FairKVPrefillBudget, build_state
+from sglang_fairkv.serving.prefill_budget import FairKVPrefillBudget
+from sglang_fairkv.serving.state import build_state
 from sglang_fairkv.placement.runtime import RankPlan
 from sglang_fairkv.placement.schema import Plan
 
@@ -170,7 +171,7 @@ class Workload:
                     for q, st in enumerate(self.states):
                         held = st.ledger._by_rank((st.ledger.length[r.kv.req_pool_idx] + st.ledger.page_size - 1)
                                                   // st.ledger.page_size, st.ledger.owner[r.kv.req_pool_idx])
-                        assert held.tolist() == st.charged[r.kv.req_pool_idx].tolist()
+                        assert held.tolist() == st.requests.charged[r.kv.req_pool_idx].tolist()
                 self.finish(r)
                 self.stats["finished"] += 1
         if self.running and self.rng.random() < 0.03 * self.abort_rate:  # one request aborts mid-decode
@@ -211,7 +212,7 @@ class Workload:
             self.release(self.chunked)
         for st in self.states:
             assert st.pool.used_pages() == 0 and st.pool.used_tokens() == 0
-            assert int(st.ledger.pages_used().sum()) == 0 and not st.admitted
+            assert int(st.ledger.pages_used().sum()) == 0 and not st.requests.admitted
             assert st.pool.free_page_count() == st.pool.usable_pages
 
 
@@ -228,13 +229,13 @@ class BackendWorkload(Workload):
     def forward_extend(self, taken):
         st = self.backend.state
         for r, _ in taken:  # the prepare_for_extend hook (admit is idempotent: extend_batch's is a no-op)
-            st.target_len[r.kv.req_pool_idx] = r.n
+            st.requests.target_len[r.kv.req_pool_idx] = r.n
             st.admit(r.kv.req_pool_idx, r.rid, r.n)
         fb = extend_batch(self.backend, [r.kv.req_pool_idx for r, _ in taken], [r.done for r, _ in taken],
                           [e for _, e in taken], [r.n for r, _ in taken])
         st = self.backend.state
         for r, _ in taken:
-            st.fixed_length[r.kv.req_pool_idx] = r.ignore_eos
+            st.requests.fixed_length[r.kv.req_pool_idx] = r.ignore_eos
         self.backend.init_forward_metadata(fb)
         T = sum(e for _, e in taken)
         for lid in range(self.geo.layers):
@@ -310,16 +311,16 @@ class PoolWorkload(Workload):
         for req, _ in taken:
             r = req.kv.req_pool_idx
             for st in self.states:
-                st.target_len[r] = req.n
+                st.requests.target_len[r] = req.n
                 st.admit(r, req.rid, req.n)
-                st.fixed_length[r] = req.ignore_eos
+                st.requests.fixed_length[r] = req.ignore_eos
         grow = [(req, req.done + e) for req, e in taken if req.done + e == req.n and footprint.compresses(self.cfg, req.n)]
         dense = [(req.kv.req_pool_idx, req.done + e) for req, e in taken if (req, req.done + e) not in grow]
         for st in self.states:
             if dense:
                 st.pool.extend([r for r, _ in dense], [n for _, n in dense])
             st.ledger.extend([req.kv.req_pool_idx for req, _ in taken], [req.done + e for req, e in taken])
-            st.prompts_done(np.array([req.kv.req_pool_idx for req, e in taken if req.done + e == req.n], dtype=np.int64))
+            st.requests.mark_prompt_done(np.array([req.kv.req_pool_idx for req, e in taken if req.done + e == req.n], dtype=np.int64))
         for lid in range(L):
             for st in self.states:
                 st.pool.extend_layer([req.kv.req_pool_idx for req, _ in grow], lid, [n for _, n in grow])

@@ -1,4 +1,4 @@
-"""Admission by the compressed size, end to end (issue 14): a real CPU server whose KV pool holds only a
+"""Admission by the compressed size, end to end: a real CPU server whose KV pool holds only a
 few dense prompts, sent more requests at once than that.
 
 The dense rule (stock SGLang: the whole prompt plus ``max_new_tokens`` per request) fits
@@ -47,7 +47,7 @@ def test_small_pool_decodes_three_times_the_dense_requests_at_once():
         for t in threads:
             t.join()
         assert all(o is not None and len(o["output_ids"]) == NEW for o in outs), outs
-        log = Path(s.log.name).read_text(errors="replace")
+        log = s.log_text()
         running = max((int(m) for m in re.findall(r"Decode batch, #running-req: (\d+)", log)), default=0)
         assert running >= 3 * dense, (running, dense)
         assert "#retracted_reqs" not in log  # SGLang logs "KV cache pool is full. Retract requests."

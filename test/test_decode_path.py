@@ -113,7 +113,7 @@ def test_compressed_decode_is_sync_free_and_reads_the_tables(compressed):
     pool, reqs = backend.pool, [7, 2, 4]
     kept = pool.seg_len_host[reqs]
     assert len(np.unique(kept)) > 3, "AdaKV should leave heads of different lengths"
-    from sglang_fairkv.kernels.ragged_decode import paged_decode_reference
+    from helpers.decode_reference import paged_decode_reference
 
     for step in range(3):
         fb = decode_batch(backend, reqs)

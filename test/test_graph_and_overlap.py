@@ -1,4 +1,4 @@
-"""CUDA-graph decode and overlap scheduling, checked without CUDA (issue 15).
+"""CUDA-graph decode and overlap scheduling, checked without CUDA.
 
 Graph replay equivalence: "capture" = the backend's out-of-graph capture metadata, then the in-graph
 part (each layer's ``forward_decode``, the Triton kernel interpreted) run once on the static buffers;
@@ -34,7 +34,7 @@ def twin(seed: int = 0):
     st, gen = b.state, torch.Generator().manual_seed(seed)
     r, l, h = INACTIVE
     for req, n in PROMPTS.items():
-        st.target_len[req] = n
+        st.requests.target_len[req] = n
         st.admit(req, f"req{req}", n)
     mask = np.ones((GEO.layers, GEO.kv_heads), dtype=np.bool_)
     mask[l, h] = False

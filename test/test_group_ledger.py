@@ -17,7 +17,7 @@ import torch
 from sglang_fairkv.compress.budgets import select_adakv
 from sglang_fairkv.compress.policy import CompressConfig, kept_for_layer
 from sglang_fairkv.compress.snapkv import SnapKVScorer
-from sglang_fairkv.kv.group_accounting import GroupLedger
+from sglang_fairkv.kv.group_ledger import GroupLedger
 from sglang_fairkv.kv.ragged_pool import RaggedKVPool
 from sglang_fairkv.placement.replicas import ReplicaAssigner
 from sglang_fairkv.placement.runtime import RankPlan
@@ -116,7 +116,7 @@ def test_ledger_equals_every_rank_pool_through_a_random_lifecycle():
         for pool in pools:
             pool.free(r)
         ledger.release(r)
-    assert ledger.pages_used().tolist() == [0, 0] and ledger.busy_rate() == 1.0
+    assert ledger.pages_used().tolist() == [0, 0] and ledger.memory_busy_rate() == 1.0
     assert ledger.attention_busy_rate() == 1.0 and ledger.layer_loads().sum() == 0
 
 

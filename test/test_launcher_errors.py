@@ -72,24 +72,24 @@ def test_kv_compress_bad_budget_one_line():
 ])
 def test_kv_compress_flag_errors(smollm2_path, args, needle):
     """Validated before anything starts (plan_launch): the message names the offending flag/value."""
-    from sglang_fairkv.launch_server import UsageError, plan_launch
+    from sglang_fairkv.serving.launcher import UsageError, parse_launch
 
     with pytest.raises(UsageError) as e:
-        plan_launch(["--model-path", str(smollm2_path), *args], on_cpu=True)
+        parse_launch(["--model-path", str(smollm2_path), *args], on_cpu=True)
     assert needle in str(e.value)
 
 
 def test_kv_head_budgets_checked_against_model(smollm2_path, tmp_path):
-    from sglang_fairkv.launch_server import UsageError, plan_launch
+    from sglang_fairkv.serving.launcher import UsageError, parse_launch
 
     bad = tmp_path / "b.json"
     bad.write_text('{"head_budgets": [[64, 64, 64]]}')  # one layer; SmolLM2 has 30
     with pytest.raises(UsageError, match=r"--kv-head-budgets .*b.json: head_budgets must be a \[30\]\[3\]"):
-        plan_launch(["--model-path", str(smollm2_path), "--kv-compress", "headkv",
+        parse_launch(["--model-path", str(smollm2_path), "--kv-compress", "headkv",
                      "--kv-head-budgets", str(bad)], on_cpu=True)
     good = tmp_path / "g.json"
     good.write_text('{"head_budgets": %s}' % ([[64, 32, 128]] * 30))
-    plan = plan_launch(["--model-path", str(smollm2_path), "--kv-compress", "headkv",
+    plan = parse_launch(["--model-path", str(smollm2_path), "--kv-compress", "headkv",
                         "--kv-head-budgets", str(good)], on_cpu=True)
     assert plan.kv_compress_json is not None and "headkv" in plan.kv_compress_json
     argv = plan.sglang_argv
@@ -101,20 +101,20 @@ def test_kv_head_budgets_checked_against_model(smollm2_path, tmp_path):
 
 def test_cuda_launch_keeps_decode_graphs_and_overlap(smollm2_path, monkeypatch):
     """On a CUDA machine fairkv leaves SGLang's decode CUDA graphs and overlap scheduling on (graph
-    interface and deferred free, issue 15); prefill graphs are turned off (per-layer page decisions);
+    interface and deferred free); prefill graphs are turned off (per-layer page decisions);
     with the torch decode path, decode graphs are turned off too."""
-    from sglang_fairkv.launch_server import plan_launch
+    from sglang_fairkv.serving.launcher import parse_launch
 
     monkeypatch.delenv("FAIRKV_DECODE_KERNEL", raising=False)
-    argv = plan_launch(["--model-path", str(smollm2_path), "--kv-compress", "adakv", "--kv-compress-ratio",
+    argv = parse_launch(["--model-path", str(smollm2_path), "--kv-compress", "adakv", "--kv-compress-ratio",
                         "0.5", "--cuda-graph-backend-decode", "full"], on_cpu=False).sglang_argv
     assert "--disable-overlap-schedule" not in argv
     assert argv[argv.index("--cuda-graph-backend-decode") + 1] == "full"
     assert argv[argv.index("--cuda-graph-backend-prefill") + 1] == "disabled"
-    argv = plan_launch(["--model-path", str(smollm2_path), "--kv-compress", "none"], on_cpu=False).sglang_argv
+    argv = parse_launch(["--model-path", str(smollm2_path), "--kv-compress", "none"], on_cpu=False).sglang_argv
     assert "--cuda-graph-backend-decode" not in argv  # SGLang's default
     monkeypatch.setenv("FAIRKV_DECODE_KERNEL", "torch")
-    argv = plan_launch(["--model-path", str(smollm2_path), "--kv-compress", "none"], on_cpu=False).sglang_argv
+    argv = parse_launch(["--model-path", str(smollm2_path), "--kv-compress", "none"], on_cpu=False).sglang_argv
     assert argv[argv.index("--cuda-graph-backend-decode") + 1] == "disabled"
 
 
@@ -136,7 +136,7 @@ def test_plan_checked_against_model_and_tp(smollm2_path, tmp_path):
     a good one reaches the scheduler processes through FAIRKV_PLAN (as JSON here)."""
     import json
 
-    from sglang_fairkv.launch_server import UsageError, plan_launch
+    from sglang_fairkv.serving.launcher import UsageError, parse_launch
     from sglang_fairkv.placement.stats import KVStats
 
     base = ["--model-path", str(smollm2_path)]
@@ -154,7 +154,7 @@ def test_plan_checked_against_model_and_tp(smollm2_path, tmp_path):
     cases.append((broken, "2", "broken.json"))
     for path, tp, needle in cases:
         with pytest.raises(UsageError) as e:
-            plan_launch([*base, "--fairkv-plan", str(path), "--tp-size", tp], on_cpu=True)
+            parse_launch([*base, "--fairkv-plan", str(path), "--tp-size", tp], on_cpu=True)
         assert needle in str(e.value), (path, str(e.value))
     # stats for another shape
     import numpy as np
@@ -163,14 +163,14 @@ def test_plan_checked_against_model_and_tp(smollm2_path, tmp_path):
     KVStats(model="x", num_layers=2, num_q_heads=9, num_kv_heads=3, head_dim=64,
             kv_len_mean=np.ones((2, 3))).save(stats)
     with pytest.raises(UsageError, match="describes 2 layers x 3 KV heads"):
-        plan_launch([*base, "--fairkv-plan", "fairkv", "--fairkv-stats", str(stats), "--tp-size", "2"],
+        parse_launch([*base, "--fairkv-plan", "fairkv", "--fairkv-stats", str(stats), "--tp-size", "2"],
                     on_cpu=True)
     # good: a plan computed from SmolLM2-shaped stats, with copies
     KVStats(model="x", num_layers=30, num_q_heads=9, num_kv_heads=3, head_dim=64,
             kv_len_mean=np.tile([900.0, 100.0, 100.0], (30, 1))).save(stats)
-    lp = plan_launch([*base, "--fairkv-plan", "fairkv", "--fairkv-stats", str(stats), "--tp-size", "2"],
+    lp = parse_launch([*base, "--fairkv-plan", "fairkv", "--fairkv-stats", str(stats), "--tp-size", "2"],
                      on_cpu=True)
-    plan = json.loads(lp.plan_json)
+    plan = json.loads(lp.placement_json)
     assert plan["tp"] == 2 and plan["strategy"] == "fairkv"
     assert any(len(h["replicas"]) > 1 for layer in plan["layers"] for h in layer["placement"])
     assert lp.kv_compress_json is not None and '"none"' in lp.kv_compress_json  # plan alone: no compression

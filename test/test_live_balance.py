@@ -1,4 +1,4 @@
-"""Issue 18 without a server: the live profile, the sampled per-layer balance, the drift report and the
+"""The served traffic vs the plan, without a server: the live profile, the sampled per-layer balance, the drift report and the
 plan's ``source`` field, each against a direct computation (numpy over the same counts, the planner's own
 metrics, every rank's pool)."""
 
@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from sglang_fairkv.compress.policy import CompressConfig
-from sglang_fairkv.kv.live_traffic import LiveTraffic
-from sglang_fairkv.kv.sglang_pool import build_state
+from sglang_fairkv.telemetry.live_traffic import LiveTraffic
+from sglang_fairkv.telemetry.report import fairkv_stats, live_profile
+from sglang_fairkv.serving.state import build_state
 from sglang_fairkv.offline_stats import stats_from_counts
 from sglang_fairkv.placement import CostModel, PlanError, build_plan, load_plan, plan_from_json, synthetic_stats
 from sglang_fairkv.placement.drift import drift_report, layer_shares, replan_gain, share_drift
@@ -150,16 +151,16 @@ def test_state_records_compressed_prompts_and_samples_decoding_requests():
         for layer in range(2):
             st.ledger.set_kept(r, layer, torch.tensor(kept[layer]))
         st.record_prompt(r, n)
-    assert st.traffic.seen == 1 and st.live_profile()["kv_len_mean"] == [[8.0, 8.0], [8.0, 8.0]]
+    assert st.traffic.seen == 1 and live_profile(st)["kv_len_mean"] == [[8.0, 8.0], [8.0, 8.0]]
     st.admit(2, "r2", 30)
     st.ledger.extend([2], [30])  # in prefill: not read by a decode step
-    st.prompts_done(np.array([0, 1]))
-    st.decode_step(np.array([0, 1]))
+    st.requests.mark_prompt_done(np.array([0, 1]))
+    st.sample_decode_balance(np.array([0, 1]))
     # the batch's rows only, per rank and layer (TP 1: one rank), as the ledger holds them
     want = st.ledger.length[:2].sum(dim=(0, 2)).to(torch.float64)
     assert st.traffic.load_max_sum.tolist() == want.tolist()
     assert st.ledger.layer_loads(np.array([0, 1])).tolist() == [want.to(torch.int64).tolist()]
-    assert st.stats()["balance_samples"] == 1
+    assert fairkv_stats(st)["balance_samples"] == 1
     for r in (0, 1, 2):
         st.release(r)
     assert st.pool.used_pages() == 0

@@ -9,15 +9,16 @@ import sys
 import pytest
 import torch
 
-from sglang_fairkv import patches, platform
-from sglang_fairkv.patches import pynccl_cpu
+import sglang_fairkv_patches as patches
+from sglang_fairkv.serving import hooks, machine
+from sglang_fairkv_patches import fork_children, pynccl_cpu
 
 
 def test_cpu_omp_bind_splits_cores():
-    assert platform.cpu_omp_bind(2, [0, 1]) == "0|1"
-    assert platform.cpu_omp_bind(2, [0, 1, 2, 3]) == "0,1|2,3"
-    assert platform.cpu_omp_bind(3, [0, 1]) == "0|1|0"
-    assert platform.cpu_omp_bind(1, [4, 5]) == "4,5"
+    assert machine.cpu_omp_bind(2, [0, 1]) == "0|1"
+    assert machine.cpu_omp_bind(2, [0, 1, 2, 3]) == "0,1|2,3"
+    assert machine.cpu_omp_bind(3, [0, 1]) == "0|1|0"
+    assert machine.cpu_omp_bind(1, [4, 5]) == "4,5"
 
 
 @pytest.mark.parametrize("affinity,cpus,tp,want", [
@@ -33,7 +34,7 @@ def test_cpu_environment_binds_within_the_launchers_cores(monkeypatch, affinity,
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(affinity))
     monkeypatch.setattr(os, "cpu_count", lambda: cpus)
     monkeypatch.setattr(patches, "enable_cpu_startup_patches", lambda: None)
-    platform.configure_cpu_environment(tp)
+    machine.configure_cpu_environment(tp)
     assert env.get("SGLANG_CPU_OMP_THREADS_BIND") == want
 
 
@@ -43,18 +44,19 @@ def test_cpu_children_fork_unless_told_to_spawn(monkeypatch):
     import multiprocessing as mp
 
     monkeypatch.delenv("FAIRKV_CPU_START_METHOD", raising=False)
-    assert platform.launcher_hook_triples(on_cpu=True) == [
-        ("sglang.srt.entrypoints.engine._set_envs_and_config", platform.fork_children_hook, "AFTER")]
-    assert platform.launcher_hook_triples(on_cpu=False) == []
+    fork = hooks.Hook("sglang.srt.entrypoints.engine._set_envs_and_config", fork_children.fork_children_hook,
+                      "AFTER")
+    assert fork in hooks.launcher_hooks(on_cpu=True)
+    assert fork not in hooks.launcher_hooks(on_cpu=False)
     monkeypatch.setenv("FAIRKV_CPU_START_METHOD", "spawn")
-    assert platform.launcher_hook_triples(on_cpu=True) == []
+    assert fork not in hooks.launcher_hooks(on_cpu=True)
     monkeypatch.setenv("FAIRKV_CPU_START_METHOD", "forkserver")
     with pytest.raises(ValueError, match="FAIRKV_CPU_START_METHOD must be fork or spawn"):
-        platform.launcher_hook_triples(on_cpu=True)
+        hooks.launcher_hooks(on_cpu=True)
     before = mp.get_start_method(allow_none=True)
     try:
         mp.set_start_method("spawn", force=True)
-        platform.fork_children_hook(None)
+        fork_children.fork_children_hook(None)
         assert mp.get_start_method() == "fork"
     finally:
         mp.set_start_method(before, force=True)
@@ -82,8 +84,8 @@ def _run_with_cpu_patches(code: str) -> subprocess.CompletedProcess:
 def test_pynccl_hook_applies_to_sglang_and_is_verified():
     """The hook is installed on SGLang's real function, and a group built on CPU has no PyNccl."""
     code = (
-        "import sglang_fairkv.patches as p\n"
-        "t = p.apply_process_patches(on_cpu=True)\n"
+        "from sglang_fairkv.serving import hooks\n"
+        "t = hooks.apply_hooks([h for h in hooks.scheduler_hooks(on_cpu=True) if 'pynccl' in h.fn.__module__])\n"
         "import sglang.srt.distributed.parallel_state as ps\n"
         "seen = {}\n"
         "class Stop(Exception): pass\n"
@@ -104,8 +106,8 @@ def test_pynccl_hook_applies_to_sglang_and_is_verified():
 
 def test_unapplied_hook_refuses_to_start():
     code = (
-        "import sglang_fairkv.patches as p\n"
-        "p.apply_process_patches(on_cpu=True, extra=[('sglang.srt.no_such_module.fn', "
+        "from sglang_fairkv.serving import hooks\n"
+        "hooks.apply_hooks([*hooks.scheduler_hooks(on_cpu=True), hooks.Hook('sglang.srt.no_such_module.fn', "
         "lambda *a, **k: None, 'BEFORE')])\n"
     )
     out = _run_with_cpu_patches(code)

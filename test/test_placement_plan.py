@@ -35,7 +35,7 @@ def test_strategies_order_and_optimality(stats24):
         assert pa["layer_max"][l] == pytest.approx(
             solve_layer(stats24.kv_len_mean[l], 4, 0, 100.0).max_time, rel=1e-6)
     assert max(fair.copies_per_layer()) <= 2 and pf["copies"] == sum(fair.copies_per_layer())
-    assert pa["busy_rate"] > ps["busy_rate"]
+    assert pa["attention_busy_rate"] > ps["attention_busy_rate"]
 
 
 def test_memory_balance_relabelling_keeps_time(stats24):
@@ -82,7 +82,7 @@ def test_uneven_heads_allowed_for_assign_and_fairkv():
     with pytest.raises(ValueError, match="cannot be split evenly"):
         build_plan(s, 2, "sha")
     p, _ = build_plan(s, 2, "fairkv", max_copies_per_layer=1)
-    assert p.predicted["busy_rate"] > build_plan(s, 2, "assign")[0].predicted["busy_rate"]
+    assert p.predicted["attention_busy_rate"] > build_plan(s, 2, "assign")[0].predicted["attention_busy_rate"]
 
 
 def test_plan_round_trip_and_validation(tmp_path, stats24):

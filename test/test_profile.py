@@ -1,4 +1,4 @@
-"""``python -m sglang_fairkv.profile``: stats measured in the engine equal the offline HF path's."""
+"""``python -m sglang_fairkv.profiler``: stats measured in the engine equal the offline HF path's."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def test_engine_profile_equals_offline_counts(smollm2_path, fairkv_prompts, tmp_
     src = tmp_path / "prompts.json"
     src.write_text(json.dumps(prompts))
     out = tmp_path / "stats.json"
-    r = subprocess.run([sys.executable, "-m", "sglang_fairkv.profile", "--model-path", str(smollm2_path),
+    r = subprocess.run([sys.executable, "-m", "sglang_fairkv.profiler", "--model-path", str(smollm2_path),
                         "--kv-compress", "adakv", "--kv-compress-ratio", "0.6", "--prompts", str(src),
                         "--concurrency", "2", "--out", str(out)],
                        capture_output=True, text=True, timeout=900)
@@ -43,21 +43,21 @@ def test_engine_profile_equals_offline_counts(smollm2_path, fairkv_prompts, tmp_
 
 
 def test_profile_bad_input(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "sglang_fairkv.profile", "--synthetic", "long-context",
+    r = subprocess.run([sys.executable, "-m", "sglang_fairkv.profiler", "--synthetic", "long-context",
                         "--out", str(tmp_path / "s.json")], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "give --kv-compress" in r.stderr
     bad = tmp_path / "p.json"
     bad.write_text(json.dumps([[1, 2, 3]]))
-    r = subprocess.run([sys.executable, "-m", "sglang_fairkv.profile", "--kv-compress", "snapkv", "--kv-budget",
+    r = subprocess.run([sys.executable, "-m", "sglang_fairkv.profiler", "--kv-compress", "snapkv", "--kv-budget",
                         "8", "--prompts", str(bad), "--out", str(tmp_path / "s.json")],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "longer than the observation window (64)" in r.stderr, r.stderr[-2000:]
     # --from-server: a server that is not there, or server flags beside it, is a clear error
     port = _closed_port()
-    r = subprocess.run([sys.executable, "-m", "sglang_fairkv.profile", "--from-server", f"http://127.0.0.1:{port}",
+    r = subprocess.run([sys.executable, "-m", "sglang_fairkv.profiler", "--from-server", f"http://127.0.0.1:{port}",
                         "--out", str(tmp_path / "s.json")], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and f"http://127.0.0.1:{port}/server_info" in r.stderr, r.stderr[-2000:]
-    r = subprocess.run([sys.executable, "-m", "sglang_fairkv.profile", "--from-server", "http://x",
+    r = subprocess.run([sys.executable, "-m", "sglang_fairkv.profiler", "--from-server", "http://x",
                         "--kv-compress", "snapkv", "--out", str(tmp_path / "s.json")],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "--from-server takes no server flags" in r.stderr, r.stderr[-2000:]

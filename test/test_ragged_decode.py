@@ -5,15 +5,19 @@ from __future__ import annotations
 import importlib
 import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
+
+#: the device check of the pool + kernel, dry-run on the CPU here
+CHECK_POOL = Path(__file__).resolve().parents[1] / "benchmark" / "device" / "check_pool.py"
 
 
 @pytest.fixture(scope="module")
 def kern():
     """The kernels module, interpreted: conftest.py sets TRITON_INTERPRET=1 before triton loads."""
-    mod = importlib.import_module("sglang_fairkv.kernels.ragged_decode")
+    mod = importlib.import_module("sglang_fairkv_kernels.ragged_decode")
     assert mod.HAS_TRITON and mod._interpreting(), "TRITON_INTERPRET=1 must be set before import"
     return mod
 
@@ -137,7 +141,7 @@ def test_all_segments_empty(kern):
 
 
 def test_workspace_bounds():
-    from sglang_fairkv.kernels.ragged_decode import DecodeWorkspace
+    from sglang_fairkv_kernels import DecodeWorkspace
 
     ws = DecodeWorkspace.create(max_segments=100, pool_rows=1 << 30, group=8, head_dim=128, device="cpu",
                                 max_scratch_chunks=1000)
@@ -149,7 +153,7 @@ def test_workspace_bounds():
 
 
 def test_chunk_tables_match_python():
-    from sglang_fairkv.kernels.ragged_decode import chunk_tables
+    from sglang_fairkv_kernels import chunk_tables
 
     lens = torch.randint(0, 2000, (3, 4, 2), generator=torch.Generator().manual_seed(0)).to(torch.int32)
     ct = chunk_tables(lens, 512)
@@ -179,21 +183,26 @@ def test_bad_input_names_the_problem(kern):
 
 
 def test_device_pool_check_dry_run_fills_segments_and_passes():
-    """kernels/check_pool_device.py on the CPU (tiny sizes, interpreter): it activates and fills its
+    """benchmark/device/check_pool.py on the CPU (tiny sizes, interpreter): it activates and fills its
     segments (it asserts rows exist, so it cannot compare zeros with zeros) and its NaN-aware diff passes."""
     import subprocess
     import sys
 
-    from sglang_fairkv.kernels import check_pool_device
-
-    r = subprocess.run([sys.executable, check_pool_device.__file__, "--dry-run"], capture_output=True,
+    r = subprocess.run([sys.executable, str(CHECK_POOL), "--dry-run"], capture_output=True,
                        text=True, timeout=300, env={**os.environ, "TRITON_INTERPRET": "1"})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "paged Triton decode vs torch path" in r.stdout
 
 
 def test_device_pool_check_diff_is_nan_aware():
-    from sglang_fairkv.kernels.check_pool_device import max_abs_diff
+    import importlib.util
+    import sys
+
+    sys.path.insert(0, str(CHECK_POOL.parent))  # its _paths helper
+    spec = importlib.util.spec_from_file_location("check_pool", CHECK_POOL)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    max_abs_diff = mod.max_abs_diff
 
     a = torch.zeros(4)
     assert max_abs_diff(a, a) == 0.0

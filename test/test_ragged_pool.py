@@ -10,8 +10,8 @@ import torch
 
 import numpy as np
 
-from sglang_fairkv.attention.ragged_torch import paged_decode_torch
-from sglang_fairkv.kernels.ragged_decode import paged_decode_reference
+from sglang_fairkv_kernels import paged_decode_torch
+from helpers.decode_reference import paged_decode_reference
 from sglang_fairkv.kv.ragged_pool import RaggedKVPool, RaggedPoolFull
 
 L, H, D = 3, 2, 8
@@ -161,7 +161,8 @@ def test_rows_at_and_torch_decode_match_reference():
                 n = int(pool.seg_len_host[r, layer, h])
                 assert rows[b, h, :n].tolist() == pool.rows_of(r, layer, h, torch.arange(n)).tolist()
         q = torch.randn(len(reqs), H, 3, D)
-        got = paged_decode_torch(q, pool.k_rows, pool.v_rows, rows, pool.seg_len[idx, layer], 0.35)
+        got = paged_decode_torch(q, pool.k_rows, pool.v_rows, pool.seg_pages, pool.seg_len, idx, layer, 0.35,
+                                 pool.page_size, max_len=T)
         ref = paged_decode_reference(q, pool.k_rows, pool.v_rows, pool.seg_pages, pool.seg_len, idx, layer,
                                      pool.page_size, 0.35)
         torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=1e-5)

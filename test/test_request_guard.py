@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from sglang_fairkv.request_guard import (BadRequest, handle_generate_hook, prompt_problem,
+from sglang_fairkv.serving.request_guard import (BadRequest, handle_generate_hook, prompt_problem,
                                          run_batch_hook, tokenized_object_hook, validate_request_hook)
 
 
@@ -91,7 +91,7 @@ def test_forward_failure_names_the_batch_and_still_raises(caplog):
 
 
 def test_request_fields_problem_found_by_the_sweep():
-    from sglang_fairkv.request_guard import request_fields_problem
+    from sglang_fairkv.serving.request_guard import request_fields_problem
 
     def obj(**kw):
         base = dict(top_logprobs_num=None, logprob_start_len=None, sampling_params={"max_new_tokens": 2})
@@ -117,7 +117,7 @@ def test_request_fields_problem_found_by_the_sweep():
 def test_normalize_hook_refuses_batches_that_do_not_add_up(kw, needle):
     from sglang.srt.managers.io_struct import GenerateReqInput
 
-    from sglang_fairkv.request_guard import normalize_hook
+    from sglang_fairkv.serving.request_guard import normalize_hook
 
     with pytest.raises(BadRequest) as e:
         normalize_hook(GenerateReqInput.normalize_batch_and_arguments, GenerateReqInput(**kw))
@@ -128,7 +128,7 @@ def test_normalize_hook_refuses_batches_that_do_not_add_up(kw, needle):
 
 
 def test_embeds_problem_checks_width():
-    from sglang_fairkv.request_guard import embeds_problem
+    from sglang_fairkv.serving.request_guard import embeds_problem
 
     assert embeds_problem([[0.1] * 4, [0.2] * 4], 4) is None
     assert "empty" in embeds_problem([], 4)

@@ -3,7 +3,8 @@
 A new machine has no wheel an earlier session downloaded, no local folder and no URL it can reach
 besides the index, so every line of ``requirements/*.txt`` is a plain ``name==version`` pin (or a
 comment), and every argument of a ``pip install`` in ``scripts/*.sh`` is a plain pin, an option, ``-r``
-with a file under ``requirements/``, or ``-e python`` (this project's own package).
+with a file under ``requirements/``, or ``-e`` with one of this project's own package folders
+(``python``, ``kernels``, ``patches``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ REPO = Path(__file__).resolve().parents[1]
 PIN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*==[A-Za-z0-9][A-Za-z0-9.+!_-]*$")
 #: pip options that take no value or whose value is not a requirement.
 FLAG_OK = {"-q", "--quiet", "--no-deps", "--disable-pip-version-check", "-U", "--upgrade"}
+#: this project's own packages, installed editable from the checkout
+OWN_PACKAGES = ("python", "kernels", "patches")
 
 
 def requirement_problems(text: str, source: str) -> list[str]:
@@ -63,8 +66,9 @@ def pip_install_problems(script: str, source: str) -> list[str]:
                 continue
             if a in ("-e", "--editable"):
                 target = args[i + 1] if i + 1 < len(args) else ""
-                if target != "python":
-                    bad.append(f"{source}:{n}: -e {target!r}: only this project's own package (-e python)")
+                if target not in OWN_PACKAGES:
+                    bad.append(f"{source}:{n}: -e {target!r}: only this project's own packages "
+                               f"({', '.join(OWN_PACKAGES)})")
                 i += 2
                 continue
             if a.startswith("-"):

@@ -52,7 +52,7 @@ def kv_page_size() -> int:
 def profile_dir() -> str | None:
     """``FAIRKV_PROFILE_DIR``: when set, every fairkv scheduler appends one JSON line per compressed
     prompt (kept tokens per layer and KV head) to ``<dir>/rank<tp_rank>.jsonl`` (used by
-    ``python -m sglang_fairkv.profile``)."""
+    ``python -m sglang_fairkv.profiler``)."""
     return os.environ.get("FAIRKV_PROFILE_DIR") or None
 
 

@@ -2,9 +2,9 @@
 
 Runs prompts through the model with Hugging Face transformers (CPU, float32), applies this project's
 compression (the same code as ``kvdump``) and writes ``fairkv-stats/1``: per (layer, KV head) the
-mean / std / quantiles of kept tokens per request. The engine-side profiler (issue 7) will produce
-the same file from served traffic; this offline path exists so that plans and the simulator can use
-a real model's head skew today.
+mean / std / quantiles of kept tokens per request. The engine profiler (``python -m
+sglang_fairkv.profiler``) produces the same file from the serving engine's own pools; this offline path
+needs no server, so plans and the simulator can use a real model's head skew from a script.
 
     python -m sglang_fairkv.offline_stats --model-path models/SmolLM2-135M-Instruct --method adakv \\
         --ratio 0.75 --synthetic long-context --num-prompts 8 --out smollm2-adakv.json

@@ -64,11 +64,11 @@ def format_table(results: dict, sha_time: float | None) -> str:
         m = res.predicted
         speed = f"{sha_time / m['attention_time']:.3f}x" if sha_time else "n/a"
         gap = f"{100 * m['optimality_gap']:.2f}%" if "optimality_gap" in m else "-"
-        lines.append(f"{name:<8} {m['busy_rate']:>6.3f} {m['min_layer_busy_rate']:>9.3f} "
+        lines.append(f"{name:<8} {m['attention_busy_rate']:>6.3f} {m['min_layer_balance']:>9.3f} "
                      f"{m['memory_busy_rate']:>8.3f} {m['copies']:>6d} "
                      f"{_fmt_bytes(m['extra_weight_bytes']):>12} {m['attention_time']:>12.1f} "
                      f"{speed:>8} {gap:>7}")
-    lines.append("busy = sum of per-layer mean rank time / sum of per-layer max; mem-busy = mean/max "
+    lines.append("busy = attention busy rate: sum of per-layer mean rank time / sum of per-layer max; mem-busy = mean/max "
                  "KV memory per rank over all layers; speedup = sha attention time / plan's; "
                  "gap = vs proven optimum (sha: vs best copy-free placement)")
     return "\n".join(lines)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .placement.balance import busy_rate_of_sums
 from .placement.metrics import copy_weight_bytes
 from .placement.schema import Plan
 from .placement.stats import KVStats
@@ -135,7 +136,7 @@ class StepPrediction:
     mlp_us: float
     allreduce_us: float
     batch: int
-    busy_rate: float  # sum over layers of mean rank (attn + proj) / max
+    attention_busy_rate: float  # sum over layers of mean rank (attn + proj) / max
 
     @property
     def tokens_per_s(self) -> float:
@@ -157,16 +158,17 @@ def predict_step(plan: Plan, stats: KVStats, shape: str, batch: int, cal: Calibr
     """Decode step time of ``plan`` at ``batch`` requests (see module docstring)."""
     g = cal.gemm_us(shape, plan.tp, batch)
     heads_per_rank = stats.num_kv_heads / plan.tp
-    attn = mean_sum = 0.0
+    layer_max, layer_mean = [], []
     for l in range(stats.num_layers):
         seg, tok, held = rank_loads(plan, stats, l)
         t = cal.attention(batch * seg, batch * tok) * (seg > 0) + (g["qkv"] + g["o"]) * held / heads_per_rank
-        attn += float(t.max())
-        mean_sum += float(t.mean())
+        layer_max.append(float(t.max()))
+        layer_mean.append(float(t.mean()))
+    attn = sum(layer_max)
     mlp = stats.num_layers * (g["gate_up"] + g["down"])
     ar = stats.num_layers * 2 * cal.allreduce_us(plan.tp, batch, stats.hidden)
     return StepPrediction(step_us=attn + mlp + ar, attention_us=attn, mlp_us=mlp, allreduce_us=ar,
-                          batch=batch, busy_rate=mean_sum / attn if attn else 1.0)
+                          batch=batch, attention_busy_rate=busy_rate_of_sums(layer_mean, layer_max))
 
 
 def max_batch(plan: Plan, stats: KVStats, shape: str, cal: Calibration, cap: int = 2048) -> int:

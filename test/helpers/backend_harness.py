@@ -34,7 +34,8 @@ def make_backend(geo: Geometry, method: str = "none", ratio: float | None = None
 
     from sglang_fairkv.attention.fairkv_backend import FairKVAttnBackend
     from sglang_fairkv.compress.policy import CompressConfig
-    from sglang_fairkv.kv.sglang_pool import FairKVCache, build_state
+    from sglang_fairkv.serving.kv_cache import FairKVCache
+    from sglang_fairkv.serving.state import build_state
     from sglang_fairkv.placement.runtime import RankPlan, sha_plan
 
     cfg = CompressConfig(method=method, ratio=ratio, window=window, kernel=3)
@@ -57,7 +58,7 @@ def use_cuda_branch(backend, kernel=None, **workspace_kw) -> None:
     """Switch a CPU backend to its CUDA decode branch: a static workspace for its pool, the chunk
     tables, and ``kernel`` (default the Triton ``paged_decode``, interpreted on a CPU; a stand-in
     callable to count the ops around the launches)."""
-    from sglang_fairkv.kernels.ragged_decode import DecodeWorkspace, chunk_tables, paged_decode
+    from sglang_fairkv_kernels import DecodeWorkspace, chunk_tables, paged_decode
 
     p = backend.pool
     workspace_kw.setdefault("group", max(1, backend_group(backend)))
@@ -89,7 +90,7 @@ def extend_batch(backend, reqs: list[int], prefix: list[int], ext: list[int], ta
 
     st = backend.state
     for r, p, t in zip(reqs, prefix, target):
-        st.target_len[r] = t
+        st.requests.target_len[r] = t
         if p == 0:
             st.admit(r, f"req{r}", t)
     idx = torch.tensor(reqs, dtype=torch.int64)

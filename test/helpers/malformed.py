@@ -1,11 +1,11 @@
 """Malformed requests for the fuzz tests: every kind found by sweeping ``/generate``, ``/v1/completions``
 and ``/v1/chat/completions`` (the frontend language talks to ``/generate``) with bad fields.
 
-Stock SGLang 0.5.23 on CPU: the empty prompts and out-of-vocabulary ids stopped the server (issue 16),
+Stock SGLang 0.5.23 on CPU: the empty prompts and out-of-vocabulary ids stopped the server,
 and the sweep found ``top_logprobs_num`` / ``logprobs`` / ``top_logprobs`` past the vocabulary (server
 stopped), ``sampling_params`` lists that do not match the prompts and an empty ``input_embeds`` (500),
 and ``n = 0``, ``logprob_start_len < -1``, ``stop_token_ids`` past the vocabulary (accepted as 200).
-All of them now get a 400 from ``sglang_fairkv.request_guard``; the rest SGLang already refused.
+All of them now get a 400 from ``sglang_fairkv.serving.request_guard``; the rest SGLang already refused.
 
 Each case is ``(name, path, body)``; the server must answer 4xx, name the problem, and keep serving.
 ``{model}`` in a body is replaced by the served model name, ``{vocab}`` by the vocabulary size.

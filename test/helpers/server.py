@@ -1,21 +1,21 @@
-"""Start and stop real ``python -m sglang_fairkv.launch_server`` processes for end-to-end tests.
+"""Real ``python -m sglang_fairkv.launch_server`` processes for end-to-end tests.
 
-Every server runs in its own process group (``start_new_session``), so stopping it kills the
-launcher and every process SGLang spawned, also when a test fails (the fixtures stop in ``finally``).
+Starting, the health wait and stopping are the package's :class:`~sglang_fairkv.server_process.ServerProcess`
+(the profiler, the benchmarks and the device check use it too); this adds the test environment.
 """
 
 from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import requests
+
+from sglang_fairkv.server_process import ServerProcess, free_port, group_alive  # noqa: F401 (re-exported)
 
 REPO = Path(__file__).resolve().parents[2]
 #: SGLang's strict idle memory check: a server whose KV pool is not empty when idle stops.
@@ -30,89 +30,14 @@ def server_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def group_alive(pgid: int) -> bool:
-    """True while any process of process group ``pgid`` exists."""
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-class Server:
-    """One launch_server process group; use as a context manager."""
+class Server(ServerProcess):
+    """A test server: the launcher in this checkout, the test environment (:func:`server_env`),
+    SIGKILL on stop; HTTP helpers raise on an error status."""
 
     def __init__(self, args: list[str], env: dict[str, str] | None = None, port: int | None = None,
                  startup_timeout: float = 240.0):
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.args = [*args, "--port", str(self.port)]
-        self.env = server_env(env)
-        self.startup_timeout = startup_timeout
-        self.log = tempfile.NamedTemporaryFile(prefix="fairkv-server-", suffix=".log", delete=False)
-        self.proc: subprocess.Popen | None = None
+        super().__init__(args, env=server_env(env), port=port, cwd=REPO, startup_timeout=startup_timeout)
 
-    def start(self) -> "Server":
-        cmd = [sys.executable, "-m", "sglang_fairkv.launch_server", *self.args]
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=self.env,
-                                     cwd=REPO, start_new_session=True)
-        deadline = time.time() + self.startup_timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                if requests.get(self.url + "/health", timeout=5).status_code == 200:
-                    return self
-            except requests.RequestException:
-                pass
-            time.sleep(0.25)
-        self.stop()
-        raise TimeoutError(f"server not healthy after {self.startup_timeout}s:\n{self.log_tail()}")
-
-    def log_tail(self, n: int = 60) -> str:
-        self.log.flush()
-        return "\n".join(Path(self.log.name).read_text(errors="replace").splitlines()[-n:])
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """SIGKILL the whole process group at once; assert nothing survives.
-
-        A test server holds nothing worth a graceful shutdown (each test checks the state it cares
-        about, pools included, before it stops the server). SIGTERM costs 6-30 s per stop: SGLang
-        either drains, or, when its schedulers get the signal too, treats their exit as a crash and
-        sleeps 5 s before its crash diagnostics."""
-        if self.proc is None:
-            return
-        pgid = self.proc.pid
-        try:
-            os.killpg(pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait(timeout=timeout)
-        deadline = time.time() + timeout
-        while time.time() < deadline and group_alive(pgid):
-            time.sleep(0.05)
-        assert not group_alive(pgid), f"processes of server group {pgid} survived SIGKILL"
-        self.proc = None
-
-    def __enter__(self) -> "Server":
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    # -- HTTP helpers -------------------------------------------------------------------------
     def fairkv_info(self, timeout: float = 30.0) -> dict:
         """The fairkv pool / TP-group stats: ``/server_info`` -> ``internal_states[0]["fairkv"]``."""
         info = requests.get(self.url + "/server_info", timeout=timeout).json()

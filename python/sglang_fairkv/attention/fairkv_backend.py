@@ -25,9 +25,9 @@ ranks exchange what the TP group's ledger needs (kept counts per head) and, for 
 
 Decode: one new row per active segment (pages taken on the host for all layers once per step, write
 rows computed on the device), then ragged attention of each GQA group over its own segment, read
-through the page table: on CUDA the static-bounded Triton kernel of ``kernels/ragged_decode.py``
-(``paged_decode``; ``FAIRKV_DECODE_KERNEL=torch`` for the torch path), on CPU
-``attention.ragged_torch.paged_decode_torch`` (padded to the layer's longest segment, a host value).
+through the page table (:mod:`sglang_fairkv_kernels`, one contract): on CUDA the static-bounded Triton
+kernel ``paged_decode`` (``FAIRKV_DECODE_KERNEL=torch`` for the torch twin), on CPU its torch twin
+``paged_decode_torch`` (padded to the layer's longest segment, a host value).
 """
 
 from __future__ import annotations
@@ -43,11 +43,13 @@ from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from torch.nn.attention.bias import causal_lower_right
 from torch.nn.functional import scaled_dot_product_attention
 
+from sglang_fairkv_kernels import paged_decode_torch
+
 from .. import env
 from ..compress.footprint import compresses
 from ..compress.policy import kept_for_layer
-from ..kv.sglang_pool import FairKVCache, FairKVState
-from .ragged_torch import paged_decode_torch
+from ..serving.kv_cache import FairKVCache
+from ..serving.state import FairKVState
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +124,7 @@ class FairKVAttnBackend(AttentionBackend):
         self.decode_kernel = env.decode_kernel() if on_cuda else "torch"
         self.workspace = self.state.workspace
         if self.decode_kernel == "triton":
-            from ..kernels.ragged_decode import chunk_tables, paged_decode
+            from sglang_fairkv_kernels import chunk_tables, paged_decode
 
             if self.workspace is None:
                 raise RuntimeError("fairkv: the Triton decode path needs the pool's static workspace")
@@ -160,7 +162,7 @@ class FairKVAttnBackend(AttentionBackend):
         rows ``[L, b, H]`` and lengths after the step ``[b, L, H]`` (device, one upload)."""
         rows, lens = self.pool.append(idx_host, idx_dev)
         self.ledger.append(idx_host)
-        self.state.decode_step(idx_host)  # the per-layer balance, sampled (host, from the ledger)
+        self.state.sample_decode_balance(idx_host)  # host, from the ledger, every few steps
         return rows, lens
 
     def _decode_metadata(self, forward_batch) -> DecodeMetadata:
@@ -180,14 +182,14 @@ class FairKVAttnBackend(AttentionBackend):
         prefix = np.asarray(forward_batch.extend_prefix_lens_cpu, dtype=np.int64)
         ext = np.asarray(forward_batch.extend_seq_lens_cpu, dtype=np.int64)
         seq = prefix + ext
-        target = self.state.target_len[torch.from_numpy(idx)].numpy()
+        target = self.state.requests.target_len[idx]
         last = (target < 0) | (seq >= target)
         cfg = self.state.cfg
         grow = last & np.array([compresses(cfg, int(n)) for n in seq.tolist()], dtype=np.bool_)
         # a compressed prompt's last chunk: pages per layer in the forward (``_extend``), else all now
         self.pool.extend(idx[~grow], seq[~grow])
         self.ledger.extend(idx.tolist(), seq.tolist())  # the ledger sees the step's end (kept after it)
-        self.state.prompts_done(idx[last])
+        self.state.requests.mark_prompt_done(idx[last])
         is_last = last.tolist()
         b, max_ext, max_seq = len(idx), int(ext.max()), int(seq.max())
         starts = np.concatenate([[0], np.cumsum(ext)[:-1]]).astype(np.int64)
@@ -369,12 +371,13 @@ class FairKVAttnBackend(AttentionBackend):
         prompt key so far of the local heads ``own`` this rank holds for ``r`` (query heads ``q_heads``).
         """
         w = self.state.cfg.window
-        stash = self.state.q_stash.get(r)
+        reqs = self.state.requests
+        stash = reqs.q_stash.get(r)
         prev = stash[lid] if stash is not None else None
         q_tail = q_req[-w:] if prev is None or q_req.shape[0] >= w else torch.cat([prev, q_req])[-w:]
         if not last:
             if stash is None:
-                stash = self.state.q_stash[r] = [None] * self.num_layers
+                stash = reqs.q_stash[r] = [None] * self.num_layers
             stash[lid] = q_tail.clone()
             return
         sl = k_own.shape[1]
@@ -388,12 +391,12 @@ class FairKVAttnBackend(AttentionBackend):
                 self.pool.compact(r, lid, kept, own)
                 self._update_ledger(r, lid, head_ids, [int(x.numel()) for x in kept])
         if logger.isEnabledFor(logging.DEBUG):
-            self.state.kept_log.setdefault(r, []).append(int(self.pool.seg_len_host[r, lid].sum()))
+            reqs.kept_log.setdefault(r, []).append(int(self.pool.seg_len_host[r, lid].sum()))
             if lid == self.num_layers - 1:
                 logger.debug("fairkv req_pool_idx %d: %d prompt tokens, kept per layer (heads here) %s",
-                             r, sl, self.state.kept_log.pop(r))
+                             r, sl, reqs.kept_log.pop(r))
         if lid == self.num_layers - 1:
-            self.state.q_stash.pop(r, None)
+            reqs.q_stash.pop(r, None)
             self.state.record_prompt(r, sl)
 
     def _all_reduce_heads(self, head_ids: list[int], rows: torch.Tensor) -> torch.Tensor:
@@ -449,9 +452,8 @@ class FairKVAttnBackend(AttentionBackend):
                                      md.req_pool_idx, lid, md.chunk_indptr[lid], layer.scaling,
                                      self.workspace, pool.page_size)
         else:
-            t = md.max_len[lid]
-            rows = pool.rows_at(md.req_pool_idx, lid, hkv, torch.arange(t, device=q.device))
-            out = paged_decode_torch(qg, pool.k_rows, pool.v_rows, rows, md.lens[:, lid, :hkv], layer.scaling)
+            out = paged_decode_torch(qg, pool.k_rows, pool.v_rows, pool.seg_pages, pool.seg_len, md.req_pool_idx,
+                                     lid, layer.scaling, pool.page_size, max_len=md.max_len[lid])
         return _as(out, q.dtype).reshape(b, hq * dv)
 
 

@@ -1,6 +1,6 @@
 """What a request will hold after compression, known before it runs (pure functions, host numpy).
 
-Admission charges a request what it will keep, not its dense prompt (issue 14). The budget rule of
+Admission charges a request what it will keep, not its dense prompt. The budget rule of
 :func:`~sglang_fairkv.compress.policy.kept_for_layer` fixes the kept count of every (layer, KV head)
 from the prompt length alone for SnapKV, PyramidKV, HeadKV and ``none``; AdaKV fixes each layer's total
 (``KV * n_kept``) and a per-head floor (the ``alpha`` safeguard), the split between heads being data
@@ -42,7 +42,7 @@ def kept_per_head(cfg: CompressConfig, seq_len: int, num_layers: int, num_kv_hea
     if cfg.method == "adakv":
         return None
     if cfg.method == "pyramidkv":
-        eff = cfg.ratio if cfg.ratio is not None else 1.0 - n_kept / n
+        eff = cfg.pyramid_ratio(n)
         per_layer = [min(n, pyramid_layer_budget(l, num_layers, n, eff, cfg.window)) for l in range(num_layers)]
         return np.repeat(np.asarray(per_layer, dtype=np.int64)[:, None], num_kv_heads, axis=1)
     if head_budgets is None:

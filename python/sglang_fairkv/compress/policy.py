@@ -72,6 +72,11 @@ class CompressConfig:
             return n_kept_for_budget(seq_len, self.budget)
         return seq_len
 
+    def pyramid_ratio(self, seq_len: int) -> float:
+        """PyramidKV's compression ratio for a ``seq_len``-token prompt: the given ratio, or the one the
+        budget implies (``1 - n_kept / seq_len``); the per-layer budgets come from it."""
+        return self.ratio if self.ratio is not None else 1.0 - self.n_kept(seq_len) / seq_len
+
 
 def kept_for_layer(cfg: CompressConfig, layer: int, num_layers: int, q_window: torch.Tensor,
                    k: torch.Tensor, head_budgets: torch.Tensor | None = None, *,
@@ -120,8 +125,8 @@ def kept_for_layer(cfg: CompressConfig, layer: int, num_layers: int, q_window: t
         kept = select_adakv(full, n_kept, cfg.alpha)
         return [kept[h] for h in ids]
     if cfg.method == "pyramidkv":
-        eff_ratio = cfg.ratio if cfg.ratio is not None else 1.0 - n_kept / seq_len
-        return select_uniform(scores, pyramid_layer_budget(layer, num_layers, seq_len, eff_ratio, cfg.window))
+        return select_uniform(scores, pyramid_layer_budget(layer, num_layers, seq_len, cfg.pyramid_ratio(seq_len),
+                                                           cfg.window))
     if head_budgets is None:
         raise ValueError("headkv needs the per-head budgets tensor")
     return select_per_head(scores, head_budgets[layer][ids])

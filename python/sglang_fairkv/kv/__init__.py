@@ -1,5 +1,8 @@
-"""The physically ragged KV pool: one segment per (request, layer, KV head), paged.
+"""The ragged per-(request, layer, KV head) KV pool and its bookkeeping; no SGLang import here.
 
-``ragged_pool`` is the data structure (pure torch, no SGLang); ``sglang_pool`` adapts it to SGLang's
-``KVCache`` / ``BaseTokenToKVPoolAllocator`` interfaces (logical slots, admission in token units).
+``ragged_pool``: the pool (paged segments, host mirrors, one upload per step, deferred free);
+``group_ledger``: every rank's segments, identical on every rank (admission under TP);
+``admission``: what a request costs each rank, in pages; ``request_table``: per-``req_pool_idx`` rows;
+``sizing``: how a rank's KV bytes become pages. SGLang's pool / allocator / budget interfaces over
+them: :mod:`sglang_fairkv.serving`.
 """

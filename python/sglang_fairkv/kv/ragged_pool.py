@@ -25,7 +25,7 @@ device (:meth:`append`), touching only the ``[b, L, H]`` entries of the batch, n
 Page granularity (``P``, default 16) and not token granularity: a token-granular segment needs a
 ``max_context`` row table; pages bound it to ``max_context / P`` entries and the slack to ``P - 1``
 rows per segment. :meth:`table_bytes` is what the tables cost; the server takes it out of SGLang's
-KV budget (``sglang_pool.build_state``).
+KV budget (:mod:`sglang_fairkv.kv.sizing`).
 
 Row 0..P-1 (page 0) is never handed out: like SGLang's slot 0 it absorbs writes of padded tokens
 and of segments this rank does not hold.
@@ -325,7 +325,7 @@ class RaggedKVPool:
 
     def extend_layer(self, req_pool_idx, layer: int, new_len) -> None:
         """Grow the active segments of one layer of each request to ``new_len`` tokens: the prompt's last
-        chunk compressing as it goes allocates each layer's pages when that layer runs (issue 14), so
+        chunk compressing as it goes allocates each layer's pages when that layer runs, so
         the dense prompt of only one layer exists at a time. Host ints ``[b]``; vectorised over the
         batch (no loop over requests); queues table writes (the caller flushes)."""
         idx = np.asarray(_host_ints(req_pool_idx), dtype=np.int64)

@@ -20,7 +20,7 @@ from sglang.srt.models import mistral as _mistral
 from sglang.srt.runtime_context import get_parallel
 from sglang.srt.utils import add_prefix, make_pp_layers
 
-from ..integration import server_rank_plan
+from ..serving.server_plan import server_rank_plan
 from .heads import build_decoder_layer, check_supported, checkpoint_heads
 
 

@@ -18,7 +18,7 @@ from sglang.srt.runtime_context import get_parallel
 from sglang.srt.utils import add_prefix
 from sglang.srt.utils.hf_transformers_utils import get_rope_config
 
-from ..integration import server_rank_plan
+from ..serving.server_plan import server_rank_plan
 from .heads import build_decoder_layer, check_supported, checkpoint_heads
 
 

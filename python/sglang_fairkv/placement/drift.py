@@ -61,8 +61,8 @@ def replan_gain(plan: Plan, live_mean: np.ndarray, *, num_q_heads: int, head_dim
                 hidden: int | None = None) -> dict:
     """The cost-model gain of re-planning on ``live_mean`` (``[L, KV]`` mean kept tokens per request).
 
-    Returns ``{"gain", "running_attention_time", "fresh_attention_time", "running_busy_rate",
-    "fresh_busy_rate", "fresh_strategy", "fresh_copies"}`` (busy rates: the paper's per-layer GPU busy
+    Returns ``{"gain", "running_attention_time", "fresh_attention_time", "running_attention_busy_rate",
+    "fresh_attention_busy_rate", "fresh_strategy", "fresh_copies"}`` (busy rates: the paper's per-layer GPU busy
     rate under the cost model)."""
     from .planner import build_plan
 
@@ -78,8 +78,8 @@ def replan_gain(plan: Plan, live_mean: np.ndarray, *, num_q_heads: int, head_dim
     f = fresh.predicted
     t_run, t_new = running["attention_time"], f["attention_time"]
     return {"gain": t_run / t_new if t_new > 0 else 1.0, "running_attention_time": t_run,
-            "fresh_attention_time": t_new, "running_busy_rate": running["busy_rate"],
-            "fresh_busy_rate": f["busy_rate"], "fresh_strategy": strategy, "fresh_copies": f["copies"]}
+            "fresh_attention_time": t_new, "running_attention_busy_rate": running["attention_busy_rate"],
+            "fresh_attention_busy_rate": f["attention_busy_rate"], "fresh_strategy": strategy, "fresh_copies": f["copies"]}
 
 
 def drift_report(plan: Plan, live_mean: np.ndarray, samples: int, *, num_q_heads: int, head_dim: int,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .balance import busy_rate, layer_balance
 from .schema import Plan
 from .solver import rank_memory, rank_times
 from .stats import KVStats
@@ -26,10 +27,11 @@ def rank_time_matrix(plan: Plan, stats: KVStats) -> np.ndarray:
 def evaluate(plan: Plan, stats: KVStats, lower_bounds: list[float] | None = None) -> dict:
     """Cost-model metrics of ``plan`` on ``stats``.
 
-    Returns a dict (JSON-ready): ``layer_max`` / ``layer_mean`` ``[L]`` rank times, ``busy_rate``
-    (sum of per-layer means / sum of per-layer maxima: the time-weighted mean over ranks / max),
-    ``min_layer_busy_rate``, ``rank_memory`` ``[R]`` (mean KV tokens per request summed over layers),
-    ``memory_busy_rate`` (mean / max of it), ``attention_time`` (sum of per-layer maxima, the step's
+    Returns a dict (JSON-ready): ``layer_max`` / ``layer_mean`` ``[L]`` rank times,
+    ``attention_busy_rate`` (:func:`~sglang_fairkv.placement.balance.busy_rate` of the rank times: sum
+    of per-layer means / sum of per-layer maxima), ``min_layer_balance`` (the worst layer's mean / max),
+    ``rank_memory`` ``[R]`` (mean KV tokens per request summed over layers), ``memory_busy_rate`` (its
+    busy rate), ``attention_time`` (sum of per-layer maxima, the step's
     attention critical path), ``copies``, ``extra_weight_bytes`` and, with ``lower_bounds``,
     ``optimality_gap`` = attention_time / sum(lower bounds) - 1.
     """
@@ -40,9 +42,9 @@ def evaluate(plan: Plan, stats: KVStats, lower_bounds: list[float] | None = None
     copies = sum(plan.copies_per_layer())
     out = {
         "attention_time": float(lmax.sum()),
-        "busy_rate": float(lmean.sum() / lmax.sum()) if lmax.sum() > 0 else 1.0,
-        "min_layer_busy_rate": float((lmean / np.where(lmax > 0, lmax, 1)).min()),
-        "memory_busy_rate": float(mem.mean() / mem.max()) if mem.max() > 0 else 1.0,
+        "attention_busy_rate": busy_rate(times.T),
+        "min_layer_balance": float(layer_balance(times.T).min()),
+        "memory_busy_rate": busy_rate(mem),
         "rank_memory": mem.round(3).tolist(),
         "copies": copies,
         "max_copies_in_a_layer": max(plan.copies_per_layer(), default=0),

@@ -100,7 +100,7 @@ def resolve_plan(spec: str, *, model: str, num_layers: int, num_kv_heads: int, n
 
         if stats is None:
             raise PlanError(f"--fairkv-plan {spec} computes the plan from measured stats: give "
-                            "--fairkv-stats FILE (python -m sglang_fairkv.profile writes one)")
+                            "--fairkv-stats FILE (python -m sglang_fairkv.profiler writes one)")
         if max_copies_per_layer < 0:
             raise PlanError(f"--fairkv-max-copies-per-layer must be >= 0, got {max_copies_per_layer}")
         plan, _ = build_plan(stats, tp, spec, max_copies_per_layer=max_copies_per_layer)

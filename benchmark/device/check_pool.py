@@ -1,0 +1,188 @@
+"""Device check of the fairkv decode path without SGLang: a ragged pool on the GPU filled through the
+pool's own API (prefill extend with K/V generated on the GPU, skewed per-head compaction, decode appends),
+then per layer the page-table Triton kernel (``paged_decode``) against the torch path the CPU server
+runs (``paged_decode_torch``), bf16 and fp16, NaN-aware; and the time of a whole decode step (host
+bookkeeping + one upload + every layer's K/V write and attention), per layer, for a SmolLM2-shaped and a
+70B-per-rank-shaped (TP 8) model.
+
+Every part runs and reports even when an earlier one fails; exit status 1 if any failed. Writes
+``$OUT/pool_check.json``.
+
+    python benchmark/device/check_pool.py             # CUDA (make device-check)
+    TRITON_INTERPRET=1 python benchmark/device/check_pool.py --dry-run   # CPU, tiny sizes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import _paths  # noqa: E402,F401  (the project's folders on sys.path)
+from sglang_fairkv.kv.ragged_pool import RaggedKVPool  # noqa: E402
+from sglang_fairkv_kernels import DecodeWorkspace, chunk_tables, paged_decode, paged_decode_torch  # noqa: E402
+
+
+def max_abs_diff(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |got - ref|, NaN-aware: a NaN or inf anywhere counts as an infinite difference (``max(x,
+    nan)`` in Python would silently keep ``x``)."""
+    d = (got.float() - ref.float()).abs()
+    if not bool(torch.isfinite(d).all()):
+        return float("inf")
+    return float(d.max())
+
+
+def filled_pool(*, layers, heads, d, bs, max_len, dtype, dev, seed, keep_pow=3.0):
+    """A pool holding ``bs`` requests: prompts of random length < ``max_len`` written by ``extend``
+    with K/V generated on the device, then every (layer, head) compacted to a random share (skewed:
+    ``u ** keep_pow``), then 3 decode appends. Returns (pool, req_idx host, req_idx device)."""
+    P = 16
+    pool = RaggedKVPool(num_pages=1 + layers * heads * bs * (max_len // P + 4), page_size=P,
+                        num_layers=layers, num_kv_heads=heads, head_dim=d, max_reqs=bs + 1,
+                        max_context=max_len + 64, dtype=dtype, device=dev)
+    g = torch.Generator().manual_seed(seed)
+    gd = torch.Generator(device=dev).manual_seed(seed)
+    reqs = np.arange(1, bs + 1)
+    lens = torch.randint(64, max_len, (bs,), generator=g).numpy()
+    for r in reqs:
+        pool.set_active(int(r))  # without it extend fills nothing and the check compares zeros
+    pool.extend(reqs, lens)
+    pool.flush()
+    idx = torch.as_tensor(reqs, device=dev)
+    T = int(lens.max())
+    for layer in range(layers):
+        rows = pool.rows_at(idx, layer, heads, torch.arange(T, device=dev))  # [bs, H, T]
+        valid = torch.arange(T, device=dev) < torch.as_tensor(lens, device=dev)[:, None, None]
+        rows = torch.where(valid, rows, 0)
+        pool.k_rows[rows] = torch.randn(*rows.shape, d, generator=gd, device=dev).to(dtype)
+        pool.v_rows[rows] = torch.randn(*rows.shape, d, generator=gd, device=dev).to(dtype)
+    filled = pool.used_tokens()
+    assert filled == layers * heads * int(lens.sum()), (filled, int(lens.sum()))
+    for r, n in zip(reqs.tolist(), lens.tolist()):
+        for layer in range(layers):
+            keep = [torch.randperm(n, generator=g)[: max(1, int(n * f))].sort().values.to(dev)
+                    for f in torch.rand(heads, generator=g).pow(keep_pow).tolist()]
+            pool.compact(r, layer, keep)
+    for _ in range(3):
+        pool.append(reqs, idx)
+    return pool, reqs, idx
+
+
+def check_correctness(dev: str, dry: bool) -> dict:
+    layers, heads, group, d = (2, 2, 4, 64) if dry else (8, 8, 8, 128)
+    bs, max_len = (3, 300) if dry else (32, 4096)
+    res = {}
+    for dtype in (torch.bfloat16, torch.float16):
+        pool, reqs, idx = filled_pool(layers=layers, heads=heads, d=d, bs=bs, max_len=max_len, dtype=dtype,
+                                      dev=dev, seed=0)
+        ws = DecodeWorkspace.create(max_segments=bs * heads, pool_rows=pool.k_rows.shape[0], group=group,
+                                    head_dim=d, device=dev)
+        _, lens = pool.append(reqs, idx)
+        ct = chunk_tables(lens, ws.chunk_size)
+        worst, rows_read = 0.0, 0
+        gd = torch.Generator(device=dev).manual_seed(1)
+        for layer in range(layers):
+            n_layer = int(pool.seg_len_host[reqs, layer].sum())
+            assert n_layer > bs * heads * 4, "segments hold no rows: the check would compare zeros"
+            rows_read += n_layer
+            q = torch.randn(bs, heads, group, d, generator=gd, device=dev).to(dtype)
+            got = paged_decode(q, pool.k_rows, pool.v_rows, pool.seg_pages, pool.seg_len, idx, layer, ct[layer],
+                               d ** -0.5, ws, pool.page_size)
+            t = int(pool.seg_len_host[reqs, layer].max())
+            ref = paged_decode_torch(q, pool.k_rows, pool.v_rows, pool.seg_pages, pool.seg_len, idx, layer,
+                                     d ** -0.5, pool.page_size, max_len=t)
+            assert float(ref.float().abs().max()) > 0, "reference output is all zeros"
+            worst = max(worst, max_abs_diff(got, ref))
+        for r in reqs.tolist():
+            pool.free(r)
+        assert pool.used_pages() == 0
+        res[str(dtype).replace("torch.", "")] = {"max_abs_diff": worst, "rows_read": rows_read}
+        if worst > 3e-2:
+            raise AssertionError(f"{dtype}: paged Triton decode vs torch path max |diff| {worst:.2e}")
+    print(f"ragged pool on {dev}: paged Triton decode vs torch path, max |diff| "
+          f"{max(v['max_abs_diff'] for v in res.values()):.2e} (bf16/fp16), rows read {res}")
+    return res
+
+
+def time_step(dev: str, dry: bool, name: str, *, layers, heads, group, d, bs, max_len) -> dict:
+    """Wall time of whole decode steps (host bookkeeping, the step's upload, chunk tables, then per
+    layer K/V write + attention) divided by the layers, beside the per-step host part alone."""
+    dtype = torch.bfloat16 if not dry else torch.float32
+    pool, reqs, idx = filled_pool(layers=layers, heads=heads, d=d, bs=bs, max_len=max_len, dtype=dtype,
+                                  dev=dev, seed=2, keep_pow=1.0)
+    ws = DecodeWorkspace.create(max_segments=bs * heads, pool_rows=pool.k_rows.shape[0], group=group,
+                                head_dim=d, device=dev)
+    q = torch.randn(bs, heads, group, d, device=dev).to(dtype)
+    kv = torch.randn(bs, heads, d, device=dev).to(dtype)
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+
+    def step():
+        rows, lens = pool.append(reqs, idx)
+        ct = chunk_tables(lens, ws.chunk_size)
+        for layer in range(layers):
+            pool.k_rows[rows[layer]] = kv
+            pool.v_rows[rows[layer]] = kv
+            paged_decode(q, pool.k_rows, pool.v_rows, pool.seg_pages, pool.seg_len, idx, layer, ct[layer],
+                         d ** -0.5, ws, pool.page_size)
+
+    steps = 1 if dry else 20
+    step()  # compile / warm
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    total = (time.perf_counter() - t0) / steps
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        pool.append(reqs, idx)
+    host = (time.perf_counter() - t0) / steps  # host part + its (asynchronous) device launches
+    sync()
+    kept = int(pool.seg_len_host[reqs].sum())
+    out = {"shape": name, "layers": layers, "kv_heads": heads, "group": group, "head_dim": d, "batch": bs,
+           "kept_rows_per_layer": kept // layers, "step_ms": total * 1e3, "per_layer_us": total / layers * 1e6,
+           "append_host_us": host * 1e6}
+    print(f"decode step {name}: {out['step_ms']:.2f} ms/step, {out['per_layer_us']:.1f} us/layer "
+          f"(append host part {out['append_host_us']:.0f} us/step), batch {bs}, {out['kept_rows_per_layer']} "
+          "kept rows per layer")
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dry-run", action="store_true")
+    a = ap.parse_args()
+    dev = "cpu" if a.dry_run else "cuda"
+    report, failed = {"device": dev if a.dry_run else torch.cuda.get_device_name(0)}, []
+    parts = [("correctness", lambda: check_correctness(dev, a.dry_run))]
+    shapes = {"smollm2": dict(layers=30, heads=3, group=3, d=64),
+              "llama70b_tp8_rank": dict(layers=80, heads=1, group=8, d=128)}
+    for name, shp in shapes.items():
+        sizes = dict(bs=2, max_len=100) if a.dry_run else dict(bs=64, max_len=4096)
+        if a.dry_run:
+            shp = {**shp, "layers": 2}
+        parts.append((f"step_{name}", lambda n=name, s=shp, z=sizes: time_step(dev, a.dry_run, n, **s, **z)))
+    for name, fn in parts:
+        try:
+            report[name] = fn()
+        except Exception:  # report and go on: every part reports
+            failed.append(name)
+            report[name] = {"error": traceback.format_exc()[-3000:]}
+            print(f"FAIL {name}:\n{report[name]['error']}", file=sys.stderr)
+    out_dir = os.environ.get("OUT", "out")
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "pool_check.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    print("FAILED: " + ", ".join(failed) if failed else "all parts passed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""The fairkv state of one scheduler process, shared by the allocator, the backend and the hooks.
+
+:class:`FairKVState` composes the pieces and keeps the request lifecycle consistent across them:
+admission (replicas chosen, ledger and pool segments activated) and release (every segment freed,
+the row reset). The pieces themselves know nothing of SGLang: the ragged pool, the TP group's page
+ledger, the replica assigner, the request table and the live-traffic record. :func:`build_state`
+sizes the pool from the KV bytes SGLang budgets (:mod:`~sglang_fairkv.kv.sizing`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .. import env
+from ..compress import footprint
+from ..compress.policy import CompressConfig
+from ..kv import admission
+from ..kv.group_ledger import GroupLedger
+from ..kv.ragged_pool import RaggedKVPool
+from ..kv.request_table import RequestTable
+from ..kv.sizing import rank_pool_sizes
+from ..placement.replicas import ReplicaAssigner
+from ..placement.runtime import RankPlan
+from ..telemetry.live_traffic import LiveTraffic
+from ..telemetry.report import UsageLog
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class FairKVState:
+    """Everything per scheduler process that the allocator, the backend and the hooks share."""
+
+    pool: RaggedKVPool
+    cfg: CompressConfig
+    head_budgets: torch.Tensor | None
+    rank_plan: RankPlan
+    ledger: GroupLedger
+    assigner: ReplicaAssigner
+    requests: RequestTable | None = None
+    #: when set, one JSON line per finished prompt (kept tokens per head) is appended here
+    profile_path: str | None = None
+    #: the Triton decode kernel's static bounds and scratch (CUDA), counted in the KV budget
+    workspace: object | None = None
+    #: requests admitted with the roomiest replicas because the share rule's choice did not fit
+    roomiest_admissions: int = 0
+    #: forward batches whose host indices had to be read back from the device (should stay 0)
+    host_index_readbacks: int = 0
+    #: the served traffic as the plan sees it (live profile, balance since start, drift report)
+    traffic: LiveTraffic | None = None
+    usage_log: UsageLog = field(default_factory=UsageLog)
+
+    def __post_init__(self):
+        plan = self.rank_plan.plan
+        if self.requests is None:
+            self.requests = RequestTable(self.pool.max_reqs, self.rank_plan.tp)
+        if self.traffic is None:
+            self.traffic = LiveTraffic(plan.num_layers, plan.num_kv_heads, window=env.live_window(),
+                                       sample_every=env.balance_sample_steps(),
+                                       drift_interval_s=env.drift_interval_s())
+        self._local_heads = self.rank_plan.local_heads
+        self.heads_per_layer = [len(h) for h in self._local_heads]
+
+    # ---- request lifecycle (the same events in the same order on every rank) --------------------
+    def admit(self, req_pool_idx: int, rid: str, weight: int) -> None:
+        """A request's first prefill chunk: choose its replicas (same choice on every rank), record
+        who holds each segment in the ledger, and activate this rank's segments. Idempotent."""
+        reqs = self.requests
+        if req_pool_idx in reqs.admitted:
+            return
+        self.assigner.admit(rid, max(1, weight), reqs.planned.pop(rid, None))
+        owner = self.assigner.owners(rid)  # [L, KV]
+        self.ledger.admit(req_pool_idx, owner)
+        mask = np.zeros((self.pool.num_layers, self.pool.num_kv_heads), dtype=np.bool_)
+        for l, heads in enumerate(self._local_heads):
+            mask[l, :len(heads)] = owner[l, heads] == self.rank_plan.rank
+        self.pool.set_active(req_pool_idx, mask)
+        reqs.admit(req_pool_idx, rid)
+
+    def record_prompt(self, req_pool_idx: int, prompt_len: int) -> None:
+        """A prompt is done: its kept tokens per (layer, KV head) of the whole model (the ledger: this
+        rank's own segments are its pool's lengths) go to the live profile (when it was compressed) and
+        to the profile file (if on)."""
+        kept = self.ledger.length[req_pool_idx].numpy()
+        if footprint.compresses(self.cfg, prompt_len):
+            self.traffic.record(kept, prompt_len)
+        if self.profile_path is None:
+            return
+        with open(self.profile_path, "a") as f:
+            f.write(json.dumps({"req_pool_idx": req_pool_idx, "prompt_len": prompt_len,
+                                "kept": kept.tolist()}) + "\n")
+
+    def sample_decode_balance(self, req_pool_idx: np.ndarray) -> None:
+        """A decode step of these requests (host ``[b]``) is being launched: every few steps the
+        per-layer balance of the rows it reads is sampled (host, ``[b, L, KV]`` of the ledger)."""
+        self.traffic.decode_step(lambda: self.ledger.layer_loads(req_pool_idx))
+
+    def release(self, req_pool_idx: int) -> int:
+        """Free every segment of one request (finish, abort, retract); returns pages freed here."""
+        rid = self.requests.release(req_pool_idx)
+        if rid is not None:
+            self.assigner.release(rid)
+        self.ledger.release(req_pool_idx)
+        return self.pool.free(req_pool_idx)
+
+    # ---- views -------------------------------------------------------------------------------
+    def host_req_pool_indices(self, forward_batch) -> np.ndarray:
+        """int64 host ``req_pool_indices`` of a forward batch without reading the device: SGLang's
+        scheduler keeps them (``ScheduleBatch.req_pool_indices_cpu``); ForwardBatch carries them for
+        prefill, and for decode a hook adds them. Otherwise they are read back (a sync on CUDA; counted
+        in ``host_index_readbacks``, which the end-to-end tests expect at 0)."""
+        cpu = getattr(forward_batch, "req_pool_indices_cpu", None)
+        if cpu is not None:
+            return cpu.numpy().astype(np.int64, copy=False)
+        self.host_index_readbacks += 1
+        if self.host_index_readbacks == 1:
+            logger.warning("sglang-fairkv: a forward batch without SGLang's host req_pool_indices; "
+                           "reading them back from the device (a host sync per step)")
+        return forward_batch.req_pool_indices.cpu().numpy().astype(np.int64)
+
+    def local_heads(self, layer: int) -> list[int]:
+        """Global KV head ids this rank holds in ``layer`` (its local heads ``0..n-1`` in order)."""
+        return self._local_heads[layer]
+
+    @property
+    def rows_per_token(self) -> int:
+        """KV rows this rank holds per prompt token (its heads summed over layers)."""
+        return sum(self.heads_per_layer)
+
+    def decode_pages_to_come(self, new_token_ratio: float) -> torch.Tensor:
+        """int64 ``[tp]``: pages each rank still owes the admitted requests past their prompt
+        (:func:`~sglang_fairkv.kv.admission.decode_pages_to_come`, a copy counted where its replica is)."""
+        reqs = self.requests
+        idx = reqs.admitted_indices()
+        idx = idx[reqs.prompt_done[idx]]
+        held = self.ledger.pages_per_request(idx).numpy() if idx.size else np.zeros((0, self.ledger.tp), np.int64)
+        return admission.decode_pages_to_come(reqs.charged[idx], held, reqs.fixed_length[idx], new_token_ratio)
+
+    def kept_and_transient_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """int64 ``[tp]`` each: KV rows of requests whose prompt is done (compressed, plus decode) and of
+        requests still in prefill (dense chunks awaiting their last one), from the ledger."""
+        done = self.requests.prompt_done
+        return self.ledger.rows_where(done).numpy(), self.ledger.rows_where(~done).numpy()
+
+    def admissible_when_empty(self) -> int | None:
+        """Requests the empty pool would admit at the mix now running (None with nothing admitted)."""
+        reqs = self.requests
+        return admission.admissible_when_empty(reqs.charged[reqs.admitted_indices()], self.ledger.usable.numpy())
+
+    def ledger_mismatch(self) -> str | None:
+        """None when the ledger's page count for this rank equals the real pool's, else why not."""
+        mine = int(self.ledger.pages_used()[self.rank_plan.rank])
+        if mine != self.pool.used_pages():
+            return (f"fairkv ledger says rank {self.rank_plan.rank} uses {mine} pages, its pool "
+                    f"uses {self.pool.used_pages()}")
+        return None
+
+
+def build_state(cfg: CompressConfig, head_budgets: torch.Tensor | None, *, rank_plan: RankPlan,
+                max_total_tokens: int, rows_per_token_budget: int, page_size: int, head_dim: int,
+                max_reqs: int, max_context: int, dtype: torch.dtype, device: str, group: int = 1,
+                profile_path: str | None = None, metadata_in_budget: bool = True) -> FairKVState:
+    """The pool in the bytes SGLang's stock pool would take for ``max_total_tokens`` tokens
+    (:func:`~sglang_fairkv.kv.sizing.rank_pool_sizes`; the pool's head dimension is the most heads the
+    plan gives this rank in any layer), the TP group's ledger pricing every rank against that rank's own
+    pages, and the rest of the state. Raises ValueError when the budget cannot hold the tables."""
+    num_layers = rank_plan.plan.num_layers
+    row_bytes = 2 * head_dim * torch.empty(0, dtype=dtype).element_size()
+    on_cuda = torch.device(device).type == "cuda"
+
+    def sizes(heads: int):
+        return rank_pool_sizes(max_total_tokens=max_total_tokens, rows_per_token_budget=rows_per_token_budget,
+                               row_bytes=row_bytes, heads=heads, page_size=page_size, num_layers=num_layers,
+                               max_reqs=max_reqs, max_context=max_context, group=group, head_dim=head_dim,
+                               on_cuda=on_cuda, metadata_in_budget=metadata_in_budget)
+
+    # every rank's pool size (its tables depend on the heads the plan gives it), known on every rank:
+    # the ledger must price each rank against that rank's own pages
+    heads_of = [max(1, RankPlan(rank_plan.plan, q, rank_plan.num_q_heads).max_local_heads)
+                for q in range(rank_plan.tp)]
+    pages_of = [sizes(h).pages for h in heads_of]
+    heads = heads_of[rank_plan.rank]
+    mine = sizes(heads)
+    if min(pages_of) < 2:
+        raise ValueError(
+            f"sglang-fairkv: the KV budget ({mine.budget_bytes / 2**20:.1f} MB for {max_total_tokens} tokens) "
+            f"does not hold the segment page table ({mine.table_bytes / 2**20:.1f} MB for {max_reqs} requests x "
+            f"{num_layers} layers x {heads} heads x context {max_context}) and the decode scratch "
+            f"({mine.scratch_bytes / 2**20:.1f} MB): lower --max-running-requests or --context-length, or give "
+            "more memory (--mem-fraction-static / --max-total-tokens)")
+    pool = RaggedKVPool(num_pages=int(mine.pages) + 1, page_size=page_size, num_layers=num_layers,
+                        num_kv_heads=heads, head_dim=head_dim, max_reqs=max_reqs, max_context=max_context,
+                        dtype=dtype, device=device)
+    workspace = None
+    if on_cuda:
+        from sglang_fairkv_kernels import DecodeWorkspace
+
+        workspace = DecodeWorkspace.create(**mine.workspace_kw, device=device)
+    ledger = GroupLedger(tp=rank_plan.tp, max_reqs=max_reqs, num_layers=num_layers,
+                         num_kv_heads=rank_plan.plan.num_kv_heads, page_size=page_size,
+                         usable_pages=[int(n) for n in pages_of],
+                         rows_per_token=rank_plan.expected_rows_per_token())
+    assert int(ledger.usable[rank_plan.rank]) == pool.usable_pages
+    logger.info("sglang-fairkv: rank %d/%d ragged KV pool %d pages x %d rows (%.1f MB K+V; of the %.1f MB "
+                "budget, %.1f MB page table for %d requests x context %d, %.1f MB decode scratch), plan %s "
+                "(KV heads per layer here %s), compression %s",
+                rank_plan.rank, rank_plan.tp, pool.usable_pages, page_size,
+                2 * pool.k_rows.numel() * pool.k_rows.element_size() / 2**20, mine.budget_bytes / 2**20,
+                mine.table_bytes / 2**20, max_reqs, pool.max_context, mine.scratch_bytes / 2**20,
+                rank_plan.plan.strategy, rank_plan.heads_per_layer(), cfg.to_json())
+    return FairKVState(pool=pool, cfg=cfg, head_budgets=head_budgets, rank_plan=rank_plan, ledger=ledger,
+                       assigner=ReplicaAssigner(rank_plan.plan), profile_path=profile_path, workspace=workspace)

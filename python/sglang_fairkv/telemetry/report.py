@@ -1,0 +1,135 @@
+"""What a fairkv scheduler reports: the ``/server_info`` dict, the per-rank log line, the live profile
+and the plan-drift report, all read from one :class:`~sglang_fairkv.serving.state.FairKVState`.
+
+Host work only, run where SGLang asks for it (``/server_info``, the log cadence, ``log_stats``), never in
+a forward. The balances are named for what they measure (:mod:`~sglang_fairkv.placement.balance`):
+``memory_busy_rate`` (KV rows per rank over all layers) and ``attention_busy_rate`` (per layer, the rows
+each rank reads in a decode step).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+#: ``/server_info`` keys kept for older clients: alias -> the key it repeats
+ALIASES = {"busy_rate": "memory_busy_rate"}
+
+
+@dataclass
+class UsageLog:
+    """Rate limit of the per-rank KV log line (rank 0, while requests arrive)."""
+
+    interval_s: float = 10.0
+    last: float = -np.inf
+
+
+def live_profile(state) -> dict | None:
+    """The live profile with what makes it a ``fairkv-stats/1`` file (model shape, method, budget), None
+    before any compressed prompt."""
+    prof = state.traffic.profile()
+    if prof is None:
+        return None
+    plan, cfg = state.rank_plan.plan, state.cfg
+    return {**prof, "model": plan.model, "num_layers": plan.num_layers, "num_kv_heads": plan.num_kv_heads,
+            "num_q_heads": state.rank_plan.num_q_heads, "head_dim": state.pool.head_dim,
+            "method": cfg.method, "budget": cfg.budget if cfg.budget is not None else cfg.ratio}
+
+
+def plan_drift(state) -> dict | None:
+    """The plan-drift report (:mod:`~sglang_fairkv.placement.drift`) on the live traffic; rank 0 of a TP
+    group only (the planner runs on the host), None elsewhere, at TP 1 (nothing to balance) or before a
+    compressed prompt."""
+    rp = state.rank_plan
+    if rp.rank != 0 or rp.tp == 1:
+        return None
+    return state.traffic.drift(rp.plan, num_q_heads=rp.num_q_heads, head_dim=state.pool.head_dim)
+
+
+def fairkv_stats(state) -> dict:
+    """``/server_info`` -> ``internal_states[i]["fairkv"]``: this rank's pool, the TP group's pages and
+    balances from the ledger (identical on every rank), the live traffic and the plan's drift."""
+    p, lg, reqs = state.pool, state.ledger, state.requests
+    used_rows, used_pages = p.used_tokens(), p.used_pages()
+    rows, pages = lg.rows_used(), lg.pages_used()
+    rpt = lg.rows_per_token.clamp_min(1)
+    loads = lg.layer_loads()
+    kept, transient = state.kept_and_transient_rows()
+    admitted = reqs.admitted_indices()
+    out = {
+        "kv_compress": state.cfg.method,
+        "plan": state.rank_plan.plan.strategy,
+        "tp_rank": state.rank_plan.rank,
+        "page_size": p.page_size,
+        "pages_total": p.usable_pages,
+        "pages_used": used_pages,
+        "rows_in_segments": used_rows,
+        "token_equivalents_in_use": used_rows / max(1, state.rows_per_token),
+        "pool_bytes_in_use": used_pages * p.page_size * p.bytes_per_row(),
+        "requests_with_segments": p.requests_holding(),
+        "page_table_bytes": p.table_bytes(max_reqs=p.max_reqs, num_layers=p.num_layers,
+                                          num_kv_heads=p.num_kv_heads, max_context=p.max_context,
+                                          page_size=p.page_size),
+        "decode_host_index_readbacks": state.host_index_readbacks,
+        "requests_admitted": len(reqs.admitted),
+        # rows of compressed requests vs dense prefill rows awaiting their prompt's last chunk
+        "kept_rows": kept.tolist(),
+        "transient_rows": transient.tolist(),
+        "requests_in_prefill": int((~reqs.prompt_done[admitted]).sum()),
+        "admissible_when_empty": state.admissible_when_empty(),
+        "peak_pages_used": p.peak_used,
+        "ledger_matches_pool": state.ledger_mismatch() is None,
+        # the whole TP group, from the ledger (identical on every rank)
+        "ranks": [{"rank": q, "rows_in_use": int(rows[q]), "pages_used": int(pages[q]),
+                   "pages_total": int(lg.usable[q]),
+                   "token_equivalents_in_use": float(rows[q] / rpt[q])} for q in range(lg.tp)],
+        "memory_busy_rate": lg.memory_busy_rate(),
+        # per-layer attention balance: each rank's rows read per layer in a decode step of the requests held
+        "attention_busy_rate": lg.attention_busy_rate(loads),
+        "layer_balance": [round(x, 4) for x in lg.layer_balance(loads).tolist()],
+        "layer_loads": loads.tolist(),
+        # the served traffic (sampled decode steps; compressed prompts), and the plan against it
+        "attention_busy_rate_since_start": state.traffic.attention_busy_rate_since_start(),
+        "layer_balance_since_start": state.traffic.layer_balance_since_start(),
+        "balance_samples": state.traffic.balance_samples,
+        "live_profile": live_profile(state),
+        "plan_drift": plan_drift(state),
+        "plan_has_source": bool(state.rank_plan.plan.source),
+        "group_token_capacity": lg.capacity_when_empty(),
+        "plan_copies_per_layer": state.rank_plan.plan.copies_per_layer(),
+        "replicas": state.assigner.served(),
+        "roomiest_admissions": state.roomiest_admissions,
+    }
+    for alias, key in ALIASES.items():
+        out[alias] = out[key]
+    return out
+
+
+def maybe_log_group_usage(state, now: float | None = None) -> bool:
+    """Rank 0, at most every ``state.usage_log.interval_s``: one line of KV rows in use per rank and the
+    balances. Returns whether it logged."""
+    now = time.monotonic() if now is None else now
+    ul = state.usage_log
+    if state.rank_plan.rank != 0 or now - ul.last < ul.interval_s:
+        return False
+    ul.last = now
+    lg, tr = state.ledger, state.traffic
+    loads = lg.layer_loads()
+    kept, transient = state.kept_and_transient_rows()
+    drift, since = plan_drift(state), tr.attention_busy_rate_since_start()
+    logger.info("sglang-fairkv KV per rank: rows %s (kept %s, transient prefill %s), pages %s of %s, memory "
+                "busy rate %.3f, attention busy rate %.3f (per layer, min %.3f; since start %s), %d "
+                "requests, the empty pool would admit %s at this mix (plan %s; share drift %s, re-plan "
+                "gain %s over %d prompts)", lg.rows_used().tolist(), kept.tolist(),
+                transient.tolist(), lg.pages_used().tolist(), lg.usable.tolist(), lg.memory_busy_rate(),
+                lg.attention_busy_rate(loads), float(lg.layer_balance(loads).min()),
+                "-" if since is None else f"{since:.3f}", len(state.requests.admitted),
+                state.admissible_when_empty(), state.rank_plan.plan.strategy,
+                "-" if drift is None or drift["share_drift"] is None else f"{drift['share_drift']:.3f}",
+                "-" if drift is None else f"{drift['replan_gain']:.3f}", min(tr.seen, tr.window))
+    return True

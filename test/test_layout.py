@@ -1,0 +1,87 @@
+"""The tree is the architecture: pure floors import no SGLang, no symlinks, wheels hold the product only,
+and the README's "Where things are" table names folders that exist and covers the package."""
+
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PKG = REPO / "python" / "sglang_fairkv"
+#: folders whose modules must not import SGLang (the adapters above them do)
+PURE = [PKG / "placement", PKG / "compress", PKG / "kv", PKG / "telemetry", REPO / "kernels" / "sglang_fairkv_kernels"]
+
+
+def _imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+    return names
+
+
+@pytest.mark.parametrize("folder", PURE, ids=lambda p: p.name)
+def test_pure_floors_import_no_sglang_and_no_adapter(folder):
+    for f in folder.rglob("*.py"):
+        bad = {m for m in _imports(f) if m == "sglang" or m.startswith("sglang.")}
+        assert not bad, f"{f.relative_to(REPO)} imports {bad}"
+        text = f.read_text()
+        assert "from ..serving" not in text and "from ..attention" not in text and "from ..model" not in text, \
+            f"{f.relative_to(REPO)} imports an adapter floor"
+
+
+def test_patches_import_nothing_of_the_project():
+    for f in (REPO / "patches" / "sglang_fairkv_patches").rglob("*.py"):
+        assert not any(m.startswith("sglang_fairkv") and m != "sglang_fairkv_patches" and
+                       not m.startswith("sglang_fairkv_patches.") for m in _imports(f)), f
+
+
+def test_no_symlinks_in_the_tree():
+    out = subprocess.run(["git", "ls-files", "-s"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    links = [line.split("\t", 1)[1] for line in out.splitlines() if line.startswith("120000")]
+    assert not links, links
+
+
+def test_wheels_hold_the_product_only(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                        "-w", str(tmp_path), str(REPO / "python"), str(REPO / "kernels"), str(REPO / "patches")],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    wheels = {w.name.split("-")[0]: w for w in tmp_path.glob("*.whl")}
+    assert set(wheels) == {"sglang_fairkv", "sglang_fairkv_kernels", "sglang_fairkv_patches"}
+    for name, w in wheels.items():
+        files = [f for f in zipfile.ZipFile(w).namelist() if ".dist-info/" not in f]
+        assert files and all(f.startswith(name + "/") for f in files), (name, files)
+        assert not [f for f in files if re.search(r"device|bench|check_pool|test", f)], (name, files)
+    kernel_files = zipfile.ZipFile(wheels["sglang_fairkv_kernels"]).namelist()
+    assert "sglang_fairkv_kernels/ragged_decode.py" in kernel_files and "sglang_fairkv_kernels/ragged_torch.py" in kernel_files
+    assert "sglang_fairkv_patches/cpu_path/sgl_kernel/__init__.py" in zipfile.ZipFile(wheels["sglang_fairkv_patches"]).namelist()
+
+
+def _readme_table() -> list[str]:
+    text = (REPO / "README.md").read_text()
+    section = text.split("## Where things are", 1)[1].split("\n## ", 1)[0]
+    return [m.group(1) for m in re.finditer(r"^\| `([^`]+)`", section, re.M)]
+
+
+def test_readme_table_matches_the_tree():
+    rows = _readme_table()
+    for row in rows:
+        for part in row.replace("`, `", ", ").split(", "):
+            if "*" in part:
+                assert list(REPO.glob(part)), part
+            else:
+                assert (REPO / part).exists(), f"README names {part}, which does not exist"
+    named = {Path(r) for r in rows}
+    for sub in sorted(p for p in PKG.iterdir() if p.is_dir() and (p / "__init__.py").exists()):
+        assert sub.relative_to(REPO) in named, f"README's table does not name {sub.relative_to(REPO)}/"
+    for top in ("kernels", "patches", "benchmark", "test"):
+        assert any(r == top or r.startswith(top + "/") for r in rows), top
