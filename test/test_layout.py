@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -51,11 +52,19 @@ def test_no_symlinks_in_the_tree():
 
 
 def test_wheels_hold_the_product_only(tmp_path):
+    # built from copies of the tracked files: an in-tree build would reuse a stale build/ folder
+    src = tmp_path / "src"
+    tracked = subprocess.run(["git", "ls-files", "python", "kernels", "patches"], cwd=REPO, capture_output=True,
+                             text=True, check=True).stdout.split()
+    for f in tracked:
+        (src / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / f, src / f)
+    out = tmp_path / "wheels"
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                        "-w", str(tmp_path), str(REPO / "python"), str(REPO / "kernels"), str(REPO / "patches")],
+                        "-w", str(out), str(src / "python"), str(src / "kernels"), str(src / "patches")],
                        capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
-    wheels = {w.name.split("-")[0]: w for w in tmp_path.glob("*.whl")}
+    wheels = {w.name.split("-")[0]: w for w in out.glob("*.whl")}
     assert set(wheels) == {"sglang_fairkv", "sglang_fairkv_kernels", "sglang_fairkv_patches"}
     for name, w in wheels.items():
         files = [f for f in zipfile.ZipFile(w).namelist() if ".dist-info/" not in f]
