@@ -16,7 +16,6 @@ import argparse
 import random
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 from sglang_fairkv.server_process import ServerProcess
 

@@ -42,25 +42,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-import requests
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmark"))  # its sibling capacity.py
 from capacity import bench_serving, max_running  # noqa: E402
 
 from sglang_fairkv.placement.balance import busy_rate  # noqa: E402
-from sglang_fairkv.placement.schema import Plan  # noqa: E402
-from sglang_fairkv.placement.stats import load_stats  # noqa: E402
 from sglang_fairkv.server_process import ServerProcess  # noqa: E402
-
-
-def contiguous_plan(num_layers: int, kv: int, q: int, tp: int) -> Plan:
-    """Standard TP's contiguous head split, remainder on the first ranks (2 + 1 for 3 heads at TP 2)."""
-    groups = np.array_split(np.arange(kv), tp)
-    layer = [[(r, 1.0)] for r, g in enumerate(groups) for _ in g]
-    return Plan(model="contiguous", tp=tp, num_kv_heads=kv, strategy="sha",
-                cost_model={"c_head": 0.0, "c_token": 1.0}, layers=[list(layer) for _ in range(num_layers)],
-                num_q_heads=q)
 
 
 class Poller(threading.Thread):
@@ -81,7 +69,7 @@ class Poller(threading.Thread):
                 if max(rows) > 0:
                     self.samples.append(rows)
                     self.attention.append(fk["attention_busy_rate"])
-            except (requests.RequestException, KeyError, ValueError):
+            except (OSError, KeyError, ValueError):  # the server busy or starting: sample later
                 pass
             self.stop.wait(self.period)
 
@@ -179,16 +167,13 @@ def main() -> int:
     p.add_argument("--out-dir", type=Path, default=REPO / "benchmark" / "out" / "tp_plans")
     a = p.parse_args()
     a.out_dir.mkdir(parents=True, exist_ok=True)
-    stats = load_stats(a.stats)
-    sha_file = a.out_dir / "sha-contiguous.json"
-    contiguous_plan(stats.num_layers, stats.num_kv_heads, stats.num_q_heads, a.tp).save(sha_file)
     live = a.out_dir / f"live-stats-tp{a.tp}.json"
 
     def plan_args(name: str) -> list[str]:
         kind, _, src = name.partition("@")
         stats_file = str(live) if src == "live" else a.stats
         if kind == "sha":  # the stats are its drift reference only
-            return ["--fairkv-plan", str(sha_file), "--fairkv-stats", stats_file]
+            return ["--fairkv-plan", "sha", "--fairkv-stats", stats_file]  # contiguous, 2 + 1 for 3 heads at TP 2
         extra = ["--fairkv-max-copies-per-layer", str(a.max_copies_per_layer)] if kind == "fairkv" else []
         return ["--fairkv-plan", kind, "--fairkv-stats", stats_file, *extra]
 

@@ -31,4 +31,6 @@ else
   # at every interpreter start.
   "$VENV/bin/python" -c "import sglang_fairkv_patches as p; print('[install] wrote', p.install_torchvision_pth())"
 fi
+# SGLang's frontend language: SmolLM2-Instruct models get ChatML (patches/sglang_fairkv_patches/frontend_chat_template.py)
+"$VENV/bin/python" -c "import sglang_fairkv_patches as p; print('[install] wrote', p.install_frontend_pth())"
 echo "[install] packages took $(( $(date +%s) - start )) s; venv size $(du -sh "$VENV" | cut -f1)"

@@ -12,7 +12,6 @@ from __future__ import annotations
 import re
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -62,3 +61,10 @@ def test_small_pool_decodes_three_times_the_dense_requests_at_once():
         st = s.fairkv_info()
         assert st["pages_used"] == 0 and st["requests_admitted"] == 0, st
         assert st["peak_pages_used"] <= st["pages_total"]
+        # a prompt longer than the pool holds dense is refused, and told why compression does not lift it
+        r = requests.post(s.url + "/generate", json={"input_ids": [5] * 1900, "sampling_params": {
+            "max_new_tokens": 4}}, timeout=120)
+        assert r.status_code == 400, r.text
+        assert "exceeds the maximum allowed length" in r.text and "With --kv-compress the limit is still the " \
+            "dense size" in r.text, r.text
+        assert s.generate({"input_ids": prompts[0], "sampling_params": {"max_new_tokens": 2}})["output_ids"]

@@ -44,7 +44,6 @@ def test_kv_compress_bad_budget_one_line():
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["--kv-compress", "adakv"], "--kv-compress adakv needs --kv-budget N or --kv-compress-ratio R"),
     (["--kv-compress", "snapkv", "--kv-budget", "0"], "--kv-budget must be >= 1 token per head, got 0"),
     (["--kv-compress", "adakv", "--kv-budget", "8", "--kv-compress-ratio", "0.5"],
      "give --kv-budget or --kv-compress-ratio, not both"),
@@ -58,9 +57,12 @@ def test_kv_compress_bad_budget_one_line():
     (["--kv-compress", "none", "--cuda-graph-backend-decode", "full"], "--cuda-graph-backend-decode full (CUDA"),
     (["--kv-compress", "adakv", "--kv-budget", "64", "--kv-cache-dtype", "fp8_e4m3"], "--kv-cache-dtype fp8_e4m3"),
     (["--fairkv-plan", "sha", "--tp-size", "3", "--kv-cache-dtype", "fp8_e5m2"], "--kv-cache-dtype fp8_e5m2"),
-    (["--kv-compress", "adakv", "--kv-budget", "64", "--tp-size", "2"],
-     "--fairkv-plan sha: 3 KV heads cannot be split evenly over tp=2"),
-    (["--fairkv-plan", "assign", "--tp-size", "2"], "give --fairkv-stats FILE"),
+    (["--fairkv-plan", "fairkv", "--tp-size", "2"], "give --fairkv-stats FILE"),
+    (["--fairkv-plan", "sha", "--tp-size", "4"], "3 KV heads over tp=4: more ranks than KV heads"),
+    (["--kv-compress", "snapkv", "--kv-budget", "64", "--kv-window", "8192"],
+     "--kv-window 8192 is not below the context length 8192"),
+    (["--kv-compress", "snapkv", "--kv-budget", "64", "--kv-window", "600", "--context-length", "512"],
+     "--kv-window 600 is not below the context length 512"),
     (["--fairkv-plan", "/no/such/plan.json", "--tp-size", "2"], "not a plan file and not one of"),
     (["--fairkv-plan", "sha", "--fairkv-stats", "/no/such/stats.json", "--tp-size", "3"],
      "--fairkv-stats /no/such/stats.json: "),
@@ -71,7 +73,7 @@ def test_kv_compress_bad_budget_one_line():
     (["--kv-compress", "headkv"], "--kv-compress headkv needs --kv-head-budgets FILE"),
 ])
 def test_kv_compress_flag_errors(smollm2_path, args, needle):
-    """Validated before anything starts (plan_launch): the message names the offending flag/value."""
+    """Validated before anything starts (parse_launch): the message names the offending flag/value."""
     from sglang_fairkv.serving.launcher import UsageError, parse_launch
 
     with pytest.raises(UsageError) as e:

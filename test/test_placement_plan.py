@@ -77,10 +77,12 @@ def test_global_copy_budgets(stats24):
     assert wb.predicted["copies"] <= 5
 
 
-def test_uneven_heads_allowed_for_assign_and_fairkv():
+def test_uneven_heads_allowed_for_every_strategy():
     s = synthetic_stats("smollm2-135m", budget=256, concentration=1.0)
-    with pytest.raises(ValueError, match="cannot be split evenly"):
-        build_plan(s, 2, "sha")
+    sha, _ = build_plan(s, 2, "sha")  # 2 + 1 in every layer
+    assert all([rep[0][0] for rep in layer] == [0, 0, 1] for layer in sha.layers)
+    with pytest.raises(ValueError, match="more ranks than KV heads"):
+        build_plan(s, 4, "sha")
     p, _ = build_plan(s, 2, "fairkv", max_copies_per_layer=1)
     assert p.predicted["attention_busy_rate"] > build_plan(s, 2, "assign")[0].predicted["attention_busy_rate"]
 
@@ -179,7 +181,7 @@ def test_cli_table_plan_and_plot(tmp_path):
 @pytest.mark.parametrize("args,msg", [
     (["--tp", "0"], "--tp must be >= 1, got 0"),
     (["--tp", "2", "--max-copies-per-layer", "-1"], "--max-copies-per-layer must be >= 0, got -1"),
-    (["--tp", "2", "--strategy", "sha"], "3 KV heads cannot be split evenly over tp=2"),
+    (["--tp", "4", "--strategy", "sha"], "3 KV heads over tp=4: more ranks than KV heads"),
     (["--tp", "x"], "argument --tp: invalid int value: 'x'"),
 ])
 def test_cli_bad_input(tmp_path, args, msg):

@@ -123,13 +123,17 @@ def test_group_profiles_enumerate_copy_budgets():
     assert all(4 - len(p) <= 1 for p in group_profiles(4, 1, 8))
 
 
-def test_sha_is_contiguous_and_refuses_uneven():
+def test_sha_is_contiguous_as_even_as_the_count_allows():
     w = np.arange(8, dtype=float) + 1
     sol = sha_layer(w, 4, 10.0)
     assert [reps for reps in sol.replicas] == [[(h // 2, 1.0)] for h in range(8)]
     assert sol.rank_time.tolist() == [23.0, 27.0, 31.0, 35.0]
-    with pytest.raises(ValueError, match="3 KV heads cannot be split evenly over tp=2"):
-        sha_layer(np.ones(3), 2, 1.0)
+    # uneven: the first ranks take one head more, in order (SGLang's padded split)
+    assert [r[0][0] for r in sha_layer(np.ones(3), 2, 1.0).replicas] == [0, 0, 1]
+    assert [r[0][0] for r in sha_layer(np.ones(7), 3, 1.0).replicas] == [0, 0, 0, 1, 1, 2, 2]
+    assert sha_layer(np.array([1.0, 2.0, 4.0]), 2, 0.0).rank_time.tolist() == [3.0, 4.0]
+    with pytest.raises(ValueError, match="3 KV heads over tp=4: more ranks than KV heads"):
+        sha_layer(np.ones(3), 4, 1.0)
 
 
 def test_zero_length_heads_are_placed():

@@ -74,6 +74,30 @@ def test_frontend_language_program(smollm2_server):
     assert state["verdict"] == "yes"
 
 
+def test_frontend_chat_turn_ends_with_the_assistant_turn(smollm2_server, smollm2_path):
+    """``sgl.user`` / ``sgl.assistant`` on the embedded model: SGLang's frontend picks ChatML for it (no
+    flag), so the prompt is the model's own turn format and ``gen`` stops at the end of the assistant's
+    turn, far short of ``max_tokens``; the text is HF's greedy answer to the same ChatML prompt."""
+    import sglang as sgl
+
+    backend = sgl.RuntimeEndpoint(smollm2_server.url)
+    assert backend.get_chat_template().name == "chatml"
+
+    @sgl.function
+    def ask(s):
+        s += sgl.user("What is the capital of France?")
+        s += sgl.assistant(sgl.gen("answer", max_tokens=200, temperature=0, stop=["\n\n"]))
+
+    state = ask.run(backend=backend)
+    meta = state.get_meta_info("answer")
+    assert meta["finish_reason"]["type"] == "stop", meta
+    assert meta["completion_tokens"] < 200
+    tok, _ = hf_ref.load(str(smollm2_path))
+    ids = tok("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")["input_ids"]
+    want = hf_ref.greedy(str(smollm2_path), ids, meta["completion_tokens"])
+    assert state["answer"].strip() == tok.decode(want, skip_special_tokens=True).strip()
+
+
 def test_bench_serving_random_ids(smollm2_server, tmp_path):
     out = tmp_path / "bench.jsonl"
     cmd = [sys.executable, "-m", "sglang.benchmark.serving", "--backend", "sglang",

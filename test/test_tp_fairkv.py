@@ -180,6 +180,27 @@ def test_smollm2_tp2_through_a_plan_equals_kvpress(smollm2_path, fairkv_referenc
     assert sum(info["plan_copies_per_layer"]) >= 1
 
 
+def test_smollm2_tp2_with_defaults_only_equals_tp1(smollm2_path, fairkv_references, fairkv_prompts):
+    """``--tp-size 2 --kv-compress adakv`` and nothing else on the embedded model: it starts (sha splits
+    the 3 KV heads 2 + 1, AdaKV at the default ratio), its log names the plan and the heads per rank, and
+    it gives the TP 1 tokens (kvpress's AdaKV at that ratio, which the TP 1 server equals:
+    test_fairkv_server)."""
+    from helpers.fairkv_refs import N_NEW as N, RATIO
+
+    from sglang_fairkv.compress.policy import DEFAULT_RATIO
+
+    assert DEFAULT_RATIO == RATIO  # the references were made at the default
+    with Server(["--tp-size", "2", "--kv-compress", "adakv"], env=STRICT) as s:
+        got = s.greedy_ids(fairkv_prompts[1], N)
+        info = s.fairkv_info()
+        log = s.log_text()
+        assert [r["pages_used"] for r in wait_ranks_empty(s)["ranks"]] == [0, 0]
+    assert got == fairkv_references["adakv"][1]
+    assert info["plan"] == "sha" and len(info["ranks"]) == 2
+    assert "--fairkv-plan sha: sha plan, tp=2, 0 head copies over 30 layers; KV heads per rank in every " \
+           "layer [2, 1] (the default at --tp-size > 1)" in log
+
+
 def edge_plan(path) -> Path:
     """A hand-made TP=2 plan with the corners a planner can produce: layer 0 gives rank 1 only a
     replica (some requests leave it nothing to hold in that layer), layer 1 gives rank 0 no head at

@@ -20,7 +20,6 @@ import os
 import sys
 import time
 import traceback
-from pathlib import Path
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

@@ -5,6 +5,8 @@ Two kinds:
     first on ``PYTHONPATH`` for the launcher and every process SGLang spawns) and the torchvision
     schema patch (``torchvision_ops.py``, installed into the venv as a ``.pth`` import hook by
     ``make install``, because every ``transformers`` import trips over it, not only SGLang's), and
+  * an import hook for SGLang's frontend language (``frontend_chat_template.py``: SmolLM2-Instruct ->
+    ChatML), installed as a ``.pth`` by ``make install``, and
   * function hooks for SGLang's ``HookRegistry`` (``pynccl_cpu``: every CPU scheduler process;
     ``fork_children``: a CPU launcher). Each module names its ``TARGET`` and its hook; which process
     registers which, and the check that they applied, live in ``sglang_fairkv.serving.hooks``.
@@ -41,19 +43,35 @@ def enable_cpu_startup_patches() -> None:
     install_import_hook()  # no-op when the venv's .pth hook is already installed
 
 
+def _pth_line(module: str) -> str:
+    """One ``.pth`` line, run by ``site`` at every interpreter start in the venv: ``module``'s
+    ``install_import_hook()`` (nothing when this package is not importable)."""
+    return (f"import sys; exec('try:\\n from {module} import install_import_hook as _f\\nexcept ImportError:\\n"
+            " pass\\nelse:\\n _f()')\n")
+
+
 PTH_NAME = "fairkv_torchvision_fix.pth"
-#: One line, executed by ``site`` at every interpreter start in the venv (see torchvision_ops.py).
-PTH_LINE = (
-    "import sys; exec('try:\\n from sglang_fairkv_patches.torchvision_ops import install_import_hook"
-    " as _f\\nexcept ImportError:\\n pass\\nelse:\\n _f()')\n"
-)
+#: the torchvision schema patch (slim CPU install only; see torchvision_ops.py)
+PTH_LINE = _pth_line("sglang_fairkv_patches.torchvision_ops")
+FRONTEND_PTH_NAME = "fairkv_frontend_chat_template.pth"
+#: SmolLM2-Instruct -> ChatML in SGLang's frontend language (every install; see frontend_chat_template.py)
+FRONTEND_PTH_LINE = _pth_line("sglang_fairkv_patches.frontend_chat_template")
+
+
+def _write_pth(name: str, line: str) -> Path:
+    import sysconfig
+
+    path = Path(sysconfig.get_paths()["purelib"]) / name
+    if not path.exists() or path.read_text() != line:
+        path.write_text(line)
+    return path
+
+
+def install_frontend_pth() -> Path:
+    """Write the frontend chat-template import-hook ``.pth`` into this interpreter's site-packages."""
+    return _write_pth(FRONTEND_PTH_NAME, FRONTEND_PTH_LINE)
 
 
 def install_torchvision_pth() -> Path:
     """Write the torchvision import-hook ``.pth`` into this interpreter's site-packages."""
-    import sysconfig
-
-    path = Path(sysconfig.get_paths()["purelib"]) / PTH_NAME
-    if not path.exists() or path.read_text() != PTH_LINE:
-        path.write_text(PTH_LINE)
-    return path
+    return _write_pth(PTH_NAME, PTH_LINE)

@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     mean_len = float(np.mean([len(x) for x in prompts]))
     stats = stats_from_counts(c, str(a.model_path), model.config, a.method,
                               budget=mean_len * (1 - a.ratio))
+    stats.extra["ratio"] = a.ratio  # the compression ratio the counts were measured at
     stats.save(a.out)
     print(f"wrote {a.out}: {c.shape[0]} prompts, {c.shape[1]} layers x {c.shape[2]} KV heads, "
           f"mean kept {c.mean():.1f} tokens per head")

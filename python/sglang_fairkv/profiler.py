@@ -86,8 +86,10 @@ def stats_from_server(url: str, min_samples: int = 1):
                    num_kv_heads=prof["num_kv_heads"], head_dim=prof["head_dim"],
                    kv_len_mean=np.asarray(prof["kv_len_mean"], dtype=np.float64),
                    kv_len_std=np.asarray(prof["kv_len_std"], dtype=np.float64), samples=n,
-                   method=prof["method"], budget=None if prof["budget"] is None else float(prof["budget"]),
+                   method=prof["method"],
+                   budget=float(prof["budget"] if prof["budget"] is not None else np.mean(prof["kv_len_mean"])),
                    extra={**{k: prof[k] for k in QUANTILES}, "prompt_len_mean": prof["prompt_len_mean"],
+                          "ratio": prof.get("ratio"),
                           "source": f"live profile of {url} (sglang_fairkv.profiler --from-server)"})
 
 
@@ -146,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         np.mean([len(x) for x in prompts]) * (1 - (fka.kv_compress_ratio or 0.0)))
     stats = stats_from_counts(counts, model_path, cfg, fka.kv_compress, budget=float(budget))
     stats.extra["source"] = "engine profile (sglang_fairkv.profiler)"
+    stats.extra["ratio"] = fka.kv_compress_ratio  # the run's --kv-compress-ratio (None: --kv-budget)
     stats.save(a.out)
     print(f"wrote {a.out}: {counts.shape[0]} prompts, {counts.shape[1]} layers x {counts.shape[2]} KV heads, "
           f"mean kept {counts.mean():.1f} tokens per head")

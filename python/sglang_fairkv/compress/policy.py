@@ -78,6 +78,37 @@ class CompressConfig:
         return self.ratio if self.ratio is not None else 1.0 - self.n_kept(seq_len) / seq_len
 
 
+#: ``--kv-compress-ratio`` when a method that needs a budget is given none
+DEFAULT_RATIO = 0.5
+
+
+def check_against_context(cfg: CompressConfig, context_len: int) -> list[str]:
+    """The budget / window rule against the longest prompt the server takes (``context_len`` tokens).
+
+    Refused (ValueError): a window of at least the context length (no prompt is ever longer than its
+    window, so nothing is ever compressed: run ``--kv-compress none`` instead). Warned (returned as
+    texts): a budget below the window -- SnapKV always keeps the window's own tokens first, so a kept
+    set smaller than the window is only the prompt's last tokens and the rest of the prompt is lost; a
+    budget of at least the context length (nothing is ever compressed). (A ratio keeps fewer tokens than
+    the window for prompts shorter than ``window / (1 - ratio)``, the same as kvpress: not warned.)
+    """
+    if not cfg.enabled:
+        return []
+    w = cfg.window
+    if w >= context_len:
+        raise ValueError(f"--kv-window {w} is not below the context length {context_len}: no prompt would "
+                         "ever be compressed (give a smaller window, or --kv-compress none)")
+    out = []
+    if cfg.budget is not None and cfg.budget < w:
+        out.append(f"--kv-budget {cfg.budget} is below the observation window (--kv-window {w}): SnapKV keeps "
+                   f"the window's own tokens first, so a compressed prompt keeps only its last {cfg.budget} "
+                   f"tokens per head and loses the rest (use a budget of at least {w}, or a smaller window)")
+    if cfg.budget is not None and cfg.budget >= context_len:
+        out.append(f"--kv-budget {cfg.budget} is not below the context length {context_len}: no prompt will "
+                   "be compressed")
+    return out
+
+
 def kept_for_layer(cfg: CompressConfig, layer: int, num_layers: int, q_window: torch.Tensor,
                    k: torch.Tensor, head_budgets: torch.Tensor | None = None, *,
                    head_ids: list[int] | None = None,

@@ -70,7 +70,8 @@ class RankPlan:
 
 
 def sha_plan(model: str, num_layers: int, num_kv_heads: int, num_q_heads: int, tp: int) -> Plan:
-    """Standard TP as a plan: contiguous KV heads, ``num_kv_heads / tp`` per rank (as SGLang splits)."""
+    """Standard TP as a plan: contiguous KV heads in every layer, as even as the count allows
+    (:func:`~sglang_fairkv.placement.solver.sha_layer`: 3 heads at TP 2 are 2 + 1)."""
     w = np.ones(num_kv_heads)
     try:
         layer = sha_layer(w, tp, 0.0).replicas
@@ -82,13 +83,14 @@ def sha_plan(model: str, num_layers: int, num_kv_heads: int, num_q_heads: int, t
 
 
 def resolve_plan(spec: str, *, model: str, num_layers: int, num_kv_heads: int, num_q_heads: int, tp: int,
-                 stats_path: str | None = None, max_copies_per_layer: int = 1) -> Plan:
+                 stats_path: str | None = None, max_copies_per_layer: int = 1, head_dim: int = 64) -> Plan:
     """``--fairkv-plan`` -> a plan checked against the model and ``tp``; raises :class:`PlanError`.
 
     ``spec``: a ``fairkv-plan/1`` file, or ``sha`` (shape only), or ``assign`` / ``fairkv`` (computed
-    here from the ``fairkv-stats/1`` file ``stats_path``, which must describe this model's shape). With
-    ``sha`` or a plan file, ``stats_path`` (optional) becomes the plan's ``source``: the stats the
-    server's drift report compares the live traffic with.
+    here from the ``fairkv-stats/1`` file ``stats_path``, which must describe this model's shape;
+    ``assign`` without stats balances head counts: every head weighs the same, and the ranks' heads
+    summed over layers come out even). With ``sha`` or a plan file, ``stats_path`` (optional) becomes
+    the plan's ``source``: the stats the server's drift report compares the live traffic with.
     """
     from dataclasses import replace
 
@@ -98,12 +100,16 @@ def resolve_plan(spec: str, *, model: str, num_layers: int, num_kv_heads: int, n
     if spec in ("assign", "fairkv"):
         from .planner import build_plan
 
-        if stats is None:
+        if stats is None and spec == "fairkv":
             raise PlanError(f"--fairkv-plan {spec} computes the plan from measured stats: give "
                             "--fairkv-stats FILE (python -m sglang_fairkv.profiler writes one)")
         if max_copies_per_layer < 0:
             raise PlanError(f"--fairkv-max-copies-per-layer must be >= 0, got {max_copies_per_layer}")
-        plan, _ = build_plan(stats, tp, spec, max_copies_per_layer=max_copies_per_layer)
+        if stats is None:  # assign by head counts: no measured source to drift from
+            plan, _ = build_plan(uniform_stats(model, num_layers, num_kv_heads, num_q_heads, head_dim), tp, spec)
+            plan = replace(plan, source=None)
+        else:
+            plan, _ = build_plan(stats, tp, spec, max_copies_per_layer=max_copies_per_layer)
     else:
         if spec == "sha":
             plan = sha_plan(model, num_layers, num_kv_heads, num_q_heads, tp)
@@ -117,6 +123,37 @@ def resolve_plan(spec: str, *, model: str, num_layers: int, num_kv_heads: int, n
             plan = replace(plan, source=stats_source(stats))
     plan.check_model(num_layers, num_kv_heads, tp, num_q_heads)
     return plan
+
+
+def uniform_stats(model: str, num_layers: int, num_kv_heads: int, num_q_heads: int, head_dim: int):
+    """Stats in which every KV head of every layer keeps the same tokens (placement by head count)."""
+    from .stats import KVStats
+
+    return KVStats(model=model, num_layers=num_layers, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
+                   head_dim=head_dim, kv_len_mean=np.ones((num_layers, num_kv_heads)), method="uniform",
+                   extra={"source": "uniform head loads (no --fairkv-stats)"})
+
+
+def stats_mismatch(stats, *, method: str, budget: int | None, ratio: float | None) -> list[str]:
+    """Why ``stats`` may not describe a run with ``--kv-compress method`` and this budget (``budget``
+    tokens per head, or ``ratio`` removed), as warning texts; empty when they agree. The kept tokens per
+    head depend on both, so a plan made from other stats balances another load."""
+    out = []
+    if stats.method not in (None, method):
+        out.append(f"they were measured with {stats.method}, this server runs {method}")
+    if budget is not None:
+        if stats.budget is None or abs(stats.budget - budget) > 0.1 * budget:
+            out.append(f"they were measured at a budget of {stats.budget} tokens per head, this server keeps "
+                       f"{budget}")
+    elif ratio is not None:
+        measured = stats.extra.get("ratio")
+        if measured is None and stats.budget and stats.extra.get("prompt_len_mean"):
+            measured = 1.0 - stats.budget / float(stats.extra["prompt_len_mean"])
+        if measured is None:
+            out.append("they do not record the compression ratio they were measured at")
+        elif abs(float(measured) - ratio) > 0.05:
+            out.append(f"they were measured at --kv-compress-ratio {float(measured):.2f}, this server runs {ratio}")
+    return out
 
 
 def _load_stats(path: str, num_layers: int, num_kv_heads: int, num_q_heads: int):

@@ -237,13 +237,16 @@ def solve_layer(w: np.ndarray, num_ranks: int, max_copies: int, c_head: float,
 
 
 def sha_layer(w: np.ndarray, num_ranks: int, c_head: float, c_token: float = 1.0) -> LayerSolution:
-    """Standard TP: contiguous KV heads, ``num_kv_heads / R`` per rank (as SGLang splits them)."""
+    """Standard TP: contiguous KV heads, as even as the count allows -- ``ceil(H / R)`` heads on the first
+    ``H mod R`` ranks, ``floor(H / R)`` on the rest (the layout SGLang's head padding gives when ``R``
+    does not divide ``H``: 3 heads at TP 2 are 2 + 1). Raises ValueError for more ranks than heads."""
     h = len(w)
-    if num_ranks > h or h % num_ranks:
+    if num_ranks > h:
         raise ValueError(
-            f"{h} KV heads cannot be split evenly over tp={num_ranks} (stock SGLang "
-            f"refuses this or replicates KV heads); use strategy assign or fairkv")
-    per = h // num_ranks
-    replicas = [[(i // per, 1.0)] for i in range(h)]
+            f"{h} KV heads over tp={num_ranks}: more ranks than KV heads leaves a rank without a head in "
+            "every layer (stock SGLang replicates KV heads); use strategy fairkv with copies")
+    base, extra = divmod(h, num_ranks)
+    owner = np.repeat(np.arange(num_ranks), [base + (r < extra) for r in range(num_ranks)])
+    replicas = [[(int(owner[i]), 1.0)] for i in range(h)]
     t = rank_times(replicas, np.asarray(w, float), num_ranks, c_head, c_token)
     return LayerSolution(replicas=replicas, rank_time=t, optimal=False, lower_bound=0.0)

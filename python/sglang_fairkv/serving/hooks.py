@@ -72,7 +72,8 @@ def scheduler_hooks(on_cpu: bool) -> list[Hook]:
                   Hook(s.T_REPLAY_VIEW, s.replay_view_hook, "AFTER"),
                   Hook(s.T_RELEASE, s.release_hook, "BEFORE"),
                   Hook(s.T_INTERNAL_STATE, s.internal_state_hook, "AFTER"),
-                  Hook(s.T_METRICS, s.metrics_hook, "AFTER")]
+                  Hook(s.T_METRICS, s.metrics_hook, "AFTER"),
+                  Hook(s.T_INPUT_LENGTH, s.input_length_hook, "AFTER")]
     return hooks
 
 

@@ -16,6 +16,8 @@
   segment of the request (finish, abort, disconnect, retract).
 * ``SchedulerInternalStateController._add_memory_usage`` (AFTER): pool usage in ``/get_server_info``.
 * ``SchedulerMetricsCollector.log_stats`` (AFTER, ``--enable-metrics``): the fairkv gauges.
+* ``managers.utils.validate_input_length`` (AFTER): a prompt refused for its length is told why the
+  limit is the dense size with compression (:data:`DENSE_PROMPT_LIMIT`).
 
 Every hook finds the state the same way, :func:`~sglang_fairkv.serving.pool_hooks.process_state`, and
 does nothing when it is None (fairkv off in this process).
@@ -39,6 +41,14 @@ T_ADDER_INIT = "sglang.srt.managers.schedule_policy.PrefillAdder.__init__"
 T_METRICS = "sglang.srt.observability.metrics_collector.SchedulerMetricsCollector.log_stats"
 T_INTERNAL_STATE = ("sglang.srt.managers.scheduler_components.internal_state."
                     "SchedulerInternalStateController._add_memory_usage")
+T_INPUT_LENGTH = "sglang.srt.managers.utils.validate_input_length"
+
+#: Why a compressed server's longest prompt is what the pool holds dense (appended to SGLang's 400)
+DENSE_PROMPT_LIMIT = (
+    " With --kv-compress the limit is still the dense size: SnapKV scores a prompt with its last window of "
+    "queries against every key, so the whole prompt's KV is held uncompressed (one layer at a time on the "
+    "last chunk, earlier chunks whole) before it is compressed; raise --max-total-tokens (and "
+    "--context-length) to serve longer prompts.")
 
 
 def adder_request_hook(original, adder, req, *args, **kwargs):
@@ -124,6 +134,13 @@ def internal_state_hook(result, controller, state_dict, *args, **kwargs):
 
         state_dict["fairkv"] = fairkv_stats(state)
     return result
+
+
+def input_length_hook(result, *args, **kwargs):
+    """AFTER ``validate_input_length``: SGLang's "exceeds the maximum allowed length" message, plus why."""
+    if isinstance(result, str) and process_state() is not None and process_state().cfg.enabled:
+        return result + DENSE_PROMPT_LIMIT
+    return None
 
 
 def metrics_hook(result, collector, *args, **kwargs):

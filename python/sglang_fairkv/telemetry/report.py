@@ -38,7 +38,7 @@ def live_profile(state) -> dict | None:
     plan, cfg = state.rank_plan.plan, state.cfg
     return {**prof, "model": plan.model, "num_layers": plan.num_layers, "num_kv_heads": plan.num_kv_heads,
             "num_q_heads": state.rank_plan.num_q_heads, "head_dim": state.pool.head_dim,
-            "method": cfg.method, "budget": cfg.budget if cfg.budget is not None else cfg.ratio}
+            "method": cfg.method, "budget": cfg.budget, "ratio": cfg.ratio}
 
 
 def plan_drift(state) -> dict | None:

@@ -1,0 +1,220 @@
+"""The fairkv flags of ``launch_server``: parsing, the rules they obey, and what they add to SGLang's argv.
+
+Pure apart from reading the model's ``config.json`` and the files the flags name: everything here runs
+before SGLang starts, so a bad combination is one line and exit 2, never a traceback from a scheduler.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+PROG = "python -m sglang_fairkv.launch_server"
+
+
+class UsageError(Exception):
+    """Bad command-line input: reported as one line on stderr, exit code 2."""
+
+
+#: SGLang flags that cannot work with a compressed (ragged) KV cache: rejected when fairkv is on.
+FAIRKV_REJECTED_FLAGS: tuple[str, ...] = (
+    "--speculative-algorithm", "--enable-dp-attention", "--enable-mixed-chunk",
+    "--enable-hierarchical-cache", "--disaggregation-mode", "--enable-torch-compile",
+    "--enable-lora", "--enable-two-batch-overlap",
+)
+#: Added when fairkv is on (what the compressed cache needs), with the reason logged.
+FAIRKV_FORCED: tuple[tuple[tuple[str, ...], str], ...] = (
+    (("--disable-radix-cache",), "radix prefix sharing cannot share per-head compressed KV"),
+    (("--cuda-graph-backend-prefill", "disabled"), "fairkv prefill takes page decisions per layer "
+     "(compress as you go): eager; decode steps are graph-captured on CUDA"),
+)
+#: Added on a machine without CUDA (or with FAIRKV_DECODE_KERNEL=torch): decode runs eager there.
+FAIRKV_FORCED_EAGER_DECODE = (("--cuda-graph-backend-decode", "disabled"),
+                              "CUDA-graph decode needs CUDA and the Triton decode kernel")
+
+
+#: Default ``--max-running-requests`` with fairkv (sizes the per-request segment page table).
+FAIRKV_DEFAULT_MAX_RUNNING = 256
+
+
+def add_fairkv_args(parser: argparse.ArgumentParser) -> None:
+    """The project's own flags (KV compression through the fairkv backend)."""
+    g = parser.add_argument_group("sglang-fairkv KV compression")
+    from ..compress.policy import METHODS
+
+    g.add_argument("--kv-compress", choices=METHODS,
+                   help="per-head KV compression through the fairkv backend (none = ragged pool, no "
+                        "compression)")
+    g.add_argument("--kv-budget", type=int, help="mean kept prompt tokens per KV head")
+    g.add_argument("--kv-compress-ratio", type=float,
+                   help="fraction of the prompt removed (kvpress compression_ratio)")
+    g.add_argument("--kv-window", type=int, default=64, help="SnapKV observation window (tokens)")
+    g.add_argument("--kv-pool-kernel", type=int, default=5, help="SnapKV avg-pool kernel (odd)")
+    g.add_argument("--kv-alpha", type=float, default=0.2, help="AdaKV safeguard fraction")
+    g.add_argument("--kv-head-budgets", help="HeadKV static budgets JSON {\"head_budgets\": [[layers][kv_heads]]}")
+    g.add_argument("--fairkv-plan", metavar="PATH|sha|assign|fairkv",
+                   help="FairKV head placement across TP ranks: a fairkv-plan/1 file (python -m "
+                        "sglang_fairkv.plan), sha (standard TP split), or assign / fairkv computed now "
+                        "from --fairkv-stats (default at --tp-size > 1: sha)")
+    g.add_argument("--fairkv-stats", metavar="FILE",
+                   help="fairkv-stats/1 file (python -m sglang_fairkv.profiler): the plan of --fairkv-plan "
+                        "assign|fairkv is computed from it; with sha or a plan file it is the reference the "
+                        "plan-drift report compares the live traffic with")
+    g.add_argument("--fairkv-max-copies-per-layer", type=int, default=1, metavar="K",
+                   help="extra head replicas per layer for --fairkv-plan fairkv (default 1)")
+
+
+def fairkv_parser() -> argparse.ArgumentParser:
+    """Only the project's flags (``parse_known_args`` splits them from SGLang's)."""
+    p = argparse.ArgumentParser(prog=PROG, add_help=False, allow_abbrev=False)
+    add_fairkv_args(p)
+    return p
+
+
+def given(argv: list[str], flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in argv)
+
+
+def value(argv: list[str], flag: str) -> str | None:
+    for i, a in enumerate(argv):
+        if a == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith(flag + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def model_config(model_path: str) -> dict:
+    """The model folder's ``config.json`` (UsageError when it cannot be read)."""
+    try:
+        return json.loads((Path(model_path) / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot read {model_path}/config.json: {e}") from None
+
+
+def fairkv_setup(fk: argparse.Namespace, ns: argparse.Namespace, out: list[str], model_path: str,
+                 on_cpu: bool) -> tuple[object, tuple[str, ...], tuple[str, ...]]:
+    """Validate the compression flags, adjust SGLang's argv in place; returns (``CompressConfig``, notes,
+    warnings). A method that needs a budget and got none runs at ``DEFAULT_RATIO`` (noted)."""
+    from ..compress.policy import DEFAULT_RATIO, CompressConfig, check_against_context, load_config_head_budgets
+
+    notes = []
+    ratio = fk.kv_compress_ratio
+    if fk.kv_compress in ("snapkv", "adakv", "pyramidkv") and fk.kv_budget is None and ratio is None:
+        ratio = DEFAULT_RATIO
+        notes.append(f"--kv-compress-ratio {DEFAULT_RATIO}: the default for --kv-compress {fk.kv_compress} "
+                     "(give --kv-budget N or --kv-compress-ratio R to change it)")
+    try:
+        cfg = CompressConfig(method=fk.kv_compress or "none", budget=fk.kv_budget,
+                             ratio=ratio, window=fk.kv_window, kernel=fk.kv_pool_kernel,
+                             alpha=fk.kv_alpha, head_budgets=fk.kv_head_budgets)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    mc = model_config(model_path)
+    ctx = value(out, "--context-length")
+    context_len = int(ctx) if ctx and ctx.isdigit() else int(mc.get("max_position_embeddings") or 0)
+    try:
+        warnings = tuple(check_against_context(cfg, context_len)) if context_len else ()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if ns.attention_backend not in (None, "fairkv"):
+        raise UsageError(f"--kv-compress needs --attention-backend fairkv, got {ns.attention_backend}")
+    bad = [f for f in FAIRKV_REJECTED_FLAGS if given(out, f)]
+    if (ns.pp_size or 1) > 1:
+        bad.append("--pp-size > 1")
+    if (ns.dp_size or 1) > 1:
+        bad.append("--dp-size > 1")
+    if (ns.page_size or 1) > 1:
+        bad.append("--page-size > 1 (the ragged pool pages itself: FAIRKV_KV_PAGE_SIZE)")
+    flag = "--cuda-graph-backend-prefill"
+    if given(out, flag) and value(out, flag) != "disabled":
+        bad.append(f"{flag} {value(out, flag)} (fairkv prefill runs eager; decode graphs are supported)")
+    eager_decode = on_cpu or os.environ.get("FAIRKV_DECODE_KERNEL", "triton") == "torch"
+    flag = "--cuda-graph-backend-decode"
+    if eager_decode and given(out, flag) and value(out, flag) != "disabled":
+        bad.append(f"{flag} {value(out, flag)} (CUDA-graph decode needs CUDA and the Triton decode kernel)")
+    kv_dtype = value(out, "--kv-cache-dtype")
+    if kv_dtype not in (None, "auto", "bf16", "bfloat16"):
+        bad.append(f"--kv-cache-dtype {kv_dtype} (the ragged pool and its decode kernel hold fp16 / bf16 / "
+                   "fp32 KV; quantized KV is not supported yet)")
+    if given(out, "--cuda-graph-config"):
+        bad.append("--cuda-graph-config (fairkv: set decode graphs with --cuda-graph-backend-decode; "
+                   "prefill runs eager)")
+    if bad:
+        raise UsageError(f"cannot be used with a compressed KV cache (--kv-compress): {', '.join(bad)}")
+    if cfg.method == "headkv":
+        try:
+            load_config_head_budgets(cfg, mc["num_hidden_layers"],
+                                     mc.get("num_key_value_heads", mc["num_attention_heads"]))
+        except (OSError, KeyError, ValueError) as e:
+            raise UsageError(f"--kv-head-budgets {cfg.head_budgets}: {e}") from None
+    if not given(out, "--attention-backend"):
+        out += ["--attention-backend", "fairkv"]
+    if not given(out, "--max-running-requests"):
+        # the segment page table is [requests, layers, kv_heads, context / page]: SGLang's CPU default
+        # of 2048 requests would make it hundreds of MB for SmolLM2
+        out += ["--max-running-requests", str(FAIRKV_DEFAULT_MAX_RUNNING)]
+        notes.append(f"--max-running-requests {FAIRKV_DEFAULT_MAX_RUNNING}: bounds the segment page "
+                     "table (give the flag to change it)")
+    forced = FAIRKV_FORCED + ((FAIRKV_FORCED_EAGER_DECODE,) if eager_decode else ())
+    for flag_value, why in forced:
+        if not given(out, flag_value[0]):
+            out += list(flag_value)
+            notes.append(f"{' '.join(flag_value)}: {why}")
+    return cfg, tuple(notes), warnings
+
+
+def placement_setup(fk: argparse.Namespace, ns: argparse.Namespace, out: list[str], model_path: str,
+                    cfg) -> tuple[str | None, tuple[str, ...], tuple[str, ...]]:
+    """Resolve ``--fairkv-plan`` (default ``sha`` at TP > 1) against the model's shape and ``--tp-size``;
+    returns (plan JSON or None at TP = 1 without a plan, notes, warnings). The note names the plan and
+    the KV heads each rank holds; stats measured with another method or budget than ``cfg`` (the
+    run's ``CompressConfig``) are warned about (another model shape is refused)."""
+    from ..placement.schema import PlanError
+
+    spec = fk.fairkv_plan
+    if spec is None and ns.tp_size == 1:
+        if fk.fairkv_stats is not None:
+            raise UsageError("--fairkv-stats needs a placement (--fairkv-plan, or --tp-size > 1): at TP 1 "
+                             "there is nothing to balance")
+        return None, (), ()
+    spec = spec or "sha"
+    mc = model_config(model_path)
+    from ..model import ARCHITECTURES
+
+    arch = (mc.get("architectures") or ["?"])[0]
+    if arch not in ARCHITECTURES:
+        raise UsageError(f"--fairkv-plan: {arch} has no FairKV model class (supported: "
+                         f"{', '.join(ARCHITECTURES)})")
+    if given(out, "--quantization"):
+        raise UsageError("--fairkv-plan cannot be used with --quantization (weights are sliced per head)")
+    from ..placement.runtime import RankPlan, resolve_plan, stats_mismatch
+    from ..placement.stats import load_stats
+
+    q = mc["num_attention_heads"]
+    head_dim = mc.get("head_dim") or mc["hidden_size"] // q
+    try:
+        plan = resolve_plan(spec, model=model_path, num_layers=mc["num_hidden_layers"],
+                            num_kv_heads=mc.get("num_key_value_heads") or q, num_q_heads=q, tp=ns.tp_size,
+                            stats_path=fk.fairkv_stats, max_copies_per_layer=fk.fairkv_max_copies_per_layer,
+                            head_dim=head_dim)
+    except PlanError as e:
+        raise UsageError(f"--fairkv-plan {spec}: {e}") from None
+    warnings = ()
+    if fk.fairkv_stats is not None and cfg.enabled:
+        why = stats_mismatch(load_stats(fk.fairkv_stats), method=cfg.method, budget=cfg.budget, ratio=cfg.ratio)
+        if why:
+            warnings = (f"--fairkv-stats {fk.fairkv_stats} may not describe this server's load: {'; '.join(why)}. "
+                        "A plan balances the load it was made for: profile this traffic (python -m "
+                        "sglang_fairkv.profiler) and plan from that",)
+    copies = sum(plan.copies_per_layer())
+    per_layer = [RankPlan(plan, r, q).heads_per_layer() for r in range(plan.tp)]  # [rank][layer]
+    if all(len(set(h)) == 1 for h in per_layer):
+        heads = f"KV heads per rank in every layer {[h[0] for h in per_layer]}"
+    else:
+        heads = f"KV heads per rank summed over the {plan.num_layers} layers {[sum(h) for h in per_layer]}"
+    note = (f"--fairkv-plan {spec}: {plan.strategy} plan, tp={plan.tp}, {copies} head copies over "
+            f"{plan.num_layers} layers; {heads}" + ("" if fk.fairkv_plan else " (the default at --tp-size > 1)"))
+    return json.dumps(plan.to_json()), (note,), warnings
