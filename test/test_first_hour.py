@@ -87,8 +87,12 @@ def test_budget_below_the_window_is_warned_with_what_it_means(smollm2_path):
     assert not _launch(smollm2_path, "--kv-compress", "snapkv", "--kv-budget", "64").warnings
 
 
-def test_warnings_are_printed_at_start(smollm2_path, capsys):
+def test_warnings_are_printed_at_start(smollm2_path, capsys, monkeypatch):
     from sglang_fairkv.serving.launcher import export_settings
+
+    # export_settings hands the settings on through this process's environment: restore it afterwards
+    for name in ("FAIRKV_KV_COMPRESS", "FAIRKV_PLAN", "SGLANG_EXTERNAL_MODEL_PACKAGE"):
+        monkeypatch.delenv(name, raising=False)
 
     export_settings(_launch(smollm2_path, "--kv-compress", "snapkv", "--kv-budget", "1"))
     err = capsys.readouterr().err
@@ -140,3 +144,52 @@ def test_uneven_placements_price_each_rank():
 
     rp = RankPlan(sha_plan("m", 4, 3, 9, 2), 0, 9)
     assert np.allclose(rp.expected_rows_per_token(), [8.0, 4.0])
+
+
+def _model_with(tmp_path, smollm2_path, **extra):
+    import shutil
+
+    d = tmp_path / "m"
+    d.mkdir(parents=True)
+    cfg = json.loads((smollm2_path / "config.json").read_text())
+    cfg.update(extra)
+    (d / "config.json").write_text(json.dumps(cfg))
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(smollm2_path / f, d / f)
+    return d
+
+
+@pytest.mark.parametrize("extra,needle", [
+    ({"attn_logit_softcapping": 50.0}, "attention logit soft-capping (attn_logit_softcapping=50.0)"),
+    ({"sliding_window": 512, "layer_types": ["sliding_attention", "full_attention"] * 15},
+     "sliding-window attention layers (sliding_window=512)"),
+])
+def test_models_the_backend_does_not_implement_are_refused(tmp_path, smollm2_path, extra, needle):
+    model = _model_with(tmp_path, smollm2_path, **extra)
+    with pytest.raises(UsageError) as e:
+        parse_launch(["--model-path", str(model), "--kv-compress", "adakv"], on_cpu=True)
+    assert needle in str(e.value) and "serve it without --kv-compress" in str(e.value)
+    parse_launch(["--model-path", str(model)], on_cpu=True)  # stock SGLang serves it as before
+    # a Mistral/Qwen2-style sliding_window key alone is full attention in SGLang's classes: accepted
+    parse_launch(["--model-path", str(_model_with(tmp_path / "q", smollm2_path, sliding_window=4096)),
+                  "--kv-compress", "adakv"], on_cpu=True)
+
+
+def test_metadata_glue_graph_is_refused(smollm2_path, monkeypatch):
+    monkeypatch.setenv("SGLANG_ENABLE_METADATA_GLUE_GRAPH", "1")
+    with pytest.raises(UsageError, match="SGLANG_ENABLE_METADATA_GLUE_GRAPH=1"):
+        _launch(smollm2_path, "--kv-compress", "adakv")
+
+
+def test_backend_refuses_a_layer_with_soft_capping_or_a_window():
+    """The backend's own guard (a model class that sets them on its attention layers)."""
+    from types import SimpleNamespace
+
+    from sglang_fairkv.attention.capabilities import layer_problem
+
+    assert layer_problem(SimpleNamespace(layer_id=3, logit_cap=30.0, sliding_window_size=-1)) == \
+        "layer 3 uses attention logit soft-capping (30.0)"
+    assert layer_problem(SimpleNamespace(layer_id=1, logit_cap=0.0, sliding_window_size=256)) == \
+        "layer 1 uses sliding-window attention (256 tokens)"
+    assert layer_problem(SimpleNamespace(layer_id=0, logit_cap=0.0, sliding_window_size=-1)) is None
+    assert layer_problem(SimpleNamespace(layer_id=0)) is None

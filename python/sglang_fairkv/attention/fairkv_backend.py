@@ -49,6 +49,7 @@ from .. import env
 from ..compress.footprint import compresses
 from ..compress.policy import kept_for_layer
 from ..serving.kv_cache import FairKVCache
+from .capabilities import layer_problem
 from ..serving.state import FairKVState
 
 logger = logging.getLogger(__name__)
@@ -134,6 +135,7 @@ class FairKVAttnBackend(AttentionBackend):
         self.tp = self.state.rank_plan.tp
         self.num_kv_heads_total = self.state.rank_plan.plan.num_kv_heads
         self._group = None
+        self._checked_layers: set[int] = set()
         if self.tp > 1 and not getattr(model_runner.model, "fairkv", False):
             raise RuntimeError("fairkv backend at TP > 1: the model is not a FairKV class "
                                f"({type(model_runner.model).__name__}); launch with --fairkv-plan")
@@ -285,13 +287,24 @@ class FairKVAttnBackend(AttentionBackend):
         return False
 
     # ---- prefill ---------------------------------------------------------------------------
+    def _check_layer(self, layer) -> None:
+        """Refuse, once per layer, what this backend does not compute (soft-capping, sliding windows):
+        SGLang's warm-up request reaches every layer, so a model that needs either stops at start-up."""
+        if layer.layer_id in self._checked_layers:
+            return
+        problem = layer_problem(layer)
+        if problem is not None:
+            raise NotImplementedError(f"the fairkv attention backend cannot serve this model: {problem}")
+        self._checked_layers.add(layer.layer_id)
+
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
+        self._check_layer(layer)
         hq, hkv, d = layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim
         q_ = q.view(-1, hq, d)
         k_ = k.view(-1, hkv, d) if k is not None else None
         v_ = v.view(-1, hkv, layer.v_head_dim) if v is not None else None
         o = self._extend(q_, k_, v_, layer.layer_id, layer.scaling, layer.v_head_dim, save_kv_cache)
-        return o.view(-1, hq * layer.v_head_dim)
+        return o.reshape(-1, hq * layer.v_head_dim)  # one request: a transposed view (SDPA may be contiguous)
 
     def forward_empty_layer(self, layer_id: int, num_tokens: int, head_dim: int, dtype, device) -> None:
         """A layer where the plan gives this rank no KV head: nothing to attend, but in prefill the rank
@@ -438,6 +451,7 @@ class FairKVAttnBackend(AttentionBackend):
         metadata and the pool's device tables: no host sync, no data-dependent host decision, no
         per-token row list (the kernel reads the page table). CUDA path: 8 tensor ops (2 writes, 2
         kernel launches, 4 views) when q / k / v are in the pool's dtype."""
+        self._check_layer(layer)
         md: DecodeMetadata = self.forward_metadata
         lid = layer.layer_id
         hq, hkv, d, dv = layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim, layer.v_head_dim

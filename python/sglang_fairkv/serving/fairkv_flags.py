@@ -113,6 +113,16 @@ def fairkv_setup(fk: argparse.Namespace, ns: argparse.Namespace, out: list[str],
     except ValueError as e:
         raise UsageError(str(e)) from None
     mc = model_config(model_path)
+    from ..attention.capabilities import unsupported_features
+
+    missing = unsupported_features(mc)
+    if missing:
+        raise UsageError(f"--kv-compress: the fairkv attention backend does not implement {', '.join(missing)} "
+                         f"of {Path(model_path).name}; serve it without --kv-compress")
+    if os.environ.get("SGLANG_ENABLE_METADATA_GLUE_GRAPH", "0").lower() in ("1", "true", "yes"):
+        raise UsageError("--kv-compress cannot be used with SGLANG_ENABLE_METADATA_GLUE_GRAPH=1: that graph would "
+                         "capture the backend's host-side page bookkeeping, and host and device page tables "
+                         "would drift apart; unset it")
     ctx = value(out, "--context-length")
     context_len = int(ctx) if ctx and ctx.isdigit() else int(mc.get("max_position_embeddings") or 0)
     try:
