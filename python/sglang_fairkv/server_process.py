@@ -155,9 +155,13 @@ class ServerProcess:
         info = self.get_json("/server_info", timeout=timeout)
         return (info.get("internal_states") or [{}])[0].get("fairkv")
 
+    def generate(self, payload: dict, timeout: float = 300.0) -> dict:
+        """``POST /generate`` (raises ``urllib.error.HTTPError`` on an error status)."""
+        return self.post_json("/generate", payload, timeout=timeout)
+
     def greedy_ids(self, input_ids: list[int], max_new_tokens: int, timeout: float = 300.0) -> list[int]:
         """Greedy output ids of one prompt, all ``max_new_tokens`` of them (``ignore_eos``)."""
-        return self.post_json("/generate", {
+        return self.generate({
             "input_ids": input_ids,
             "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0.0, "ignore_eos": True},
         }, timeout=timeout)["output_ids"]

@@ -46,18 +46,6 @@ class Server(ServerProcess):
         info = requests.get(self.url + "/server_info", timeout=timeout).json()
         return info["internal_states"][0]["fairkv"]
 
-    def generate(self, payload: dict, timeout: float = 300.0) -> dict:
-        r = requests.post(self.url + "/generate", json=payload, timeout=timeout)
-        r.raise_for_status()
-        return r.json()
-
-    def greedy_ids(self, input_ids: list[int], max_new_tokens: int) -> list[int]:
-        out = self.generate({
-            "input_ids": input_ids,
-            "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0.0,
-                                "ignore_eos": True},
-        })
-        return out["output_ids"]
 
 
 def run_launcher(args: list[str], timeout: float = 180.0, env: dict | None = None):

@@ -94,7 +94,7 @@ def model_config(model_path: str) -> dict:
         raise UsageError(f"cannot read {model_path}/config.json: {e}") from None
 
 
-def fairkv_setup(fk: argparse.Namespace, ns: argparse.Namespace, out: list[str], model_path: str,
+def fairkv_setup(fk: argparse.Namespace, ns: argparse.Namespace, out: list[str], model_path: str, mc: dict,
                  on_cpu: bool) -> tuple[object, tuple[str, ...], tuple[str, ...]]:
     """Validate the compression flags, adjust SGLang's argv in place; returns (``CompressConfig``, notes,
     warnings). A method that needs a budget and got none runs at ``DEFAULT_RATIO`` (noted)."""
@@ -112,7 +112,6 @@ def fairkv_setup(fk: argparse.Namespace, ns: argparse.Namespace, out: list[str],
                              alpha=fk.kv_alpha, head_budgets=fk.kv_head_budgets)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    mc = model_config(model_path)
     from ..attention.capabilities import unsupported_features
 
     missing = unsupported_features(mc)
@@ -176,7 +175,7 @@ def fairkv_setup(fk: argparse.Namespace, ns: argparse.Namespace, out: list[str],
     return cfg, tuple(notes), warnings
 
 
-def placement_setup(fk: argparse.Namespace, ns: argparse.Namespace, out: list[str], model_path: str,
+def placement_setup(fk: argparse.Namespace, ns: argparse.Namespace, out: list[str], model_path: str, mc: dict,
                     cfg) -> tuple[str | None, tuple[str, ...], tuple[str, ...]]:
     """Resolve ``--fairkv-plan`` (default ``sha`` at TP > 1) against the model's shape and ``--tp-size``;
     returns (plan JSON or None at TP = 1 without a plan, notes, warnings). The note names the plan and
@@ -191,7 +190,6 @@ def placement_setup(fk: argparse.Namespace, ns: argparse.Namespace, out: list[st
                              "there is nothing to balance")
         return None, (), ()
     spec = spec or "sha"
-    mc = model_config(model_path)
     from ..model import ARCHITECTURES
 
     arch = (mc.get("architectures") or ["?"])[0]

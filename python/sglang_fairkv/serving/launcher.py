@@ -28,7 +28,7 @@ from pathlib import Path
 
 from . import machine
 from .fairkv_flags import (PROG, UsageError, add_fairkv_args, fairkv_parser, fairkv_setup,  # noqa: F401
-                           given, placement_setup, value)
+                           given, model_config, placement_setup, value)
 
 
 #: Defaults applied on CPU when the user did not give the flag: (flag, value).
@@ -123,8 +123,9 @@ def parse_launch(argv: list[str], on_cpu: bool) -> LaunchConfig:
         )
     cfg_json, notes, placement_json, warnings = None, (), None, ()
     if fk.kv_compress is not None or ns.attention_backend == "fairkv":
-        cfg, notes, warnings = fairkv_setup(fk, ns, out, model_path, on_cpu)
-        placement_json, plan_notes, plan_warnings = placement_setup(fk, ns, out, model_path, cfg)
+        mc = model_config(model_path)  # config.json, read once for both
+        cfg, notes, warnings = fairkv_setup(fk, ns, out, model_path, mc, on_cpu)
+        placement_json, plan_notes, plan_warnings = placement_setup(fk, ns, out, model_path, mc, cfg)
         cfg_json, notes, warnings = cfg.to_json(), notes + plan_notes, warnings + plan_warnings
     notes = embedded_notes + notes
     if on_cpu:

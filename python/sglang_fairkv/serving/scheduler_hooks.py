@@ -138,7 +138,8 @@ def internal_state_hook(result, controller, state_dict, *args, **kwargs):
 
 def input_length_hook(result, *args, **kwargs):
     """AFTER ``validate_input_length``: SGLang's "exceeds the maximum allowed length" message, plus why."""
-    if isinstance(result, str) and process_state() is not None and process_state().cfg.enabled:
+    state = process_state()
+    if isinstance(result, str) and state is not None and state.cfg.enabled:
         return result + DENSE_PROMPT_LIMIT
     return None
 
