@@ -170,8 +170,8 @@ def test_admissible_when_empty_is_the_most_requests_every_rank_holds(seed):
 
 @pytest.mark.parametrize("heads,max_reqs,on_cuda", [(1, 8, False), (3, 64, False), (2, 16, True)])
 def test_pool_sizes_spend_the_budget_on_tables_scratch_and_whole_pages(heads, max_reqs, on_cuda):
-    """The pages, the tables the real pool allocates and the scratch fit the stock pool's bytes, and one
-    more page would not."""
+    """The pages, the tables the real pool allocates, the allocator's extra slots and the scratch fit the
+    stock pool's bytes, and one more page would not."""
     P, L, D, row_bytes = 16, 4, 64, 2 * 64 * 2
     sz = rank_pool_sizes(max_total_tokens=4096, rows_per_token_budget=L * heads, row_bytes=row_bytes, heads=heads,
                          page_size=P, num_layers=L, max_reqs=max_reqs, max_context=512, group=4, head_dim=D,
@@ -182,7 +182,8 @@ def test_pool_sizes_spend_the_budget_on_tables_scratch_and_whole_pages(heads, ma
     real_tables = sum(t.numel() * t.element_size() for t in (pool.seg_pages, pool.seg_len, pool.active))
     assert sz.table_bytes == real_tables
     assert (sz.scratch_bytes > 0) == on_cuda
-    spent = sz.pages * P * row_bytes + sz.table_bytes + sz.scratch_bytes
+    assert sz.allocator_bytes == 4096 * (16 * 4 - 8)  # the logical-slot stack beyond the stock free list
+    spent = sz.pages * P * row_bytes + sz.table_bytes + sz.scratch_bytes + sz.allocator_bytes
     assert spent <= sz.budget_bytes < spent + P * row_bytes
     free = rank_pool_sizes(max_total_tokens=4096, rows_per_token_budget=L * heads, row_bytes=row_bytes, heads=heads,
                            page_size=P, num_layers=L, max_reqs=max_reqs, max_context=512, group=4, head_dim=D,

@@ -251,7 +251,8 @@ def test_idle_server_admits_a_request_whose_share_choice_would_not_fit():
 
 
 def test_page_tables_are_paid_from_the_kv_budget():
-    """The segment tables (and on CUDA the decode scratch) come out of the bytes SGLang sized for
+    """The segment tables, the allocator's logical slots beyond the stock free list (and on CUDA the
+    decode scratch) come out of the bytes SGLang sized for
     ``max_total_tokens``: the pool gets fewer pages, never more memory; too small a budget is refused
     with the flags to change."""
     from sglang_fairkv.kv.ragged_pool import RaggedKVPool
@@ -264,7 +265,9 @@ def test_page_tables_are_paid_from_the_kv_budget():
     budget = 20000 * (L * KV // 2) * pool.bytes_per_row()
     table = RaggedKVPool.table_bytes(max_reqs=MAX_REQS, num_layers=L, num_kv_heads=pool.num_kv_heads,
                                      max_context=512, page_size=P)
-    used = pool.usable_pages * P * pool.bytes_per_row() + table
+    from sglang_fairkv.kv.sizing import allocator_extra_bytes
+
+    used = pool.usable_pages * P * pool.bytes_per_row() + table + allocator_extra_bytes(20000)
     assert budget - P * pool.bytes_per_row() < used <= budget
     assert pool.max_context >= 512
     with pytest.raises(ValueError, match="lower --max-running-requests or --context-length"):

@@ -131,25 +131,23 @@ def test_compressed_decode_is_sync_free_and_reads_the_tables(compressed):
 
 
 def test_triton_path_in_the_backend_equals_torch_path(compressed):
-    """The backend's CUDA branch (``paged_decode`` over the step's chunk tables and the static
-    workspace, interpreted) gives the CPU branch's outputs for the same step."""
+    """The backend's CUDA branch (split-KV ``paged_decode`` with the static workspace, interpreted) gives the CPU branch's outputs for the same step."""
     from sglang_fairkv.attention.fairkv_backend import DecodeMetadata
 
     backend, gen = compressed
     pool, reqs = backend.pool, [4, 7, 2]
-    use_cuda_branch(backend, chunk_size=64, block_n=32)
+    use_cuda_branch(backend, min_split=32, block_n=16)  # segments of a few splits each
     fb = decode_batch(backend, reqs)
     backend.init_forward_metadata(fb)
     md = backend.forward_metadata
-    assert len(md.chunk_indptr) == GEO.layers
-    assert md.chunk_indptr[0].shape == (len(reqs) * pool.num_kv_heads + 1,)
+    assert md.max_len is None  # the kernel takes no host lengths
     max_len = pool.seg_len_host[reqs].max(axis=(0, 2)).tolist()
     for lid in range(GEO.layers):
         q, k, v = qkv(GEO, len(reqs), gen)
         backend.decode_kernel, backend.forward_metadata = "triton", md
         o_tri = backend.forward_decode(q, k, v, layer(GEO, lid), fb)
         backend.decode_kernel = "torch"  # same step, same rows written again
-        backend.forward_metadata = DecodeMetadata(md.req_pool_idx, md.write_rows, md.lens, None, max_len)
+        backend.forward_metadata = DecodeMetadata(md.req_pool_idx, md.write_rows, md.lens, max_len)
         o_ref = backend.forward_decode(q, k, v, layer(GEO, lid), fb)
         assert (o_tri.double() - o_ref.double()).abs().max() < 1e-5
 
@@ -157,7 +155,7 @@ def test_triton_path_in_the_backend_equals_torch_path(compressed):
 def test_op_budget_per_layer_and_per_step(compressed):
     """The CUDA branch issues at most 10 tensor ops per layer (the two kernel launches counted as
     ops; here a stand-in that allocates the output), and the step's metadata a bounded number (the
-    host bookkeeping, the upload's scatters, write rows, chunk tables of every layer at once)."""
+    host bookkeeping, the upload's scatters, write rows of every layer at once)."""
     backend, gen = compressed
     reqs = [2, 4, 7]
     use_cuda_branch(backend, kernel=lambda q, *a, **k: torch.empty_like(q))  # stands for the two launches

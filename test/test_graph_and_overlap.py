@@ -30,7 +30,7 @@ INACTIVE = (5, 1, 1)  # request 5 head 1 in layer 1: a copy served by another ra
 def twin(seed: int = 0):
     """A backend on the CUDA branch with the prompts prefilled (same K/V for every twin)."""
     b = make_backend(GEO)
-    use_cuda_branch(b, chunk_size=32, block_n=16)
+    use_cuda_branch(b, min_split=32, block_n=16)
     st, gen = b.state, torch.Generator().manual_seed(seed)
     r, l, h = INACTIVE
     for req, n in PROMPTS.items():
@@ -153,3 +153,32 @@ def test_a_pool_short_of_pages_waits_for_limbo_instead_of_failing():
     pool.set_active(2)
     pool.extend([2], [16])  # all 4 usable pages are in limbo
     assert pool.used_pages() == 4 and pool.limbo_pages() == 0
+
+
+def test_release_events_are_recorded_on_the_forward_stream(monkeypatch):
+    """Under SGLang's overlap scheduler the forward runs on its own stream and requests are released
+    from the scheduler's: the release event must follow the forward stream (the one current when the
+    step was launched), not the releasing caller's. CUDA's stream and event objects are stand-ins here;
+    the pool takes its CUDA branch."""
+    recorded, current = [], {"stream": "forward-stream"}
+
+    class Event:
+        def record(self, stream=None):
+            recorded.append(stream)
+
+        def query(self):
+            return True
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current["stream"])
+    pool = RaggedKVPool(num_pages=12, page_size=4, num_layers=1, num_kv_heads=1, head_dim=2, max_reqs=4,
+                        max_context=64, dtype=torch.float32)
+    pool.set_active(1)
+    pool.extend([1], [8])
+    pool.device = torch.device("cuda")  # the CUDA branch of begin_step / release (no tensor touched)
+    pool.begin_step()  # launched on the forward stream
+    current["stream"] = "schedule-stream"  # the scheduler releases from its own stream
+    pool.free(1)
+    assert recorded == ["forward-stream"]
+    pool.begin_step()  # the event has completed: pages back
+    assert pool.limbo_pages() == 0 and pool.free_page_count() == pool.usable_pages

@@ -74,15 +74,13 @@ def skewed(seed, n, mean=600):
 TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2.5e-2}
 
 
-def run(kern, q, seg_pages, seg_len, req_idx, layer, P, num_pages, ws, scale):
+def run(kern, q, seg_pages, seg_len, req_idx, layer, P, num_pages, ws, scale, work=None):
     D = q.shape[-1]
     g = torch.Generator().manual_seed(5)
     k = torch.randn(num_pages * P, D, generator=g).to(q.dtype)
     v = torch.randn(num_pages * P, D, generator=g).to(q.dtype)
-    lens = seg_len[req_idx]  # [B, L, H]
-    ct = kern.chunk_tables(lens, ws.chunk_size)
     out = torch.full(q.shape, float("nan"), dtype=q.dtype)  # poisoned: every entry must be written
-    kern.paged_decode(q, k, v, seg_pages, seg_len, req_idx, layer, ct[layer], scale, ws, P, out=out)
+    kern.paged_decode(q, k, v, seg_pages, seg_len, req_idx, layer, scale, ws, P, out=out, work=work)
     return out, naive(q, k, v, seg_pages, seg_len, req_idx, layer, P, scale)
 
 
@@ -94,8 +92,8 @@ def test_matches_reference_on_skewed_segments(kern, G, D, dtype):
     seed = G * 1000 + D
     lens = skewed(seed, 8).view(4, 2)
     seg_pages, seg_len, req_idx, num_pages = make_tables(seed, lens)
-    ws = kern.DecodeWorkspace.create(max_segments=16, pool_rows=num_pages * 16, group=G, head_dim=D,
-                                     device="cpu")
+    ws = kern.DecodeWorkspace.create(max_batch=4, num_heads=2, group=G, head_dim=D, device="cpu")
+    assert ws.splits_for(4) > 1  # long segments really spread over several programs
     q = torch.randn(4, 2, G, D, generator=torch.Generator().manual_seed(seed)).to(dtype)
     out, ref = run(kern, q, seg_pages, seg_len, req_idx, 1, 16, num_pages, ws, 1 / math.sqrt(D))
     assert torch.isfinite(out).all()
@@ -106,11 +104,13 @@ def test_matches_reference_on_skewed_segments(kern, G, D, dtype):
 
 
 def test_batch_sizes_share_one_static_workspace(kern):
-    """Several batch sizes, fewer local heads than the table has (a FairKV layer), page sizes and chunk
-    boundaries, all through one workspace: the scratch is never reallocated and the grid is fixed."""
-    ws = kern.DecodeWorkspace.create(max_segments=8 * 3, pool_rows=4096, group=4, head_dim=64,
-                                     device="cpu", chunk_size=128, block_n=32)
-    ptrs = (ws.o_part.data_ptr(), ws.lse_part.data_ptr(), ws.max_chunks)
+    """Several batch sizes (so several split counts), fewer local heads than the table has (a FairKV
+    layer), page sizes and split boundaries, all through one workspace: the scratch is never
+    reallocated."""
+    ws = kern.DecodeWorkspace.create(max_batch=8, num_heads=3, group=4, head_dim=64, device="cpu",
+                                     min_split=32, block_n=16, target_programs=24)
+    ptrs = (ws.o_part.data_ptr(), ws.lse_part.data_ptr())
+    assert [ws.splits_for(b) for b in (1, 3, 8)] == [8, 3, 1]
     for B, Hl, P, lens in ((1, 1, 16, [[700]]), (3, 2, 8, [[128, 127], [129, 0], [1, 256]]),
                            (8, 3, 16, None)):
         if lens is None:
@@ -119,13 +119,28 @@ def test_batch_sizes_share_one_static_workspace(kern):
         q = torch.randn(B, Hl, 4, 64, generator=torch.Generator().manual_seed(B))
         out, ref = run(kern, q, seg_pages, seg_len, req_idx, 2, P, num_pages, ws, 0.125)
         assert (out.double() - ref).abs().max() < 2e-5, (B, Hl, P)
-    assert (ws.o_part.data_ptr(), ws.lse_part.data_ptr(), ws.max_chunks) == ptrs
+    assert (ws.o_part.data_ptr(), ws.lse_part.data_ptr()) == ptrs
+
+
+def test_padding_slots_and_replicas_give_zeros(kern):
+    """Slots whose segments are empty in the layer (SGLang's padding slot 0, a copied head's requests
+    served by the other replica) write zeros, and the other slots' answers are unchanged."""
+    lens = torch.tensor([[40, 0], [0, 0], [0, 300], [17, 5]])
+    seg_pages, seg_len, req_idx, num_pages = make_tables(11, lens)
+    req_idx[1] = 0  # the padding slot: request 0 holds nothing in any layer
+    seg_len[0] = 0
+    ws = kern.DecodeWorkspace.create(max_batch=4, num_heads=2, group=2, head_dim=64, device="cpu",
+                                     min_split=64, block_n=32)
+    q = torch.randn(4, 2, 2, 64, generator=torch.Generator().manual_seed(2))
+    out, ref = run(kern, q, seg_pages, seg_len, req_idx, 1, 16, num_pages, ws, 0.1)
+    assert torch.equal(out[lens == 0], torch.zeros_like(out[lens == 0]))
+    assert (out.double() - ref).abs().max() < 2e-5
 
 
 def test_q_strided_in_batch_and_heads(kern):
     """q as the backend passes it: a view of ``[b, Hq * D]`` reshaped, and a non-contiguous slice."""
     seg_pages, seg_len, req_idx, num_pages = make_tables(3, [[5, 0], [300, 17]])
-    ws = kern.DecodeWorkspace.create(max_segments=4, pool_rows=num_pages * 16, group=2, head_dim=64, device="cpu")
+    ws = kern.DecodeWorkspace.create(max_batch=2, num_heads=2, group=2, head_dim=64, device="cpu")
     big = torch.randn(2, 3, 2, 64, generator=torch.Generator().manual_seed(1))
     q = big[:, :2]  # strided in the head axis
     out, ref = run(kern, q, seg_pages, seg_len, req_idx, 1, 16, num_pages, ws, 0.1)
@@ -134,52 +149,111 @@ def test_q_strided_in_batch_and_heads(kern):
 
 def test_all_segments_empty(kern):
     seg_pages, seg_len, req_idx, num_pages = make_tables(1, [[0, 0], [0, 0]])
-    ws = kern.DecodeWorkspace.create(max_segments=4, pool_rows=num_pages * 16, group=2, head_dim=64, device="cpu")
+    ws = kern.DecodeWorkspace.create(max_batch=2, num_heads=2, group=2, head_dim=64, device="cpu")
     q = torch.randn(2, 2, 2, 64)
     out, _ = run(kern, q, seg_pages, seg_len, req_idx, 1, 16, num_pages, ws, 0.1)
     assert torch.equal(out, torch.zeros_like(q))
 
 
+# ---- work follows the tokens, not the pool ---------------------------------------------------
+def server_workspace(pool_rows: int, *, max_reqs: int = 64, heads: int = 2, group: int = 4, head_dim: int = 64):
+    """The workspace a CUDA server builds (through its sizing, :func:`rank_pool_sizes`) for a pool of
+    ``pool_rows`` rows: 1e8 rows is an H200's worth of KV at TP 8 (70B)."""
+    from sglang_fairkv.kv.sizing import rank_pool_sizes
+    from sglang_fairkv_kernels import DecodeWorkspace
+
+    L = 4
+    sz = rank_pool_sizes(max_total_tokens=pool_rows // (L * heads), rows_per_token_budget=L * heads,
+                         row_bytes=2 * head_dim * 2, heads=heads, page_size=16, num_layers=L, max_reqs=max_reqs,
+                         max_context=8192, group=group, head_dim=head_dim, on_cuda=True)
+    assert sz.pages * 16 >= pool_rows // 2  # the budget really is that pool's
+    return DecodeWorkspace.create(**sz.workspace_kw, device="cpu")
+
+
+def work_of(kern, ws, lens, G=4, D=64):
+    """Programs launched and loop iterations run (counted by the kernel itself, ``work=``) for one
+    decode of a batch with segment lengths ``lens`` [B, H]; the answer checked against fp64."""
+    B, H = lens.shape
+    seg_pages, seg_len, req_idx, num_pages = make_tables(7, lens, H=H)
+    S = ws.splits_for(B)
+    work = torch.full((B * H * S,), -1, dtype=torch.int32)
+    q = torch.randn(B, H, G, D, generator=torch.Generator().manual_seed(0))
+    out, ref = run(kern, q, seg_pages, seg_len, req_idx, 1, 16, num_pages, ws, 0.125, work=work)
+    assert (out.double() - ref).abs().max() < 2e-5
+    assert (work >= 0).all()  # every program of the grid ran and reported
+    return work.numel(), int(work.sum())
+
+
+def test_work_follows_the_batch_not_the_pool(kern):
+    """The same batch (8 slots x 2 heads of 100 tokens) decoded with the workspace of a small pool and
+    with the one an H200-sized pool (1e8 rows) gets: the same grid, the same iterations (the old
+    chunked kernel's grid and trip count grew with the pool: 13.5x the interpreter time). Work measured
+    as programs + iterations, as counted by the kernel."""
+    lens = torch.full((8, 2), 100)
+    small = work_of(kern, server_workspace(64 * 1024), lens)
+    huge = work_of(kern, server_workspace(10 ** 8), lens)
+    assert sum(huge) <= 2 * sum(small), (small, huge)
+    assert small[1] == 8 * 2 * 2  # 100 tokens: two blocks of 64, in one split (below min_split)
+
+
+def test_work_grows_linearly_with_tokens(kern):
+    """100 vs 3200 tokens per segment: iterations grow 16x-40x (32x the tokens), programs stay bounded
+    by the grid (which depends on the batch only)."""
+    ws = server_workspace(10 ** 8)
+    p100, it100 = work_of(kern, ws, torch.full((2, 2), 100))
+    p3200, it3200 = work_of(kern, ws, torch.full((2, 2), 3200))
+    assert p100 == p3200 == 2 * 2 * ws.splits_for(2)
+    assert 16 <= it3200 / it100 <= 40, (it100, it3200)
+
+
+def test_long_single_segment_spreads_over_many_programs(kern):
+    """Batch 1, one long head: the work is split (no program runs the whole segment), each split's
+    iterations are a fair share, and the answer is exact."""
+    ws = kern.DecodeWorkspace.create(max_batch=4, num_heads=1, group=2, head_dim=64, device="cpu",
+                                     target_programs=16, min_split=128, block_n=64)
+    lens = torch.tensor([[4000]])
+    seg_pages, seg_len, req_idx, num_pages = make_tables(3, lens, H=1)
+    work = torch.zeros(16, dtype=torch.int32)
+    q = torch.randn(1, 1, 2, 64, generator=torch.Generator().manual_seed(4))
+    out, ref = run(kern, q, seg_pages, seg_len, req_idx, 1, 16, num_pages, ws, 0.125, work=work)
+    assert (out.double() - ref).abs().max() < 2e-5
+    assert ws.splits_for(1) == 16 and (work > 0).sum() == 16  # every program has a share
+    per = math.ceil(4000 / 16 / 64)  # iterations of a split: its ceil(len / splits) tokens in blocks of 64
+    assert int(work.max()) == per and int(work.sum()) == math.ceil(4000 / 64)  # nothing run twice
+
+
 def test_workspace_bounds():
     from sglang_fairkv_kernels import DecodeWorkspace
 
-    ws = DecodeWorkspace.create(max_segments=100, pool_rows=1 << 30, group=8, head_dim=128, device="cpu",
-                                max_scratch_chunks=1000)
-    assert ws.chunk_size % ws.block_n == 0 and (1 << 30) // ws.chunk_size <= 1000
-    assert ws.max_chunks == (1 << 30) // ws.chunk_size + 100
-    assert ws.search_steps == math.ceil(math.log2(101))
-    assert ws.nbytes == DecodeWorkspace.bytes_for(max_segments=100, pool_rows=1 << 30, group=8,
-                                                  head_dim=128, max_scratch_chunks=1000)
-
-
-def test_chunk_tables_match_python():
-    from sglang_fairkv_kernels import chunk_tables
-
-    lens = torch.randint(0, 2000, (3, 4, 2), generator=torch.Generator().manual_seed(0)).to(torch.int32)
-    ct = chunk_tables(lens, 512)
-    for l in range(4):
-        counts = [math.ceil(int(lens[b, l, h]) / 512) for b in range(3) for h in range(2)]
-        assert ct[l].tolist() == [0, *torch.cumsum(torch.tensor(counts), 0).tolist()]
+    ws = DecodeWorkspace.create(max_batch=100, num_heads=2, group=8, head_dim=128, device="cpu",
+                                target_programs=528, max_splits=64)
+    assert ws.splits_for(1) == 64 and ws.splits_for(100) == 3 and ws.splits_for(264) == 1
+    rows = ws.o_part.shape[0]
+    assert rows == max(b * 2 * ws.splits_for(b) for b in range(1, 101)) and rows <= max(100 * 2, 2 * 528)
+    assert ws.nbytes == DecodeWorkspace.bytes_for(max_batch=100, num_heads=2, group=8, head_dim=128,
+                                                  target_programs=528, max_splits=64)
+    big = DecodeWorkspace.bytes_for(max_batch=4096, num_heads=8, group=8, head_dim=128)
+    assert big == 4096 * 8 * 16 * 129 * 4  # 270 MB at 4096 slots x 8 heads: the batch sets it
 
 
 def test_bad_input_names_the_problem(kern):
     seg_pages, seg_len, req_idx, num_pages = make_tables(1, [[3, 4]])
-    ws = kern.DecodeWorkspace.create(max_segments=2, pool_rows=num_pages * 16, group=2, head_dim=64, device="cpu")
+    ws = kern.DecodeWorkspace.create(max_batch=1, num_heads=2, group=2, head_dim=64, device="cpu")
     q = torch.randn(1, 2, 2, 64)
     k = torch.randn(num_pages * 16, 64)
-    ct = kern.chunk_tables(seg_len[req_idx], ws.chunk_size)[1]
-    with pytest.raises(ValueError, match=r"chunk_indptr must be \[B \* H \+ 1\] = \[3\], got \(2,\)"):
-        kern.paged_decode(q, k, k, seg_pages, seg_len, req_idx, 1, ct[:2], 0.1, ws, 16)
     with pytest.raises(ValueError, match=r"k_rows must be \[N, 64\]"):
-        kern.paged_decode(q, k[:, :32], k, seg_pages, seg_len, req_idx, 1, ct, 0.1, ws, 16)
+        kern.paged_decode(q, k[:, :32], k, seg_pages, seg_len, req_idx, 1, 0.1, ws, 16)
     with pytest.raises(ValueError, match="dtypes differ"):
-        kern.paged_decode(q, k.half(), k, seg_pages, seg_len, req_idx, 1, ct, 0.1, ws, 16)
-    with pytest.raises(ValueError, match="exceed the workspace's 2 segments"):
-        kern.paged_decode(q.repeat(2, 1, 1, 1), k, k, seg_pages, seg_len, req_idx.repeat(2), 1,
-                          torch.zeros(5, dtype=torch.int32), 0.1, ws, 16)
+        kern.paged_decode(q, k.half(), k, seg_pages, seg_len, req_idx, 1, 0.1, ws, 16)
+    with pytest.raises(ValueError, match="2 slots exceed the workspace's 1"):
+        kern.paged_decode(q.repeat(2, 1, 1, 1), k, k, seg_pages, seg_len, req_idx.repeat(2), 1, 0.1, ws, 16)
+    with pytest.raises(ValueError, match="sized for 3"):
+        kern.paged_decode(q, k, k, seg_pages, seg_len, req_idx, 1, 0.1,
+                          kern.DecodeWorkspace.create(max_batch=1, num_heads=3, group=2, head_dim=64,
+                                                      device="cpu"), 16)
     with pytest.raises(ValueError, match="must be a positive multiple"):
-        kern.DecodeWorkspace.create(max_segments=2, pool_rows=10, group=2, head_dim=64, device="cpu",
-                                    chunk_size=100)
+        kern.DecodeWorkspace.create(max_batch=2, num_heads=2, group=2, head_dim=64, device="cpu",
+                                    min_split=100)
 
 
 def test_device_pool_check_dry_run_fills_segments_and_passes():

@@ -1,17 +1,30 @@
-"""Device benchmark: ragged per-head decode — FlashInfer uniform vs FlashInfer ragged vs our page-table kernel.
+"""Device benchmark: the split-KV page-table decode kernel against FlashInfer's and SGLang's Triton decode,
+and a batched prefill with a 32k-token prompt.
 
-Same GPU, same total KV tokens per case: lognormal(sigma=1) segment lengths (the skew per-head
-compression produces), group 8 (GQA), head_dim 128, bf16, 512..8192 segments (one KV head per
-request, as a 70B rank at TP 8), mean 512..2048 tokens, pages of 16 rows scattered over the pool.
-Our kernel (``paged_decode``) reads the page table in place with its static workspace; FlashInfer
-gets the same pages as a CSR page list (its ``plan()`` is timed apart, as host cost).
-Reports microseconds (median of CUDA-event timings), throughput relative to FlashInfer on a uniform
-layout of the same total, achieved bandwidth vs a device-to-device copy measured in the same run,
-and the relative error of our kernel against a float32 reference. Writes $OUT/ragged_decode.json
-and prints a markdown table last.
+Decode, batch 1 / 64 / 256 x context 1k / 8k / 32k / 128k, one rank of an 8B-class model at TP 4
+(2 KV heads, group 4, head_dim 128, bf16, pages of 16 rows):
 
-    make device-check                                  # on the lent GPU (installs FlashInfer from .device/)
-    python benchmark/device/bench_kernel.py --dry-run  # on CPU, TRITON_INTERPRET=1, tiny sizes, no FlashInfer
+* **ours**: the kept tokens of a per-head compressed cache (lognormal, sigma 1, mean half the context,
+  clamped to [1, context]: the skew per-head compression produces), read through the ragged pool's
+  page table with pages scattered over the pool (``paged_decode``, split-KV, its static workspace).
+* **FI dense** / **SGLang triton dense**: what stock SGLang reads for the same requests, every head
+  at the full context (FlashInfer's paged decode, NHD; SGLang's ``decode_attention_fwd``, token
+  indices, its default 8 KV splits). Same buffer for both.
+* **FI ragged**: FlashInfer over exactly our kept set, each (request, head) segment as a request of
+  one KV head (the best a uniform-head kernel can do with per-head lengths).
+
+Microseconds are medians of CUDA-event timings; correctness of ours against an fp64 reference on a
+subset of segments; bytes read give GB/s. Cases that do not fit are skipped with the reason.
+
+Prefill: the backend's per-request prefill attention (``attention/causal.py``: one request's rows
+gathered from the pool, lower-right causal, flash) for a batch of two, the last 4096-token chunk of a
+32k prompt and a new 64-token request, 8 KV heads x 32 query heads (an 8B model at TP 1); time, the
+path taken (must be flash), peak extra memory against the bound, error against fp32.
+
+Writes $OUT/ragged_decode.json, prints markdown tables last.
+
+    make device-check                                  # on the lent GPU (FlashInfer, SGLang from .device/)
+    python benchmark/device/bench_kernel.py --dry-run  # on CPU, TRITON_INTERPRET=1, tiny sizes
 """
 
 from __future__ import annotations
@@ -19,19 +32,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
+import tarfile
 import time
 import traceback
+from pathlib import Path
 
 import torch
 
 import _paths  # noqa: E402,F401  (the project's folders on sys.path)
 from helpers.decode_reference import paged_decode_reference  # noqa: E402
-from sglang_fairkv_kernels import DecodeWorkspace, chunk_tables, paged_decode  # noqa: E402
+from sglang_fairkv_kernels import DecodeWorkspace, paged_decode, target_programs_for  # noqa: E402
 
-G, D = 8, 128
+H, G, D, P = 2, 4, 128, 16
+SGL_SPLITS = 8  # SGLang's --triton-attention-num-kv-splits default
 
 
-def bench(fn, dev, iters=50, warm=10):
+def bench(fn, dev, iters=30, warm=5):
     if dev == "cpu":
         t = time.perf_counter()
         fn()
@@ -51,136 +68,256 @@ def bench(fn, dev, iters=50, warm=10):
     return ts[len(ts) // 2]
 
 
-def lognormal_lengths(n, mean, sigma, seed):
+def kept_lengths(batch, ctx, seed):
+    """[batch, H] kept tokens per (request, head): lognormal(sigma 1), mean ctx / 2, in [1, ctx]."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.exp(torch.randn(n, generator=g) * sigma)
-    x = x / x.mean() * mean
-    return x.round().clamp(min=1).long()
+    x = torch.exp(torch.randn(batch, H, generator=g))
+    return (x / x.mean() * ctx / 2).round().clamp(1, ctx).long()
 
 
-def copy_bandwidth(dev):
-    n = 1 << 30 if dev == "cuda" else 1 << 20
-    a = torch.empty(n, dtype=torch.uint8, device=dev)
-    b = torch.empty_like(a)
-    a.random_(0, 255)
-    us = bench(lambda: b.copy_(a), dev)
-    return 2 * n / (us * 1e-6) / 1e9  # GB/s, read + write
+def ragged_tables(lens, dev, g):
+    """seg_pages [B, 1, H, MP] with every page of the pool handed out in random order, seg_len [B, 1, H]
+    int32, pages in use (page 0 reserved); also FlashInfer's CSR over the B x H segments."""
+    B = lens.shape[0]
+    pages_each = (lens + P - 1) // P  # [B, H]
+    mp = int(pages_each.max()) + 1
+    total = int(pages_each.sum())
+    perm = (torch.randperm(total, generator=g) + 1).to(torch.int32)
+    tables = torch.zeros(B, 1, H, mp, dtype=torch.int32)
+    mask = torch.arange(mp)[None, None, :] < pages_each[..., None]
+    tables[:, 0][mask] = perm
+    indptr = torch.zeros(B * H + 1, dtype=torch.int32)
+    indptr[1:] = torch.cumsum(pages_each.reshape(-1), 0).to(torch.int32)
+    return (tables.to(dev), lens.view(B, 1, H).to(dev, torch.int32), total + 1,
+            (indptr.to(dev), perm.to(dev)))
 
 
-P = 16
-
-
-def flashinfer_runner(q, k, v, lens, pages_csr, ws):
-    """FlashInfer paged decode over the same pages: ``lens`` [n] tokens, ``pages_csr`` (indptr, ids)."""
+def flashinfer_decode(q, k4, v4, indptr, ids, last, num_kv, fi_ws):
     import flashinfer
 
-    indptr, ids = pages_csr
-    last = ((lens - 1) % P + 1).to(torch.int32).clamp_min(1).to(q.device)
-    w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=True)
-    w.plan(indptr, ids, last, G, 1, D, P, q_data_type=q.dtype, kv_data_type=k.dtype)
-    k4, v4 = k.view(-1, P, 1, D), v.view(-1, P, 1, D)
-    return lambda: w.run(q.view(-1, G, D), (k4, v4))
+    w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(fi_ws, "NHD", use_tensor_cores=True)
+    w.plan(indptr, ids, last, num_kv * G, num_kv, D, P, q_data_type=q.dtype, kv_data_type=k4.dtype)
+    return lambda: w.run(q, (k4, v4))
 
 
-def paged_case(lens, dev, g):
-    """Page tables [n, 1, 1, MP] (one request per segment, one layer, one head) with every page of
-    the pool handed out in random order; also the CSR page list FlashInfer takes."""
-    n = lens.numel()
-    pages_each = (lens + P - 1) // P
-    mp = int(pages_each.max()) + 1
-    total_pages = int(pages_each.sum())
-    perm = torch.randperm(total_pages, generator=g) + 1  # page 0 reserved
-    tables = torch.zeros(n, 1, 1, mp, dtype=torch.int32)
-    mask = torch.arange(mp)[None, :] < pages_each[:, None]
-    tables[:, 0, 0][mask] = perm.to(torch.int32)
-    indptr = torch.zeros(n + 1, dtype=torch.int32)
-    indptr[1:] = torch.cumsum(pages_each, 0).to(torch.int32)
-    return tables.to(dev), lens.view(n, 1, 1).to(dev, torch.int32), total_pages + 1, (indptr.to(dev), perm.to(dev, torch.int32))
+def sglang_decode_fn():
+    """SGLang's Triton decode (``decode_attention_fwd``) from the installed SGLang, else from the carried
+    bundle's site (``.device/sglang``, extracted once to /tmp/site as serve.py does)."""
+    try:
+        from sglang.kernels.ops.attention.decode_attention import decode_attention_fwd
+        return decode_attention_fwd
+    except ImportError:
+        pass
+    bundle = _paths.REPO / ".device" / "sglang"
+    site = Path("/tmp/site")
+    if not (site / "sglang").is_dir():
+        tarfile.open(bundle / "site.tar.xz").extractall(site, filter="data")
+    sys.path[:0] = [str(bundle / "standin"), str(site)]
+    from sglang.kernels.ops.attention.decode_attention import decode_attention_fwd
+    return decode_attention_fwd
+
+
+def decode_case(B, ctx, dev, dt, fi_ws, sgl, dry) -> dict:
+    row = {"batch": B, "context": ctx}
+    lens = kept_lengths(B, ctx, seed=B * 7 + ctx)
+    row["kept_tokens"] = kept = int(lens.sum())
+    row["dense_tokens"] = dense = B * H * ctx
+    need = (kept + dense) * D * 2 * 2 + 8 * B * ctx
+    if dev == "cuda" and need > 0.6 * torch.cuda.get_device_properties(0).total_memory:
+        row["skipped"] = f"needs {need / 2**30:.0f} GiB"
+        return row
+    g = torch.Generator().manual_seed(1)
+    gd = torch.Generator(device=dev).manual_seed(2)
+    tables, seg_len, num_pages, (fi_indptr, fi_ids) = ragged_tables(lens, dev, g)
+    k = torch.randn(num_pages * P, D, generator=gd, device=dev).to(dt)
+    v = torch.randn(num_pages * P, D, generator=gd, device=dev).to(dt)
+    q = torch.randn(B, H, G, D, generator=gd, device=dev).to(dt)
+    req_idx = torch.arange(B, device=dev)
+    ws = DecodeWorkspace.create(max_batch=B, num_heads=H, group=G, head_dim=D, device=dev,
+                                target_programs=target_programs_for(dev))
+    row["grid"] = [B, H, ws.splits_for(B)]
+    out = torch.empty_like(q)
+    ours = lambda: paged_decode(q, k, v, tables, seg_len, req_idx, 0, D ** -0.5, ws, P, out=out)
+    ours()
+    sub = min(B, 4)  # the fp64 reference loops on the host
+    ref = paged_decode_reference(q[:sub], k, v, tables, seg_len, req_idx[:sub], 0, P, D ** -0.5)
+    if not torch.isfinite(out).all():
+        raise AssertionError("non-finite output")
+    row["ours_rel_err"] = ((out[:sub].double() - ref).norm() / ref.norm()).item()
+    if row["ours_rel_err"] > 2e-2:
+        raise AssertionError(f"ours vs fp64: relative error {row['ours_rel_err']:.2e}")
+    row["ours_us"] = bench(ours, dev)
+    row["ours_GBps"] = 2 * kept * D * k.element_size() / (row["ours_us"] * 1e-6) / 1e9
+    # stock layout: every head at the full context, token-major [tokens, H, D] (FI pages = P tokens)
+    kd = torch.randn(B * ctx + P, H, D, generator=gd, device=dev).to(dt)
+    vd = torch.randn_like(kd)
+    qd = q.reshape(B, H * G, D)
+    if not dry:  # FlashInfer is not on the CPU
+        try:
+            ppr = ctx // P  # pages per request, contiguous, after the reserved page 0
+            indptr = torch.arange(0, B * ppr + 1, ppr, dtype=torch.int32, device=dev)
+            ids = torch.arange(1, B * ppr + 1, dtype=torch.int32, device=dev)
+            last = torch.full((B,), P, dtype=torch.int32, device=dev)
+            fi = flashinfer_decode(qd, kd.view(-1, P, H, D), vd.view(-1, P, H, D), indptr, ids, last, H, fi_ws)
+            row["fi_dense_us"] = bench(fi, dev)
+            last_r = ((lens.reshape(-1) - 1) % P + 1).to(dev, torch.int32)
+            fir = flashinfer_decode(q.reshape(B * H, G, D), k.view(-1, P, 1, D), v.view(-1, P, 1, D),
+                                    fi_indptr, fi_ids, last_r, 1, fi_ws)
+            row["fi_ragged_us"] = bench(fir, dev)
+        except Exception:
+            row["fi_error"] = traceback.format_exc()[-1200:]
+    try:
+        if sgl is None:
+            raise RuntimeError("SGLang's decode_attention_fwd not importable")
+        kv_indptr = torch.arange(0, B * ctx + 1, ctx, dtype=torch.int32, device=dev)
+        kv_indices = torch.arange(P, B * ctx + P, dtype=torch.int64, device=dev)
+        o = torch.zeros(B, H * G, D, dtype=dt, device=dev)
+        logits = torch.empty(B, H * G, SGL_SPLITS, D, dtype=torch.float32, device=dev)
+        lse = torch.empty(B, H * G, SGL_SPLITS, dtype=torch.float32, device=dev)
+        splits = torch.full((B,), SGL_SPLITS, dtype=torch.int32, device=dev)
+        fn = lambda: sgl(qd, kd, vd, o, kv_indptr, kv_indices, logits, lse, splits, SGL_SPLITS,
+                         D ** -0.5, 1.0, 1.0)
+        fn()
+        kk = kd[P:P + ctx].float().repeat_interleave(G, 1).transpose(0, 1)  # request 0: [Hq, ctx, D]
+        vv = vd[P:P + ctx].float().repeat_interleave(G, 1).transpose(0, 1)
+        want = torch.softmax(qd[0].float()[:, None] @ kk.transpose(-1, -2) * D ** -0.5, -1) @ vv
+        row["sgl_rel_err"] = ((o[0].float() - want[:, 0]).norm() / want.norm()).item()
+        if not row["sgl_rel_err"] < 2e-2:  # it really ran over the data we time it on
+            raise AssertionError(f"SGLang's decode vs fp32: relative error {row['sgl_rel_err']:.2e}")
+        row["sgl_triton_dense_us"] = bench(fn, dev)
+    except Exception:
+        row["sgl_error"] = traceback.format_exc()[-1200:]
+    for key in ("fi_dense_us", "sgl_triton_dense_us", "fi_ragged_us"):
+        if key in row:
+            row["ours_speedup_vs_" + key[:-3]] = row[key] / row["ours_us"]
+    return row
+
+
+def prefill_check(dev, dt, dry) -> dict:
+    """Batched prefill (two requests) through ``causal_attention`` over rows gathered from a pool-shaped
+    page table, as the backend's ``_extend`` runs it per request."""
+    from sglang_fairkv.attention import causal
+
+    hkv, hq, d = (8, 32, 128) if not dry else (2, 8, 32)
+    ctx, last, new = (32768, 4096, 64) if not dry else (512, 64, 16)
+    gd = torch.Generator(device=dev).manual_seed(3)
+    rows_total = ctx + new
+    k_rows = torch.randn(hkv * rows_total + P, d, generator=gd, device=dev).to(dt)
+    v_rows = torch.randn_like(k_rows)
+    perm = torch.randperm(hkv * rows_total // P, device=dev) * P + P  # scattered pages
+    token = torch.arange(rows_total, device=dev)
+
+    def rows_of(first, n):  # [hkv, n] rows of tokens first .. first + n - 1 of every head
+        t = token[first:first + n]
+        return perm[(torch.arange(hkv, device=dev)[:, None] * rows_total + t[None]) // P] + t[None] % P
+
+    reqs = [(0, ctx, last), (ctx, new, new)]  # (first row, sequence, new tokens)
+    qs = [torch.randn(1, hq, n, d, generator=gd, device=dev).to(dt) for _, _, n in reqs]
+    used = {"flash": False}
+    real = causal.flash_lower_right
+
+    def spy(*a):
+        used["flash"] = True
+        return real(*a)
+
+    causal.flash_lower_right = spy
+
+    def run():
+        outs = []
+        for (first, seq, n), qq in zip(reqs, qs):
+            r = rows_of(first, seq)
+            outs.append(causal.causal_attention(qq, k_rows[r][None], v_rows[r][None], d ** -0.5))
+        return outs
+
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    run()
+    sync()
+    base = torch.cuda.memory_allocated() if dev == "cuda" else 0
+    if dev == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    outs = run()
+    sync()
+    us = (time.perf_counter() - t0) * 1e6
+    peak = (torch.cuda.max_memory_allocated() - base) if dev == "cuda" else 0
+    causal.flash_lower_right = real
+    elt = k_rows.element_size()
+    bound = int(1.25 * (2 * hkv * ctx * d * elt + 3 * 8 * hkv * ctx + 2 * (last + new) * hq * d * elt))
+    r = rows_of(0, ctx)  # fp32 reference of request 0's last 64 queries
+    kk = k_rows[r].float().repeat_interleave(hq // hkv, 0)
+    vv = v_rows[r].float().repeat_interleave(hq // hkv, 0)
+    qq = qs[0][0, :, -64:].float()
+    s = qq @ kk.transpose(-1, -2) * d ** -0.5
+    s = s.masked_fill(torch.arange(ctx, device=dev)[None, :] > torch.arange(ctx - 64, ctx, device=dev)[:, None],
+                      float("-inf"))
+    ref = torch.softmax(s, -1) @ vv
+    err = ((outs[0][0, :, -64:].float() - ref).norm() / ref.norm()).item()
+    res = {"heads": [hq, hkv], "context": ctx, "chunk": last, "new_request": new, "us": us,
+           "flash": used["flash"], "peak_extra_MiB": peak / 2**20, "bound_MiB": bound / 2**20,
+           "old_math_scores_MiB": 2 * hq * last * ctx * 4 / 2**20, "rel_err_vs_fp32": err}
+    if err > 2e-2:
+        raise AssertionError(f"prefill: relative error {err:.2e} against fp32")
+    if dev == "cuda" and not used["flash"]:
+        raise AssertionError("prefill: the flash op was not taken on CUDA (bf16, head_dim 128)")
+    if dev == "cuda" and peak > bound:
+        raise AssertionError(f"prefill: {peak / 2**20:.0f} MiB extra, bound {bound / 2**20:.0f} MiB")
+    return res
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--dry-run", action="store_true", help="tiny sizes on CPU, no FlashInfer")
+    ap.add_argument("--dry-run", action="store_true", help="tiny sizes on CPU (interpreter), no FlashInfer")
     args = ap.parse_args()
-    dev = "cpu" if args.dry_run else "cuda"
-    dt = torch.float32 if args.dry_run else torch.bfloat16
+    dry = args.dry_run
+    dev = "cpu" if dry else "cuda"
+    dt = torch.float32 if dry else torch.bfloat16
     out_dir = os.environ.get("OUT", "out")
     os.makedirs(out_dir, exist_ok=True)
-    res = {"device": "cpu (dry run)" if args.dry_run else torch.cuda.get_device_name(0),
-           "date": time.strftime("%Y-%m-%d"), "rows": []}
-    res["copy_GBps"] = copy_bandwidth(dev)
-    cases = [(16, 64), (8, 256)] if args.dry_run else \
-        [(512, 512), (512, 2048), (2048, 512), (2048, 2048), (8192, 512), (8192, 1024)]
-    chunks = (64,) if args.dry_run else (256, 512, 1024)
-    ws = None if args.dry_run else torch.zeros(512 << 20, dtype=torch.uint8, device=dev)
-    for segs, mean in cases:
-        row = {"segments": segs, "mean_len": mean}
+    res = {"device": "cpu (dry run)" if dry else torch.cuda.get_device_name(0),
+           "date": time.strftime("%Y-%m-%d"), "decode": [], "prefill": None, "failures": []}
+    fi_ws = None if dry else torch.zeros(512 << 20, dtype=torch.uint8, device=dev)
+    sgl = None
+    try:
+        sgl = sglang_decode_fn()
+    except Exception:
+        res["sgl_import_error"] = traceback.format_exc()[-1200:]
+    cases = [(1, 256), (2, 512)] if dry else [(b, c) for b in (1, 64, 256) for c in (1024, 8192, 32768, 131072)]
+    path = os.path.join(out_dir, "ragged_decode.json")
+    for B, ctx in cases:
         try:
-            lens = lognormal_lengths(segs, mean, 1.0, seed=segs + mean)
-            total = int(lens.sum())
-            row["tokens"] = total
-            g = torch.Generator(device="cpu").manual_seed(1)
-            tables, seg_len, num_pages, csr = paged_case(lens, dev, g)
-            gd = torch.Generator(device=dev).manual_seed(2)  # data made on the device
-            k = torch.randn(num_pages * P, D, generator=gd, device=dev).to(dt)
-            v = torch.randn(num_pages * P, D, generator=gd, device=dev).to(dt)
-            q = torch.randn(segs, 1, G, D, generator=gd, device=dev).to(dt)
-            req_idx = torch.arange(segs, device=dev)
-            bytes_moved = 2 * total * D * k.element_size()  # K and V read once
-            sub = min(segs, 32)  # the fp64 reference loops on the host
-            ref = paged_decode_reference(q[:sub], k, v, tables, seg_len, req_idx[:sub], 0, P, D ** -0.5)
-            out = torch.empty_like(q)
-            for c in chunks:
-                ws_ = DecodeWorkspace.create(max_segments=segs, pool_rows=num_pages * P, group=G, head_dim=D,
-                                             device=dev, chunk_size=c, block_n=min(64, c))
-                ct = chunk_tables(seg_len, ws_.chunk_size)[0]
-                fn = lambda: paged_decode(q, k, v, tables, seg_len, req_idx, 0, ct, D ** -0.5, ws_, P, out=out)
-                fn()
-                if c == chunks[0]:
-                    o = out[:sub].double()
-                    row["ours_rel_err"] = ((o - ref).norm() / ref.norm()).item()
-                    if not torch.isfinite(out).all():
-                        raise AssertionError("non-finite output")
-                row[f"ours_c{c}_us"] = bench(fn, dev)
-            best = min(row[f"ours_c{c}_us"] for c in chunks)
-            row["ours_best_us"] = best
-            row["ours_GBps"] = bytes_moved / (best * 1e-6) / 1e9
-            row["ours_vs_copy"] = row["ours_GBps"] / res["copy_GBps"]
-            if not args.dry_run:
-                try:  # FlashInfer is optional: our numbers stand without it
-                    uni_len = torch.full_like(lens, total // segs)
-                    _, _, _, uni_csr = paged_case(uni_len, dev, g)
-                    fi_uni = flashinfer_runner(q, k, v, uni_len, uni_csr, ws)
-                    fi_rag = flashinfer_runner(q, k, v, lens, csr, ws)
-                    row["fi_uniform_us"] = bench(fi_uni, dev)
-                    row["fi_ragged_us"] = bench(fi_rag, dev)
-                    fo = fi_rag().double().view(segs, 1, G, D)[:sub]
-                    row["fi_rel_err"] = ((fo - ref).norm() / ref.norm()).item()
-                    t0 = time.perf_counter()
-                    flashinfer_runner(q, k, v, lens, csr, ws)  # host cost of plan()
-                    torch.cuda.synchronize()
-                    row["fi_plan_host_us"] = (time.perf_counter() - t0) * 1e6
-                    row["ours_vs_fi_uniform"] = row["fi_uniform_us"] / best
-                    row["fi_ragged_vs_fi_uniform"] = row["fi_uniform_us"] / row["fi_ragged_us"]
-                except Exception:
-                    row["fi_error"] = traceback.format_exc()[-1500:]
+            row = decode_case(B, ctx, dev, dt, fi_ws, sgl, dry)
         except Exception:
-            row["error"] = traceback.format_exc()[-2000:]
-        res["rows"].append(row)
+            row = {"batch": B, "context": ctx, "error": traceback.format_exc()[-2000:]}
+            res["failures"].append(f"decode {B} x {ctx}")
+        res["decode"].append(row)
         print(json.dumps(row), flush=True)
-        json.dump(res, open(os.path.join(out_dir, "ragged_decode.json"), "w"), indent=1)
-    print(f"\n{res['device']}  {res['date']}  copy {res['copy_GBps']:.0f} GB/s (read+write)")
-    print("| segments | mean | FI uniform us | FI ragged us | ours us | ours/FI-uniform thrpt | FI-ragged/FI-uniform | ours GB/s | vs copy | ours rel err |")
+        json.dump(res, open(path, "w"), indent=1)
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+    try:
+        res["prefill"] = prefill_check(dev, dt, dry)
+    except Exception:
+        res["prefill"] = {"error": traceback.format_exc()[-2000:]}
+        res["failures"].append("prefill")
+    print(json.dumps(res["prefill"]), flush=True)
+    json.dump(res, open(path, "w"), indent=1)
+    print(f"\n{res['device']}  {res['date']}")
+    print("| batch | context | kept / dense tokens | grid | ours us | FI dense us | SGLang triton dense us | "
+          "FI ragged us | ours GB/s | ours rel err |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in res["rows"]:
-        if "error" in r:
-            print(f"| {r['segments']} | {r['mean_len']} | error: {r['error'].splitlines()[-1]} |")
+    for r in res["decode"]:
+        if "error" in r or "skipped" in r:
+            why = r.get("skipped") or r["error"].strip().splitlines()[-1]
+            print(f"| {r['batch']} | {r['context']} | {why} |")
             continue
         f = lambda key, fmt="{:.1f}": fmt.format(r[key]) if key in r else "-"
-        print(f"| {r['segments']} | {r['mean_len']} | {f('fi_uniform_us')} | {f('fi_ragged_us')} | "
-              f"{f('ours_best_us')} | {f('ours_vs_fi_uniform', '{:.3f}')} | "
-              f"{f('fi_ragged_vs_fi_uniform', '{:.3f}')} | {f('ours_GBps', '{:.0f}')} | "
-              f"{f('ours_vs_copy', '{:.3f}')} | {f('ours_rel_err', '{:.1e}')} |")
+        print(f"| {r['batch']} | {r['context']} | {r['kept_tokens']} / {r['dense_tokens']} | {r['grid']} | "
+              f"{f('ours_us')} | {f('fi_dense_us')} | {f('sgl_triton_dense_us')} | {f('fi_ragged_us')} | "
+              f"{f('ours_GBps', '{:.0f}')} | {f('ours_rel_err', '{:.1e}')} |")
+    print(f"prefill: {json.dumps(res['prefill'])}")
+    if res["failures"]:
+        print("FAIL: " + ", ".join(res["failures"]))
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import torch  # noqa: E402
 
 import _paths  # noqa: E402,F401  (the project's folders on sys.path)
 from sglang_fairkv.kv.ragged_pool import RaggedKVPool  # noqa: E402
-from sglang_fairkv_kernels import DecodeWorkspace, chunk_tables, paged_decode, paged_decode_torch  # noqa: E402
+from sglang_fairkv_kernels import DecodeWorkspace, paged_decode, paged_decode_torch, target_programs_for  # noqa: E402
 
 
 def max_abs_diff(got: torch.Tensor, ref: torch.Tensor) -> float:
@@ -81,10 +81,9 @@ def check_correctness(dev: str, dry: bool) -> dict:
     for dtype in (torch.bfloat16, torch.float16):
         pool, reqs, idx = filled_pool(layers=layers, heads=heads, d=d, bs=bs, max_len=max_len, dtype=dtype,
                                       dev=dev, seed=0)
-        ws = DecodeWorkspace.create(max_segments=bs * heads, pool_rows=pool.k_rows.shape[0], group=group,
-                                    head_dim=d, device=dev)
-        _, lens = pool.append(reqs, idx)
-        ct = chunk_tables(lens, ws.chunk_size)
+        ws = DecodeWorkspace.create(max_batch=bs, num_heads=heads, group=group, head_dim=d, device=dev,
+                                    target_programs=target_programs_for(dev))
+        pool.append(reqs, idx)
         worst, rows_read = 0.0, 0
         gd = torch.Generator(device=dev).manual_seed(1)
         for layer in range(layers):
@@ -92,7 +91,7 @@ def check_correctness(dev: str, dry: bool) -> dict:
             assert n_layer > bs * heads * 4, "segments hold no rows: the check would compare zeros"
             rows_read += n_layer
             q = torch.randn(bs, heads, group, d, generator=gd, device=dev).to(dtype)
-            got = paged_decode(q, pool.k_rows, pool.v_rows, pool.seg_pages, pool.seg_len, idx, layer, ct[layer],
+            got = paged_decode(q, pool.k_rows, pool.v_rows, pool.seg_pages, pool.seg_len, idx, layer,
                                d ** -0.5, ws, pool.page_size)
             t = int(pool.seg_len_host[reqs, layer].max())
             ref = paged_decode_torch(q, pool.k_rows, pool.v_rows, pool.seg_pages, pool.seg_len, idx, layer,
@@ -111,24 +110,23 @@ def check_correctness(dev: str, dry: bool) -> dict:
 
 
 def time_step(dev: str, dry: bool, name: str, *, layers, heads, group, d, bs, max_len) -> dict:
-    """Wall time of whole decode steps (host bookkeeping, the step's upload, chunk tables, then per
+    """Wall time of whole decode steps (host bookkeeping, the step's upload, then per
     layer K/V write + attention) divided by the layers, beside the per-step host part alone."""
     dtype = torch.bfloat16 if not dry else torch.float32
     pool, reqs, idx = filled_pool(layers=layers, heads=heads, d=d, bs=bs, max_len=max_len, dtype=dtype,
                                   dev=dev, seed=2, keep_pow=1.0)
-    ws = DecodeWorkspace.create(max_segments=bs * heads, pool_rows=pool.k_rows.shape[0], group=group,
-                                head_dim=d, device=dev)
+    ws = DecodeWorkspace.create(max_batch=bs, num_heads=heads, group=group, head_dim=d, device=dev,
+                                target_programs=target_programs_for(dev))
     q = torch.randn(bs, heads, group, d, device=dev).to(dtype)
     kv = torch.randn(bs, heads, d, device=dev).to(dtype)
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
 
     def step():
-        rows, lens = pool.append(reqs, idx)
-        ct = chunk_tables(lens, ws.chunk_size)
+        rows, _ = pool.append(reqs, idx)
         for layer in range(layers):
             pool.k_rows[rows[layer]] = kv
             pool.v_rows[rows[layer]] = kv
-            paged_decode(q, pool.k_rows, pool.v_rows, pool.seg_pages, pool.seg_len, idx, layer, ct[layer],
+            paged_decode(q, pool.k_rows, pool.v_rows, pool.seg_pages, pool.seg_len, idx, layer,
                          d ** -0.5, ws, pool.page_size)
 
     steps = 1 if dry else 20

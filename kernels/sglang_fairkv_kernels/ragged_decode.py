@@ -1,4 +1,4 @@
-"""Split-KV decode attention that reads the ragged pool's page table, with static bounds.
+"""Split-KV decode attention that reads the ragged pool's page table; its work follows the tokens.
 
 Layout (the ``fairkv`` KV pool, :class:`sglang_fairkv.kv.ragged_pool.RaggedKVPool`): one *segment*
 per (request, layer, KV head), stored in pages of ``P`` rows::
@@ -10,27 +10,30 @@ per (request, layer, KV head), stored in pages of ``P`` rows::
 
 A decode step of layer ``layer`` attends, for batch slot ``b`` (``req_idx[b]`` = its ``req_pool_idx``)
 and local KV head ``h < Hl``, the G query heads ``q[b, h]`` over segment ``(req_idx[b], layer, h)``.
-The kernel reads that segment's page-table row in place (a pointer, no copy of ``[B, L, H, MP]``)
-and builds no per-token row list.
+The kernels read that segment's page-table row in place (a pointer, no copy of ``[B, L, H, MP]``)
+and build no per-token row list.
 
-Work balance: every segment is cut into chunks of ``CHUNK`` tokens; one program per chunk (an 8192-token
-head is 16 programs, not one slow one) writes its partial output and log-sum-exp; a second kernel,
-one program per (slot, head), merges the partials (fused; no torch-level merge). The chunk table
-(``chunk_tables``: a cumsum over the step's lengths, for all layers at once) is built on the device
-once per step; each program finds its segment by a binary search over it.
+Work split (the design of SGLang's Triton decode, ``decode_attention.py``: ``num_kv_splits`` per
+request, a dynamic loop per split, a second stage that merges by log-sum-exp):
 
-Static bounds (the same compiled kernels serve every step; a CUDA graph can capture the call):
-:class:`DecodeWorkspace` fixes the grid (``max_chunks`` programs; those past the step's real chunk
-count exit at once), the binary search depth (from ``max_segments``) and the scratch buffers. A
-bound on the chunks of one layer that needs no data: ``pool rows // CHUNK + max_segments`` (a layer
-cannot hold more rows than the pool); the workspace raises ``CHUNK`` when that would make the
-scratch too large. Zero-length segments (a Fair-Copying replica's requests served elsewhere, heads a
-rank does not hold in a layer) produce zeros.
+* Grid ``(B, Hl, S)``: ``S = ws.splits_for(B)`` is a static maximum per batch size, chosen so the grid
+  has about ``ws.target_programs`` programs (a few per SM): batch 1 spreads each head over up to
+  ``max_splits`` programs, a batch of hundreds gets ``S = 1`` (no idle programs).
+* Each segment's own split count is computed in the kernel from its length (no host value, no
+  table): ``n = min(ceil(len / min_split), S)``, splits of ``ceil(len / n)`` tokens rounded up to
+  ``BLOCK_N``. A program past its segment's splits exits at once; the others loop over their own
+  token range (a dynamic loop: ``ceil(split / BLOCK_N)`` iterations, never a pool-sized trip count).
+* A fused merge kernel, one program per (slot, local head), combines the splits.
+
+Work is therefore ``sum over segments of ceil(len / BLOCK_N)`` iterations plus ``B x Hl x S`` program
+starts; nothing depends on the pool size (the workspace does not know it). Zero-length segments
+(a Fair-Copying replica's requests served elsewhere, heads a rank does not hold in a layer, padding
+slots) produce zeros. Static bounds: the same compiled kernels serve every step; a CUDA graph
+captures one launch configuration per batch size.
 """
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 
@@ -47,19 +50,16 @@ try:
 except ImportError:  # pragma: no cover - triton is a declared dependency
     HAS_TRITON = False
 
+#: programs one decode launch aims at when the device is not known: 4 per SM of an H200 (132 SMs)
+DEFAULT_TARGET_PROGRAMS = 4 * 132
 
-def chunk_tables(lens: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """Chunk tables of every layer of one step, on the device (no host sync).
 
-    ``lens``: int ``[B, L, H]`` segment lengths of the batch. Returns int32 ``[L, B * H + 1]``: in
-    layer ``l``, segment ``s = b * H + h`` owns chunks ``[c[l, s], c[l, s + 1])``.
-    """
-    B, L, H = lens.shape
-    counts = torch.div(lens.transpose(0, 1).reshape(L, B * H) + (chunk_size - 1), chunk_size,
-                       rounding_mode="floor")
-    out = torch.zeros(L, B * H + 1, dtype=torch.int32, device=lens.device)
-    out[:, 1:] = torch.cumsum(counts, dim=1, dtype=torch.int32)
-    return out
+def target_programs_for(device: torch.device | str) -> int:
+    """About four programs per streaming multiprocessor of ``device`` (CUDA), else the H200 default."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and torch.cuda.is_available():
+        return 4 * torch.cuda.get_device_properties(dev).multi_processor_count
+    return DEFAULT_TARGET_PROGRAMS
 
 
 # ---- static workspace -----------------------------------------------------------------------------
@@ -67,60 +67,73 @@ def chunk_tables(lens: torch.Tensor, chunk_size: int) -> torch.Tensor:
 class DecodeWorkspace:
     """Static launch bounds and scratch of :func:`paged_decode`, allocated once per server.
 
-    ``max_segments``: the most (slot, pool head) segments of one step (max batch x pool heads);
-    ``max_chunks``: the grid; ``o_part`` float32 ``[max_chunks, BG, BD]``, ``lse_part`` ``[max_chunks, BG]``.
+    ``max_batch``: the most slots of one step; ``num_heads``: the pool's KV heads per layer ``H`` (the
+    partials' stride); ``o_part`` float32 ``[rows, BG, BD]`` and ``lse_part`` ``[rows, BG]`` with
+    ``rows = max over B <= max_batch of B x H x splits_for(B)`` (below ``max(max_batch x H,
+    2 x target_programs)``). Nothing here depends on the pool's size.
     """
 
-    max_segments: int
-    max_chunks: int
-    chunk_size: int
+    max_batch: int
+    num_heads: int
+    target_programs: int
+    max_splits: int
+    min_split: int
     block_n: int
     block_g: int
     block_d: int
-    search_steps: int
     o_part: torch.Tensor
     lse_part: torch.Tensor
 
     @staticmethod
-    def _bounds(*, max_segments: int, pool_rows: int, group: int, head_dim: int, chunk_size: int,
-                block_n: int, max_scratch_chunks: int) -> tuple[int, int, int, int]:
-        """``(chunk_size, max_chunks, block_g, block_d)`` from the static sizes: ``chunk_size`` raised
-        (doubled, a multiple of ``block_n``) until the grid is at most ``max_scratch_chunks +
-        max_segments``."""
-        if chunk_size % block_n or chunk_size < block_n:
-            raise ValueError(f"chunk_size={chunk_size} must be a positive multiple of block_n={block_n}")
-        while pool_rows // chunk_size > max_scratch_chunks:
-            chunk_size *= 2
-        return (chunk_size, max(1, pool_rows // chunk_size + max_segments),
-                max(16, _next_pow2(group)), max(16, _next_pow2(head_dim)))
+    def _splits(batch: int, heads: int, target_programs: int, max_splits: int) -> int:
+        return max(1, min(max_splits, -(-target_programs // max(1, batch * heads))))
+
+    def splits_for(self, batch: int) -> int:
+        """The grid's third axis for a step of ``batch`` slots (host arithmetic on static sizes)."""
+        return self._splits(batch, self.num_heads, self.target_programs, self.max_splits)
 
     @classmethod
-    def create(cls, *, max_segments: int, pool_rows: int, group: int, head_dim: int,
-               device: torch.device | str, chunk_size: int = 512, block_n: int = 64,
-               max_scratch_chunks: int = 16384) -> "DecodeWorkspace":
-        """Bounds from static sizes: ``pool_rows`` (the most rows one layer can hold) and
-        ``max_segments`` (see :meth:`_bounds`); the scratch allocated once."""
-        chunk, chunks, bg, bd = cls._bounds(max_segments=max_segments, pool_rows=pool_rows, group=group,
-                                            head_dim=head_dim, chunk_size=chunk_size, block_n=block_n,
-                                            max_scratch_chunks=max_scratch_chunks)
+    def _rows(cls, max_batch: int, num_heads: int, target_programs: int, max_splits: int) -> int:
+        return max(b * num_heads * cls._splits(b, num_heads, target_programs, max_splits)
+                   for b in range(1, max(1, max_batch) + 1))
+
+    @staticmethod
+    def _check_args(min_split: int, block_n: int, max_splits: int) -> None:
+        if block_n < 16 or block_n & (block_n - 1):
+            raise ValueError(f"block_n={block_n} must be a power of two >= 16")
+        if min_split < block_n or min_split % block_n:
+            raise ValueError(f"min_split={min_split} must be a positive multiple of block_n={block_n}")
+        if max_splits < 1:
+            raise ValueError(f"max_splits={max_splits} must be >= 1")
+
+    @classmethod
+    def create(cls, *, max_batch: int, num_heads: int, group: int, head_dim: int,
+               device: torch.device | str, target_programs: int = DEFAULT_TARGET_PROGRAMS,
+               max_splits: int = 64, min_split: int = 256, block_n: int = 64) -> "DecodeWorkspace":
+        """Bounds from static sizes (``max_batch`` slots x ``num_heads`` pool heads; ``group`` query
+        heads per KV head; ``head_dim``); the scratch allocated once."""
+        cls._check_args(min_split, block_n, max_splits)
+        rows = cls._rows(max_batch, num_heads, target_programs, max_splits)
+        bg, bd = max(16, _next_pow2(group)), max(16, _next_pow2(head_dim))
         dev = torch.device(device)
-        return cls(max_segments=max_segments, max_chunks=chunks, chunk_size=chunk, block_n=block_n,
-                   block_g=bg, block_d=bd, search_steps=max(1, math.ceil(math.log2(max_segments + 1))),
-                   o_part=torch.empty(chunks, bg, bd, dtype=torch.float32, device=dev),
-                   lse_part=torch.empty(chunks, bg, dtype=torch.float32, device=dev))
+        return cls(max_batch=max_batch, num_heads=num_heads, target_programs=target_programs,
+                   max_splits=max_splits, min_split=min_split, block_n=block_n, block_g=bg, block_d=bd,
+                   o_part=torch.empty(rows, bg, bd, dtype=torch.float32, device=dev),
+                   lse_part=torch.empty(rows, bg, dtype=torch.float32, device=dev))
 
     @property
     def nbytes(self) -> int:
         return self.o_part.numel() * 4 + self.lse_part.numel() * 4
 
     @classmethod
-    def bytes_for(cls, *, max_segments: int, pool_rows: int, group: int, head_dim: int,
-                  chunk_size: int = 512, block_n: int = 64, max_scratch_chunks: int = 16384) -> int:
+    def bytes_for(cls, *, max_batch: int, num_heads: int, group: int, head_dim: int,
+                  target_programs: int = DEFAULT_TARGET_PROGRAMS, max_splits: int = 64,
+                  min_split: int = 256, block_n: int = 64) -> int:
         """Scratch bytes :meth:`create` would allocate (for budgeting before the pool exists)."""
-        _, chunks, bg, bd = cls._bounds(max_segments=max_segments, pool_rows=pool_rows, group=group,
-                                        head_dim=head_dim, chunk_size=chunk_size, block_n=block_n,
-                                        max_scratch_chunks=max_scratch_chunks)
-        return chunks * bg * (bd + 1) * 4
+        cls._check_args(min_split, block_n, max_splits)
+        rows = cls._rows(max_batch, num_heads, target_programs, max_splits)
+        bg, bd = max(16, _next_pow2(group)), max(16, _next_pow2(head_dim))
+        return rows * bg * (bd + 1) * 4
 
 
 def _next_pow2(x: int) -> int:
@@ -131,36 +144,40 @@ def _next_pow2(x: int) -> int:
 if HAS_TRITON:
 
     @triton.jit
-    def _paged_chunk_kernel(Q, K, V, SegPages, SegLen, ReqIdx, ChunkIndptr, OPart, LsePart,
-                            sm_scale, num_segs, layer, num_layers, pool_heads, heads_here, max_pages,
+    def _split_range(seg_len, s, max_splits, MIN_SPLIT: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Split ``s`` of a segment of ``seg_len`` tokens: ``(start, end, splits)`` (splits = 0 when
+        the segment is empty). The same arithmetic in both kernels."""
+        n = tl.minimum((seg_len + MIN_SPLIT - 1) // MIN_SPLIT, max_splits)
+        n = tl.maximum(n, 1)
+        per = (((seg_len + n - 1) // n + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
+        per = tl.maximum(per, BLOCK_N)
+        splits = (seg_len + per - 1) // per
+        start = s * per
+        end = tl.minimum(start + per, seg_len)
+        return start, end, splits
+
+    @triton.jit
+    def _paged_split_kernel(Q, K, V, SegPages, SegLen, ReqIdx, OPart, LsePart, Work,
+                            sm_scale, layer, num_layers, pool_heads, max_pages, max_splits,
                             stride_qb, stride_qh, stride_qg, stride_kn, stride_vn,
                             G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
-                            BLOCK_D: tl.constexpr, P: tl.constexpr, CHUNK: tl.constexpr,
-                            BLOCK_N: tl.constexpr, SEARCH_STEPS: tl.constexpr,
-                            DOT_F32: tl.constexpr):
-        pid = tl.program_id(0)
-        total = tl.load(ChunkIndptr + num_segs)
-        if pid < total:
-            # segment of this chunk: largest s with ChunkIndptr[s] <= pid (binary search on device)
-            lo = pid * 0
-            hi = lo + num_segs
-            for _ in range(SEARCH_STEPS):
-                mid = (lo + hi) // 2
-                go = tl.load(ChunkIndptr + mid) <= pid
-                lo = tl.where(go, mid, lo)
-                hi = tl.where(go, hi, mid)
-            seg = lo
-            b = seg // pool_heads
-            h = seg % pool_heads
-            r = tl.load(ReqIdx + b).to(tl.int64)
-            base = (r * num_layers + layer) * pool_heads + h
-            seg_len = tl.load(SegLen + base)
+                            BLOCK_D: tl.constexpr, P: tl.constexpr, MIN_SPLIT: tl.constexpr,
+                            BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr, COUNT_WORK: tl.constexpr):
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        s = tl.program_id(2)
+        heads_here = tl.num_programs(1)
+        r = tl.load(ReqIdx + b).to(tl.int64)
+        base = (r * num_layers + layer) * pool_heads + h
+        seg_len = tl.load(SegLen + base)
+        start, end, splits = _split_range(seg_len, s, max_splits, MIN_SPLIT, BLOCK_N)
+        part = ((b * heads_here + h) * max_splits + s).to(tl.int64)
+        iters = 0
+        if s < splits:
             table = SegPages + base * max_pages
-            start = (pid - tl.load(ChunkIndptr + seg)) * CHUNK
-
             offs_g = tl.arange(0, BLOCK_G)
             offs_d = tl.arange(0, BLOCK_D)
-            mask_g = (offs_g < G) & ((offs_g * 0 + h) < heads_here)  # heads past the layer's own: never active
+            mask_g = offs_g < G
             mask_d = offs_d < D
             q = tl.load(Q + b * stride_qb + h * stride_qh + offs_g[:, None] * stride_qg + offs_d[None, :],
                         mask=mask_g[:, None] & mask_d[None, :], other=0.0)
@@ -169,9 +186,9 @@ if HAS_TRITON:
             m = tl.full([BLOCK_G], float("-inf"), tl.float32)
             l = tl.zeros([BLOCK_G], tl.float32)
             acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-            for n0 in range(0, CHUNK, BLOCK_N):
-                t = start + n0 + tl.arange(0, BLOCK_N)
-                mask_n = t < seg_len
+            for n0 in range(start, end, BLOCK_N):  # dynamic trip count: this split's own tokens
+                t = n0 + tl.arange(0, BLOCK_N)
+                mask_n = t < end
                 page = tl.load(table + t // P, mask=mask_n, other=0).to(tl.int64)
                 rows = page * P + t % P
                 kv_mask = mask_n[:, None] & mask_d[None, :]
@@ -180,35 +197,41 @@ if HAS_TRITON:
                 if DOT_F32:
                     k = k.to(tl.float32)
                     v = v.to(tl.float32)
-                s = tl.dot(q, tl.trans(k)).to(tl.float32) * sm_scale  # [BLOCK_G, BLOCK_N]
-                s = tl.where(mask_n[None, :], s, float("-inf"))
-                m_new = tl.maximum(m, tl.max(s, 1))
+                sc = tl.dot(q, tl.trans(k)).to(tl.float32) * sm_scale  # [BLOCK_G, BLOCK_N]
+                sc = tl.where(mask_n[None, :], sc, float("-inf"))
+                m_new = tl.maximum(m, tl.max(sc, 1))
                 alpha = tl.exp(m - m_new)
-                p = tl.exp(s - m_new[:, None])
+                p = tl.exp(sc - m_new[:, None])
                 l = l * alpha + tl.sum(p, 1)
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
                 m = m_new
-            po = OPart + pid * BLOCK_G * BLOCK_D + offs_g[:, None] * BLOCK_D + offs_d[None, :]
+                if COUNT_WORK:
+                    iters += 1
+            po = OPart + part * BLOCK_G * BLOCK_D + offs_g[:, None] * BLOCK_D + offs_d[None, :]
             tl.store(po, acc / l[:, None])
-            tl.store(LsePart + pid * BLOCK_G + offs_g, m + tl.log(l))
+            tl.store(LsePart + part * BLOCK_G + offs_g, m + tl.log(l))
+        if COUNT_WORK:
+            tl.store(Work + part, iters)
 
     @triton.jit
-    def _paged_merge_kernel(OPart, LsePart, ChunkIndptr, Out, pool_heads, heads_here,
-                            stride_ob, stride_oh, stride_og,
+    def _paged_merge_kernel(OPart, LsePart, SegLen, ReqIdx, Out, layer, num_layers, pool_heads,
+                            max_splits, stride_ob, stride_oh, stride_og,
                             G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
-                            BLOCK_D: tl.constexpr):
-        pid = tl.program_id(0)  # (slot, local head) = (pid // heads_here, pid % heads_here)
-        b = pid // heads_here
-        h = pid % heads_here
-        seg = b * pool_heads + h
-        c0 = tl.load(ChunkIndptr + seg)
-        c1 = tl.load(ChunkIndptr + seg + 1)
+                            BLOCK_D: tl.constexpr, MIN_SPLIT: tl.constexpr, BLOCK_N: tl.constexpr):
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        heads_here = tl.num_programs(1)
+        r = tl.load(ReqIdx + b).to(tl.int64)
+        seg_len = tl.load(SegLen + (r * num_layers + layer) * pool_heads + h)
+        _, _, splits = _split_range(seg_len, 0, max_splits, MIN_SPLIT, BLOCK_N)
+        first = ((b * heads_here + h) * max_splits).to(tl.int64)
         offs_g = tl.arange(0, BLOCK_G)
         offs_d = tl.arange(0, BLOCK_D)
         m = tl.full([BLOCK_G], float("-inf"), tl.float32)
         l = tl.zeros([BLOCK_G], tl.float32)
         acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-        for c in range(c0, c1):
+        for s in range(0, splits):
+            c = first + s
             lse = tl.load(LsePart + c * BLOCK_G + offs_g)
             o = tl.load(OPart + c * BLOCK_G * BLOCK_D + offs_g[:, None] * BLOCK_D + offs_d[None, :])
             m_new = tl.maximum(m, lse)
@@ -223,7 +246,7 @@ if HAS_TRITON:
                  res.to(Out.dtype.element_ty), mask=mask)
 
 
-def _check(q, k_rows, v_rows, seg_pages, seg_len, req_idx, chunk_indptr, ws: DecodeWorkspace):
+def _check(q, k_rows, v_rows, seg_pages, seg_len, req_idx, ws: DecodeWorkspace):
     if q.dim() != 4:
         raise ValueError(f"q must be [B, Hl, G, D], got shape {tuple(q.shape)}")
     B, Hl, G, D = q.shape
@@ -233,12 +256,12 @@ def _check(q, k_rows, v_rows, seg_pages, seg_len, req_idx, chunk_indptr, ws: Dec
     H = seg_pages.shape[2]
     if Hl > H:
         raise ValueError(f"q has {Hl} KV heads, the page table {H}")
+    if H != ws.num_heads:
+        raise ValueError(f"the page table has {H} heads, the workspace was sized for {ws.num_heads}")
     if req_idx.shape != (B,):
         raise ValueError(f"req_idx must be [B] = [{B}], got {tuple(req_idx.shape)}")
-    if chunk_indptr.shape != (B * H + 1,):
-        raise ValueError(f"chunk_indptr must be [B * H + 1] = [{B * H + 1}], got {tuple(chunk_indptr.shape)}")
-    if B * H > ws.max_segments:
-        raise ValueError(f"{B} slots x {H} heads exceed the workspace's {ws.max_segments} segments")
+    if B > ws.max_batch:
+        raise ValueError(f"{B} slots exceed the workspace's {ws.max_batch}")
     if G > ws.block_g or D > ws.block_d:
         raise ValueError(f"group {G} / head_dim {D} exceed the workspace's {ws.block_g} / {ws.block_d}")
     for name, t in (("k_rows", k_rows), ("v_rows", v_rows)):
@@ -253,25 +276,26 @@ def _check(q, k_rows, v_rows, seg_pages, seg_len, req_idx, chunk_indptr, ws: Dec
 
 
 def paged_decode(q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor, seg_pages: torch.Tensor,
-                 seg_len: torch.Tensor, req_idx: torch.Tensor, layer: int, chunk_indptr: torch.Tensor,
-                 sm_scale: float, ws: DecodeWorkspace, page_size: int,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
+                 seg_len: torch.Tensor, req_idx: torch.Tensor, layer: int, sm_scale: float,
+                 ws: DecodeWorkspace, page_size: int, out: torch.Tensor | None = None,
+                 work: torch.Tensor | None = None) -> torch.Tensor:
     """Decode attention of one layer over the pool's page table; returns ``out`` [B, Hl, G, D].
 
     Parameters
     ----------
     q : fp16/bf16/fp32 [B, Hl, G, D] (strided in B and Hl is fine; contiguous in D).
     k_rows, v_rows : same dtype, [N, D].
-    seg_pages, seg_len : the pool's tables (int32 ``[R, L, H, MP]``, int ``[R, L, H]``), on q's device.
+    seg_pages, seg_len : the pool's tables (int32 ``[R, L, H, MP]``, int32 ``[R, L, H]``), on q's device.
     req_idx : int ``[B]`` ``req_pool_idx`` of each batch slot (padding slots: any request whose
         segments in ``layer`` are empty, e.g. SGLang's padding slot 0).
-    chunk_indptr : int32 ``[B * H + 1]``, this layer's row of :func:`chunk_tables` (``ws.chunk_size``).
     ws : the static bounds and scratch (:class:`DecodeWorkspace`).
+    work : optional int32 ``[B * Hl * ws.splits_for(B)]``; when given, each program writes the loop
+        iterations it ran there (the work proxy of the tests; a separate compiled variant).
 
-    No host sync, no allocation but ``out`` (when not given); grid ``ws.max_chunks``. Accumulates in
-    float32. Runs the Triton kernels on CUDA or under ``TRITON_INTERPRET=1``.
+    No host sync, no allocation but ``out`` (when not given); grid ``(B, Hl, ws.splits_for(B))``, then
+    ``(B, Hl)`` for the merge. Accumulates in float32. Runs on CUDA or under ``TRITON_INTERPRET=1``.
     """
-    _check(q, k_rows, v_rows, seg_pages, seg_len, req_idx, chunk_indptr, ws)
+    _check(q, k_rows, v_rows, seg_pages, seg_len, req_idx, ws)
     B, Hl, G, D = q.shape
     R, L, H, MP = seg_pages.shape
     if out is None:
@@ -281,18 +305,23 @@ def paged_decode(q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor, se
                            "ragged_torch.paged_decode_torch, the same contract in torch)")
     if B == 0 or Hl == 0:
         return out
-    _paged_chunk_kernel[(ws.max_chunks,)](
-        q, k_rows, v_rows, seg_pages, seg_len, req_idx, chunk_indptr, ws.o_part, ws.lse_part,
-        float(sm_scale), B * H, int(layer), L, H, Hl, MP,
+    S = ws.splits_for(B)
+    if work is not None and work.numel() < B * Hl * S:
+        raise ValueError(f"work must hold {B * Hl * S} counters, got {work.numel()}")
+    _paged_split_kernel[(B, Hl, S)](
+        q, k_rows, v_rows, seg_pages, seg_len, req_idx, ws.o_part, ws.lse_part,
+        work if work is not None else ws.lse_part,
+        float(sm_scale), int(layer), L, H, MP, S,
         q.stride(0), q.stride(1), q.stride(2), k_rows.stride(0), v_rows.stride(0),
-        G=G, BLOCK_G=ws.block_g, D=D, BLOCK_D=ws.block_d, P=page_size, CHUNK=ws.chunk_size,
-        BLOCK_N=ws.block_n, SEARCH_STEPS=ws.search_steps,
+        G=G, BLOCK_G=ws.block_g, D=D, BLOCK_D=ws.block_d, P=page_size, MIN_SPLIT=ws.min_split,
+        BLOCK_N=ws.block_n,
         # Triton's CPU interpreter computes tl.dot on bfloat16 inputs wrongly (checked with 3.9.0):
         # upcast there only; on CUDA the dots run on the native 16-bit inputs (tensor cores).
-        DOT_F32=_interpreting() and q.dtype == torch.bfloat16)
-    _paged_merge_kernel[(B * Hl,)](
-        ws.o_part, ws.lse_part, chunk_indptr, out, H, Hl, out.stride(0), out.stride(1), out.stride(2),
-        G=G, BLOCK_G=ws.block_g, D=D, BLOCK_D=ws.block_d)
+        DOT_F32=_interpreting() and q.dtype == torch.bfloat16, COUNT_WORK=work is not None)
+    _paged_merge_kernel[(B, Hl)](
+        ws.o_part, ws.lse_part, seg_len, req_idx, out, int(layer), L, H, S,
+        out.stride(0), out.stride(1), out.stride(2),
+        G=G, BLOCK_G=ws.block_g, D=D, BLOCK_D=ws.block_d, MIN_SPLIT=ws.min_split, BLOCK_N=ws.block_n)
     return out
 
 

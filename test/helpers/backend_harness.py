@@ -55,16 +55,16 @@ def layer(geo: Geometry, lid: int):
 
 
 def use_cuda_branch(backend, kernel=None, **workspace_kw) -> None:
-    """Switch a CPU backend to its CUDA decode branch: a static workspace for its pool, the chunk
-    tables, and ``kernel`` (default the Triton ``paged_decode``, interpreted on a CPU; a stand-in
-    callable to count the ops around the launches)."""
-    from sglang_fairkv_kernels import DecodeWorkspace, chunk_tables, paged_decode
+    """Switch a CPU backend to its CUDA decode branch: a static workspace for its pool and ``kernel``
+    (default the Triton ``paged_decode``, interpreted on a CPU; a stand-in callable to count the ops
+    around the launches)."""
+    from sglang_fairkv_kernels import DecodeWorkspace, paged_decode
 
     p = backend.pool
     workspace_kw.setdefault("group", max(1, backend_group(backend)))
-    backend.workspace = DecodeWorkspace.create(max_segments=p.max_reqs * p.num_kv_heads, pool_rows=p.k_rows.shape[0],
+    backend.workspace = DecodeWorkspace.create(max_batch=p.max_reqs, num_heads=p.num_kv_heads,
                                                head_dim=p.head_dim, device="cpu", **workspace_kw)
-    backend._chunk_tables, backend._paged_decode = chunk_tables, kernel or paged_decode
+    backend._paged_decode = kernel or paged_decode
     backend.decode_kernel = "triton"
 
 

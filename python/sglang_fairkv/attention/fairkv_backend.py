@@ -7,10 +7,11 @@ data-dependent host decision (``test/test_decode_path.py`` makes the sync entry 
 
 Prefill (extend): each chunk's K/V are written into the request's segments (the last chunk of a prompt
 that is compressed takes each layer's pages only when that layer runs, and gives the tail back right
-after compressing it: the dense prompt of one layer at a time), and one attention call per
-layer covers every request of the batch (queries padded to the longest chunk, keys to the longest
-sequence, a mask per request: work chunk x sequence, not sequence squared; before compression every
-segment of a request holds every position). When the
+after compressing it: the dense prompt of one layer at a time), then each request's chunk attends
+over its own rows gathered from the page table, one lower-right causal attention call per request
+(``attention/causal.py``: the flash kernel on CUDA, GQA included; work and memory one request's
+chunk x sequence, never the batch's padded product; before compression every segment of a request
+holds every position). When the
 chunk is the prompt's last, the layer is compressed right there: SnapKV scores from the window's
 post-RoPE queries against all prompt keys, budgets per ``CompressConfig``, the kept rows are compacted
 to the segment's front and the tail pages go back to the pool. Layer ``l``'s compression only changes
@@ -40,8 +41,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
-from torch.nn.attention.bias import causal_lower_right
-from torch.nn.functional import scaled_dot_product_attention
 
 from sglang_fairkv_kernels import paged_decode_torch
 
@@ -50,6 +49,7 @@ from ..compress.footprint import compresses
 from ..compress.policy import kept_for_layer
 from ..serving.kv_cache import FairKVCache
 from .capabilities import layer_problem
+from .causal import causal_attention
 from ..serving.state import FairKVState
 
 logger = logging.getLogger(__name__)
@@ -63,11 +63,11 @@ class ExtendMetadata:
     Host: per request ``req_pool_idx``, prefix / chunk / sequence lengths (tokens), whether the chunk
     completes the prompt (compress then), and where its tokens start in the packed batch.
     Device: ``idx`` int64 [b]; ``q_slot`` int64 [T], packed token -> ``b * max_ext + e`` (the padded
-    layout of one batched attention call); ``new_pos`` int64 [b, max_ext] the position of each padded
-    query (0 for padding) and ``new_valid`` bool [b, max_ext]; ``mask`` bool [b, 1, max_ext, max_seq]
-    (query ``e`` of request ``i`` sees keys ``t <= prefix_i + e``; padding queries see key 0 only), or
-    for a single request torch's lower-right causal bias (no mask tensor; flash / efficient kernels);
-    ``active`` bool [b, L, H], the segments each request holds on this rank.
+    layout of the batch's one K/V write); ``new_pos`` int64 [b, max_ext] the position of each padded
+    token (0 for padding) and ``new_valid`` bool [b, max_ext]; ``key_pos`` int64 [max_seq] = ``arange``
+    (the key positions a request's attention gathers); ``active`` bool [b, L, H], the segments each
+    request holds on this rank. No mask tensor: each request's attention takes torch's lower-right
+    causal bias.
     ``grow_idx`` / ``grow_len`` (host int64 [g], or None): requests whose chunk ends a prompt that is
     compressed, and that prompt's length; their pages are taken layer by layer in the forward
     (compress as you go: one layer of the prompt dense at a time), not here.
@@ -85,7 +85,7 @@ class ExtendMetadata:
     q_slot: torch.Tensor
     new_pos: torch.Tensor
     new_valid: torch.Tensor
-    mask: object
+    key_pos: torch.Tensor
     active: torch.Tensor
     grow_idx: np.ndarray | None = None
     grow_len: np.ndarray | None = None
@@ -96,15 +96,15 @@ class DecodeMetadata:
     """One decode step, built once per step (no device read-back).
 
     ``req_pool_idx`` int64 [b] (device); ``write_rows``: per layer int64 [b, H], the row of each new
-    token; ``lens`` int32 [b, L, H] lengths after the step; ``chunk_indptr``: per layer int32
-    [b*H + 1] (Triton path) or None; ``max_len`` (host, torch path): the longest segment of each
-    layer in the batch. Per-layer entries are views made once per step (a list index per layer).
+    token; ``lens`` int32 [b, L, H] lengths after the step; ``max_len`` (host, torch path only): the
+    longest segment of each layer in the batch. The Triton kernel needs nothing more: each segment's
+    split count comes from ``seg_len`` in the kernel. Per-layer entries are views made once per step
+    (a list index per layer).
     """
 
     req_pool_idx: torch.Tensor
     write_rows: tuple[torch.Tensor, ...]
     lens: torch.Tensor
-    chunk_indptr: tuple[torch.Tensor, ...] | None
     max_len: list[int] | None
 
 
@@ -125,11 +125,11 @@ class FairKVAttnBackend(AttentionBackend):
         self.decode_kernel = env.decode_kernel() if on_cuda else "torch"
         self.workspace = self.state.workspace
         if self.decode_kernel == "triton":
-            from sglang_fairkv_kernels import chunk_tables, paged_decode
+            from sglang_fairkv_kernels import paged_decode
 
             if self.workspace is None:
                 raise RuntimeError("fairkv: the Triton decode path needs the pool's static workspace")
-            self._paged_decode, self._chunk_tables = paged_decode, chunk_tables
+            self._paged_decode = paged_decode
         self.forward_metadata: ExtendMetadata | DecodeMetadata | None = None
         self.ledger = self.state.ledger
         self.tp = self.state.rank_plan.tp
@@ -173,11 +173,10 @@ class FairKVAttnBackend(AttentionBackend):
         write_rows, lens = self._decode_step(idx_host, idx_dev)
         write_rows = write_rows.unbind(0)
         if self.decode_kernel == "triton":
-            return DecodeMetadata(idx_dev, write_rows, lens,
-                                  self._chunk_tables(lens, self.workspace.chunk_size).unbind(0), None)
+            return DecodeMetadata(idx_dev, write_rows, lens, None)
         lens_h = self.pool.seg_len_host[idx_host]  # [b, L, H] after the step (host mirror)
         max_len = lens_h.max(axis=(0, 2)).tolist() if lens_h.size else [0] * self.num_layers
-        return DecodeMetadata(idx_dev, write_rows, lens, None, max_len)
+        return DecodeMetadata(idx_dev, write_rows, lens, max_len)
 
     def _extend_metadata(self, forward_batch) -> ExtendMetadata:
         idx = self.state.host_req_pool_indices(forward_batch)
@@ -196,29 +195,23 @@ class FairKVAttnBackend(AttentionBackend):
         b, max_ext, max_seq = len(idx), int(ext.max()), int(seq.max())
         starts = np.concatenate([[0], np.cumsum(ext)[:-1]]).astype(np.int64)
         q_slot = np.concatenate([i * max_ext + np.arange(e) for i, e in enumerate(ext.tolist())])
-        dev = self.pool.flush(extra=np.concatenate([idx, prefix, ext, seq, q_slot]))
-        d_idx, d_pre, d_ext, d_seq, d_slot = dev[:b], dev[b:2 * b], dev[2 * b:3 * b], dev[3 * b:4 * b], dev[4 * b:]
+        dev = self.pool.flush(extra=np.concatenate([idx, prefix, ext, q_slot]))
+        d_idx, d_pre, d_ext, d_slot = dev[:b], dev[b:2 * b], dev[2 * b:3 * b], dev[3 * b:]
         e = torch.arange(max_ext, device=dev.device)
         new_pos = d_pre[:, None] + e  # [b, max_ext]
         new_valid = e < d_ext[:, None]
-        if b == 1:  # one request: the chunk is the sequence's tail, a lower-right causal mask (no tensor)
-            mask = causal_lower_right(max_ext, max_seq)
-        else:
-            t = torch.arange(max_seq, device=dev.device)
-            mask = (t[None, None, :] <= new_pos[:, :, None]) & (t < d_seq[:, None])[:, None, :]
-            mask[:, :, 0] |= ~new_valid  # padding queries attend key 0 (never all -inf); output dropped
-            mask = mask[:, None]
         grown = (idx[grow], seq[grow]) if grow.any() else (None, None)
         return ExtendMetadata(idx.tolist(), prefix.tolist(), ext.tolist(), seq.tolist(), is_last,
                               starts.tolist(), max_ext, max_seq, d_idx, d_slot,
-                              torch.where(new_valid, new_pos, 0), new_valid, mask, self.pool.active[d_idx],
+                              torch.where(new_valid, new_pos, 0), new_valid,
+                              torch.arange(max_seq, device=dev.device), self.pool.active[d_idx],
                               *grown)
 
     # ---- CUDA graphs (decode) ----------------------------------------------------------------
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int):
         """Static buffers for every decode batch size SGLang captures (up to ``max_bs``): the request
-        indices ``[max_bs]``, the new tokens' rows ``[L, max_bs, H]``, lengths ``[max_bs, L, H]`` and the
-        chunk tables ``[L, max_bs * H + 1]``. Captured graphs read only these (and the pool's tables in
+        indices ``[max_bs]``, the new tokens' rows ``[L, max_bs, H]`` and lengths ``[max_bs, L, H]``.
+        Captured graphs read only these (and the pool's tables in
         place); each replay's out-of-graph part (:meth:`init_forward_metadata_out_graph`) refills them.
         Allocated once: never reallocated."""
         if self.decode_kernel != "triton":
@@ -228,20 +221,17 @@ class FairKVAttnBackend(AttentionBackend):
         self._g_idx = torch.zeros(max_bs, dtype=torch.int64, device=dev)
         self._g_rows = torch.zeros(L, max_bs, H, dtype=torch.int64, device=dev)
         self._g_lens = torch.zeros(max_bs, L, H, dtype=torch.int32, device=dev)
-        self._g_indptr = torch.zeros(L, max_bs * H + 1, dtype=torch.int32, device=dev)
         self._g_meta: dict[int, DecodeMetadata] = {}
 
     def graph_buffers(self) -> tuple[torch.Tensor, ...]:
         """The static buffers (tests check they are never reallocated)."""
-        return self._g_idx, self._g_rows, self._g_lens, self._g_indptr
+        return self._g_idx, self._g_rows, self._g_lens
 
     def _graph_metadata(self, bs: int) -> DecodeMetadata:
         """The decode metadata of a captured batch size: views of the static buffers (made once)."""
         md = self._g_meta.get(bs)
         if md is None:
-            H = self.pool.num_kv_heads
-            md = DecodeMetadata(self._g_idx[:bs], self._g_rows[:, :bs].unbind(0), self._g_lens[:bs],
-                                self._g_indptr[:, :bs * H + 1].unbind(0), None)
+            md = DecodeMetadata(self._g_idx[:bs], self._g_rows[:, :bs].unbind(0), self._g_lens[:bs], None)
             self._g_meta[bs] = md
         return md
 
@@ -250,7 +240,8 @@ class FairKVAttnBackend(AttentionBackend):
         all slots empty (writes to the sink page, no attention work). Replay (SGLang's padded view of
         the batch; ``num_padding`` slots past the real ones): the step's host bookkeeping and upload
         as in eager mode, then the real slots' rows / lengths / indices copied into the buffers, padding
-        slots zeroed (they write the sink page and attend nothing), chunk tables rebuilt in place."""
+        slots zeroed (they write the sink page and attend nothing). The kernel's launch configuration of
+        ``bs`` is static (:meth:`DecodeWorkspace.splits_for`), so nothing else is rebuilt."""
         mode = forward_batch.forward_mode
         if not mode.is_decode():
             return self.init_forward_metadata(forward_batch)
@@ -259,7 +250,6 @@ class FairKVAttnBackend(AttentionBackend):
             self._g_idx[:bs].zero_()
             self._g_rows[:, :bs].zero_()
             self._g_lens[:bs].zero_()
-            self._g_indptr[:, :bs * self.pool.num_kv_heads + 1].zero_()
             self.forward_metadata = self._graph_metadata(bs)
             return
         self.pool.begin_step()
@@ -273,8 +263,6 @@ class FairKVAttnBackend(AttentionBackend):
         self._g_rows[:, raw:bs].zero_()
         self._g_lens[:raw].copy_(lens)
         self._g_lens[raw:bs].zero_()
-        self._g_indptr[:, :bs * self.pool.num_kv_heads + 1].copy_(
-            self._chunk_tables(self._g_lens[:bs], self.workspace.chunk_size))
         self.forward_metadata = self._graph_metadata(bs)
 
     def init_forward_metadata_in_graph(self, forward_batch):
@@ -323,10 +311,20 @@ class FairKVAttnBackend(AttentionBackend):
         return pad.view(b, md.max_ext, n, x.shape[2]).transpose(1, 2)
 
     def _extend(self, q_, k_, v_, lid: int, scaling: float, v_head_dim: int, save_kv_cache: bool):
-        """Prefill attention of one layer over every request of the batch in one call. ``q_`` [T, Hq, D],
-        ``k_``/``v_`` [T, H, D] (this rank's heads); returns [T, Hq, Dv], zeros for the query heads of
-        segments this rank does not hold. Work ``b x max_ext x max_seq`` (for one request: the chunk
-        times its sequence, not the sequence squared)."""
+        """Prefill attention of one layer. ``q_`` [T, Hq, D], ``k_``/``v_`` [T, H, D] (this rank's heads);
+        returns [T, Hq, Dv], zeros for the query heads of segments this rank does not hold.
+
+        The chunk's K/V are written into the segments for the whole batch at once (one scatter each).
+        Attention is one call per request over that request's packed queries and its own rows gathered
+        from the page table, lower-right causal (:func:`~.causal.causal_attention`: on CUDA the flash
+        kernel, GQA included; never a mask tensor with ``enable_gqa``, which would force SDPA's math
+        kernel). Work and temporary memory are one request's ``chunk x sequence`` at a time,
+        never ``b x max_chunk x max_sequence``: the rows gathered ``[H, seq, D]`` (K and V) and SDPA's
+        output. The loop is over the batch's requests on the host (lengths are host values: no sync);
+        a prefill batch is a few requests (SGLang's chunked-prefill budget), as in SGLang's own
+        torch-native backend. Requests holding no head of this layer here (a copied head's other
+        replica) skip attention. Compression of a request's last chunk runs right after its attention,
+        on the same gathered keys."""
         md: ExtendMetadata = self.forward_metadata
         if md.grow_idx is not None:  # this layer's pages of the prompts that end here (one upload)
             self.pool.extend_layer(md.grow_idx, lid, md.grow_len)
@@ -334,46 +332,60 @@ class FairKVAttnBackend(AttentionBackend):
         hq, hkv, d = q_.shape[1], (k_.shape[1] if k_ is not None else 0), q_.shape[2]
         group = hq // hkv if hkv else 1
         b, pool = len(md.req_pool_idx), self.pool
-        act = md.active[:, lid, :hkv]  # [b, hkv] device
-        kk = None
-        if hkv:
-            if save_kv_cache and k_ is not None:
-                wrows = pool.rows_at(md.idx, lid, hkv, md.new_pos)  # [b, hkv, max_ext]
-                wrows = torch.where(act[:, :, None] & md.new_valid[:, None, :], wrows, 0)  # page 0: sink
-                pool.k_rows[wrows] = self._pad(k_, md).to(pool.dtype)
-                pool.v_rows[wrows] = self._pad(v_, md).to(pool.dtype)
-            rows = pool.rows_at(md.idx, lid, hkv, torch.arange(md.max_seq, device=q_.device))
-            kk = pool.k_rows[rows].to(q_.dtype)  # [b, hkv, max_seq, D]
-            vv = pool.v_rows[rows].to(q_.dtype)
-            out = scaled_dot_product_attention(self._pad(q_, md), kk, vv, attn_mask=md.mask, scale=scaling,
-                                               enable_gqa=group > 1)  # [b, Hq, max_ext, Dv]
-            out = torch.where(act.repeat_interleave(group, dim=1)[:, :, None, None], out, 0)
-            if b == 1:
-                o = out[0].transpose(0, 1)
-            else:
-                o = out.transpose(1, 2).reshape(b * md.max_ext, hq, v_head_dim)[md.q_slot]
-        else:
+        if not hkv:
             o = q_.new_zeros(q_.shape[0], hq, v_head_dim)
-        if self.state.cfg.enabled:
-            for i in range(b):  # only requests whose chunk ends the prompt do work here
+            if self.state.cfg.enabled:
+                for i in range(b):
+                    self._compress_request(i, md, q_, None, lid, hkv, group)
+            return o
+        act = md.active[:, lid, :hkv]  # [b, hkv] device
+        if save_kv_cache and k_ is not None:
+            wrows = pool.rows_at(md.idx, lid, hkv, md.new_pos)  # [b, hkv, max_ext]
+            wrows = torch.where(act[:, :, None] & md.new_valid[:, None, :], wrows, 0)  # page 0: sink
+            pool.k_rows[wrows] = self._pad(k_, md).to(pool.dtype)
+            pool.v_rows[wrows] = self._pad(v_, md).to(pool.dtype)
+        held = pool.active_host[md.req_pool_idx, lid, :hkv]  # [b, hkv] host mirror
+        o = None if b == 1 else q_.new_zeros(q_.shape[0], hq, v_head_dim)
+        for i in range(b):
+            s, ext, sl = md.starts[i], md.extend_lens[i], md.seq_lens[i]
+            if not held[i].any():  # nothing of this layer here for this request: zeros
+                if b == 1:
+                    o = q_.new_zeros(q_.shape[0], hq, v_head_dim)
+                if self.state.cfg.enabled:
+                    self._compress_request(i, md, q_, None, lid, hkv, group)
+                continue
+            rows = pool.rows_at(md.idx[i:i + 1], lid, hkv, md.key_pos[:sl])[0]  # [hkv, sl]
+            kk = pool.k_rows[rows].to(q_.dtype)  # [hkv, sl, D]: this request's keys only
+            vv = pool.v_rows[rows].to(q_.dtype)
+            qi = q_[s:s + ext].transpose(0, 1)  # [Hq, ext, D] (a view of the packed queries)
+            out = causal_attention(qi[None], kk[None], vv[None], scaling)[0]  # [Hq, ext, Dv]
+            if not held[i].all():  # heads of a copy served by another replica: their queries give zeros
+                keep = md.active[i, lid, :hkv].repeat_interleave(group)
+                out = torch.where(keep[:, None, None], out, 0)
+            if b == 1:
+                o = out.transpose(0, 1)  # [ext, Hq, Dv] (a view; SDPA may return it contiguous)
+            else:
+                o[s:s + ext] = out.transpose(0, 1)
+            if self.state.cfg.enabled:  # stash window queries, or compress on the keys just gathered
                 self._compress_request(i, md, q_, kk, lid, hkv, group)
         return o
 
     def _compress_request(self, i: int, md: ExtendMetadata, q_: torch.Tensor, kk: torch.Tensor | None,
                           lid: int, hkv: int, group: int) -> None:
-        """Window-query stash or compression of layer ``lid`` for request ``i`` of the batch. The heads
-        it holds come from the pool's host mirror (no device read)."""
+        """Window-query stash or compression of layer ``lid`` for request ``i`` of the batch. ``kk``
+        [hkv, seq, D]: request ``i``'s keys of every local head (None: it holds none here). The heads it
+        holds come from the pool's host mirror (no device read)."""
         r, s, ext, sl = md.req_pool_idx[i], md.starts[i], md.extend_lens[i], md.seq_lens[i]
         own_l = np.nonzero(self.pool.active_host[r, lid, :hkv])[0].tolist()
         if not md.is_last[i] or kk is None or not own_l:  # stash only, or nothing held here
             q_heads = slice(0, 0)
             k_own = q_.new_zeros(0, sl, q_.shape[2])
         elif len(own_l) == hkv:  # every local head (no plan, or a rank that holds them all): views
-            q_heads, k_own = slice(None), kk[i, :, :sl]
+            q_heads, k_own = slice(None), kk
         else:
             own = torch.as_tensor(own_l, dtype=torch.int64).to(q_.device)
             q_heads = (own[:, None] * group + torch.arange(group, device=q_.device)).flatten()
-            k_own = kk[i, own, :sl]
+            k_own = kk[own]
         self._compress(r, lid, q_[s:s + ext], k_own, own_l, q_heads, md.is_last[i])
 
     def _compress(self, r: int, lid: int, q_req: torch.Tensor, k_own: torch.Tensor, own: list[int],
@@ -463,8 +475,7 @@ class FairKVAttnBackend(AttentionBackend):
         qg = _as(q.reshape(b, hkv, hq // hkv, d), pool.dtype)
         if self.decode_kernel == "triton":
             out = self._paged_decode(qg, pool.k_rows, pool.v_rows, pool.seg_pages, pool.seg_len,
-                                     md.req_pool_idx, lid, md.chunk_indptr[lid], layer.scaling,
-                                     self.workspace, pool.page_size)
+                                     md.req_pool_idx, lid, layer.scaling, self.workspace, pool.page_size)
         else:
             out = paged_decode_torch(qg, pool.k_rows, pool.v_rows, pool.seg_pages, pool.seg_len, md.req_pool_idx,
                                      lid, layer.scaling, pool.page_size, max_len=md.max_len[lid])

@@ -93,6 +93,8 @@ class RaggedKVPool:
         self._staging: list[torch.Tensor | None] = [None, None]
         self._staging_events: list[object | None] = [None, None]
         self._flip = 0
+        #: the stream the last launched step runs on (CUDA; the overlap scheduler's forward stream)
+        self._step_stream = None
         self.uploads = 0  # host-to-device copies made by flush (a test counts them)
         self.clear()
 
@@ -181,8 +183,14 @@ class RaggedKVPool:
         """A forward step is being launched (the backend's metadata, once per step). Pages freed during
         an earlier step come back to the free stack once that step has finished: on CUDA when the event
         recorded at their release has completed (queried, no wait), on a CPU at once (its forward ran
-        synchronously)."""
+        synchronously).
+
+        Called from the backend's metadata, i.e. on the stream the step's kernels are queued on (SGLang's
+        overlap scheduler runs the forward on its own stream and releases requests from the scheduler's
+        stream): that stream is remembered, and release events are recorded on it."""
         self.step += 1
+        if self.device.type == "cuda":
+            self._step_stream = torch.cuda.current_stream(self.device)
         self._reclaim(before_step=self.step, wait=False)
 
     def _reclaim(self, before_step: int, wait: bool) -> None:
@@ -231,7 +239,9 @@ class RaggedKVPool:
         ev = None
         if self.device.type == "cuda":
             ev = torch.cuda.Event()
-            ev.record()  # after every kernel queued so far (the launched steps that may read these pages)
+            # on the forward stream, not the caller's (the scheduler's): the event completes after every
+            # kernel queued there so far, i.e. after the launched steps that may read these pages
+            ev.record(self._step_stream)
         self._limbo.append((self.step, pages.copy(), ev))
         self._limbo_pages += int(pages.size)
 

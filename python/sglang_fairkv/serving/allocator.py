@@ -7,6 +7,12 @@ the ragged pool. Capacity is reported in **token equivalents** of free rows (row
 from the TP group's ledger (every rank's pages, identical on all ranks), so SGLang's own admission,
 ``new_token_ratio`` reservation, retraction, metrics and idle leak check all see the compressed
 footprint and every rank's scheduler takes the same decisions.
+
+The slots live in one preallocated int32 stack (``LOGICAL_SLOTS_PER_TOKEN x 4`` bytes a token, its
+excess over the stock int64 list counted in the KV budget by :mod:`sglang_fairkv.kv.sizing`) with its
+top on the host: ``alloc`` copies ``n`` ids off the top (one small copy kernel, int64 out), ``free``
+writes ``n`` ids back (one copy kernel). The stock allocator's ``torch.cat`` of the whole free list on
+every free (a transient second copy of it) never happens, and no call reads the device.
 """
 
 from __future__ import annotations
@@ -14,12 +20,10 @@ from __future__ import annotations
 import torch
 from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
 
+from ..kv.sizing import LOGICAL_SLOTS_PER_TOKEN
 from .kv_cache import FairKVCache
 from .prefill_budget import FairKVPrefillBudget
 from .state import FairKVState
-
-#: Logical slots per token of physical capacity: how far compression may stretch the request set.
-LOGICAL_SLOTS_PER_TOKEN = 16
 
 
 class FairKVTokenAllocator(TokenToKVPoolAllocator):
@@ -29,21 +33,62 @@ class FairKVTokenAllocator(TokenToKVPoolAllocator):
                  kvcache: FairKVCache):
         self.state = state
         self.max_total_tokens = max_total_tokens
+        self._stack: torch.Tensor | None = None
         super().__init__(max_total_tokens * LOGICAL_SLOTS_PER_TOKEN, dtype, device, kvcache,
                          need_sort=False)
+
+    # ---- the slot stack (no torch.cat, no device read) ----------------------------------------
+    @property
+    def free_pages(self) -> torch.Tensor | None:
+        """The free slots (int32 view of the stack; SGLang's debug census reads it)."""
+        return None if self._stack is None else self._stack[:self._top]
+
+    @free_pages.setter
+    def free_pages(self, value) -> None:
+        if value is not None:  # SGLang's base __init__ sets None; nothing else may assign
+            raise AttributeError("the fairkv allocator's free slots live in its stack")
+
+    def _reset_stack(self) -> None:
+        if self._stack is None or self._stack.numel() != self.size:
+            self._stack = torch.empty(self.size, dtype=torch.int32, device=self.device)
+        # slot 0 is SGLang's padding slot: never handed out; the top holds 1, 2, 3 ...
+        torch.arange(self.size, 0, -1, dtype=torch.int32, out=self._stack)
+        self._top = self.size
+
+    def alloc(self, need_size: int):
+        if need_size > self._top:
+            return None
+        self._top -= need_size
+        return self._stack[self._top:self._top + need_size].to(torch.int64)  # a copy, not a view
+
+    def free(self, free_index: torch.Tensor):
+        n = free_index.numel()
+        if n == 0:
+            return
+        if self.free_group is not None:
+            self.free_group.append(self._copy_for_free_group(free_index))
+            return
+        if self._top + n > self.size:
+            raise RuntimeError(f"fairkv allocator: freeing {n} slots with {self.size - self._top} in use "
+                               "(a slot freed twice)")
+        self._stack[self._top:self._top + n] = free_index.reshape(-1)
+        self._top += n
 
     def token_capacity_free(self) -> int:
         """Prompt tokens every TP rank still has rows for (the ledger's minimum over ranks)."""
         return self.state.ledger.token_capacity_free()
 
     def available_size(self):
-        return min(super().available_size(), self.token_capacity_free())
+        return min(self._top, self.token_capacity_free())
+
+    def logical_slots_free(self) -> int:
+        return self._top
 
     def create_prefill_budget(self, tree_cache, *, num_mixed_decode_tokens=0):
         return FairKVPrefillBudget(self, tree_cache, num_mixed_decode_tokens=num_mixed_decode_tokens)
 
     def check_decode_capacity(self, *, num_tokens, tree_cache, requests=None, spec_algorithm=None) -> bool:
-        if super().available_size() < num_tokens:  # logical slots
+        if self._top < num_tokens:  # logical slots
             return False
         if requests is None:
             return self.token_capacity_free() >= num_tokens
@@ -69,7 +114,9 @@ class FairKVTokenAllocator(TokenToKVPoolAllocator):
         return errs
 
     def clear(self):
-        super().clear()
+        self._reset_stack()
+        self.free_group = None
+        self.release_pages = torch.empty((0,), dtype=torch.int64, device=self.device)
         if hasattr(self, "state"):
             for r in list(self.state.requests.admitted):
                 self.state.release(r)

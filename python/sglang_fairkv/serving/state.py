@@ -172,12 +172,18 @@ def build_state(cfg: CompressConfig, head_budgets: torch.Tensor | None, *, rank_
     num_layers = rank_plan.plan.num_layers
     row_bytes = 2 * head_dim * torch.empty(0, dtype=dtype).element_size()
     on_cuda = torch.device(device).type == "cuda"
+    target = None
+    if on_cuda:
+        from sglang_fairkv_kernels import target_programs_for
+
+        target = target_programs_for(device)
 
     def sizes(heads: int):
         return rank_pool_sizes(max_total_tokens=max_total_tokens, rows_per_token_budget=rows_per_token_budget,
                                row_bytes=row_bytes, heads=heads, page_size=page_size, num_layers=num_layers,
                                max_reqs=max_reqs, max_context=max_context, group=group, head_dim=head_dim,
-                               on_cuda=on_cuda, metadata_in_budget=metadata_in_budget)
+                               on_cuda=on_cuda, metadata_in_budget=metadata_in_budget,
+                               target_programs=target)
 
     # every rank's pool size (its tables depend on the heads the plan gives it), known on every rank:
     # the ledger must price each rank against that rank's own pages
@@ -190,8 +196,9 @@ def build_state(cfg: CompressConfig, head_budgets: torch.Tensor | None, *, rank_
         raise ValueError(
             f"sglang-fairkv: the KV budget ({mine.budget_bytes / 2**20:.1f} MB for {max_total_tokens} tokens) "
             f"does not hold the segment page table ({mine.table_bytes / 2**20:.1f} MB for {max_reqs} requests x "
-            f"{num_layers} layers x {heads} heads x context {max_context}) and the decode scratch "
-            f"({mine.scratch_bytes / 2**20:.1f} MB): lower --max-running-requests or --context-length, or give "
+            f"{num_layers} layers x {heads} heads x context {max_context}) the decode scratch "
+            f"({mine.scratch_bytes / 2**20:.1f} MB) and the allocator's logical slots "
+            f"({mine.allocator_bytes / 2**20:.1f} MB): lower --max-running-requests or --context-length, or give "
             "more memory (--mem-fraction-static / --max-total-tokens)")
     pool = RaggedKVPool(num_pages=int(mine.pages) + 1, page_size=page_size, num_layers=num_layers,
                         num_kv_heads=heads, head_dim=head_dim, max_reqs=max_reqs, max_context=max_context,
@@ -207,11 +214,13 @@ def build_state(cfg: CompressConfig, head_budgets: torch.Tensor | None, *, rank_
                          rows_per_token=rank_plan.expected_rows_per_token())
     assert int(ledger.usable[rank_plan.rank]) == pool.usable_pages
     logger.info("sglang-fairkv: rank %d/%d ragged KV pool %d pages x %d rows (%.1f MB K+V; of the %.1f MB "
-                "budget, %.1f MB page table for %d requests x context %d, %.1f MB decode scratch), plan %s "
+                "budget, %.1f MB page table for %d requests x context %d, %.1f MB decode scratch, %.1f MB "
+                "logical slots), plan %s "
                 "(KV heads per layer here %s), compression %s",
                 rank_plan.rank, rank_plan.tp, pool.usable_pages, page_size,
                 2 * pool.k_rows.numel() * pool.k_rows.element_size() / 2**20, mine.budget_bytes / 2**20,
                 mine.table_bytes / 2**20, max_reqs, pool.max_context, mine.scratch_bytes / 2**20,
+                mine.allocator_bytes / 2**20,
                 rank_plan.plan.strategy, rank_plan.heads_per_layer(), cfg.to_json())
     return FairKVState(pool=pool, cfg=cfg, head_budgets=head_budgets, rank_plan=rank_plan, ledger=ledger,
                        assigner=ReplicaAssigner(rank_plan.plan), profile_path=profile_path, workspace=workspace)
