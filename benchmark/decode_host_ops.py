@@ -1,5 +1,6 @@
 """Host cost of the fairkv backend's decode step on the CPU: tensor ops and host microseconds per layer,
-tensor ops per step, host syncs per step, uploads per step.
+tensor ops per step (eager metadata, and the out-of-graph part of a CUDA-graph replay), host syncs per
+step; and the host syncs of one compressed prompt's prefill (snapkv, adakv, pyramidkv).
 
 The backend is driven through its SGLang interface (``test/helpers/backend_harness.py``: the real
 ``FairKVAttnBackend`` over a real ``FairKVCache``; no server, no model), so the same script measures
@@ -76,15 +77,67 @@ def measure(name: str, geo: Geometry, batch: int, prompt: int, steps: int, kerne
     fb = decode_batch(backend, reqs)
     step_ops = len(top_level_ops(lambda: backend.init_forward_metadata(fb)))
     layer_ops = len(top_level_ops(lambda: backend.forward_decode(q, k, v, layers[1], fb)))
+    replay_ops = None
     if kernel == "triton":
         layer_ops += 1  # the stand-in (1 op) stands for two launches (partials + merge)
+        backend.init_cuda_graph_state(batch, batch)  # the out-of-graph part of a CUDA-graph replay
+        fbg = decode_batch(backend, reqs)
+        fbg.batch_size, fbg.num_padding = batch, 0
+        replay_ops = len(top_level_ops(lambda: backend.init_forward_metadata_out_graph(fbg)))
+        fused = fused_step_ops(backend, reqs, fbg)
     pool = backend.pool
     kept = int(pool.seg_len_host.sum()) if hasattr(pool, "seg_len_host") else int(pool.seg_len.sum())
     return {"shape": name, "branch": kernel, "batch": batch, "prompt": prompt, "layers": geo.layers,
-            "kept_rows": kept, "step_ops": step_ops, "layer_ops": layer_ops,
+            "kept_rows": kept, "step_ops": step_ops, "replay_ops": replay_ops, "layer_ops": layer_ops,
+            **(fused if kernel == "triton" else {}),
             "meta_us_per_step": meta_s / steps * 1e6, "layer_us": layer_s / steps / geo.layers * 1e6,
             "syncs_per_step": sum(syncs.values()) / steps,
             "sync_kinds": {k2: n / steps for k2, n in sorted(syncs.items())}}
+
+
+def fused_step_ops(backend, reqs, fbg) -> dict:
+    """Ops of the eager metadata and of a graph replay's out-of-graph part with the pool's fused step (the
+    CUDA path: two Triton launches, here stand-ins counted as one op each, since the interpreter's own
+    work is not what a GPU would launch). The two kernels are checked for equality with the torch step
+    in test/test_graph_and_overlap.py."""
+    import sglang_fairkv_kernels as kern
+
+    saved = kern.apply_table_writes, kern.decode_step
+    launches = []
+
+    def stub(name):
+        def f(*a, **k):
+            launches.append(name)
+            torch.empty(0)  # one op, as the profiler sees a launch
+        return f
+
+    kern.apply_table_writes, kern.decode_step = stub("apply_table_writes"), stub("decode_step")
+    backend.pool.fused_step = True
+    try:
+        eager = len(top_level_ops(lambda: backend.init_forward_metadata(decode_batch(backend, reqs))))
+        replay = len(top_level_ops(lambda: backend.init_forward_metadata_out_graph(fbg)))
+    finally:
+        kern.apply_table_writes, kern.decode_step = saved
+        backend.pool.fused_step = False
+    return {"fused_step_ops": eager, "fused_replay_ops": replay, "fused_launches_per_step": len(launches) // 2}
+
+
+def prefill_syncs(name: str, geo: Geometry, method: str, prompt: int) -> dict:
+    """Host syncs (the wrapped entry points) of one compressed prompt's prefill at TP 1: the metadata
+    and every layer's forward of its only chunk (where compression runs), per kind."""
+    torch.manual_seed(0)
+    backend = make_backend(geo, method=method, ratio=0.5, window=32)
+    gen = torch.Generator().manual_seed(0)
+    fb = extend_batch(backend, [1], [0], [prompt], [prompt])
+    qkvs = [qkv(geo, prompt, gen) for _ in range(geo.layers)]
+    counter: dict[str, int] = {}
+    with sync_points("count", counter):
+        backend.init_forward_metadata(fb)
+        for lid in range(geo.layers):
+            backend.forward_extend(*qkvs[lid], layer(geo, lid), fb)
+    uploads = backend.pool.uploads
+    return {"shape": name, "method": method, "prompt": prompt, "layers": geo.layers,
+            "syncs": sum(counter.values()), "sync_kinds": dict(sorted(counter.items())), "uploads": uploads}
 
 
 def main() -> None:
@@ -99,14 +152,23 @@ def main() -> None:
         for kernel in ("triton", "torch"):
             rows.append(measure(name, geo, a.batch, a.prompt, a.steps, kernel))
             print(json.dumps(rows[-1]), flush=True)
-    print("\n| shape | branch | ops / layer | host us / layer | ops / step (metadata) | metadata us / step | syncs / step |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| shape | branch | ops / layer | host us / layer | ops / step (metadata) | ops / graph replay "
+          "(out of graph) | fused step: ops / step, / replay | metadata us / step | syncs / step |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        fz = f"{r['fused_step_ops']}, {r['fused_replay_ops']}" if "fused_step_ops" in r else "-"
         print(f"| {r['shape']} | {r['branch']} | {r['layer_ops']} | {r['layer_us']:.0f} | {r['step_ops']} | "
+              f"{r.get('replay_ops') if r.get('replay_ops') is not None else '-'} | {fz} | "
               f"{r['meta_us_per_step']:.0f} | {r['syncs_per_step']:.0f} |")
+    pre = [prefill_syncs(name, geo, m, a.prompt) for name, geo in SHAPES.items()
+           for m in ("snapkv", "adakv", "pyramidkv")]
+    print("\n| shape | method | prompt | host syncs (prefill, all layers) | kinds | uploads |")
+    print("|---|---|---|---|---|---|")
+    for r in pre:
+        print(f"| {r['shape']} | {r['method']} | {r['prompt']} | {r['syncs']} | {r['sync_kinds']} | {r['uploads']} |")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump(rows, f, indent=1)
+            json.dump({"decode": rows, "prefill": pre}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 
 from helpers.backend_harness import Geometry, decode_batch, extend_batch, layer, make_backend, qkv, use_cuda_branch
@@ -27,10 +28,12 @@ PROMPTS = {1: 40, 2: 17, 3: 64, 5: 33, 6: 90}
 INACTIVE = (5, 1, 1)  # request 5 head 1 in layer 1: a copy served by another rank replica
 
 
-def twin(seed: int = 0):
-    """A backend on the CUDA branch with the prompts prefilled (same K/V for every twin)."""
+def twin(seed: int = 0, fused: bool = False):
+    """A backend on the CUDA branch with the prompts prefilled (same K/V for every twin). ``fused``: the
+    pool's step runs as on CUDA, two Triton launches (interpreted) instead of torch ops."""
     b = make_backend(GEO)
     use_cuda_branch(b, min_split=32, block_n=16)
+    b.pool.fused_step = fused
     st, gen = b.state, torch.Generator().manual_seed(seed)
     r, l, h = INACTIVE
     for req, n in PROMPTS.items():
@@ -71,8 +74,11 @@ def in_graph(b, bs: int, gen: torch.Generator, q_real=None):
     return outs
 
 
-def test_graph_replay_equals_eager_steps_and_never_reallocates():
-    eager, graph = twin(), twin()
+@pytest.mark.parametrize("fused", [False, True], ids=["torch-step", "fused-step"])
+def test_graph_replay_equals_eager_steps_and_never_reallocates(fused):
+    """Graph replays (static buffers, padding slots) equal eager steps of a twin, with the pool's step
+    in torch ops or in the fused Triton launches (the CUDA path): same outputs, same tables."""
+    eager, graph = twin(), twin(fused=fused)
     gen = torch.Generator().manual_seed(1)
     graph.init_cuda_graph_state(max_bs=8, max_num_tokens=8)
     buffers = [t.data_ptr() for t in graph.graph_buffers()]
@@ -108,6 +114,8 @@ def test_graph_replay_equals_eager_steps_and_never_reallocates():
         # same pool contents and tables as the eager twin (padding wrote only the sink page)
         assert np.array_equal(graph.pool.seg_len_host, eager.pool.seg_len_host)
         assert torch.equal(graph.pool.seg_len, eager.pool.seg_len)
+        assert torch.equal(graph.pool.seg_pages, eager.pool.seg_pages)
+        assert torch.equal(graph.pool.active, eager.pool.active)
         P = graph.pool.page_size
         assert torch.equal(graph.pool.k_rows[P:], eager.pool.k_rows[P:])
         assert torch.equal(graph.pool.v_rows[P:], eager.pool.v_rows[P:])

@@ -7,10 +7,15 @@ One contract, two implementations (see :func:`paged_decode` for the tensors):
   count comes from its length on the device; capturable in a CUDA graph.
 * :func:`paged_decode_torch` -- plain torch, padded to the layer's longest segment (the CPU server).
 
+* :func:`apply_table_writes` and :func:`decode_step` -- a decode step's device part of the pool's
+  bookkeeping (the upload's table writes; new rows, lengths and the step's metadata) in two launches.
+
 No SGLang import: the kernels know the pool's tensors, not the server.
 """
 
+from .decode_step import apply_table_writes, decode_step
 from .ragged_decode import DecodeWorkspace, paged_decode, target_programs_for
 from .ragged_torch import paged_decode_torch
 
-__all__ = ["DecodeWorkspace", "paged_decode", "paged_decode_torch", "target_programs_for"]
+__all__ = ["DecodeWorkspace", "apply_table_writes", "decode_step", "paged_decode", "paged_decode_torch",
+           "target_programs_for"]

@@ -158,11 +158,13 @@ class FairKVAttnBackend(AttentionBackend):
         else:
             raise NotImplementedError(f"fairkv backend: forward mode {mode} is not supported")
 
-    def _decode_step(self, idx_host: np.ndarray, idx_dev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _decode_step(self, idx_host: np.ndarray, idx_dev: torch.Tensor,
+                     out: tuple[torch.Tensor, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """A decode step's bookkeeping, eager or graph replay alike: one new row per segment of each
         request (host ``[b]`` and device ``[b]`` indices) in the pool and the ledger; returns the new
-        rows ``[L, b, H]`` and lengths after the step ``[b, L, H]`` (device, one upload)."""
-        rows, lens = self.pool.append(idx_host, idx_dev)
+        rows ``[L, b, H]`` and lengths after the step ``[b, L, H]`` (device, one upload). ``out``: the
+        graph runner's static buffers, written in place (padding slots zeroed)."""
+        rows, lens = self.pool.append(idx_host, idx_dev, out=out)
         self.ledger.append(idx_host)
         self.state.sample_decode_balance(idx_host)  # host, from the ledger, every few steps
         return rows, lens
@@ -239,8 +241,9 @@ class FairKVAttnBackend(AttentionBackend):
         """Outside the graph. Capture: the metadata of ``batch_size`` slots over the static buffers,
         all slots empty (writes to the sink page, no attention work). Replay (SGLang's padded view of
         the batch; ``num_padding`` slots past the real ones): the step's host bookkeeping and upload
-        as in eager mode, then the real slots' rows / lengths / indices copied into the buffers, padding
-        slots zeroed (they write the sink page and attend nothing). The kernel's launch configuration of
+        as in eager mode, the real slots' rows / lengths / indices written into the buffers by the step
+        itself (on CUDA the fused ``decode_step`` launch), padding slots zeroed (they write the sink
+        page and attend nothing). The kernel's launch configuration of
         ``bs`` is static (:meth:`DecodeWorkspace.splits_for`), so nothing else is rebuilt."""
         mode = forward_batch.forward_mode
         if not mode.is_decode():
@@ -256,13 +259,8 @@ class FairKVAttnBackend(AttentionBackend):
         raw = bs - int(getattr(forward_batch, "num_padding", 0) or 0)
         idx_dev = forward_batch.req_pool_indices[:raw]
         idx_host = self.state.host_req_pool_indices(forward_batch)[:raw]
-        rows, lens = self._decode_step(idx_host, idx_dev)  # [L, raw, H], [raw, L, H]
-        self._g_idx[:raw].copy_(idx_dev)
-        self._g_idx[raw:bs].zero_()
-        self._g_rows[:, :raw].copy_(rows)
-        self._g_rows[:, raw:bs].zero_()
-        self._g_lens[:raw].copy_(lens)
-        self._g_lens[raw:bs].zero_()
+        # rows, lengths and indices straight into the static buffers (on CUDA: one upload, two launches)
+        self._decode_step(idx_host, idx_dev, out=(self._g_rows[:, :bs], self._g_lens[:bs], self._g_idx[:bs]))
         self.forward_metadata = self._graph_metadata(bs)
 
     def init_forward_metadata_in_graph(self, forward_batch):
@@ -383,7 +381,7 @@ class FairKVAttnBackend(AttentionBackend):
         elif len(own_l) == hkv:  # every local head (no plan, or a rank that holds them all): views
             q_heads, k_own = slice(None), kk
         else:
-            own = torch.as_tensor(own_l, dtype=torch.int64).to(q_.device)
+            own = self.pool.upload(np.asarray(own_l, dtype=np.int64))  # pinned, asynchronous
             q_heads = (own[:, None] * group + torch.arange(group, device=q_.device)).flatten()
             k_own = kk[own]
         self._compress(r, lid, q_[s:s + ext], k_own, own_l, q_heads, md.is_last[i])
@@ -424,34 +422,41 @@ class FairKVAttnBackend(AttentionBackend):
             reqs.q_stash.pop(r, None)
             self.state.record_prompt(r, sl)
 
-    def _all_reduce_heads(self, head_ids: list[int], rows: torch.Tensor) -> torch.Tensor:
+    def _all_reduce_heads(self, head_idx: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Assemble a per-KV-head matrix of the whole layer from every rank's own heads.
 
-        ``rows`` [n, X]: this rank's values for ``head_ids``. Every head of the request's layer is held by
-        exactly one rank, so a SUM all-reduce of zero-filled ``[KV, X]`` matrices is exact (x + 0 = x).
-        Returns ``[KV, X]``; checks that every head arrived exactly once.
+        ``head_idx`` int64 [n] (device) the global heads of ``rows`` [n, X], this rank's values. Every
+        head of the request's layer is held by exactly one rank, so a SUM all-reduce of zero-filled
+        ``[KV, X + 1]`` matrices is exact (x + 0 = x); the last column counts the ranks that sent each
+        head (:meth:`_update_ledger` checks it on the host). Returns ``[KV, X + 1]``; no host sync.
         """
-        kv = self.num_kv_heads_total
-        full = rows.new_zeros(kv, rows.shape[1] + 1)
-        idx = torch.as_tensor(head_ids, dtype=torch.int64, device=rows.device)
-        full[idx, :-1] = rows
-        full[idx, -1] = 1
+        full = rows.new_zeros(self.num_kv_heads_total, rows.shape[1] + 1)
+        full[head_idx, :-1] = rows
+        full[head_idx, -1] = 1
         dist.all_reduce(full, group=self._group)
-        if bool((full[:, -1] != 1).any()):
-            raise RuntimeError(f"fairkv: KV heads held by {full[:, -1].tolist()} ranks (expected 1 each); "
-                               "the ranks disagree on the replica assignment")
-        return full[:, :-1]
+        return full
 
     def _gather_scores(self, r: int, scores: torch.Tensor, head_ids: list[int]) -> torch.Tensor:
         """AdaKV under TP: this rank's ``[n, S]`` scores -> the layer's ``[KV, S]`` (float64 carrier,
-        exact for float32 scores)."""
-        return self._all_reduce_heads(head_ids, scores.to(torch.float64)).to(scores.dtype)
+        exact for float32 scores). The head ids travel in one pinned upload; the ranks' agreement on who
+        holds which head is checked by the same layer's ledger exchange right after (on the host)."""
+        idx = self.pool.upload(np.asarray(head_ids, dtype=np.int64))
+        return self._all_reduce_heads(idx, scores.to(torch.float64))[:, :-1].to(scores.dtype)
 
     def _update_ledger(self, r: int, lid: int, head_ids: list[int], counts: list[int]) -> None:
-        """Kept tokens of every head of the layer into the group ledger (exchanged at TP > 1)."""
-        if self.tp > 1:  # the exchange's result is read on the host (the ledger): one sync per layer
-            c = torch.tensor(counts, dtype=torch.float64, device=self.pool.device).view(-1, 1)
-            full = self._all_reduce_heads(head_ids, c)[:, 0].round().to(torch.int64).cpu()
+        """Kept tokens of every head of the layer into the group ledger (exchanged at TP > 1). At TP > 1
+        the exchange's result is read on the host: the one host sync per layer that compression forces
+        there (admission reads the ledger on the host); head ids and counts travel in one pinned upload,
+        and the held-by check reads the same copy."""
+        if self.tp > 1:
+            n = len(head_ids)
+            up = self.pool.upload(np.asarray([*head_ids, *counts], dtype=np.int64))
+            full = self._all_reduce_heads(up[:n], up[n:].view(-1, 1)).cpu()  # [KV, 2] int64: counts, held by
+            held = full[:, 1]
+            if (held != 1).any():
+                raise RuntimeError(f"fairkv: KV heads held by {held.tolist()} ranks (expected 1 each); "
+                                   "the ranks disagree on the replica assignment")
+            full = full[:, 0]
         else:
             full = torch.zeros(self.num_kv_heads_total, dtype=torch.int64)
             full[head_ids] = torch.tensor(counts, dtype=torch.int64)

@@ -28,7 +28,8 @@ def n_kept_for_budget(seq_len: int, budget: int) -> int:
 
 
 def _sorted_rows(idx: torch.Tensor) -> list[torch.Tensor]:
-    return [row.sort().values for row in idx]
+    """Each row of ``idx`` [H, n] sorted, as views of one sort (one op, not one per head)."""
+    return list(idx.sort(dim=-1).values.unbind(0))
 
 
 def select_uniform(scores: torch.Tensor, n_kept: int) -> list[torch.Tensor]:
@@ -58,7 +59,12 @@ def select_adakv(scores: torch.Tensor, n_kept: int, alpha: float = 0.2) -> list[
     pruned = torch.topk(-scores.reshape(-1), n_pruned).indices
     keep[pruned] = False
     keep = keep.view(h, s)
-    return [torch.nonzero(keep[i]).flatten() for i in range(h)]
+    # How many each head keeps is data-dependent and the host must know it (pages are allocated on the
+    # host): one read-back of the H counts; the kept positions of every head then come from one stable
+    # sort (kept positions first, ascending), sliced on the host. No nonzero per head.
+    counts = keep.sum(dim=-1).tolist()
+    order = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)
+    return [order[i, :c] for i, c in enumerate(counts)]
 
 
 def pyramid_layer_budget(layer: int, num_layers: int, seq_len: int, ratio: float, window: int = 64,
@@ -103,4 +109,5 @@ def load_head_budgets(path: str | Path, num_layers: int, num_kv_heads: int) -> t
 def select_per_head(scores: torch.Tensor, budgets: torch.Tensor) -> list[torch.Tensor]:
     """Head ``i`` keeps its top ``budgets[i]`` positions (HeadKV static budgets, PyramidKV layers)."""
     s = scores.shape[-1]
-    return [scores[i].topk(int(min(budgets[i], s))).indices.sort().values for i in range(scores.shape[0])]
+    ks = [min(int(k), s) for k in (budgets.tolist() if isinstance(budgets, torch.Tensor) else budgets)]
+    return [scores[i].topk(k).indices.sort().values for i, k in enumerate(ks)]

@@ -68,4 +68,6 @@ class SnapKVScorer:
         scores = F.avg_pool1d(scores, kernel_size=self.kernel, padding=self.kernel // 2, stride=1)
         scores = scores.view(hkv, group, s - w)
         scores = scores.mean(1) if self.gqa == "mean" else scores.amax(1)
-        return F.pad(scores, (0, w), value=scores.max().item() + 1).float()
+        # the window's positions score max + 1 (always kept); the max stays on the device (no .item())
+        top = (scores.max() + 1).expand(hkv, w)
+        return torch.cat([scores, top], dim=-1).float()

@@ -63,8 +63,11 @@ class GroupLedger:
             self.length[r] = n
 
     def set_kept(self, req_pool_idx: int, layer: int, counts: torch.Tensor) -> None:
-        """Kept tokens of every KV head of one layer after compression, int ``[KV]``."""
-        self.length[req_pool_idx, layer] = counts.to(torch.int64).cpu()
+        """Kept tokens of every KV head of one layer after compression, host int ``[KV]`` (the ledger is
+        host bookkeeping: a device tensor here would be a hidden sync)."""
+        if counts.device.type != "cpu":
+            raise TypeError("GroupLedger.set_kept takes host counts (read the exchange once, then pass it)")
+        self.length[req_pool_idx, layer] = counts.to(torch.int64)
 
     def append(self, req_pool_idx) -> None:
         """A decode step of these requests (host ints ``[b]``: never a device tensor)."""

@@ -90,9 +90,12 @@ class RaggedKVPool:
         # flat index of segment (0, l, h): base[l, h]; of (r, l, h): r * L * H + base[l, h]
         self._seg_base = torch.arange(num_layers * num_kv_heads, dtype=torch.int64,
                                       device=self.device).view(num_layers, num_kv_heads)
-        self._staging: list[torch.Tensor | None] = [None, None]
-        self._staging_events: list[object | None] = [None, None]
+        self._staging: list[torch.Tensor | None] = [None] * self.STAGING_RING
+        self._staging_events: list[object | None] = [None] * self.STAGING_RING
         self._flip = 0
+        self.staging_waits = 0  # uploads that waited for their staging buffer (CUDA)
+        #: a decode step's device part in two Triton launches (CUDA; tests set it under the interpreter)
+        self.fused_step = self.device.type == "cuda"
         #: the stream the last launched step runs on (CUDA; the overlap scheduler's forward stream)
         self._step_stream = None
         self.uploads = 0  # host-to-device copies made by flush (a test counts them)
@@ -289,27 +292,47 @@ class RaggedKVPool:
         if not parts:
             return None
         packed = self._upload(np.concatenate(parts))
-        off = 0
-        for t, n in enumerate(sizes):
-            if not n:
-                continue
-            idx, val = packed[off:off + n], packed[off + n:off + 2 * n]
-            off += 2 * n
-            table = (self.seg_pages, self.seg_len, self.active)[t]
-            table.view(-1)[idx] = val.to(table.dtype)
+        off = 2 * sum(sizes)
+        if self.fused_step and off:  # one launch for all three tables
+            from sglang_fairkv_kernels import apply_table_writes
+
+            apply_table_writes(packed, *sizes, self.seg_pages.view(-1), self.seg_len.view(-1), self.active.view(-1))
+        elif off:
+            o = 0
+            for t, n in enumerate(sizes):
+                if not n:
+                    continue
+                idx, val = packed[o:o + n], packed[o + n:o + 2 * n]
+                o += 2 * n
+                table = (self.seg_pages, self.seg_len, self.active)[t]
+                table.view(-1)[idx] = val.to(table.dtype)
         return packed[off:] if extra is not None else None
 
+    #: pinned staging buffers in the upload ring: a buffer is refilled only once the copy that last read
+    #: it has finished, so the host waits only when it runs this many uploads ahead of the device
+    STAGING_RING = 8
+
+    def upload(self, host: np.ndarray) -> torch.Tensor:
+        """int64 host data on the pool's device in one asynchronous copy (pinned staging on CUDA), for
+        callers with small per-layer metadata (head ids, kept counts); see :meth:`_upload`."""
+        return self._upload(np.asarray(host, dtype=np.int64).reshape(-1))
+
     def _upload(self, host: np.ndarray) -> torch.Tensor:
-        """One host-to-device copy. On CUDA through two alternating pinned staging buffers (a buffer
-        is refilled only after the copy that last read it has finished)."""
+        """One host-to-device copy. On CUDA through a ring of ``STAGING_RING`` pinned staging buffers: a
+        buffer is reused only after the copy that last read it has finished (queried; the host waits
+        only if that copy is still pending, i.e. when it is a whole ring of uploads ahead of the device:
+        back-pressure that leaves the device's queue full, not a stall of the device). A compressed
+        prompt's last chunk uploads twice per layer (its pages, then the compaction's rows), so the host
+        may run four layers ahead before it waits."""
         self.uploads += 1
         src = torch.from_numpy(host)
         if self.device.type != "cuda":
             return src.to(self.device)
-        slot, self._flip = self._flip, self._flip ^ 1
+        slot, self._flip = self._flip, (self._flip + 1) % self.STAGING_RING
         buf, ev = self._staging[slot], self._staging_events[slot]
-        if ev is not None:
-            ev.synchronize()  # the copy of two flushes ago; long done in practice
+        if ev is not None and not ev.query():
+            self.staging_waits += 1
+            ev.synchronize()
         if buf is None or buf.numel() < src.numel():
             buf = self._staging[slot] = torch.empty(max(src.numel(), 1 << 16), dtype=torch.int64,
                                                     pin_memory=True)
@@ -373,7 +396,9 @@ class RaggedKVPool:
         idx = np.asarray(_host_ints(req_pool_idx), dtype=np.int64)
         return int(((self.seg_len_host[idx] % self.page_size == 0) & self.active_host[idx]).sum())
 
-    def append(self, req_pool_idx_host, req_pool_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def append(self, req_pool_idx_host, req_pool_idx: torch.Tensor,
+               out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
         """Add one token to every active segment of each request (a decode step).
 
         ``req_pool_idx_host``: host ints ``[b]``; ``req_pool_idx``: the same on the device (int64).
@@ -383,6 +408,12 @@ class RaggedKVPool:
         Returns ``write_rows`` int64 ``[L, b, H]`` (the row of each new token's K/V; a row of the
         reserved page 0 for inactive segments) and ``lens`` int32 ``[b, L, H]`` (lengths after the
         step).
+
+        ``out``: ``(rows [L, bs, H], lens [bs, L, H], idx [bs])`` buffers with ``bs >= b`` (a CUDA-graph
+        runner's static buffers) written in place, slots past ``b`` zeroed (padding); returns views of
+        them. With :attr:`fused_step` (CUDA) the device part is two launches
+        (:func:`~sglang_fairkv_kernels.apply_table_writes`, :func:`~sglang_fairkv_kernels.decode_step`)
+        after the one upload; else torch ops.
         """
         P, L, H, MP = self.page_size, self.num_layers, self.num_kv_heads, self.max_pages
         idx = np.asarray(_host_ints(req_pool_idx_host), dtype=np.int64)
@@ -399,6 +430,17 @@ class RaggedKVPool:
             self._queue(_PAGES, ((idx[b_i] * L + l_i) * H + h_i) * MP + slot, pages)
         self.seg_len_host[idx] = lens + act
         self.flush()
+        b = idx.size
+        if self.fused_step:  # one launch: rows, lengths, seg_len and the step's metadata buffers
+            from sglang_fairkv_kernels import decode_step
+
+            if out is None:
+                out = (torch.empty(L, b, H, dtype=torch.int64, device=self.device),
+                       torch.empty(b, L, H, dtype=torch.int32, device=self.device),
+                       torch.empty(b, dtype=torch.int64, device=self.device))
+            rows_o, lens_o, idx_o = out
+            decode_step(req_pool_idx, self.seg_pages, self.seg_len, self.active, P, rows_o, lens_o, idx_o, raw=b)
+            return rows_o[:, :b], lens_o[:b]
         # device: rows from the (just updated) page table, then the lengths advance
         r = req_pool_idx.to(torch.int64)
         lens_d = self.seg_len[r]  # [b, L, H] int32
@@ -408,7 +450,17 @@ class RaggedKVPool:
         rows = torch.where(act_d, page.to(torch.int64) * P + (lens_d % P).to(torch.int64), 0)
         new_lens = lens_d + act_d.to(lens_d.dtype)
         self.seg_len[r] = new_lens
-        return rows.permute(1, 0, 2), new_lens
+        rows = rows.permute(1, 0, 2)
+        if out is not None:
+            rows_o, lens_o, idx_o = out
+            rows_o[:, :b].copy_(rows)
+            rows_o[:, b:].zero_()
+            lens_o[:b].copy_(new_lens)
+            lens_o[b:].zero_()
+            idx_o[:b].copy_(r)
+            idx_o[b:].zero_()
+            return rows_o[:, :b], lens_o[:b]
+        return rows, new_lens
 
     def free(self, req_pool_idx: int) -> int:
         """Return every page of one request (host); returns the number of pages freed."""
