@@ -46,6 +46,7 @@ def old_module(rev: str):
     path.write_text(src)
     spec = importlib.util.spec_from_file_location("ragged_decode_old", path)
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up
     spec.loader.exec_module(mod)
     return mod
 

@@ -233,7 +233,7 @@ def test_workspace_bounds():
     assert ws.nbytes == DecodeWorkspace.bytes_for(max_batch=100, num_heads=2, group=8, head_dim=128,
                                                   target_programs=528, max_splits=64)
     big = DecodeWorkspace.bytes_for(max_batch=4096, num_heads=8, group=8, head_dim=128)
-    assert big == 4096 * 8 * 16 * 129 * 4  # 270 MB at 4096 slots x 8 heads: the batch sets it
+    assert big == 4096 * 8 * 16 * 129 * 4  # 258 MiB at 4096 slots x 8 heads: the batch sets it
 
 
 def test_bad_input_names_the_problem(kern):
