@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 JOBS    ?= 2
 XDIST   := $(if $(filter 0 1,$(JOBS)),,-n $(JOBS) --dist loadgroup)
 
-.PHONY: install model serve test test-fast bench device-check device-check-dry clean
+.PHONY: install model serve serve-router test test-fast bench device-check device-check-dry clean
 
 install: $(STAMP) $(MODEL)
 
@@ -31,6 +31,13 @@ serve: install
 	@echo "  curl -s http://$(HOST):$(PORT)/generate -H 'Content-Type: application/json' \\"
 	@echo "       -d '{\"text\": \"The capital of France is\", \"sampling_params\": {\"max_new_tokens\": 16, \"temperature\": 0}}'"
 	$(PY) -m sglang_fairkv.launch_server --host $(HOST) --port $(PORT) $(ARGS)
+
+# N compressed servers behind sglang-router (round robin: compressed servers keep no prefix cache).
+REPLICAS ?= 2
+POLICY  ?= round_robin
+ROUTER_ARGS ?= --kv-compress adakv
+serve-router: install
+	$(PY) -m sglang_fairkv.serve_router --replicas $(REPLICAS) --host $(HOST) --port $(PORT) --policy $(POLICY) -- $(ROUTER_ARGS)
 
 test: install
 	$(PY) -m pytest test $(XDIST) $(PYTEST_ARGS)

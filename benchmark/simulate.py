@@ -10,7 +10,8 @@ several skews. Plans use the planner's cost model calibrated to the same measure
 (cap 2048).
 Tables: (a) throughput gain over sha vs budget and TP, (b) ablation sha / assign / fairkv,
 (c) busy rate and gain vs copies per layer, (d) gain vs skew, (e) SmolLM2's measured AdaKV head
-skew mapped onto the large shapes.
+skew mapped onto the large shapes, (f) DP replicas (2 x TP 8) serving different traffic: sha, one plan
+from the pooled stats, a plan per replica from its own stats.
 """
 
 from __future__ import annotations
@@ -40,6 +41,28 @@ def run(cal, shape, tp, budget, conc, strategy, k=2, seed=0, stats=None):
     if b < 1:
         return None
     return predict_throughput(plan, stats, shape, cal, b)
+
+
+def dp_group(cal, shape, tp, budget, seeds=(11, 12), conc=0.3):
+    """DP 2 x TP ``tp``: replica i's traffic has its own skew (seed i). Returns (sha, one plan from the
+    pooled stats for both, a plan per replica from its own stats) as GroupPredictions, or None."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    from sglang_fairkv.simulator import predict_replicas
+
+    stats = [synthetic_stats(shape, budget=budget, concentration=conc, seed=s) for s in seeds]
+    pooled = replace(stats[0], kv_len_mean=np.mean([np.asarray(s.kv_len_mean) for s in stats], axis=0))
+    sha = build_plan(stats[0], tp, "sha")[0]
+    b0 = max_batch(sha, stats[0], shape, cal)
+    if b0 < 1:
+        return None
+    one = plan_calibrated(pooled, shape, tp, "fairkv", cal, b0, max_copies_per_layer=2)
+    own = [plan_calibrated(s, shape, tp, "fairkv", cal, b0, max_copies_per_layer=2) for s in stats]
+    return (predict_replicas([(sha, s) for s in stats], shape, cal),
+            predict_replicas([(one, s) for s in stats], shape, cal),
+            predict_replicas(list(zip(own, stats)), shape, cal))
 
 
 def main() -> None:
@@ -97,6 +120,20 @@ def main() -> None:
                 base = res["sha"].tokens_per_s
                 print(f"| {shape} | {tp} | {budget} | {res['assign'].tokens_per_s / base:.3f}x | "
                       f"{res['fairkv'].tokens_per_s / base:.3f}x | {res['fairkv'].attention_busy_rate:.3f} |")
+    print("\n(f) DP replicas behind a router (2 x TP 8 = 16 GPUs): each replica serves its own traffic "
+          "(its own per-head skew); SIMULATED")
+    print("| shape | budget | sha group tok/s | one pooled fairkv plan | a fairkv plan per replica | "
+          "per replica (own plans) |")
+    print("|---|---|---|---|---|---|")
+    for shape in SHAPES:
+        for budget in (512, 2048):
+            group = dp_group(cal, shape, 8, budget)
+            if group is None:
+                continue
+            sha, one, own = group
+            print(f"| {shape} | {budget} | {sha.tokens_per_s:.0f} | {one.tokens_per_s / sha.tokens_per_s:.3f}x | "
+                  f"{own.tokens_per_s / sha.tokens_per_s:.3f}x | "
+                  f"{', '.join(f'{t:.0f}' for t in own.per_replica_tokens_per_s)} |")
     try:
         import matplotlib
 

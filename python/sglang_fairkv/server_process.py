@@ -44,7 +44,7 @@ def group_alive(pgid: int) -> bool:
 
 
 class ServerProcess:
-    """One ``python -m <module> <args> --host 127.0.0.1 --port P`` process group.
+    """One ``python -m <module> <args> --host H --port P`` process group (``H`` 127.0.0.1 by default).
 
     ``env``: the server's whole environment (default: this process's). ``log``: where its output goes
     (default: a new temporary file, kept). ``graceful_s``: on stop, SIGTERM and wait this long before
@@ -54,10 +54,10 @@ class ServerProcess:
 
     def __init__(self, args: list[str], *, module: str = LAUNCHER, env: dict[str, str] | None = None,
                  port: int | None = None, log: Path | str | None = None, cwd: Path | str | None = None,
-                 startup_timeout: float = 240.0, graceful_s: float = 0.0):
+                 startup_timeout: float = 240.0, graceful_s: float = 0.0, host: str = "127.0.0.1"):
         self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.cmd = [sys.executable, "-m", module, *args, "--host", "127.0.0.1", "--port", str(self.port)]
+        self.url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{self.port}"
+        self.cmd = [sys.executable, "-m", module, *args, "--host", host, "--port", str(self.port)]
         self.env = dict(os.environ if env is None else env)
         if log is None:
             fd, log = tempfile.mkstemp(prefix="fairkv-server-", suffix=".log")

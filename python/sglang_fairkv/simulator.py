@@ -224,3 +224,29 @@ def plan_calibrated(stats: KVStats, shape: str, tp: int, strategy: str, cal: Cal
     shifted = replace(stats, kv_len_mean=stats.kv_len_mean + offset)
     plan, _ = build_plan(shifted, tp, strategy, cost, **kw)
     return replace(plan, predicted=evaluate(plan, stats))
+
+
+@dataclass(frozen=True)
+class GroupPrediction:
+    """Data-parallel replicas behind a router (``--dp-size`` or several servers): each replica a TP group
+    of its own (its plan, its traffic's stats, its batch); they share nothing, so the group's decode
+    throughput is the sum of the replicas'. SIMULATED like :func:`predict_step`."""
+
+    replicas: tuple[StepPrediction, ...]
+
+    @property
+    def tokens_per_s(self) -> float:
+        return sum(r.tokens_per_s for r in self.replicas)
+
+    @property
+    def per_replica_tokens_per_s(self) -> list[float]:
+        return [r.tokens_per_s for r in self.replicas]
+
+
+def predict_replicas(replicas: list[tuple[Plan, KVStats]], shape: str, cal: Calibration,
+                     batch: int | None = None) -> GroupPrediction:
+    """Decode throughput of DP replicas, each ``(plan, stats of the traffic it serves)``, each at the
+    largest batch its own ranks' memory allows (or ``batch``)."""
+    if not replicas:
+        raise ValueError("no replica")
+    return GroupPrediction(tuple(predict_throughput(p, s, shape, cal, batch) for p, s in replicas))

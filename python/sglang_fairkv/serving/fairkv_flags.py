@@ -133,8 +133,6 @@ def fairkv_setup(fk: argparse.Namespace, ns: argparse.Namespace, out: list[str],
     bad = [f for f in FAIRKV_REJECTED_FLAGS if given(out, f)]
     if (ns.pp_size or 1) > 1:
         bad.append("--pp-size > 1")
-    if (ns.dp_size or 1) > 1:
-        bad.append("--dp-size > 1")
     if (ns.page_size or 1) > 1:
         bad.append("--page-size > 1 (the ragged pool pages itself: FAIRKV_KV_PAGE_SIZE)")
     flag = "--cuda-graph-backend-prefill"

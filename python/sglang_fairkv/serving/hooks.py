@@ -7,7 +7,8 @@ whose hook did not apply dies at start-up (and the server with it) rather than s
 * **Launcher** (:func:`launcher_hooks`; the tokenizer manager and HTTP server run there): the request
   guards (malformed requests get HTTP 400), and on CPU the fork of SGLang's children.
 * **Scheduler** (:func:`scheduler_hooks`, run by :mod:`~sglang_fairkv.serving.worker` in every
-  scheduler process): on CPU no PyNccl; the request-intake and forward guards; with ``--kv-compress``
+  scheduler process): on CPU no PyNccl; the request-intake and forward guards; the lost-TP-peer message
+  (:mod:`~sglang_fairkv.serving.group_guard`); with ``--kv-compress``
   the ragged pool (:mod:`~sglang_fairkv.serving.pool_hooks`) and the scheduler path
   (:mod:`~sglang_fairkv.serving.scheduler_hooks`).
 
@@ -52,6 +53,7 @@ def scheduler_hooks(on_cpu: bool) -> list[Hook]:
     """A scheduler process's hooks (the fairkv ones only when ``--kv-compress`` is on)."""
     from sglang_fairkv_patches import pynccl_cpu
 
+    from . import group_guard as gg
     from . import pool_hooks as p
     from . import request_guard as g
     from . import scheduler_hooks as s
@@ -59,7 +61,8 @@ def scheduler_hooks(on_cpu: bool) -> list[Hook]:
 
     hooks = [Hook(pynccl_cpu.TARGET, pynccl_cpu.force_no_pynccl, "BEFORE")] if on_cpu else []
     hooks += [Hook(g.T_HANDLE_GENERATE, g.handle_generate_hook, "AROUND"),
-              Hook(g.T_RUN_BATCH, g.run_batch_hook, "AROUND")]
+              Hook(g.T_RUN_BATCH, g.run_batch_hook, "AROUND"),
+              Hook(gg.T_EVENT_LOOP, gg.event_loop_hook, "AROUND")]
     if compress_config() is not None:
         hooks += [Hook(p.T_BUILD_POOL, p.build_pool_hook, "AROUND"),
                   Hook(p.T_BUILD_ALLOC, p.build_allocator_hook, "AROUND"),

@@ -88,6 +88,19 @@ def port_in_use(host: str, port: int) -> bool:
     return False
 
 
+def scale_out_setup(ns, out: list[str]) -> tuple[str, ...]:
+    """Multi-node TP (``--nnodes > 1``): bound how long a rank waits on a stuck peer (``--dist-timeout``,
+    unless given; torch's default is 30 minutes) -- a dead peer is reported at once
+    (:mod:`~sglang_fairkv.serving.group_guard`). Returns the notes to print."""
+    from .group_guard import DIST_TIMEOUT_S
+
+    if (ns.nnodes or 1) > 1 and not given(out, "--dist-timeout"):
+        out += ["--dist-timeout", str(DIST_TIMEOUT_S)]
+        return (f"--dist-timeout {DIST_TIMEOUT_S}: a TP rank on another node that stops answering stops the "
+                f"group after {DIST_TIMEOUT_S} s (a dead one at once)",)
+    return ()
+
+
 def parse_launch(argv: list[str], on_cpu: bool) -> LaunchConfig:
     """Validate ``argv`` and add the defaults; raises :class:`UsageError` on bad input.
 
@@ -127,7 +140,7 @@ def parse_launch(argv: list[str], on_cpu: bool) -> LaunchConfig:
         cfg, notes, warnings = fairkv_setup(fk, ns, out, model_path, mc, on_cpu)
         placement_json, plan_notes, plan_warnings = placement_setup(fk, ns, out, model_path, mc, cfg)
         cfg_json, notes, warnings = cfg.to_json(), notes + plan_notes, warnings + plan_warnings
-    notes = embedded_notes + notes
+    notes = embedded_notes + notes + scale_out_setup(ns, out)
     if on_cpu:
         for flag, v in CPU_DEFAULTS:
             if not given(out, flag):
@@ -196,9 +209,10 @@ def run(server_args, on_cpu: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     on_cpu = not machine.has_cuda()
-    if on_cpu:
+    if on_cpu:  # every scheduler rank of this process (DP replicas x TP ranks) gets its own cores
         tp = value(argv, "--tp-size") or value(argv, "--tp") or "1"
-        machine.configure_cpu_environment(int(tp) if tp.isdigit() else 1)
+        dp = value(argv, "--dp-size") or value(argv, "--dp") or "1"
+        machine.configure_cpu_environment((int(tp) if tp.isdigit() else 1) * (int(dp) if dp.isdigit() else 1))
     plan_file = None
     try:
         launch = parse_launch(argv, on_cpu)

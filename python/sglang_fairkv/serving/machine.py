@@ -44,7 +44,8 @@ def _affinity_narrowed() -> bool:
 def configure_cpu_environment(tp_size: int) -> None:
     """Set, unless the user already did, the environment SGLang 0.5.23 needs on CPU.
 
-    Must run before SGLang is imported (several of these are read at import time).
+    ``tp_size``: the scheduler ranks this process starts (DP replicas x TP ranks), each bound to its
+    own cores. Must run before SGLang is imported (several of these are read at import time).
     """
     os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")  # else --device cpu imports vllm and dies
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub downloads, ever

@@ -51,6 +51,7 @@ def build_pool_hook(original, self, *args, **kwargs):
     rank_plan = server_rank_plan(mc.hf_config, layers)
     head_budgets = load_config_head_budgets(cfg, layers, rank_plan.plan.num_kv_heads)
     p = get_parallel()
+    dp_rank = int(getattr(p, "dp_rank", None) or 0)  # None without --dp-size
     state = build_state(cfg, head_budgets, rank_plan=rank_plan,
                         max_total_tokens=sizes.max_total_num_tokens,
                         rows_per_token_budget=layers * mc.get_num_kv_heads(p.attn_tp_size, p.attn_dcp_size),
@@ -58,7 +59,7 @@ def build_pool_hook(original, self, *args, **kwargs):
                         max_reqs=req_to_token.shape[0], max_context=min(mc.context_len, req_to_token.shape[1]),
                         dtype=self.kv_cache_dtype, device=self.device,
                         group=max(1, mc.num_attention_heads // max(1, mc.num_key_value_heads)),
-                        profile_path=_profile_path(p.tp_rank))
+                        profile_path=_profile_path(p.tp_rank, dp_rank), dp_rank=dp_rank)
     global _PROCESS_STATE
     _PROCESS_STATE = state
     return FairKVCache(state, size=sizes.max_total_num_tokens, page_size=1, dtype=self.kv_cache_dtype,
@@ -66,10 +67,14 @@ def build_pool_hook(original, self, *args, **kwargs):
                        end_layer=self.layer_info.end_layer)
 
 
-def _profile_path(tp_rank: int) -> str | None:
+def _profile_path(tp_rank: int, dp_rank: int = 0) -> str | None:
+    """``FAIRKV_PROFILE_DIR/rank{t}.jsonl``; a DP replica > 0 profiles into ``dp{d}/`` below it (each
+    replica is its own TP group with its own traffic: a plan per replica is made from its own profile)."""
     d = env.profile_dir()
     if d is None:
         return None
+    if dp_rank:
+        d = os.path.join(d, f"dp{dp_rank}")
     os.makedirs(d, exist_ok=True)
     return os.path.join(d, f"rank{tp_rank}.jsonl")
 

@@ -4,7 +4,8 @@ SGLang's scheduler pushes its gauges in ``SchedulerMetricsCollector.log_stats`` 
 in the scheduler process, with ``PROMETHEUS_MULTIPROC_DIR`` set); an AFTER hook there calls
 :func:`export` with this process's :class:`~sglang_fairkv.serving.state.FairKVState`. The ledger holds
 every rank's segments, so rank 0 exports the whole group: per-rank series carry ``tp_rank`` = the rank
-the value belongs to (the collector's other labels unchanged), per-layer ones a ``layer`` label.
+the value belongs to (the collector's other labels unchanged), per-layer ones a ``layer`` label. Every
+series carries ``dp_rank``: under ``--dp-size N`` each replica's rank 0 exports its own group.
 
     sglang:fairkv_attention_busy_rate                 per-layer balance of the requests held now
     sglang:fairkv_attention_busy_rate_since_start     the same over the sampled decode steps served
@@ -65,6 +66,7 @@ def export(collector, state) -> None:
         return
     base = {k: str(v) for k, v in collector.labels.items()}
     base.setdefault("tp_rank", "0")
+    base.setdefault("dp_rank", str(state.dp_rank))  # SGLang labels it only with --dp-size; we always do
     g = _gauges(list(base))
     st = fairkv_stats(state)
     drift, since, prof = st["plan_drift"], st["attention_busy_rate_since_start"], st["live_profile"]
