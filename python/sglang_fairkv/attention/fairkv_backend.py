@@ -327,7 +327,7 @@ class FairKVAttnBackend(AttentionBackend):
         if md.grow_idx is not None:  # this layer's pages of the prompts that end here (one upload)
             self.pool.extend_layer(md.grow_idx, lid, md.grow_len)
             self.pool.flush()
-        hq, hkv, d = q_.shape[1], (k_.shape[1] if k_ is not None else 0), q_.shape[2]
+        hq, hkv = q_.shape[1], (k_.shape[1] if k_ is not None else 0)
         group = hq // hkv if hkv else 1
         b, pool = len(md.req_pool_idx), self.pool
         if not hkv:

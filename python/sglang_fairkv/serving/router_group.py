@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from ..server_process import ServerProcess
+from .fairkv_flags import value as flag_value
 
 ROUTER_MODULE = "sglang_router.launch_router"
 DEFAULT_POLICY = "round_robin"
@@ -32,15 +33,6 @@ def replica_cpu_binds(replicas: int, tp: int, cores: list[int] | None = None) ->
 
     groups = cpu_omp_bind(replicas * tp, cores).split("|")
     return ["|".join(groups[i * tp:(i + 1) * tp]) for i in range(replicas)]
-
-
-def flag_value(args: list[str], flag: str) -> str | None:
-    for i, a in enumerate(args):
-        if a == flag and i + 1 < len(args):
-            return args[i + 1]
-        if a.startswith(flag + "="):
-            return a.split("=", 1)[1]
-    return None
 
 
 class RouterGroup:
