@@ -172,7 +172,7 @@ if HAS_TRITON:
         seg_len = tl.load(SegLen + base)
         start, end, splits = _split_range(seg_len, s, max_splits, MIN_SPLIT, BLOCK_N)
         part = ((b * heads_here + h) * max_splits + s).to(tl.int64)
-        iters = 0
+        iters = s * 0  # an int32 tensor (a loop-carried counter must not start as a constexpr)
         if s < splits:
             table = SegPages + base * max_pages
             offs_g = tl.arange(0, BLOCK_G)
