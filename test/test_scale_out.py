@@ -81,7 +81,7 @@ def test_dp2_replicas_equal_kvpress_on_both_and_report_per_replica(smollm2_path,
     assert all(st["requests_admitted"] == 0 and st["ledger_matches_pool"] for st in states)
     for dp in (0, 1):
         assert f'dp_rank="{dp}"' in metrics and "sglang:fairkv_pages_used" in metrics
-    assert "DP replica 1, rank 0/1 ragged KV pool" in log
+    assert "DP replica 0, rank 0/1 ragged KV pool" in log and "DP replica 1, rank 0/1 ragged KV pool" in log
 
 
 def launch_node(args: list[str], log: Path) -> subprocess.Popen:

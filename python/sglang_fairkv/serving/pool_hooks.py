@@ -51,7 +51,7 @@ def build_pool_hook(original, self, *args, **kwargs):
     rank_plan = server_rank_plan(mc.hf_config, layers)
     head_budgets = load_config_head_budgets(cfg, layers, rank_plan.plan.num_kv_heads)
     p = get_parallel()
-    dp_rank = int(getattr(p, "dp_rank", None) or 0)  # None without --dp-size
+    dp_rank = getattr(p, "dp_rank", None)  # None without --dp-size
     state = build_state(cfg, head_budgets, rank_plan=rank_plan,
                         max_total_tokens=sizes.max_total_num_tokens,
                         rows_per_token_budget=layers * mc.get_num_kv_heads(p.attn_tp_size, p.attn_dcp_size),
@@ -67,7 +67,7 @@ def build_pool_hook(original, self, *args, **kwargs):
                        end_layer=self.layer_info.end_layer)
 
 
-def _profile_path(tp_rank: int, dp_rank: int = 0) -> str | None:
+def _profile_path(tp_rank: int, dp_rank: int | None = None) -> str | None:
     """``FAIRKV_PROFILE_DIR/rank{t}.jsonl``; a DP replica > 0 profiles into ``dp{d}/`` below it (each
     replica is its own TP group with its own traffic: a plan per replica is made from its own profile)."""
     d = env.profile_dir()

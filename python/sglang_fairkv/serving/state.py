@@ -54,9 +54,9 @@ class FairKVState:
     #: the served traffic as the plan sees it (live profile, balance since start, drift report)
     traffic: LiveTraffic | None = None
     usage_log: UsageLog = field(default_factory=UsageLog)
-    #: the data-parallel replica this process serves (SGLang's ``--dp-size``; 0 without DP): each replica
-    #: is a TP group of its own with its own pool, ledger and replica assigner
-    dp_rank: int = 0
+    #: the data-parallel replica this process serves (SGLang's ``--dp-size``; None without DP): each
+    #: replica is a TP group of its own with its own pool, ledger and replica assigner
+    dp_rank: int | None = None
 
     def __post_init__(self):
         plan = self.rank_plan.plan
@@ -167,7 +167,8 @@ class FairKVState:
 def build_state(cfg: CompressConfig, head_budgets: torch.Tensor | None, *, rank_plan: RankPlan,
                 max_total_tokens: int, rows_per_token_budget: int, page_size: int, head_dim: int,
                 max_reqs: int, max_context: int, dtype: torch.dtype, device: str, group: int = 1,
-                profile_path: str | None = None, metadata_in_budget: bool = True, dp_rank: int = 0) -> FairKVState:
+                profile_path: str | None = None, metadata_in_budget: bool = True,
+                dp_rank: int | None = None) -> FairKVState:
     """The pool in the bytes SGLang's stock pool would take for ``max_total_tokens`` tokens
     (:func:`~sglang_fairkv.kv.sizing.rank_pool_sizes`; the pool's head dimension is the most heads the
     plan gives this rank in any layer), the TP group's ledger pricing every rank against that rank's own
@@ -220,7 +221,7 @@ def build_state(cfg: CompressConfig, head_budgets: torch.Tensor | None, *, rank_
                 "budget, %.1f MB page table for %d requests x context %d, %.1f MB decode scratch, %.1f MB "
                 "logical slots), plan %s "
                 "(KV heads per layer here %s), compression %s",
-                f"DP replica {dp_rank}, " if dp_rank else "", rank_plan.rank, rank_plan.tp, pool.usable_pages,
+                f"DP replica {dp_rank}, " if dp_rank is not None else "", rank_plan.rank, rank_plan.tp, pool.usable_pages,
                 page_size,
                 2 * pool.k_rows.numel() * pool.k_rows.element_size() / 2**20, mine.budget_bytes / 2**20,
                 mine.table_bytes / 2**20, max_reqs, pool.max_context, mine.scratch_bytes / 2**20,

@@ -66,7 +66,7 @@ def export(collector, state) -> None:
         return
     base = {k: str(v) for k, v in collector.labels.items()}
     base.setdefault("tp_rank", "0")
-    base.setdefault("dp_rank", str(state.dp_rank))  # SGLang labels it only with --dp-size; we always do
+    base.setdefault("dp_rank", str(state.dp_rank or 0))  # SGLang labels it only with --dp-size; we always do
     g = _gauges(list(base))
     st = fairkv_stats(state)
     drift, since, prof = st["plan_drift"], st["attention_busy_rate_since_start"], st["live_profile"]

@@ -65,7 +65,7 @@ def fairkv_stats(state) -> dict:
         "kv_compress": state.cfg.method,
         "plan": state.rank_plan.plan.strategy,
         "tp_rank": state.rank_plan.rank,
-        "dp_rank": state.dp_rank,
+        "dp_rank": state.dp_rank or 0,
         "page_size": p.page_size,
         "pages_total": p.usable_pages,
         "pages_used": used_pages,
@@ -126,7 +126,7 @@ def maybe_log_group_usage(state, now: float | None = None) -> bool:
     logger.info("sglang-fairkv %sKV per rank: rows %s (kept %s, transient prefill %s), pages %s of %s, memory "
                 "busy rate %.3f, attention busy rate %.3f (per layer, min %.3f; since start %s), %d "
                 "requests, the empty pool would admit %s at this mix (plan %s; share drift %s, re-plan "
-                "gain %s over %d prompts)", f"DP replica {state.dp_rank} " if state.dp_rank else "",
+                "gain %s over %d prompts)", f"DP replica {state.dp_rank} " if state.dp_rank is not None else "",
                 lg.rows_used().tolist(), kept.tolist(),
                 transient.tolist(), lg.pages_used().tolist(), lg.usable.tolist(), lg.memory_busy_rate(),
                 lg.attention_busy_rate(loads), float(lg.layer_balance(loads).min()),
