@@ -65,10 +65,9 @@ def test_dp2_replicas_equal_kvpress_on_both_and_report_per_replica(smollm2_path,
 
     with Server(["--dp-size", "2", *adakv_args(), "--enable-metrics"], env=STRICT) as s:
         seen = {}
-        for _ in range(2):  # round robin: each prompt lands on both replicas
-            for i, ids in enumerate(fairkv_prompts):
-                out = greedy(s.url, ids, N_NEW)
-                seen.setdefault(out["meta_info"]["dp_rank"], []).append((i, out["output_ids"]))
+        for i, ids in enumerate(fairkv_prompts):  # round robin: one prompt on each replica
+            out = greedy(s.url, ids, N_NEW)
+            seen.setdefault(out["meta_info"]["dp_rank"], []).append((i, out["output_ids"]))
         states = wait_empty(s.url)
         metrics = requests.get(s.url + "/metrics", timeout=30).text
         log = s.log_text()
@@ -154,17 +153,17 @@ def test_two_node_tp2_with_copies_equals_tp1_and_a_dead_node_stops_the_group(
 def test_router_spreads_over_two_compressed_servers_with_equal_tokens(smollm2_path, fairkv_references,
                                                                       fairkv_prompts, tmp_path):
     """``serve_router``'s group: two fairkv servers (AdaKV) behind sglang-router 0.3.2 (round robin):
-    both replicas serve requests, every answer is kvpress's, both pools end empty."""
+    each replica serves one of the two requests (besides its own warm-up), both answers are kvpress's,
+    both pools end empty."""
     from helpers.fairkv_refs import N_NEW
 
     from sglang_fairkv.serving.router_group import RouterGroup
 
     with RouterGroup([*adakv_args(), "--model-path", str(smollm2_path)], replicas=2, env=server_env(STRICT),
                      log_dir=tmp_path, on_cpu=True) as g:
-        outs = [greedy(g.url, fairkv_prompts[0], N_NEW)["output_ids"] for _ in range(4)]
+        outs = [greedy(g.url, fairkv_prompts[0], N_NEW)["output_ids"] for _ in range(2)]
         served = [s.log_text().count('"POST /generate HTTP/1.1" 200') for s in g.servers]
         states = [wait_empty(s.url)[0] for s in g.servers]
-    assert outs == [fairkv_references["adakv"][0]] * 4
+    assert outs == [fairkv_references["adakv"][0]] * 2
     assert all(n >= 2 for n in served), f"generate requests per replica {served} (warm-up included)"
-    assert sum(served) >= 4 + 2
     assert all(r["pages_used"] == 0 for st in states for r in st["ranks"])
