@@ -10,16 +10,11 @@ strict idle check on every rank: a leaked page would stop the server).
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import requests
-from helpers.server import REPO, STRICT, Server, free_port, group_alive, server_env
+from helpers.server import REPO, STRICT, Server, free_port, group_alive, server_env, wait_ranks_empty
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
@@ -33,28 +28,6 @@ def adakv_args():
     return ["--kv-compress", "adakv", "--kv-compress-ratio", str(RATIO)]
 
 
-def greedy(url: str, ids: list[int], n: int, timeout: float = 300.0) -> dict:
-    r = requests.post(url + "/generate", json={"input_ids": ids, "sampling_params": {
-        "max_new_tokens": n, "temperature": 0.0, "ignore_eos": True}}, timeout=timeout)
-    r.raise_for_status()
-    return r.json()
-
-
-def fairkv_states(url: str) -> list[dict]:
-    """``/server_info``'s fairkv stats of every scheduler that reports (one per DP replica)."""
-    info = requests.get(url + "/server_info", timeout=30).json()
-    return [s["fairkv"] for s in info["internal_states"]]
-
-
-def wait_empty(url: str, timeout: float = 60.0) -> list[dict]:
-    deadline = time.time() + timeout
-    states = fairkv_states(url)
-    while time.time() < deadline and any(r["pages_used"] for st in states for r in st["ranks"]):
-        time.sleep(0.25)
-        states = fairkv_states(url)
-    return states
-
-
 def test_dp2_replicas_equal_kvpress_on_both_and_report_per_replica(smollm2_path, fairkv_references,
                                                                    fairkv_prompts):
     """``--dp-size 2 --kv-compress adakv``: SGLang's DP controller starts two schedulers, our hooks reach
@@ -66,9 +39,9 @@ def test_dp2_replicas_equal_kvpress_on_both_and_report_per_replica(smollm2_path,
     with Server(["--dp-size", "2", *adakv_args(), "--enable-metrics"], env=STRICT) as s:
         seen = {}
         for i, ids in enumerate(fairkv_prompts):  # round robin: one prompt on each replica
-            out = greedy(s.url, ids, N_NEW)
+            out = s.greedy(ids, N_NEW)
             seen.setdefault(out["meta_info"]["dp_rank"], []).append((i, out["output_ids"]))
-        states = wait_empty(s.url)
+        states = wait_ranks_empty(s)
         metrics = requests.get(s.url + "/metrics", timeout=30).text
         log = s.log_text()
     assert sorted(seen) == [0, 1], f"requests reached DP ranks {sorted(seen)}"
@@ -81,21 +54,6 @@ def test_dp2_replicas_equal_kvpress_on_both_and_report_per_replica(smollm2_path,
     for dp in (0, 1):
         assert f'dp_rank="{dp}"' in metrics and "sglang:fairkv_pages_used" in metrics
     assert "DP replica 0, rank 0/1 ragged KV pool" in log and "DP replica 1, rank 0/1 ragged KV pool" in log
-
-
-def launch_node(args: list[str], log: Path) -> subprocess.Popen:
-    """A launcher of one node (its own process group), output into ``log``."""
-    with open(log, "ab") as f:
-        return subprocess.Popen([sys.executable, "-m", "sglang_fairkv.launch_server", *args], stdout=f,
-                                stderr=subprocess.STDOUT, cwd=REPO, env=server_env(STRICT), start_new_session=True)
-
-
-def kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=30)
 
 
 def test_two_node_tp2_with_copies_equals_tp1_and_a_dead_node_stops_the_group(
@@ -113,22 +71,20 @@ def test_two_node_tp2_with_copies_equals_tp1_and_a_dead_node_stops_the_group(
     dist = f"127.0.0.1:{free_port()}"
     common = ["--tp-size", "2", "--nnodes", "2", "--dist-init-addr", dist, *adakv_args(),
               "--fairkv-plan", "fairkv", "--fairkv-stats", str(stats)]
-    node1 = launch_node([*common, "--node-rank", "1", "--host", "127.0.0.1", "--port", str(free_port())],
-                        tmp_path / "node1.log")
+    node1 = Server([*common, "--node-rank", "1"], env=STRICT).launch()  # healthy only once node 0 joins
     try:
         with Server([*common, "--node-rank", "0"], env=STRICT) as s:
-            got = [greedy(s.url, ids, N_NEW)["output_ids"] for ids in fairkv_prompts]
+            got = [s.greedy_ids(ids, N_NEW) for ids in fairkv_prompts]
             info = s.fairkv_info()
             try:  # a client that gives up mid-decode: its pages come back on both ranks
-                requests.post(s.url + "/generate", json={"input_ids": fairkv_prompts[1], "sampling_params": {
-                    "max_new_tokens": 400, "temperature": 0.0, "ignore_eos": True}}, timeout=3)
-            except requests.exceptions.Timeout:
+                s.greedy(fairkv_prompts[1], 400, timeout=3)
+            except OSError:  # the client's timeout (urllib: TimeoutError or URLError)
                 pass
-            after = wait_empty(s.url)[0]
-            assert greedy(s.url, fairkv_prompts[0], N_NEW)["output_ids"] == got[0]  # still serving
+            after = wait_ranks_empty(s)[0]
+            assert s.greedy_ids(fairkv_prompts[0], N_NEW) == got[0]  # still serving
             log = s.log_text()
             assert "--dist-timeout 300" in log
-            kill_group(node1)
+            node1.stop()  # SIGKILL of node 1's whole process group
             t0 = time.time()
             while time.time() - t0 < 60 and s.proc.poll() is None:
                 time.sleep(0.5)
@@ -140,8 +96,7 @@ def test_two_node_tp2_with_copies_equals_tp1_and_a_dead_node_stops_the_group(
                 time.sleep(0.25)
             node0_gone = not group_alive(pgid)
     finally:
-        if node1.poll() is None:
-            kill_group(node1)
+        node1.stop()
     assert got == [fairkv_references["adakv"][i] for i in range(len(fairkv_prompts))]
     assert sum(info["plan_copies_per_layer"]) >= 1 and len(info["ranks"]) == 2
     assert [r["pages_used"] for r in after["ranks"]] == [0, 0] and after["requests_admitted"] == 0
@@ -161,9 +116,9 @@ def test_router_spreads_over_two_compressed_servers_with_equal_tokens(smollm2_pa
 
     with RouterGroup([*adakv_args(), "--model-path", str(smollm2_path)], replicas=2, env=server_env(STRICT),
                      log_dir=tmp_path, on_cpu=True) as g:
-        outs = [greedy(g.url, fairkv_prompts[0], N_NEW)["output_ids"] for _ in range(2)]
+        outs = [g.router.greedy_ids(fairkv_prompts[0], N_NEW) for _ in range(2)]
         served = [s.log_text().count('"POST /generate HTTP/1.1" 200') for s in g.servers]
-        states = [wait_empty(s.url)[0] for s in g.servers]
+        states = [wait_ranks_empty(s)[0] for s in g.servers]
     assert outs == [fairkv_references["adakv"][0]] * 2
     assert all(n >= 2 for n in served), f"generate requests per replica {served} (warm-up included)"
     assert all(r["pages_used"] == 0 for st in states for r in st["ranks"])

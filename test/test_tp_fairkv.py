@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-from helpers.server import STRICT, Server
+from helpers.server import STRICT, Server, wait_ranks_empty
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
@@ -194,7 +194,7 @@ def test_smollm2_tp2_with_defaults_only_equals_tp1(smollm2_path, fairkv_referenc
         got = s.greedy_ids(fairkv_prompts[1], N)
         info = s.fairkv_info()
         log = s.log_text()
-        assert [r["pages_used"] for r in wait_ranks_empty(s)["ranks"]] == [0, 0]
+        assert [r["pages_used"] for r in wait_ranks_empty(s)[0]["ranks"]] == [0, 0]
     assert got == fairkv_references["adakv"][1]
     assert info["plan"] == "sha" and len(info["ranks"]) == 2
     assert "--fairkv-plan sha: sha plan, tp=2, 0 head copies over 30 layers; KV heads per rank in every " \
@@ -226,16 +226,6 @@ def edge_server(tiny_kv6_path, tp1_reference, tmp_path_factory):
             "--max-running-requests", "24", "--context-length", "2048", "--fairkv-plan", str(plan)]
     with Server(args, env=STRICT) as s:
         yield s
-
-
-def wait_ranks_empty(s, timeout: float = 60.0) -> dict:
-    """Poll until every rank's pages are back (the ledger's view), return the last fairkv info."""
-    deadline = time.time() + timeout
-    info = s.fairkv_info()
-    while time.time() < deadline and any(r["pages_used"] for r in info["ranks"]):
-        time.sleep(0.2)
-        info = s.fairkv_info()
-    return info
 
 
 @pytest.mark.xdist_group("tp2-edge")
@@ -288,7 +278,7 @@ def test_replica_shares_and_abort_free_every_rank(edge_server, tp1_reference):
     assert during["ledger_matches_pool"]  # rank 0's own pool vs the ledger's count for rank 0
     requests.post(s.url + "/abort_request", json={"rid": rid}, timeout=30)
     t.join(timeout=120)
-    assert [r["pages_used"] for r in wait_ranks_empty(s)["ranks"]] == [0, 0]
+    assert [r["pages_used"] for r in wait_ranks_empty(s)[0]["ranks"]] == [0, 0]
     assert s.greedy_ids(PROMPTS[0], 4)  # still serving: no rank's idle check failed
     assert s.proc.poll() is None
 
@@ -302,7 +292,7 @@ def test_malformed_requests_keep_the_tp2_plan_server_serving(edge_server, tp1_re
 
     seen = fuzz(edge_server, seed=2, chat=False)
     assert len(seen) == len(CASES)
-    info = wait_ranks_empty(edge_server)
+    info = wait_ranks_empty(edge_server)[0]
     assert [r["pages_used"] for r in info["ranks"]] == [0, 0] and info["ledger_matches_pool"], info
     assert edge_server.greedy_ids(PROMPTS[1], N_NEW) == tp1_reference[1]
 
@@ -372,7 +362,7 @@ def test_soak_with_aborts_and_disconnects_returns_every_page(edge_server, tp1_re
     mon.join()
     assert not errors, errors
     assert not mismatches, mismatches[:2]
-    info = wait_ranks_empty(edge_server)
+    info = wait_ranks_empty(edge_server)[0]
     assert [r["pages_used"] for r in info["ranks"]] == [0, 0], info["ranks"]
     assert [r["rows_in_use"] for r in info["ranks"]] == [0, 0], info["ranks"]
     assert info["ledger_matches_pool"]

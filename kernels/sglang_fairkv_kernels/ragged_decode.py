@@ -97,14 +97,18 @@ class DecodeWorkspace:
         return max(b * num_heads * cls._splits(b, num_heads, target_programs, max_splits)
                    for b in range(1, max(1, max_batch) + 1))
 
-    @staticmethod
-    def _check_args(min_split: int, block_n: int, max_splits: int) -> None:
+    @classmethod
+    def _layout(cls, *, max_batch: int, num_heads: int, group: int, head_dim: int, target_programs: int,
+                max_splits: int, min_split: int, block_n: int) -> tuple[int, int, int]:
+        """``(scratch rows, block_g, block_d)`` of these static sizes; ValueError on bad block sizes."""
         if block_n < 16 or block_n & (block_n - 1):
             raise ValueError(f"block_n={block_n} must be a power of two >= 16")
         if min_split < block_n or min_split % block_n:
             raise ValueError(f"min_split={min_split} must be a positive multiple of block_n={block_n}")
         if max_splits < 1:
             raise ValueError(f"max_splits={max_splits} must be >= 1")
+        return (cls._rows(max_batch, num_heads, target_programs, max_splits),
+                max(16, _next_pow2(group)), max(16, _next_pow2(head_dim)))
 
     @classmethod
     def create(cls, *, max_batch: int, num_heads: int, group: int, head_dim: int,
@@ -112,9 +116,9 @@ class DecodeWorkspace:
                max_splits: int = 64, min_split: int = 256, block_n: int = 64) -> "DecodeWorkspace":
         """Bounds from static sizes (``max_batch`` slots x ``num_heads`` pool heads; ``group`` query
         heads per KV head; ``head_dim``); the scratch allocated once."""
-        cls._check_args(min_split, block_n, max_splits)
-        rows = cls._rows(max_batch, num_heads, target_programs, max_splits)
-        bg, bd = max(16, _next_pow2(group)), max(16, _next_pow2(head_dim))
+        rows, bg, bd = cls._layout(max_batch=max_batch, num_heads=num_heads, group=group, head_dim=head_dim,
+                                   target_programs=target_programs, max_splits=max_splits,
+                                   min_split=min_split, block_n=block_n)
         dev = torch.device(device)
         return cls(max_batch=max_batch, num_heads=num_heads, target_programs=target_programs,
                    max_splits=max_splits, min_split=min_split, block_n=block_n, block_g=bg, block_d=bd,
@@ -130,9 +134,9 @@ class DecodeWorkspace:
                   target_programs: int = DEFAULT_TARGET_PROGRAMS, max_splits: int = 64,
                   min_split: int = 256, block_n: int = 64) -> int:
         """Scratch bytes :meth:`create` would allocate (for budgeting before the pool exists)."""
-        cls._check_args(min_split, block_n, max_splits)
-        rows = cls._rows(max_batch, num_heads, target_programs, max_splits)
-        bg, bd = max(16, _next_pow2(group)), max(16, _next_pow2(head_dim))
+        rows, bg, bd = cls._layout(max_batch=max_batch, num_heads=num_heads, group=group, head_dim=head_dim,
+                                   target_programs=target_programs, max_splits=max_splits,
+                                   min_split=min_split, block_n=block_n)
         return rows * bg * (bd + 1) * 4
 
 

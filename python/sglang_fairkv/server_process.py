@@ -74,10 +74,20 @@ class ServerProcess:
     def start(self) -> "ServerProcess":
         """Start and wait for ``/health``; raises RuntimeError (with the log's tail) when the server exits
         first, TimeoutError when it is not healthy in ``startup_timeout`` seconds (it is stopped then)."""
-        t0 = time.time()
+        return self.launch().wait_healthy()
+
+    def launch(self) -> "ServerProcess":
+        """Start the process group without waiting (several servers that start together, or a
+        multi-node rank that cannot be healthy before its peers); :meth:`wait_healthy` waits."""
+        self._t0 = time.time()
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
                                          cwd=self.cwd, start_new_session=True)
+        return self
+
+    def wait_healthy(self) -> "ServerProcess":
+        """Wait for ``/health`` of a launched server (``startup_timeout`` counted from its launch)."""
+        t0 = self._t0
         while time.time() - t0 < self.startup_timeout:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode} before it was healthy:\n"
@@ -159,9 +169,13 @@ class ServerProcess:
         """``POST /generate`` (raises ``urllib.error.HTTPError`` on an error status)."""
         return self.post_json("/generate", payload, timeout=timeout)
 
-    def greedy_ids(self, input_ids: list[int], max_new_tokens: int, timeout: float = 300.0) -> list[int]:
-        """Greedy output ids of one prompt, all ``max_new_tokens`` of them (``ignore_eos``)."""
+    def greedy(self, input_ids: list[int], max_new_tokens: int, timeout: float = 300.0) -> dict:
+        """``/generate``'s whole answer for one greedy prompt, all ``max_new_tokens`` (``ignore_eos``)."""
         return self.generate({
             "input_ids": input_ids,
             "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0.0, "ignore_eos": True},
-        }, timeout=timeout)["output_ids"]
+        }, timeout=timeout)
+
+    def greedy_ids(self, input_ids: list[int], max_new_tokens: int, timeout: float = 300.0) -> list[int]:
+        """Greedy output ids of one prompt, all ``max_new_tokens`` of them (``ignore_eos``)."""
+        return self.greedy(input_ids, max_new_tokens, timeout)["output_ids"]

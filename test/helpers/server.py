@@ -48,6 +48,23 @@ class Server(ServerProcess):
 
 
 
+def fairkv_states(server) -> list[dict]:
+    """``/server_info``'s fairkv stats of every scheduler that reports (one per DP replica)."""
+    info = requests.get(server.url + "/server_info", timeout=30).json()
+    return [s["fairkv"] for s in info["internal_states"]]
+
+
+def wait_ranks_empty(server, timeout: float = 60.0) -> list[dict]:
+    """Poll until every rank's pages are back in every replica (the ledgers' view), return the last
+    fairkv stats of each replica."""
+    deadline = time.time() + timeout
+    states = fairkv_states(server)
+    while time.time() < deadline and any(r["pages_used"] for st in states for r in st["ranks"]):
+        time.sleep(0.25)
+        states = fairkv_states(server)
+    return states
+
+
 def run_launcher(args: list[str], timeout: float = 180.0, env: dict | None = None):
     """Run the launcher to completion (for bad-input tests); returns (rc, output, pgid_alive)."""
     proc = subprocess.Popen([sys.executable, "-m", "sglang_fairkv.launch_server", *args],

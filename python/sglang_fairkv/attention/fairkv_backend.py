@@ -66,8 +66,8 @@ class ExtendMetadata:
     layout of the batch's one K/V write); ``new_pos`` int64 [b, max_ext] the position of each padded
     token (0 for padding) and ``new_valid`` bool [b, max_ext]; ``key_pos`` int64 [max_seq] = ``arange``
     (the key positions a request's attention gathers); ``active`` bool [b, L, H], the segments each
-    request holds on this rank. No mask tensor: each request's attention takes torch's lower-right
-    causal bias.
+    request holds on this rank. No mask tensor: each request's attention is lower-right causal by
+    construction (``attention/causal.py``).
     ``grow_idx`` / ``grow_len`` (host int64 [g], or None): requests whose chunk ends a prompt that is
     compressed, and that prompt's length; their pages are taken layer by layer in the forward
     (compress as you go: one layer of the prompt dense at a time), not here.

@@ -82,23 +82,11 @@ class RouterGroup:
 
     def start(self) -> "RouterGroup":
         """Start every replica (all at once), wait until each is healthy, then the router."""
-        import subprocess
-
         try:
-            t0 = time.time()
             for s in self.servers:  # launch all, then wait: start-ups overlap
-                with open(s.log_path, "ab") as log:
-                    s.proc = subprocess.Popen(s.cmd, stdout=log, stderr=subprocess.STDOUT, env=s.env,
-                                              start_new_session=True)
-            for i, s in enumerate(self.servers):
-                while not s.healthy():
-                    if s.proc.poll() is not None:
-                        raise RuntimeError(f"replica {i} exited with {s.proc.returncode}:\n{s.log_tail()}")
-                    if time.time() - t0 > s.startup_timeout:
-                        raise TimeoutError(f"replica {i} not healthy after {s.startup_timeout:.0f} s:\n"
-                                           f"{s.log_tail()}")
-                    time.sleep(0.25)
-                s.up_s = time.time() - t0
+                s.launch()
+            for s in self.servers:
+                s.wait_healthy()
             self.router.start()
             self._wait_workers_registered()
             return self
