@@ -112,3 +112,21 @@ def drift_interval_s() -> float:
     """``FAIRKV_DRIFT_INTERVAL_S``: the plan-drift report (it runs the planner) is recomputed at most this
     often, seconds (default 30; 0: whenever new prompts arrived)."""
     return _positive("FAIRKV_DRIFT_INTERVAL_S", "30", float)
+
+
+def prefix_tier_fraction() -> float:
+    """``FAIRKV_PREFIX_TIER``: the most of each rank's KV pages the dense prefix tier may keep once its
+    prefills are done, in [0, 1] (0: no tier, SGLang's radix cache off; set by ``launch_server`` from
+    ``--fairkv-prefix-tier``, default 0 when unset, i.e. outside our launcher)."""
+    v = os.environ.get("FAIRKV_PREFIX_TIER", "0")
+    try:
+        x = float(v)
+    except ValueError:
+        raise ValueError(f"FAIRKV_PREFIX_TIER must be a number in [0, 1], got {v!r}") from None
+    if not 0.0 <= x <= 1.0:
+        raise ValueError(f"FAIRKV_PREFIX_TIER must be in [0, 1], got {v!r}")
+    return x
+
+
+def set_prefix_tier_fraction(x: float) -> None:
+    os.environ["FAIRKV_PREFIX_TIER"] = repr(float(x))

@@ -89,6 +89,13 @@ class ExtendMetadata:
     active: torch.Tensor
     grow_idx: np.ndarray | None = None
     grow_len: np.ndarray | None = None
+    #: the dense prefix tier: per request whether its prefill uses it (host); for those, the tier token
+    #: of every position so far (int64 [seq], device) -- None for the others; ``tier_new`` int64
+    #: [b, max_ext] the tier tokens of the chunk's positions (0 elsewhere) and ``tier_b`` bool [b]
+    tier_mask: list[bool] | None = None
+    tier_tok: list[torch.Tensor | None] | None = None
+    tier_new: torch.Tensor | None = None
+    tier_b: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -185,20 +192,47 @@ class FairKVAttnBackend(AttentionBackend):
         prefix = np.asarray(forward_batch.extend_prefix_lens_cpu, dtype=np.int64)
         ext = np.asarray(forward_batch.extend_seq_lens_cpu, dtype=np.int64)
         seq = prefix + ext
-        target = self.state.requests.target_len[idx]
+        reqs = self.state.requests
+        target = reqs.target_len[idx]
         last = (target < 0) | (seq >= target)
         cfg = self.state.cfg
-        grow = last & np.array([compresses(cfg, int(n)) for n in seq.tolist()], dtype=np.bool_)
+        # prefills through the dense prefix tier: the chunk's dense KV goes to tier blocks (every head
+        # this rank holds), the segments are filled from there when the prompt is compressed
+        tier = np.array([int(r) in reqs.tier_tok for r in idx.tolist()], dtype=np.bool_)
+        grow = last & ~tier & np.array([compresses(cfg, int(n)) for n in seq.tolist()], dtype=np.bool_)
         # a compressed prompt's last chunk: pages per layer in the forward (``_extend``), else all now
-        self.pool.extend(idx[~grow], seq[~grow])
-        self.ledger.extend(idx.tolist(), seq.tolist())  # the ledger sees the step's end (kept after it)
-        self.state.requests.mark_prompt_done(idx[last])
+        dense = ~grow & ~tier
+        self.pool.extend(idx[dense], seq[dense])
+        # the ledger sees the step's end (kept after it; tier prefills: their kept rows when compressed)
+        self.ledger.extend(idx[~tier].tolist(), seq[~tier].tolist())
+        reqs.mark_prompt_done(idx[last])
         is_last = last.tolist()
         b, max_ext, max_seq = len(idx), int(ext.max()), int(seq.max())
         starts = np.concatenate([[0], np.cumsum(ext)[:-1]]).astype(np.int64)
         q_slot = np.concatenate([i * max_ext + np.arange(e) for i, e in enumerate(ext.tolist())])
-        dev = self.pool.flush(extra=np.concatenate([idx, prefix, ext, q_slot]))
-        d_idx, d_pre, d_ext, d_slot = dev[:b], dev[b:2 * b], dev[2 * b:3 * b], dev[3 * b:]
+        extra = [idx, prefix, ext, q_slot]
+        tier_rows = []
+        if tier.any():
+            new_tok = np.zeros((b, max_ext), dtype=np.int64)
+            for i in np.nonzero(tier)[0].tolist():  # host bookkeeping: the chunk's tier tokens
+                tok = self.state.tier_alloc_chunk(int(idx[i]), int(prefix[i]), int(ext[i]))
+                new_tok[i, :ext[i]] = tok[prefix[i]:seq[i]]
+                tier_rows.append((i, tok[:seq[i]]))
+            extra += [tier.astype(np.int64), new_tok.reshape(-1), *[t for _, t in tier_rows]]
+        dev = self.pool.flush(extra=np.concatenate(extra))
+        d_idx, d_pre, d_ext = dev[:b], dev[b:2 * b], dev[2 * b:3 * b]
+        o = 3 * b + q_slot.size
+        d_slot = dev[3 * b:o]
+        t_mask = t_tok = t_new = t_b = None
+        if tier_rows:
+            t_b = dev[o:o + b].bool()
+            t_new = dev[o + b:o + b + b * max_ext].view(b, max_ext)
+            o += b + b * max_ext
+            t_tok = [None] * b
+            for i, tok in tier_rows:  # views of the one upload
+                t_tok[i] = dev[o:o + tok.size]
+                o += tok.size
+            t_mask = tier.tolist()
         e = torch.arange(max_ext, device=dev.device)
         new_pos = d_pre[:, None] + e  # [b, max_ext]
         new_valid = e < d_ext[:, None]
@@ -207,7 +241,7 @@ class FairKVAttnBackend(AttentionBackend):
                               starts.tolist(), max_ext, max_seq, d_idx, d_slot,
                               torch.where(new_valid, new_pos, 0), new_valid,
                               torch.arange(max_seq, device=dev.device), self.pool.active[d_idx],
-                              *grown)
+                              *grown, t_mask, t_tok, t_new, t_b)
 
     # ---- CUDA graphs (decode) ----------------------------------------------------------------
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int):
@@ -340,6 +374,9 @@ class FairKVAttnBackend(AttentionBackend):
         if save_kv_cache and k_ is not None:
             wrows = pool.rows_at(md.idx, lid, hkv, md.new_pos)  # [b, hkv, max_ext]
             wrows = torch.where(act[:, :, None] & md.new_valid[:, None, :], wrows, 0)  # page 0: sink
+            if md.tier_new is not None:  # tier prefills write every head held here into their blocks
+                trows = torch.where(md.new_valid[:, None, :], pool.tier_rows(md.tier_new, lid, hkv), 0)
+                wrows = torch.where(md.tier_b[:, None, None], trows, wrows)
             pool.k_rows[wrows] = self._pad(k_, md).to(pool.dtype)
             pool.v_rows[wrows] = self._pad(v_, md).to(pool.dtype)
         held = pool.active_host[md.req_pool_idx, lid, :hkv]  # [b, hkv] host mirror
@@ -352,7 +389,10 @@ class FairKVAttnBackend(AttentionBackend):
                 if self.state.cfg.enabled:
                     self._compress_request(i, md, q_, None, lid, hkv, group)
                 continue
-            rows = pool.rows_at(md.idx[i:i + 1], lid, hkv, md.key_pos[:sl])[0]  # [hkv, sl]
+            if md.tier_mask is not None and md.tier_mask[i]:  # the dense prompt is in the tier
+                rows = pool.tier_rows(md.tier_tok[i], lid, hkv)[0]  # [hkv, sl]
+            else:
+                rows = pool.rows_at(md.idx[i:i + 1], lid, hkv, md.key_pos[:sl])[0]  # [hkv, sl]
             kk = pool.k_rows[rows].to(q_.dtype)  # [hkv, sl, D]: this request's keys only
             vv = pool.v_rows[rows].to(q_.dtype)
             qi = q_[s:s + ext].transpose(0, 1)  # [Hq, ext, D] (a view of the packed queries)
@@ -364,7 +404,8 @@ class FairKVAttnBackend(AttentionBackend):
                 o = out.transpose(0, 1)  # [ext, Hq, Dv] (a view; SDPA may return it contiguous)
             else:
                 o[s:s + ext] = out.transpose(0, 1)
-            if self.state.cfg.enabled:  # stash window queries, or compress on the keys just gathered
+            if self.state.cfg.enabled or (md.tier_mask is not None and md.tier_mask[i]):
+                # stash window queries, or compress on the keys just gathered (tier: fill the segments)
                 self._compress_request(i, md, q_, kk, lid, hkv, group)
         return o
 
@@ -384,14 +425,19 @@ class FairKVAttnBackend(AttentionBackend):
             own = self.pool.upload(np.asarray(own_l, dtype=np.int64))  # pinned, asynchronous
             q_heads = (own[:, None] * group + torch.arange(group, device=q_.device)).flatten()
             k_own = kk[own]
-        self._compress(r, lid, q_[s:s + ext], k_own, own_l, q_heads, md.is_last[i])
+        tier_tok = md.tier_tok[i] if md.tier_mask is not None and md.tier_mask[i] else None
+        self._compress(r, lid, q_[s:s + ext], k_own, own_l, q_heads, md.is_last[i], tier_tok, sl)
 
     def _compress(self, r: int, lid: int, q_req: torch.Tensor, k_own: torch.Tensor, own: list[int],
-                  q_heads: torch.Tensor | slice, last: bool) -> None:
+                  q_heads: torch.Tensor | slice, last: bool, tier_tok: torch.Tensor | None = None,
+                  seq_len: int | None = None) -> None:
         """Stash the window queries of a non-final chunk, or compress layer ``lid`` of request ``r``.
 
         ``q_req`` [ext, Hq, D] this chunk's queries (all local heads); ``k_own`` [n_own, sl, D] every
         prompt key so far of the local heads ``own`` this rank holds for ``r`` (query heads ``q_heads``).
+        ``tier_tok`` (int64 [sl], device): the prefill used the dense prefix tier, whose tokens these
+        are; the segments, empty so far, are filled from it with the kept rows (all rows when the prompt
+        is not compressed).
         """
         w = self.state.cfg.window
         reqs = self.state.requests
@@ -403,16 +449,25 @@ class FairKVAttnBackend(AttentionBackend):
                 stash = reqs.q_stash[r] = [None] * self.num_layers
             stash[lid] = q_tail.clone()
             return
-        sl = k_own.shape[1]
+        sl = k_own.shape[1] if seq_len is None else seq_len
+        kept = None
+        heads = self.state.local_heads(lid)
+        head_ids = [heads[j] for j in own]
         if q_tail.shape[0] == w:
-            heads = self.state.local_heads(lid)
-            head_ids = [heads[j] for j in own]
             gather = partial(self._gather_scores, r) if self.tp > 1 else None
             kept = kept_for_layer(self.state.cfg, lid, self.num_layers, q_tail[:, q_heads].transpose(0, 1),
                                   k_own, self.state.head_budgets, head_ids=head_ids, gather_scores=gather)
             if kept is not None:
-                self.pool.compact(r, lid, kept, own)
+                if tier_tok is None:
+                    self.pool.compact(r, lid, kept, own)
+                else:
+                    self.pool.fill_from_tier(r, lid, kept, own, tier_tok)
                 self._update_ledger(r, lid, head_ids, [int(x.numel()) for x in kept])
+        if kept is None and tier_tok is not None:  # not compressed: the whole prompt, from the tier
+            if own:
+                every = torch.arange(sl, device=tier_tok.device)
+                self.pool.fill_from_tier(r, lid, [every] * len(own), own, tier_tok)
+            self.ledger.length[r, lid] = sl  # every segment of the layer, wherever it is held
         if logger.isEnabledFor(logging.DEBUG):
             reqs.kept_log.setdefault(r, []).append(int(self.pool.seg_len_host[r, lid].sum()))
             if lid == self.num_layers - 1:

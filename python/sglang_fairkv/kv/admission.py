@@ -80,6 +80,35 @@ def chunk_charge(cfg: CompressConfig, head_budgets: torch.Tensor | None, *, prom
     return Charge(net(now), net(total), net(after), torch.from_numpy(held_sum), s + extend >= n)
 
 
+def tier_chunk_charge(cfg: CompressConfig, head_budgets: torch.Tensor | None, *, prompt_len: int, held_len: int,
+                      extend: int, decode: int, max_new_tokens: int, owner: np.ndarray, tp: int, page_size: int,
+                      tier_pages_per_block: torch.Tensor) -> Charge:
+    """The charge of one prefill chunk of a request whose prefill uses the dense prefix tier.
+
+    Its dense KV goes into tier blocks (a chunk starts a fresh block; ``tier_pages_per_block`` int64
+    ``[tp]``: pages one block takes on each rank, every head a rank holds in the plan, copies
+    included), its segments stay empty until the last chunk, which fills them with the kept rows
+    straight from the tier. A matched prefix (``held_len`` includes it) is the tree's and costs
+    nothing. **now** = the chunk's blocks (+ the kept rows, last chunk); **total** = what it holds
+    afterwards: its kept rows plus decode once its prompt is done -- the tier blocks then belong to the
+    radix tree, evictable, so they are no charge -- and before that a bound: this chunk's and the rest of
+    the prompt's blocks (one block of slack per later chunk start is covered by the ``+ 1``) plus the
+    kept rows and decode. ``held`` is 0: the request's own earlier blocks are counted in the ledger's
+    tier pages already."""
+    n, s, P = prompt_len, held_len, page_size
+    own = np.asarray(owner, dtype=np.int64)
+    ppb = torch.as_tensor(tier_pages_per_block, dtype=torch.int64)
+    kept = lambda extra: torch.from_numpy(  # noqa: E731
+        np.asarray(footprint.kept_pages(cfg, n, extra, own, tp, P, head_budgets).sum(axis=1), dtype=np.int64))
+    new = -(-int(extend) // P) * ppb
+    zero = torch.zeros(tp, dtype=torch.int64)
+    if s + extend < n:
+        rest = (-(-(n - s - extend) // P) + 1) * ppb
+        return Charge(new, new + rest + kept(max(decode, max_new_tokens)), new, zero, False)
+    k0 = kept(0)
+    return Charge(new + k0, kept(decode), new + k0, zero, True)
+
+
 def roomiest_replicas(room: torch.Tensor, copied_ranks: list[np.ndarray], per_segment: int) -> np.ndarray:
     """Replicas chosen for room instead of shares: each copied head (in order) on the replica whose rank
     has the most pages left (``room``, int64 ``[tp]``, after the request's other segments), that rank's

@@ -46,6 +46,10 @@ class GroupLedger:
         self.rows_per_token = torch.as_tensor(np.asarray(rows_per_token, dtype=np.float64))
         self.length = torch.zeros(max_reqs, num_layers, num_kv_heads, dtype=torch.int64)
         self.owner = torch.full((max_reqs, num_layers, num_kv_heads), -1, dtype=torch.int64)
+        #: the dense prefix tier: int64 ``[tp]`` pages one tier block takes on each rank (0: no tier) and
+        #: the blocks alive (the same ids on every rank, :class:`~sglang_fairkv.kv.prefix_tier.TierBlocks`)
+        self.tier_pages_per_block = torch.zeros(tp, dtype=torch.int64)
+        self.tier_blocks = 0
 
     @property
     def usable_pages(self) -> int:
@@ -96,8 +100,16 @@ class GroupLedger:
         return self._by_rank(self.length, self.owner)
 
     def pages_used(self) -> torch.Tensor:
-        """int64 ``[tp]``: pages in use on each rank."""
+        """int64 ``[tp]``: pages in use on each rank (segments and prefix-tier blocks)."""
+        return self.segment_pages_used() + self.tier_pages()
+
+    def segment_pages_used(self) -> torch.Tensor:
+        """int64 ``[tp]``: pages the requests' segments hold on each rank."""
         return self._by_rank((self.length + self.page_size - 1) // self.page_size, self.owner)
+
+    def tier_pages(self, blocks: int | None = None) -> torch.Tensor:
+        """int64 ``[tp]``: pages ``blocks`` tier blocks (default: those alive) take on each rank."""
+        return self.tier_pages_per_block * (self.tier_blocks if blocks is None else int(blocks))
 
     def pages_free(self) -> torch.Tensor:
         return self.usable - self.pages_used()

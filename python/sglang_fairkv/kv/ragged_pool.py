@@ -30,6 +30,12 @@ KV budget (:mod:`sglang_fairkv.kv.sizing`).
 Row 0..P-1 (page 0) is never handed out: like SGLang's slot 0 it absorbs writes of padded tokens
 and of segments this rank does not hold.
 
+The dense prefix tier (:mod:`sglang_fairkv.kv.prefix_tier`, when enabled): blocks of ``P`` tier tokens,
+each block one page per (layer, KV head) held here, from the same free stack (``tier_pages [blocks, L,
+H]``, entries of heads a layer does not hold point at page 0). A tier token's row in layer ``l``, head
+``h``: ``tier_pages[t // P, l, h] * P + t % P`` (:meth:`tier_rows`). Prefill writes a cached prompt's dense
+KV there and fills the request's segments from it (:meth:`fill_from_tier`).
+
 Ownership: under a FairKV plan a layer may hold fewer heads than ``num_kv_heads`` (the largest count
 over layers), and a copied head's replica holds only the requests assigned to it; inactive segments
 stay empty (zero length, no pages), give zero attention, and their decode writes land in page 0.
@@ -47,7 +53,7 @@ class RaggedPoolFull(RuntimeError):
     """Raised when an allocation finds no free page (admission should have prevented it)."""
 
 
-_PAGES, _LEN, _ACTIVE = 0, 1, 2  # the device tables that pending writes target
+_PAGES, _LEN, _ACTIVE, _TIER = 0, 1, 2, 3  # the device tables that pending writes target
 
 
 class RaggedKVPool:
@@ -99,6 +105,9 @@ class RaggedKVPool:
         #: the stream the last launched step runs on (CUDA; the overlap scheduler's forward stream)
         self._step_stream = None
         self.uploads = 0  # host-to-device copies made by flush (a test counts them)
+        self.tier_pages: torch.Tensor | None = None  # see enable_tier
+        self.tier_pages_host: np.ndarray | None = None
+        self.tier_layer_heads: list[int] = []
         self.clear()
 
     @staticmethod
@@ -129,9 +138,13 @@ class RaggedKVPool:
         self.step = 0
         self.seg_len_host[:] = 0
         self.active_host[:] = False
-        self._pending: list[list[tuple[np.ndarray, np.ndarray]]] = [[], [], []]
+        self._pending: list[list[tuple[np.ndarray, np.ndarray]]] = [[], [], [], []]
         self.seg_len.zero_()
         self.active.zero_()
+        #: pages held by tier blocks (a part of :meth:`used_pages`)
+        self.tier_used_pages = 0
+        if self.tier_pages_host is not None:
+            self.tier_pages_host[:] = 0
 
     def set_active(self, req_pool_idx: int, mask: np.ndarray | torch.Tensor | None = None) -> None:
         """Which segments request ``req_pool_idx`` holds here: bool ``[num_layers, num_kv_heads]``
@@ -159,8 +172,13 @@ class RaggedKVPool:
         return self._n_free + self._limbo_pages
 
     def used_pages(self) -> int:
-        """Pages held by segments (pages in limbo are held by none: freed, awaiting reuse)."""
+        """Pages held by segments and tier blocks (pages in limbo are held by none: freed, awaiting
+        reuse)."""
         return self.usable_pages - self._n_free - self._limbo_pages
+
+    def segment_pages(self) -> int:
+        """Pages held by segments (:meth:`used_pages` without the prefix tier's)."""
+        return self.used_pages() - self.tier_used_pages
 
     def reset_peak(self) -> int:
         """Start a new high-water mark at the pages in use now; returns the previous mark."""
@@ -267,7 +285,7 @@ class RaggedKVPool:
     def pending_writes(self) -> int:
         return sum(int(i.size) for t in self._pending for i, _ in t)
 
-    def flush(self, tables: tuple[int, ...] = (_PAGES, _LEN, _ACTIVE),
+    def flush(self, tables: tuple[int, ...] = (_PAGES, _LEN, _ACTIVE, _TIER),
               extra: np.ndarray | None = None) -> torch.Tensor | None:
         """Apply the queued writes of ``tables`` (default all): one host-to-device copy of one packed
         int64 buffer, one scatter per table touched. A segment written twice keeps the later value.
@@ -275,7 +293,7 @@ class RaggedKVPool:
         ``extra``: int64 host data the caller needs on the device this step (the backend's prefill
         metadata); it travels in the same copy and comes back as a device tensor (else None)."""
         parts, sizes = [], []
-        for t in range(3):
+        for t in range(4):
             if t not in tables or not self._pending[t]:
                 sizes.append(0)
                 continue
@@ -293,10 +311,14 @@ class RaggedKVPool:
             return None
         packed = self._upload(np.concatenate(parts))
         off = 2 * sum(sizes)
-        if self.fused_step and off:  # one launch for all three tables
+        tables_ = (self.seg_pages, self.seg_len, self.active, self.tier_pages)
+        if self.fused_step and off:  # one launch for the three segment tables (+ one scatter for the tier's)
             from sglang_fairkv_kernels import apply_table_writes
 
-            apply_table_writes(packed, *sizes, self.seg_pages.view(-1), self.seg_len.view(-1), self.active.view(-1))
+            apply_table_writes(packed, *sizes[:3], self.seg_pages.view(-1), self.seg_len.view(-1), self.active.view(-1))
+            if sizes[3]:
+                o, n = 2 * sum(sizes[:3]), sizes[3]
+                self.tier_pages.view(-1)[packed[o:o + n]] = packed[o + n:o + 2 * n].to(torch.int32)
         elif off:
             o = 0
             for t, n in enumerate(sizes):
@@ -304,7 +326,7 @@ class RaggedKVPool:
                     continue
                 idx, val = packed[o:o + n], packed[o + n:o + 2 * n]
                 o += 2 * n
-                table = (self.seg_pages, self.seg_len, self.active)[t]
+                table = tables_[t]
                 table.view(-1)[idx] = val.to(table.dtype)
         return packed[off:] if extra is not None else None
 
@@ -518,6 +540,88 @@ class RaggedKVPool:
             src = self.seg_pages.view(-1)[seg * MP + pos // P].to(torch.int64) * P + pos % P
             self.k_rows[dst_rows] = self.k_rows[src]  # advanced indexing reads src before writing
             self.v_rows[dst_rows] = self.v_rows[src]
+
+    # ---- the dense prefix tier ------------------------------------------------------------------
+    def enable_tier(self, num_blocks: int, layer_heads: list[int]) -> None:
+        """Allocate the tier's block table ``[num_blocks, L, H]`` (int32, device + host mirror; its bytes
+        are counted in the KV budget by the caller). ``layer_heads[l]``: KV heads this rank holds in
+        layer ``l`` (a block takes one page per held (layer, head): :attr:`tier_pages_per_block`)."""
+        shape = (num_blocks, self.num_layers, self.num_kv_heads)
+        self.tier_pages = torch.zeros(shape, dtype=torch.int32, device=self.device)
+        self.tier_pages_host = np.zeros(shape, dtype=np.int32)
+        self.tier_layer_heads = [int(h) for h in layer_heads]
+        held = np.zeros((self.num_layers, self.num_kv_heads), dtype=np.bool_)
+        for l, h in enumerate(self.tier_layer_heads):
+            held[l, :h] = True
+        self._tier_held = held
+        self.tier_pages_per_block = int(held.sum())
+
+    @staticmethod
+    def tier_table_bytes(num_blocks: int, num_layers: int, num_kv_heads: int) -> int:
+        return num_blocks * num_layers * num_kv_heads * 4
+
+    def tier_alloc(self, blocks: np.ndarray) -> None:
+        """Pages for new tier blocks (host ints ``[k]``): one per held (layer, head) of each; the table
+        writes are queued (the step's :meth:`flush` sends them)."""
+        blocks = np.asarray(blocks, dtype=np.int64).reshape(-1)
+        if not blocks.size:
+            return
+        n = self.tier_pages_per_block
+        pages = self._pop(n * blocks.size).reshape(blocks.size, n)
+        l_i, h_i = np.nonzero(self._tier_held)
+        self.tier_pages_host[blocks[:, None], l_i[None, :], h_i[None, :]] = pages
+        L, H = self.num_layers, self.num_kv_heads
+        flat = (blocks[:, None] * L + l_i[None, :]) * H + h_i[None, :]
+        self._queue(_TIER, flat, pages)
+        self.tier_used_pages += int(pages.size)
+
+    def tier_free(self, blocks: np.ndarray) -> None:
+        """Return the pages of freed tier blocks (host ints ``[k]``) through the limbo (a launched step may
+        still read them). Their device table entries go stale; nothing reads a block nobody owns."""
+        blocks = np.asarray(blocks, dtype=np.int64).reshape(-1)
+        if not blocks.size:
+            return
+        l_i, h_i = np.nonzero(self._tier_held)
+        pages = self.tier_pages_host[blocks[:, None], l_i[None, :], h_i[None, :]]
+        self._release(pages)
+        self.tier_pages_host[blocks] = 0
+        self.tier_used_pages -= int(pages.size)
+
+    def tier_rows(self, tokens: torch.Tensor, layer: int, num_heads: int) -> torch.Tensor:
+        """int64 ``[b, num_heads, T]``: rows of tier ``tokens`` (int64 ``[b, T]`` or ``[T]``, device) in
+        ``layer`` for heads ``h < num_heads`` (a flat gather of the tier table, no host read)."""
+        P, L, H = self.page_size, self.num_layers, self.num_kv_heads
+        tok = tokens if tokens.dim() == 2 else tokens[None, :]
+        base = ((tok // P) * L + layer) * H  # [b, T]
+        page = self.tier_pages.view(-1)[base[:, None, :] + torch.arange(num_heads, device=tok.device)[None, :, None]]
+        return page.to(torch.int64) * P + (tok % P)[:, None, :]
+
+    def fill_from_tier(self, req_pool_idx: int, layer: int, kept: list[torch.Tensor], heads: list[int],
+                       tokens: torch.Tensor) -> None:
+        """Fill the empty segments ``(req_pool_idx, layer, heads[i])`` with the rows of ``kept[i]`` (sorted
+        prompt positions, device) read from the tier, where position ``p`` is tier token ``tokens[p]``
+        (int64 ``[seq]``, device): a prefill that used the tier compresses straight into the segments.
+        Pages from the free stack (host); one gather/scatter of K and of V for all heads; destination
+        rows and head ids in one small upload (as :meth:`compact`)."""
+        r, P, L, H = int(req_pool_idx), self.page_size, self.num_layers, self.num_kv_heads
+        counts = np.asarray([int(k.numel()) for k in kept], dtype=np.int64)
+        h_arr = np.asarray(heads, dtype=np.int64)
+        if (self.seg_len_host[r, layer, h_arr] != 0).any():
+            raise AssertionError("fill_from_tier on a segment that already holds rows")
+        self._grow(np.full(h_arr.size, r, dtype=np.int64), np.full(h_arr.size, layer, dtype=np.int64), h_arr, counts)
+        n_tot = int(counts.sum())
+        if not n_tot:
+            return
+        t = np.concatenate([np.arange(n) for n in counts])
+        hh = np.repeat(h_arr, counts)
+        dst = self.seg_pages_host[r, layer, hh, t // P].astype(np.int64) * P + t % P
+        host = self._upload(np.concatenate([hh, dst]))
+        hcol, dst_rows = host[:n_tot], host[n_tot:]
+        pos = torch.cat([k.to(self.device, torch.int64) for k in kept])
+        tok = tokens[pos]
+        src = self.tier_pages.view(-1)[((tok // P) * L + layer) * H + hcol].to(torch.int64) * P + tok % P
+        self.k_rows[dst_rows] = self.k_rows[src]
+        self.v_rows[dst_rows] = self.v_rows[src]
 
     # ---- addressing ---------------------------------------------------------------------------
     def rows_at(self, req_pool_idx: torch.Tensor, layer: int, num_heads: int,

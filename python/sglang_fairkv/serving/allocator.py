@@ -75,8 +75,15 @@ class FairKVTokenAllocator(TokenToKVPoolAllocator):
         self._top += n
 
     def token_capacity_free(self) -> int:
-        """Prompt tokens every TP rank still has rows for (the ledger's minimum over ranks)."""
-        return self.state.ledger.token_capacity_free()
+        """Prompt tokens every TP rank still has rows for (the ledger's minimum over ranks). With the
+        dense prefix tier its pages count as free and its live tokens as used (SGLang adds the tree's
+        evictable tokens itself), so available + evictable + protected is the capacity at idle, as
+        SGLang's leak check expects (block slack stays available)."""
+        st = self.state
+        lg = st.ledger
+        if st.tier is None:
+            return lg.token_capacity_free()
+        return max(0, lg.tokens_for(lg.pages_free() + lg.tier_pages()) - int(st.tier.live.sum()))
 
     def available_size(self):
         return min(self._top, self.token_capacity_free())
@@ -95,22 +102,48 @@ class FairKVTokenAllocator(TokenToKVPoolAllocator):
         idx = [int(r.kv.req_pool_idx) for r in requests if r.kv.req_pool_idx is not None]
         if not idx:
             return True
-        return self.state.ledger.decode_fits(idx)  # every rank's pages, the same answer on all
+        lg, tree = self.state.ledger, self.state.tree
+        if tree is not None and not lg.decode_fits(idx):  # the prefix tier goes before a retraction
+            tree.evict_until(lambda: lg.decode_fits(idx))
+        return lg.decode_fits(idx)  # every rank's pages, the same answer on all
+
+    def evict_to_free_tokens(self, tree_cache, num_tokens: int):
+        """SGLang asks before each allocation in dense tokens; here the prefix tier is evicted where the
+        pages are priced instead (the prefill budget, the decode check): only a shortage of logical
+        slots (never expected: 16 per token of capacity) evicts here."""
+        if tree_cache is None or not tree_cache.supports_prefix_sharing() or self._top >= num_tokens:
+            return None
+        evict = getattr(tree_cache, "evict_until", None)
+        if evict is not None:
+            evict(lambda: self._top >= num_tokens)
+        return None
 
     def verify_byte_accounting(self) -> list:
         """Idle check (SGLang calls it with no request running): every ragged page must be free, on
         this rank's pool and in the group ledger."""
-        p, errs = self.state.pool, []
-        if p.used_pages() or p.used_tokens():
-            errs.append(f"fairkv ragged pool not empty at idle: {p.used_pages()} pages, "
+        st = self.state
+        p, errs = st.pool, []
+        if p.segment_pages() or p.used_tokens():
+            errs.append(f"fairkv ragged pool not empty at idle: {p.segment_pages()} pages, "
                         f"{p.used_tokens()} rows in segments")
+        if st.tier is not None:
+            # at idle the tier holds exactly the tree's nodes: every live tier token is a node's
+            tree = st.tree
+            in_tree = 0 if tree is None else sum(n.fairkv_tok.size for n in tree._nodes()
+                                                 if getattr(n, "fairkv_tok", None) is not None)
+            live = int(st.tier.live.sum())
+            if live != in_tree or st.requests.tier_tok:
+                errs.append(f"fairkv prefix tier at idle: {live} live tier tokens, the tree holds {in_tree}, "
+                            f"{len(st.requests.tier_tok)} requests still hold some")
+            if tree is not None and tree.protected_size():
+                errs.append(f"fairkv prefix tier at idle: {tree.protected_size()} tokens still locked")
         mismatch = self.state.ledger_mismatch()
         if mismatch:
             errs.append(mismatch)
         admitted = self.state.requests.admitted
-        if int(self.state.ledger.pages_used().sum()) or admitted:
+        if int(self.state.ledger.segment_pages_used().sum()) or admitted:
             errs.append(f"fairkv ledger not empty at idle: pages per rank "
-                        f"{self.state.ledger.pages_used().tolist()}, {len(admitted)} admitted")
+                        f"{self.state.ledger.segment_pages_used().tolist()}, {len(admitted)} admitted")
         return errs
 
     def clear(self):
@@ -121,3 +154,6 @@ class FairKVTokenAllocator(TokenToKVPoolAllocator):
             for r in list(self.state.requests.admitted):
                 self.state.release(r)
             self.state.pool.clear()
+            if self.state.tier is not None:
+                self.state.tier.clear()
+                self.state.ledger.tier_blocks = 0

@@ -26,7 +26,6 @@ FAIRKV_REJECTED_FLAGS: tuple[str, ...] = (
 )
 #: Added when fairkv is on (what the compressed cache needs), with the reason logged.
 FAIRKV_FORCED: tuple[tuple[tuple[str, ...], str], ...] = (
-    (("--disable-radix-cache",), "radix prefix sharing cannot share per-head compressed KV"),
     (("--cuda-graph-backend-prefill", "disabled"), "fairkv prefill takes page decisions per layer "
      "(compress as you go): eager; decode steps are graph-captured on CUDA"),
 )
@@ -64,6 +63,10 @@ def add_fairkv_args(parser: argparse.ArgumentParser) -> None:
                         "plan-drift report compares the live traffic with")
     g.add_argument("--fairkv-max-copies-per-layer", type=int, default=1, metavar="K",
                    help="extra head replicas per layer for --fairkv-plan fairkv (default 1)")
+    g.add_argument("--fairkv-prefix-tier", type=float, default=1.0, metavar="F",
+                   help="the dense prefix tier (prefix caching with --kv-compress): the most of each rank's KV "
+                        "pages cached prompts' dense KV may keep, in [0, 1]; evicted (LRU) before any request "
+                        "waits; 0 turns prefix caching off (as does --disable-radix-cache). Default 1")
 
 
 def fairkv_parser() -> argparse.ArgumentParser:
@@ -165,6 +168,25 @@ def fairkv_setup(fk: argparse.Namespace, ns: argparse.Namespace, out: list[str],
         out += ["--max-running-requests", str(FAIRKV_DEFAULT_MAX_RUNNING)]
         notes.append(f"--max-running-requests {FAIRKV_DEFAULT_MAX_RUNNING}: bounds the segment page "
                      "table (give the flag to change it)")
+    tier = fk.fairkv_prefix_tier
+    if not 0.0 <= tier <= 1.0:
+        raise UsageError(f"--fairkv-prefix-tier must be in [0, 1], got {tier}")
+    if given(out, "--radix-cache-backend") and value(out, "--radix-cache-backend") != "fairkv":
+        raise UsageError(f"--radix-cache-backend {value(out, '--radix-cache-backend')} cannot hold a compressed "
+                         "server's prefixes (its dense prefix tier is --radix-cache-backend fairkv)")
+    if given(out, "--disable-radix-cache") or tier == 0.0:
+        cfg_tier = 0.0
+        if not given(out, "--disable-radix-cache"):
+            out += ["--disable-radix-cache"]
+        notes.append("prefix caching off (--disable-radix-cache / --fairkv-prefix-tier 0)")
+    else:
+        cfg_tier = tier
+        if not given(out, "--radix-cache-backend"):
+            out += ["--radix-cache-backend", "fairkv"]
+        notes.append(f"--fairkv-prefix-tier {tier:g}: prompts' dense KV stays cached in up to {tier:.0%} of the "
+                     "KV pages (radix tree, LRU, evicted before a request waits); --fairkv-prefix-tier 0 or "
+                     "--disable-radix-cache turn it off")
+    fk.prefix_tier_effective = cfg_tier  # the launcher hands it to the schedulers (FAIRKV_PREFIX_TIER)
     forced = FAIRKV_FORCED + ((FAIRKV_FORCED_EAGER_DECODE,) if eager_decode else ())
     for flag_value, why in forced:
         if not given(out, flag_value[0]):

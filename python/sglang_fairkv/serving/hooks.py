@@ -104,6 +104,9 @@ def register_backend() -> None:
     from ..attention.fairkv_backend import create_fairkv_backend
 
     register_attention_backend(BACKEND_NAME)(create_fairkv_backend)
+    from .prefix_cache import register_radix_cache_backend
+
+    register_radix_cache_backend()  # --radix-cache-backend fairkv: the dense prefix tier's tree
 
 
 def add_backend_choice() -> None:
@@ -112,3 +115,6 @@ def add_backend_choice() -> None:
 
     if BACKEND_NAME not in ATTENTION_BACKEND_CHOICES:
         add_attention_backend_choices([BACKEND_NAME])
+    from .prefix_cache import register_radix_cache_backend
+
+    register_radix_cache_backend()

@@ -59,6 +59,8 @@ class LaunchConfig:
     kv_compress_json: str | None = None
     notes: tuple[str, ...] = ()
     placement_json: str | None = None
+    #: the dense prefix tier's share of the KV pages (0: prefix caching off), for FAIRKV_PREFIX_TIER
+    prefix_tier: float = 0.0
     #: what may not do what the user expects (printed as ``sglang-fairkv: warning: ...``)
     warnings: tuple[str, ...] = ()
 
@@ -149,7 +151,7 @@ def parse_launch(argv: list[str], on_cpu: bool) -> LaunchConfig:
     if port_in_use(host, port):
         raise UsageError(f"port {port} on {host} is already in use (choose another with --port)")
     return LaunchConfig(out, on_cpu, model_path, host, port, ns.tp_size, cfg_json, notes, placement_json,
-                        warnings)
+                        warnings=warnings, prefix_tier=float(getattr(fk, "prefix_tier_effective", 0.0)))
 
 
 def export_settings(launch: LaunchConfig) -> str | None:
@@ -163,6 +165,7 @@ def export_settings(launch: LaunchConfig) -> str | None:
         print(f"sglang-fairkv: {note}", file=sys.stderr)
     if launch.kv_compress_json is not None:
         env.set_kv_compress_json(launch.kv_compress_json)
+    env.set_prefix_tier_fraction(launch.prefix_tier)
     if launch.placement_json is None:
         return None
     import tempfile

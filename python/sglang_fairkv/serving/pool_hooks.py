@@ -59,7 +59,8 @@ def build_pool_hook(original, self, *args, **kwargs):
                         max_reqs=req_to_token.shape[0], max_context=min(mc.context_len, req_to_token.shape[1]),
                         dtype=self.kv_cache_dtype, device=self.device,
                         group=max(1, mc.num_attention_heads // max(1, mc.num_key_value_heads)),
-                        profile_path=_profile_path(p.tp_rank, dp_rank), dp_rank=dp_rank)
+                        profile_path=_profile_path(p.tp_rank, dp_rank), dp_rank=dp_rank,
+                        prefix_tier=env.prefix_tier_fraction())
     global _PROCESS_STATE
     _PROCESS_STATE = state
     return FairKVCache(state, size=sizes.max_total_num_tokens, page_size=1, dtype=self.kv_cache_dtype,

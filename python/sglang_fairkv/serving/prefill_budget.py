@@ -129,22 +129,44 @@ class FairKVPrefillBudget(PrefillBudget):
             self._preview, self._preview_roomiest = (req.rid, chosen), False
         return st.assigner.owners_for(chosen), 0, chosen
 
+    @property
+    def _tier(self) -> bool:
+        """Prefills use the dense prefix tier (the radix tree is on)."""
+        tree = self.state.tree
+        return tree is not None and not tree.disable
+
+    def _held_len(self, req, start) -> int:
+        """Positions the request's prefill has behind it: with the tier its matched prefix and earlier
+        chunks (``req.prefix_len``), else its segments' length (before compression all equal)."""
+        if self._tier:
+            return int(req.prefix_len)
+        return int(torch.as_tensor(start).max())
+
     def _charges(self, req, extend_tokens: int, decode_tokens: int, owner=None) -> admission.Charge:
-        """:func:`~sglang_fairkv.kv.admission.chunk_charge` of the named request's chunk of
+        """:func:`~sglang_fairkv.kv.admission.chunk_charge` (or, with the prefix tier,
+        :func:`~sglang_fairkv.kv.admission.tier_chunk_charge`) of the named request's chunk of
         ``extend_tokens`` with ``decode_tokens`` decode; ``owner``: replicas to price instead of the
         request's own. Memoised per pass (a request is priced several times: fits, credit, reserve)."""
         own0, start, _ = self._segments(req)
         own = np.asarray(own0 if owner is None else owner, dtype=np.int64)
         n = max(1, len(req.full_untruncated_fill_ids))
-        s = int(torch.as_tensor(start).max())  # before compression every segment has the prefix length
+        s = self._held_len(req, start)
         max_new = _max_new_tokens(req)
-        key = (n, s, extend_tokens, decode_tokens, max_new, own.tobytes())
+        key = (self._tier, n, s, extend_tokens, decode_tokens, max_new, own.tobytes())
         hit = self._charge_memo.get(key)
         if hit is None:
             st, lg = self.state, self.state.ledger
-            hit = self._charge_memo[key] = admission.chunk_charge(
-                st.cfg, st.head_budgets, prompt_len=n, held_len=s, extend=extend_tokens, decode=decode_tokens,
-                max_new_tokens=max_new, owner=own, tp=lg.tp, page_size=lg.page_size, chunk_size=self.chunk_size)
+            if self._tier:
+                hit = admission.tier_chunk_charge(
+                    st.cfg, st.head_budgets, prompt_len=n, held_len=s, extend=extend_tokens,
+                    decode=decode_tokens, max_new_tokens=max_new, owner=own, tp=lg.tp, page_size=lg.page_size,
+                    tier_pages_per_block=lg.tier_pages_per_block)
+            else:
+                hit = admission.chunk_charge(
+                    st.cfg, st.head_budgets, prompt_len=n, held_len=s, extend=extend_tokens,
+                    decode=decode_tokens, max_new_tokens=max_new, owner=own, tp=lg.tp, page_size=lg.page_size,
+                    chunk_size=self.chunk_size)
+            self._charge_memo[key] = hit
         return hit
 
     def _roomiest_choice(self, req, extend_tokens: int, decode_tokens: int, left_now: torch.Tensor,
@@ -165,23 +187,31 @@ class FairKVPrefillBudget(PrefillBudget):
         whose share-keeping replicas do not fit (e.g. all its copies on one rank) is given the roomiest
         replicas instead, so a request that fits the group is never refused for its replica choice (an
         idle server must admit it)."""
-        left_now, left_total = self._pages_left(current=True), self._pages_left(current=False)
-
         def ok() -> bool:
+            left_now, left_total = self._pages_left(current=True), self._pages_left(current=False)
             c = self._charges(req, extend_tokens, decode_tokens)
             return bool((c.now <= left_now).all() and (c.total <= left_total).all())
 
-        if ok():
-            return True
-        _, _, chosen = self._segments(req)
-        if chosen is None or not self.state.assigner.num_copied_heads:
+        def ok_any_replicas() -> bool:
+            if ok():
+                return True
+            _, _, chosen = self._segments(req)
+            if chosen is None or not self.state.assigner.num_copied_heads:
+                return False
+            left_now, left_total = self._pages_left(current=True), self._pages_left(current=False)
+            alt = self._roomiest_choice(req, extend_tokens, decode_tokens, left_now, left_total)
+            self._preview, self._preview_roomiest = (req.rid, alt), True
+            if ok():
+                return True
+            self._preview = None
             return False
-        alt = self._roomiest_choice(req, extend_tokens, decode_tokens, left_now, left_total)
-        self._preview, self._preview_roomiest = (req.rid, alt), True
-        if ok():
+
+        if ok_any_replicas():
             return True
-        self._preview = None
-        return False
+        # the dense prefix tier is a cache: it goes (LRU, unlocked nodes) before a request waits; every
+        # rank evicts the same nodes (the same pass on the same ledger)
+        tree = self.state.tree
+        return tree is not None and not tree.disable and tree.evict_until(ok_any_replicas)
 
     def _chunk(self, req, extend_input_len: int, chunk_limit: int | None) -> int:
         """The chunk SGLang will run of ``extend_input_len`` remaining tokens (its chunking rule)."""
@@ -224,11 +254,15 @@ class FairKVPrefillBudget(PrefillBudget):
         if req is None:
             return super().available_chunk_tokens(chunk_limit)
         owner, start, _ = self._segments(req)
-        s = int(torch.as_tensor(start).max())
+        s = self._held_len(req, start)
         rest = len(req.full_untruncated_fill_ids) - s
         if rest <= chunk_limit and self._fits(req, rest, 0):
             return chunk_limit  # the last chunk fits (compressing as it goes)
         lg = self.state.ledger
+        if self._tier:  # a chunk's dense KV takes tier blocks: ppb pages per rank per P tokens
+            return admission.chunk_that_fits(held_len=0, rest=rest, chunk_limit=chunk_limit,
+                                             pages_left=self._pages_left(current=True),
+                                             segments=lg.tier_pages_per_block, page_size=lg.page_size)
         return admission.chunk_that_fits(held_len=s, rest=rest, chunk_limit=chunk_limit,
                                          pages_left=self._pages_left(current=True),
                                          segments=lg.segments_per_rank(owner), page_size=lg.page_size)

@@ -85,10 +85,17 @@ def prepare_for_extend_hook(result, batch, *args, **kwargs):
         from ..telemetry.report import maybe_log_group_usage
 
         reqs = state.requests
+        tree = state.tree
         for req in batch.reqs:
             r, n = int(req.kv.req_pool_idx), len(req.full_untruncated_fill_ids)
             reqs.target_len[r] = n
+            first = r not in reqs.admitted
             state.admit(r, req.rid, n)
+            if first and tree is not None and not tree.disable:
+                # the prefill uses the dense prefix tier: the matched prefix's tier tokens (locked)
+                m = int(req.prefix_len)
+                state.tier_begin(r, tree.path_tok(req.last_node)[:m])
+                state.tier_stats["hit_tokens"] += m
             reqs.fixed_length[r] = bool(getattr(req.sampling_params, "ignore_eos", False))
         maybe_log_group_usage(state)
     return result

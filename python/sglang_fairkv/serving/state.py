@@ -21,6 +21,7 @@ from ..compress import footprint
 from ..compress.policy import CompressConfig
 from ..kv import admission
 from ..kv.group_ledger import GroupLedger
+from ..kv.prefix_tier import TierBlocks
 from ..kv.ragged_pool import RaggedKVPool
 from ..kv.request_table import RequestTable
 from ..kv.sizing import rank_pool_sizes
@@ -57,6 +58,15 @@ class FairKVState:
     #: the data-parallel replica this process serves (SGLang's ``--dp-size``; None without DP): each
     #: replica is a TP group of its own with its own pool, ledger and replica assigner
     dp_rank: int | None = None
+    #: the dense prefix tier's block ids (None: no tier; see :mod:`~sglang_fairkv.kv.prefix_tier`)
+    tier: TierBlocks | None = None
+    #: the most pages the tier keeps once its prefills are done, per rank (int64 [tp]; eviction beyond)
+    tier_cap_pages: torch.Tensor | None = None
+    #: the radix tree of this process (set by :class:`~sglang_fairkv.serving.prefix_cache.FairKVRadixCache`)
+    tree: object | None = None
+    #: prefix-tier counters: tokens reused, prompts inserted, tier pages evicted (shown in /server_info)
+    tier_stats: dict = field(default_factory=lambda: {"hit_tokens": 0, "inserted_prompts": 0,
+                                                      "evicted_blocks": 0})
 
     def __post_init__(self):
         plan = self.rank_plan.plan
@@ -103,8 +113,50 @@ class FairKVState:
         per-layer balance of the rows it reads is sampled (host, ``[b, L, KV]`` of the ledger)."""
         self.traffic.decode_step(lambda: self.ledger.layer_loads(req_pool_idx))
 
+    # ---- the dense prefix tier (same events in the same order on every rank) ------------------------
+    def tier_alloc_chunk(self, req_pool_idx: int, start: int, n: int) -> np.ndarray:
+        """Tier tokens for positions ``[start, start + n)`` of a request's prefill chunk (its own; pages
+        on this rank, block count in the ledger). Returns the request's whole tier-token array."""
+        reqs = self.requests
+        tok = reqs.tier_tok.get(req_pool_idx)
+        if tok is None or tok.size != start:
+            raise AssertionError(f"fairkv prefix tier: request {req_pool_idx} holds "
+                                 f"{None if tok is None else tok.size} tier positions, chunk starts at {start}")
+        new, blocks = self.tier.alloc(n)
+        self.pool.tier_alloc(blocks)
+        self.ledger.tier_blocks += int(blocks.size)
+        reqs.tier_tok[req_pool_idx] = tok = np.concatenate([tok, new])
+        return tok
+
+    def tier_release(self, tokens: np.ndarray) -> int:
+        """Drop tier tokens (their owner is done with them); frees the blocks left empty. Returns blocks
+        freed."""
+        freed = self.tier.release(tokens)
+        if freed.size:
+            self.pool.tier_free(freed)
+            self.ledger.tier_blocks -= int(freed.size)
+        return int(freed.size)
+
+    def tier_begin(self, req_pool_idx: int, prefix_tokens: np.ndarray) -> None:
+        """A request's first chunk uses the tier: positions ``[0, m)`` are the matched prefix's tokens
+        (owned by the tree, locked by the request until its prompt is inserted)."""
+        reqs = self.requests
+        reqs.tier_tok[req_pool_idx] = np.asarray(prefix_tokens, dtype=np.int64).copy()
+        reqs.tier_own_from[req_pool_idx] = int(prefix_tokens.size)
+
+    def tier_drop_request(self, req_pool_idx: int) -> None:
+        """The request is done with the tier without (more of) its prompt going into the tree (abort,
+        retract, finish): release the tokens it still owns."""
+        reqs = self.requests
+        tok = reqs.tier_tok.pop(req_pool_idx, None)
+        own = reqs.tier_own_from.pop(req_pool_idx, 0)
+        if tok is not None and tok.size > own:
+            self.tier_release(tok[own:])
+
     def release(self, req_pool_idx: int) -> int:
         """Free every segment of one request (finish, abort, retract); returns pages freed here."""
+        if self.tier is not None:
+            self.tier_drop_request(req_pool_idx)
         rid = self.requests.release(req_pool_idx)
         if rid is not None:
             self.assigner.release(rid)
@@ -161,6 +213,10 @@ class FairKVState:
         if mine != self.pool.used_pages():
             return (f"fairkv ledger says rank {self.rank_plan.rank} uses {mine} pages, its pool "
                     f"uses {self.pool.used_pages()}")
+        tier = int(self.ledger.tier_pages()[self.rank_plan.rank])
+        if tier != self.pool.tier_used_pages:
+            return (f"fairkv ledger says rank {self.rank_plan.rank}'s prefix tier holds {tier} pages, "
+                    f"its pool {self.pool.tier_used_pages}")
         return None
 
 
@@ -168,7 +224,7 @@ def build_state(cfg: CompressConfig, head_budgets: torch.Tensor | None, *, rank_
                 max_total_tokens: int, rows_per_token_budget: int, page_size: int, head_dim: int,
                 max_reqs: int, max_context: int, dtype: torch.dtype, device: str, group: int = 1,
                 profile_path: str | None = None, metadata_in_budget: bool = True,
-                dp_rank: int | None = None) -> FairKVState:
+                dp_rank: int | None = None, prefix_tier: float = 0.0) -> FairKVState:
     """The pool in the bytes SGLang's stock pool would take for ``max_total_tokens`` tokens
     (:func:`~sglang_fairkv.kv.sizing.rank_pool_sizes`; the pool's head dimension is the most heads the
     plan gives this rank in any layer), the TP group's ledger pricing every rank against that rank's own
@@ -196,6 +252,19 @@ def build_state(cfg: CompressConfig, head_budgets: torch.Tensor | None, *, rank_
     pages_of = [sizes(h).pages for h in heads_of]
     heads = heads_of[rank_plan.rank]
     mine = sizes(heads)
+    # the dense prefix tier (``prefix_tier`` > 0): a block is one page per (layer, KV head) a rank holds;
+    # its block table ``[blocks, L, H]`` (int32) comes out of each rank's pages, and the block count is
+    # the same on every rank (tier tokens are group-wide ids): the tightest rank's
+    tier_ppb = [sum(len(h) for h in RankPlan(rank_plan.plan, q, rank_plan.num_q_heads).local_heads)
+                for q in range(rank_plan.tp)]
+    num_blocks = 0
+    if prefix_tier > 0:
+        page_bytes = page_size * row_bytes
+        for q in range(rank_plan.tp):
+            nb = int(pages_of[q]) // max(1, tier_ppb[q])
+            cost = -(-RaggedKVPool.tier_table_bytes(nb, num_layers, heads_of[q]) // page_bytes)
+            pages_of[q] = int(pages_of[q]) - cost
+        num_blocks = min(int(pages_of[q]) // max(1, tier_ppb[q]) for q in range(rank_plan.tp))
     if min(pages_of) < 2:
         raise ValueError(
             f"sglang-fairkv: the KV budget ({mine.budget_bytes / 2**20:.1f} MB for {max_total_tokens} tokens) "
@@ -204,7 +273,7 @@ def build_state(cfg: CompressConfig, head_budgets: torch.Tensor | None, *, rank_
             f"({mine.scratch_bytes / 2**20:.1f} MB) and the allocator's logical slots "
             f"({mine.allocator_bytes / 2**20:.1f} MB): lower --max-running-requests or --context-length, or give "
             "more memory (--mem-fraction-static / --max-total-tokens)")
-    pool = RaggedKVPool(num_pages=int(mine.pages) + 1, page_size=page_size, num_layers=num_layers,
+    pool = RaggedKVPool(num_pages=int(pages_of[rank_plan.rank]) + 1, page_size=page_size, num_layers=num_layers,
                         num_kv_heads=heads, head_dim=head_dim, max_reqs=max_reqs, max_context=max_context,
                         dtype=dtype, device=device)
     workspace = None
@@ -217,6 +286,14 @@ def build_state(cfg: CompressConfig, head_budgets: torch.Tensor | None, *, rank_
                          usable_pages=[int(n) for n in pages_of],
                          rows_per_token=rank_plan.expected_rows_per_token())
     assert int(ledger.usable[rank_plan.rank]) == pool.usable_pages
+    tier = None
+    cap = None
+    if num_blocks > 0:
+        pool.enable_tier(num_blocks, [len(h) for h in rank_plan.local_heads])
+        assert pool.tier_pages_per_block == tier_ppb[rank_plan.rank]
+        ledger.tier_pages_per_block = torch.tensor(tier_ppb, dtype=torch.int64)
+        tier = TierBlocks(num_blocks, page_size)
+        cap = torch.floor(ledger.usable.to(torch.float64) * prefix_tier).to(torch.int64)
     logger.info("sglang-fairkv: %srank %d/%d ragged KV pool %d pages x %d rows (%.1f MB K+V; of the %.1f MB "
                 "budget, %.1f MB page table for %d requests x context %d, %.1f MB decode scratch, %.1f MB "
                 "logical slots), plan %s "
@@ -229,4 +306,4 @@ def build_state(cfg: CompressConfig, head_budgets: torch.Tensor | None, *, rank_
                 rank_plan.plan.strategy, rank_plan.heads_per_layer(), cfg.to_json())
     return FairKVState(pool=pool, cfg=cfg, head_budgets=head_budgets, rank_plan=rank_plan, ledger=ledger,
                        assigner=ReplicaAssigner(rank_plan.plan), profile_path=profile_path, workspace=workspace,
-                       dp_rank=dp_rank)
+                       dp_rank=dp_rank, tier=tier, tier_cap_pages=cap)
