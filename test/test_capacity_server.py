@@ -1,6 +1,10 @@
 """Admission by the compressed size, end to end: a real CPU server whose KV pool holds only a
 few dense prompts, sent more requests at once than that.
 
+The dense prefix tier is on (the default) and holds cached prompts when the burst arrives (short prompts
+sent first, each cached): they are evicted as admission needs their pages, so the burst decodes as
+many requests at once as without a tier.
+
 The dense rule (stock SGLang: the whole prompt plus ``max_new_tokens`` per request) fits
 ``max_total_tokens // (prompt + new)`` requests; at AdaKV ratio 0.75 a request keeps a quarter of its
 prompt, so about three times as many must decode at once, every request must complete with all its
@@ -30,6 +34,11 @@ def test_small_pool_decodes_three_times_the_dense_requests_at_once():
     args = ["--kv-compress", "adakv", "--kv-compress-ratio", "0.75", "--max-total-tokens", str(MAX_TOTAL),
             "--max-running-requests", "32", "--context-length", "2048", "--decode-log-interval", "1"]
     with Server(args, env=STRICT) as s:
+        for i in range(6):  # cached prompts in the tier (each 48 tokens: small enough to be cached)
+            s.generate({"input_ids": rng.integers(100, 20000, size=48).tolist(),
+                        "sampling_params": {"max_new_tokens": 1}})
+        tier = s.fairkv_info()["prefix_tier"]
+        assert tier["cached_tokens"] >= 6 * 48 and tier["pages"] >= 0.25 * s.fairkv_info()["pages_total"], tier
         outs: list[dict | None] = [None] * CONCURRENCY
 
         def send(i):
@@ -50,6 +59,8 @@ def test_small_pool_decodes_three_times_the_dense_requests_at_once():
         running = max((int(m) for m in re.findall(r"Decode batch, #running-req: (\d+)", log)), default=0)
         assert running >= 3 * dense, (running, dense)
         assert "#retracted_reqs" not in log  # SGLang logs "KV cache pool is full. Retract requests."
+        # the tier gave its pages to the burst (evicted before any request waited for them)
+        assert seen[-1]["prefix_tier"]["evicted_blocks"] > 0, seen[-1]["prefix_tier"]
         busy = [x for x in seen if x["requests_admitted"] > dense]
         assert busy, "never more requests admitted than the dense rule holds"
         x = busy[-1]

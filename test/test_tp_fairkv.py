@@ -175,9 +175,17 @@ def test_smollm2_tp2_through_a_plan_equals_kvpress(smollm2_path, fairkv_referenc
     with Server(args, env=STRICT) as s:
         got = s.greedy_ids(fairkv_prompts[1], N)
         info = s.fairkv_info()
+        # the same prompt again reuses its dense prefix from the tier on both ranks (each rank cached its
+        # own heads, copies included, whichever replica served the first request); only the window runs
+        again = s.greedy(fairkv_prompts[1], N)
+        states = wait_ranks_empty(s)
     assert got == fairkv_references["adakv"][1]
     assert got != fairkv_references["hf"][1]
     assert sum(info["plan_copies_per_layer"]) >= 1
+    assert again["output_ids"] == got
+    assert again["meta_info"]["cached_tokens"] == len(fairkv_prompts[1]) - 64
+    ranks = states[0]["ranks"]
+    assert [r["pages_used"] for r in ranks] == [0, 0] and all(r["prefix_tier_pages"] > 0 for r in ranks), ranks
 
 
 def test_smollm2_tp2_with_defaults_only_equals_tp1(smollm2_path, fairkv_references, fairkv_prompts):
@@ -281,6 +289,26 @@ def test_replica_shares_and_abort_free_every_rank(edge_server, tp1_reference):
     assert [r["pages_used"] for r in wait_ranks_empty(s)[0]["ranks"]] == [0, 0]
     assert s.greedy_ids(PROMPTS[0], 4)  # still serving: no rank's idle check failed
     assert s.proc.poll() is None
+
+
+@pytest.mark.xdist_group("tp2-edge")
+def test_prefix_reuse_under_the_edge_plan_changes_no_token(edge_server):
+    """The dense prefix tier under a plan whose ranks hold different heads per layer (rank 0 none in
+    layer 1, copies in layers 0 and 2): a prompt sent again reuses its cached prefix (all but the window)
+    on both ranks, and a third time after a flush (no reuse): the same tokens each time."""
+    s = edge_server
+    requests.post(s.url + "/flush_cache", timeout=60)
+    p = list(range(401, 431))  # 30 tokens: small enough for this small pool to cache
+    first = s.greedy(p, N_NEW)
+    again = s.greedy(p, N_NEW)
+    assert first["meta_info"]["cached_tokens"] == 0 and again["meta_info"]["cached_tokens"] == len(p) - 8
+    ranks = wait_ranks_empty(s)[0]["ranks"]
+    assert [r["pages_used"] for r in ranks] == [0, 0] and all(r["prefix_tier_pages"] for r in ranks), ranks
+    assert requests.post(s.url + "/flush_cache", timeout=60).status_code == 200
+    assert [r["prefix_tier_pages"] for r in s.fairkv_info()["ranks"]] == [0, 0]
+    third = s.greedy(p, N_NEW)
+    assert first["output_ids"] == again["output_ids"] == third["output_ids"]
+    assert third["meta_info"]["cached_tokens"] == 0
 
 
 @pytest.mark.xdist_group("tp2-edge")

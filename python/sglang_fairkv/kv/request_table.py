@@ -32,6 +32,8 @@ class RequestTable:
     q_stash: dict[int, list[torch.Tensor | None]] = field(default_factory=dict)
     #: req_pool_idx -> kept tokens per layer so far (debug log only)
     kept_log: dict[int, list[int]] = field(default_factory=dict)
+    #: rid -> whether the admission pass priced the request's prefill through the prefix tier
+    planned_tier: dict[str, bool] = field(default_factory=dict)
     #: req_pool_idx -> int64 host [positions prefilled]: the tier token of each prompt position of a
     #: request whose prefill uses the dense prefix tier (the matched prefix's, then its own chunks')
     tier_tok: dict[int, np.ndarray] = field(default_factory=dict)

@@ -29,6 +29,11 @@ from ..kv import admission
 from .state import FairKVState
 
 
+#: the most of a rank's pages that new prompts being written to the dense prefix tier (not yet in the
+#: radix tree) may take at once (see ``FairKVPrefillBudget._tier_write_ok``)
+TIER_WRITE_SHARE = 1 / 16
+
+
 def _max_new_tokens(req) -> int:
     """The decode tokens SGLang reserves for ``req`` when its last chunk is admitted (its remaining
     ``max_new_tokens``, clipped as SGLang clips it)."""
@@ -61,8 +66,11 @@ class FairKVPrefillBudget(PrefillBudget):
         self._preview: tuple[str, np.ndarray] | None = None
         self._preview_roomiest = False  # the preview is the roomiest choice, not the share rule's
         self._charge_memo: dict[tuple, admission.Charge] = {}  # see _charges
+        self._tier_choice: dict[str, bool] = {}  # rid -> a new prompt without a cache hit is cached (_fits)
+        self._tier_write_blocks = 0  # tier blocks the new prompts this pass caches will write
         self.state.requests.planned.clear()  # choices of an earlier pass that were never admitted
         self.state.requests.planned_charge.clear()
+        self.state.requests.planned_tier.clear()
 
     @property
     def current_req(self):
@@ -130,15 +138,42 @@ class FairKVPrefillBudget(PrefillBudget):
         return st.assigner.owners_for(chosen), 0, chosen
 
     @property
-    def _tier(self) -> bool:
-        """Prefills use the dense prefix tier (the radix tree is on)."""
+    def _tree_on(self) -> bool:
         tree = self.state.tree
         return tree is not None and not tree.disable
+
+    def _tier(self, req) -> bool:
+        """Whether ``req``'s prefill goes through the dense prefix tier (its prompt is cached): a
+        continuing prefill keeps the mode of its first chunk; a new request with a cache hit always
+        (its prefix is the tier's); a new request without one when this pass chose so (see
+        :meth:`_fits`: only if it fits without evicting anything, so caching a new prompt never costs
+        the admission of another request)."""
+        if not self._tree_on:
+            return False
+        idx = req.kv.req_pool_idx
+        st = self.state
+        if idx is not None and st.requests.admitted.get(int(idx)) == req.rid:
+            return int(idx) in st.requests.tier_tok
+        if int(req.prefix_len) > 0:
+            return True
+        return self._tier_choice.get(req.rid, False)
+
+    def _tier_write_ok(self, req) -> bool:
+        """Whether a new prompt without a cache hit may be cached: the dense prompts being written to the
+        tier and not yet in the tree (this pass's, and prefills in flight) stay within
+        :data:`TIER_WRITE_SHARE` of every rank's pages. Writing a prompt to the tier holds its dense KV in
+        every layer during its prefill, where the classic prefill holds one layer at a time: the bound
+        keeps what caching new prompts costs a burst of admissions to that share."""
+        st, lg = self.state, self.state.ledger
+        P, reqs = lg.page_size, st.requests
+        in_flight = sum(-(-(int(t.size) - reqs.tier_own_from.get(r, 0)) // P) for r, t in reqs.tier_tok.items())
+        blocks = self._tier_write_blocks + in_flight + -(-max(1, len(req.full_untruncated_fill_ids)) // P)
+        return bool((lg.tier_pages(blocks).to(torch.float64) <= TIER_WRITE_SHARE * lg.usable).all())
 
     def _held_len(self, req, start) -> int:
         """Positions the request's prefill has behind it: with the tier its matched prefix and earlier
         chunks (``req.prefix_len``), else its segments' length (before compression all equal)."""
-        if self._tier:
+        if self._tier(req):
             return int(req.prefix_len)
         return int(torch.as_tensor(start).max())
 
@@ -152,11 +187,12 @@ class FairKVPrefillBudget(PrefillBudget):
         n = max(1, len(req.full_untruncated_fill_ids))
         s = self._held_len(req, start)
         max_new = _max_new_tokens(req)
-        key = (self._tier, n, s, extend_tokens, decode_tokens, max_new, own.tobytes())
+        tier = self._tier(req)
+        key = (tier, n, s, extend_tokens, decode_tokens, max_new, own.tobytes())
         hit = self._charge_memo.get(key)
         if hit is None:
             st, lg = self.state, self.state.ledger
-            if self._tier:
+            if tier:
                 hit = admission.tier_chunk_charge(
                     st.cfg, st.head_budgets, prompt_len=n, held_len=s, extend=extend_tokens,
                     decode=decode_tokens, max_new_tokens=max_new, owner=own, tp=lg.tp, page_size=lg.page_size,
@@ -206,12 +242,24 @@ class FairKVPrefillBudget(PrefillBudget):
             self._preview = None
             return False
 
+        tree_on = self._tree_on
+        idx = req.kv.req_pool_idx
+        admitted = idx is not None and self.state.requests.admitted.get(int(idx)) == req.rid
+        new_miss = tree_on and int(req.prefix_len) == 0 and not admitted
+        if new_miss:
+            # a new prompt is cached only when its dense prefill fits as it is: writing every layer's dense
+            # KV at once costs more now than compressing layer by layer, so under memory pressure it runs
+            # the classic way (not cached) and takes no more room than without a tier
+            if self._tier_write_ok(req):
+                self._tier_choice[req.rid] = True
+                if ok_any_replicas():
+                    return True
+            self._tier_choice[req.rid] = False
         if ok_any_replicas():
             return True
         # the dense prefix tier is a cache: it goes (LRU, unlocked nodes) before a request waits; every
         # rank evicts the same nodes (the same pass on the same ledger)
-        tree = self.state.tree
-        return tree is not None and not tree.disable and tree.evict_until(ok_any_replicas)
+        return tree_on and self.state.tree.evict_until(ok_any_replicas)
 
     def _chunk(self, req, extend_input_len: int, chunk_limit: int | None) -> int:
         """The chunk SGLang will run of ``extend_input_len`` remaining tokens (its chunking rule)."""
@@ -223,6 +271,7 @@ class FairKVPrefillBudget(PrefillBudget):
     def check_prefill(self, *, extend_input_len, total_tokens, max_new_tokens, input_tokens,
                       swa_host_hit_length, chunk_limit, auxiliary_swa_host_hit_length=0):
         req = self.current_req
+
         if req is None:
             return super().check_prefill(
                 extend_input_len=extend_input_len, total_tokens=total_tokens, max_new_tokens=max_new_tokens,
@@ -259,7 +308,7 @@ class FairKVPrefillBudget(PrefillBudget):
         if rest <= chunk_limit and self._fits(req, rest, 0):
             return chunk_limit  # the last chunk fits (compressing as it goes)
         lg = self.state.ledger
-        if self._tier:  # a chunk's dense KV takes tier blocks: ppb pages per rank per P tokens
+        if self._tier(req):  # a chunk's dense KV takes tier blocks: ppb pages per rank per P tokens
             return admission.chunk_that_fits(held_len=0, rest=rest, chunk_limit=chunk_limit,
                                              pages_left=self._pages_left(current=True),
                                              segments=lg.tier_pages_per_block, page_size=lg.page_size)
@@ -293,6 +342,9 @@ class FairKVPrefillBudget(PrefillBudget):
                 reqs.planned_charge[req.rid] = life
         if chosen is not None:  # a new request: these replicas are the ones it was charged for
             reqs.planned[req.rid] = chosen
+            reqs.planned_tier[req.rid] = tier = self._tier(req)
+            if tier and int(req.prefix_len) == 0:
+                self._tier_write_blocks += -(-max(1, len(req.full_untruncated_fill_ids)) // self.state.ledger.page_size)
             self.state.roomiest_admissions += int(self._preview_roomiest)
             weight = max(1, len(req.full_untruncated_fill_ids))
             for i, j in enumerate(chosen):

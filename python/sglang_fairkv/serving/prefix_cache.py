@@ -13,8 +13,9 @@ changes against SGLang's tree:
   without reuse, prefill them densely). A second chat turn therefore reuses the first turn's prompt
   and prefills the answer and the new message.
 * **Never locked after the prefill that wrote it.** Once the prompt is inserted (its last chunk's
-  checkpoint) the request drops its tree lock: it decodes from its own compressed segments, and the
-  cached prefix is evictable LRU from then on. At finish nothing more is inserted.
+  checkpoint, or the release of a request that finished in that step) the request drops its tree lock:
+  it decodes from its own compressed segments, and the cached prefix is evictable LRU from then on. At
+  finish nothing more is inserted.
 * **The last window is always recomputed.** A compressed prompt matches at most ``len - window``
   tokens (SGLang's ``swa_reprefill_tail_tokens`` cap), so its window's queries exist for scoring.
 * **Evicting a node frees its tier tokens** (and blocks, i.e. pages, once empty); ``reset`` (SGLang's
@@ -126,8 +127,11 @@ class FairKVRadixCache(RadixCache):
         prefilled positions. After the chunk that ends the prompt the request's tree lock is dropped."""
         st = self.state
         r = req.kv.req_pool_idx
+        # the request still holds tier tokens only until the checkpoint that ends its prefill (the release
+        # of a request that finished in its prefill step, e.g. one new token, is that checkpoint); its
+        # prefix is locked until then, so inserting is safe; later calls (at finish) insert nothing
         tok = None if r is None else st.requests.tier_tok.get(int(r))
-        if self.disable or tok is None or req.finished():
+        if self.disable or tok is None:
             return
         r = int(r)
         up_to = min(int(up_to), int(tok.size))
@@ -135,12 +139,19 @@ class FairKVRadixCache(RadixCache):
             super().checkpoint(req, up_to=up_to)
             path = self.path_tok(req.last_node)
             tok[:path.size] = path  # duplicates now read the tree's tokens
-        if st.requests.prompt_done[r]:
+        if st.requests.prompt_done[r] or req.finished():  # (a finished request's row is reset already)
             self.unlock(req.lock)  # never locked after the prefill that wrote it
             req.lock = None
             st.tier_drop_request(r)  # positions past the key (none with page size 1) go back
             st.tier_stats["inserted_prompts"] += 1
             self.enforce_cap()
+
+    def on_release(self, req, *, checkpointed: bool) -> None:
+        """The end of SGLang's ``release_kv_cache``: tier tokens the request still owns (not taken by the
+        checkpoint: an abort, a retraction, a request barred from the tree) go back."""
+        super().on_release(req, checkpointed=checkpointed)
+        if req.kv.req_pool_idx is not None:
+            self.state.tier_drop_request(int(req.kv.req_pool_idx))
 
     # ---- eviction ----------------------------------------------------------------------------
     def evict_one(self) -> bool:

@@ -90,10 +90,12 @@ def prepare_for_extend_hook(result, batch, *args, **kwargs):
             r, n = int(req.kv.req_pool_idx), len(req.full_untruncated_fill_ids)
             reqs.target_len[r] = n
             first = r not in reqs.admitted
+            tier = reqs.planned_tier.pop(req.rid, False)  # read before admit clears the pass's plans
             state.admit(r, req.rid, n)
-            if first and tree is not None and not tree.disable:
-                # the prefill uses the dense prefix tier: the matched prefix's tier tokens (locked)
-                m = int(req.prefix_len)
+            m = int(req.prefix_len)
+            if first and tree is not None and not tree.disable and (m > 0 or tier):
+                # the prefill uses the dense prefix tier (a cache hit, or admission chose to cache the
+                # prompt): the matched prefix's tier tokens (locked by the request until it is inserted)
                 state.tier_begin(r, tree.path_tok(req.last_node)[:m])
                 state.tier_stats["hit_tokens"] += m
             reqs.fixed_length[r] = bool(getattr(req.sampling_params, "ignore_eos", False))
@@ -125,11 +127,15 @@ def replay_view_hook(result, *args, **kwargs):
 
 
 def release_hook(req, tree_cache, *args, **kwargs):
-    """BEFORE ``release_kv_cache``: free the request's segments while ``req_pool_idx`` is still its."""
+    """BEFORE ``release_kv_cache``: free the request's segments while ``req_pool_idx`` is still its. Its
+    own prefix-tier tokens stay when SGLang checkpoints it next into the fairkv tree (a request that
+    finished in its prefill step: its prompt goes into the cache); the tree's ``on_release`` drops the
+    rest."""
     state = process_state()
     if state is not None and req.kv.req_pool_idx is not None and (
             req.kv.holds_kv or int(req.kv.req_pool_idx) in state.requests.admitted):
-        state.release(int(req.kv.req_pool_idx))
+        keep = state.tree is not None and tree_cache is state.tree and not state.tree.disable
+        state.release(int(req.kv.req_pool_idx), drop_tier=not keep)
     return None
 
 

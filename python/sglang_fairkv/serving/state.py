@@ -153,9 +153,11 @@ class FairKVState:
         if tok is not None and tok.size > own:
             self.tier_release(tok[own:])
 
-    def release(self, req_pool_idx: int) -> int:
-        """Free every segment of one request (finish, abort, retract); returns pages freed here."""
-        if self.tier is not None:
+    def release(self, req_pool_idx: int, drop_tier: bool = True) -> int:
+        """Free every segment of one request (finish, abort, retract); returns pages freed here.
+        ``drop_tier=False``: its own tier tokens stay for the radix tree's checkpoint that follows (the
+        tree drops what it does not take, ``FairKVRadixCache.on_release``)."""
+        if self.tier is not None and drop_tier:
             self.tier_drop_request(req_pool_idx)
         rid = self.requests.release(req_pool_idx)
         if rid is not None:

@@ -55,8 +55,12 @@ def fairkv_stats(state) -> dict:
     """``/server_info`` -> ``internal_states[i]["fairkv"]``: this rank's pool, the TP group's pages and
     balances from the ledger (identical on every rank), the live traffic and the plan's drift."""
     p, lg, reqs = state.pool, state.ledger, state.requests
-    used_rows, used_pages = p.used_tokens(), p.used_pages()
-    rows, pages = lg.rows_used(), lg.pages_used()
+    # pages of the requests' segments (the dense prefix tier's cached pages are reported apart: a
+    # cache, evicted before any request waits)
+    used_rows, used_pages = p.used_tokens(), p.segment_pages()
+    rows, pages = lg.rows_used(), lg.segment_pages_used()
+    tier_pages = lg.tier_pages()
+    tree = state.tree
     rpt = lg.rows_per_token.clamp_min(1)
     loads = lg.layer_loads()
     kept, transient = state.kept_and_transient_rows()
@@ -85,8 +89,16 @@ def fairkv_stats(state) -> dict:
         "admissible_when_empty": state.admissible_when_empty(),
         "peak_pages_used": p.peak_used,
         "ledger_matches_pool": state.ledger_mismatch() is None,
+        # the dense prefix tier (prefix caching): pages it holds here, the tree's tokens, counters
+        "prefix_tier": None if state.tier is None else {
+            "pages": p.tier_used_pages, "blocks": lg.tier_blocks, "blocks_total": state.tier.num_blocks,
+            "cap_pages": None if state.tier_cap_pages is None else int(state.tier_cap_pages[state.rank_plan.rank]),
+            "cached_tokens": 0 if tree is None else int(tree.evictable_size() + tree.protected_size()),
+            "locked_tokens": 0 if tree is None else int(tree.protected_size()),
+            **state.tier_stats},
         # the whole TP group, from the ledger (identical on every rank)
         "ranks": [{"rank": q, "rows_in_use": int(rows[q]), "pages_used": int(pages[q]),
+                   "prefix_tier_pages": int(tier_pages[q]),
                    "pages_total": int(lg.usable[q]),
                    "token_equivalents_in_use": float(rows[q] / rpt[q])} for q in range(lg.tp)],
         "memory_busy_rate": lg.memory_busy_rate(),
