@@ -32,9 +32,9 @@ serve: install
 	@echo "       -d '{\"text\": \"The capital of France is\", \"sampling_params\": {\"max_new_tokens\": 16, \"temperature\": 0}}'"
 	$(PY) -m sglang_fairkv.launch_server --host $(HOST) --port $(PORT) $(ARGS)
 
-# N compressed servers behind sglang-router (round robin: compressed servers keep no prefix cache).
+# N compressed servers behind sglang-router (cache-aware: each keeps a prefix cache, the dense prefix tier).
 REPLICAS ?= 2
-POLICY  ?= round_robin
+POLICY  ?= cache_aware
 ROUTER_ARGS ?= --kv-compress adakv
 serve-router: install
 	$(PY) -m sglang_fairkv.serve_router --replicas $(REPLICAS) --host $(HOST) --port $(PORT) --policy $(POLICY) -- $(ROUTER_ARGS)

@@ -53,6 +53,11 @@ class Req:
         self.sampling_params = SimpleNamespace(max_new_tokens=self.m, ignore_eos=self.ignore_eos)
         self.output_ids = []
 
+    @property
+    def prefix_len(self) -> int:
+        """SGLang's ``req.prefix_len``: what is behind the next chunk (no cache hits in these workloads)."""
+        return self.done
+
 
 def budget_for(state, chunk: int | None = None) -> FairKVPrefillBudget:
     b = FairKVPrefillBudget(SimpleNamespace(state=state, page_size=1),
@@ -196,9 +201,11 @@ class Workload:
         for st in self.states:
             assert st.ledger.pages_used().tolist() == [s.pool.used_pages() for s in self.states]
             assert st.ledger_mismatch() is None
-            # never admitted what it cannot hold: what is held plus the decode still owed fits every rank
+            # never admitted what it cannot hold: what is held (less the evictable prefix tier) plus the
+            # decode still owed fits every rank
             owed = st.decode_pages_to_come(1.0)
-            assert bool((st.ledger.pages_used() + owed <= st.ledger.usable).all()), \
+            cached = st.tree.evictable_pages() if st.tree is not None else 0
+            assert bool((st.ledger.pages_used() - cached + owed <= st.ledger.usable).all()), \
                 (st.ledger.pages_used().tolist(), owed.tolist())
 
     def run(self, steps: int) -> None:
@@ -211,6 +218,9 @@ class Workload:
         if self.chunked is not None:
             self.release(self.chunked)
         for st in self.states:
+            if st.tree is not None:  # a flush
+                st.tree.evict_until(lambda: False)
+                st.pool.begin_step()
             assert st.pool.used_pages() == 0 and st.pool.used_tokens() == 0
             assert int(st.ledger.pages_used().sum()) == 0 and not st.requests.admitted
             assert st.pool.free_page_count() == st.pool.usable_pages
@@ -230,7 +240,11 @@ class BackendWorkload(Workload):
         st = self.backend.state
         for r, _ in taken:  # the prepare_for_extend hook (admit is idempotent: extend_batch's is a no-op)
             st.requests.target_len[r.kv.req_pool_idx] = r.n
+            first = r.kv.req_pool_idx not in st.requests.admitted
+            tier = st.requests.planned_tier.pop(r.rid, False)
             st.admit(r.kv.req_pool_idx, r.rid, r.n)
+            if first and tier:
+                st.tier_begin(r.kv.req_pool_idx, np.zeros(0, dtype=np.int64))
         fb = extend_batch(self.backend, [r.kv.req_pool_idx for r, _ in taken], [r.done for r, _ in taken],
                           [e for _, e in taken], [r.n for r, _ in taken])
         st = self.backend.state
@@ -241,6 +255,10 @@ class BackendWorkload(Workload):
         for lid in range(self.geo.layers):
             q, k, v = qkv(self.geo, T, self.gen)
             self.backend.forward_extend(q, k, v, layer(self.geo, lid), fb)
+        if st.tree is not None:  # SGLang's checkpoint after the prompt's last chunk: into the cache
+            for r, e in taken:
+                if r.done + e == r.n and r.kv.req_pool_idx in st.requests.tier_tok:
+                    st.tree.insert(r.kv.req_pool_idx)
 
     def forward_decode(self, idx):
         fb = decode_batch(self.backend, idx)
@@ -268,6 +286,60 @@ def test_tp1_backend_random_workload_never_overflows_and_charges_what_it_takes(m
     w.run(1500)
     s = w.stats
     assert s["admitted"] >= 25 and s["finished"] >= 10 and s["chunked_steps"] >= 3, s
+
+
+class StandInTree:
+    """The radix tree as the budget and the backend see it: finished prompts' tier tokens in LRU order,
+    evicted oldest first (``FairKVRadixCache`` is tested end to end in ``test_prefix_tier.py``)."""
+
+    disable = False
+
+    def __init__(self, state):
+        self.state, self.lru = state, []
+        state.tree = self
+
+    @property
+    def evictable_leaves(self):
+        return self.lru
+
+    def insert(self, r: int) -> None:
+        reqs = self.state.requests
+        tok, own = reqs.tier_tok.pop(r), reqs.tier_own_from.pop(r)
+        self.lru.append(tok[own:])
+
+    def evict_until(self, ok) -> bool:
+        while not ok():
+            if not self.lru:
+                return ok()
+            self.state.tier_release(self.lru.pop(0))
+        return True
+
+    def evictable_pages(self) -> torch.Tensor:
+        """Pages evicting everything would free (every block of the cached prompts is theirs alone)."""
+        P = self.state.ledger.page_size
+        return self.state.ledger.tier_pages(sum(-(-t.size // P) for t in self.lru))
+
+
+@pytest.mark.parametrize("method,ratio,seed", [("snapkv", 0.75, 3), ("none", None, 4)])
+def test_tp1_backend_random_workload_with_the_prefix_tier(method, ratio, seed):
+    """The same workload with the dense prefix tier: prompts within the write share are prefilled
+    through the tier and cached, the others the classic way; cached prompts are evicted as admission
+    needs their pages. Charges still bound every step's peak and equal what it holds after (SnapKV,
+    none), no pool runs out, the ledger equals the pool, and the prefix tier really held and gave
+    back pages."""
+    rng = random.Random(seed)
+    backend = make_backend(GEO, method=method, ratio=ratio, window=8, prefix_tier=1.0)
+    tree = StandInTree(backend.state)
+    released = []
+    orig = backend.state.tier_release
+    backend.state.tier_release = lambda tok: released.append(orig(tok)) or released[-1]
+    w = BackendWorkload(backend, rng, chunk=rng.choice([256, 512, 1024]), exact=True)
+    w.waiting = workload(rng, 40, 4096)
+    w.run(1500)
+    s = w.stats
+    assert s["admitted"] >= 25 and s["finished"] >= 10, s
+    assert sum(released) > 10, "the tier never gave pages back"
+    assert not tree.lru and backend.state.tier.blocks_used == 0
 
 
 # ---- TP 2, a plan with copied heads: the backend's page operations on two pools ----------------

@@ -12,10 +12,14 @@ pytestmark = pytest.mark.server
 
 
 def test_snapkv_greedy_equals_kvpress(fairkv_references, fairkv_prompts):
+    """SnapKV with prefix caching off (``--disable-radix-cache``: SGLang's radix cache disabled, no tier):
+    the classic prefill, as before prefix caching existed."""
     assert fairkv_references["snapkv"] != fairkv_references["adakv"][1]  # the two methods keep different sets here
-    with Server(["--kv-compress", "snapkv", "--kv-compress-ratio", str(RATIO)], env=STRICT) as s:
+    with Server(["--kv-compress", "snapkv", "--kv-compress-ratio", str(RATIO), "--disable-radix-cache"],
+                env=STRICT) as s:
         assert s.greedy_ids(fairkv_prompts[1], N_NEW) == fairkv_references["snapkv"]
-        assert wait_pool_empty(s)["pages_used"] == 0
+        st = wait_pool_empty(s)
+        assert st["pages_used"] == 0 and st["prefix_tier"] is None
 
 
 def test_none_equals_hf_transformers(fairkv_references, fairkv_prompts):

@@ -96,7 +96,10 @@ def test_kv_head_budgets_checked_against_model(smollm2_path, tmp_path):
     assert plan.kv_compress_json is not None and "headkv" in plan.kv_compress_json
     argv = plan.sglang_argv
     assert argv[argv.index("--attention-backend") + 1] == "fairkv"
-    assert "--disable-radix-cache" in argv and "--disable-overlap-schedule" not in argv  # overlap stays on
+    assert "--disable-overlap-schedule" not in argv  # overlap stays on
+    # prefix caching stays on: SGLang's radix cache over the dense prefix tier
+    assert argv[argv.index("--radix-cache-backend") + 1] == "fairkv" and "--disable-radix-cache" not in argv
+    assert plan.prefix_tier == 1.0
     assert argv[argv.index("--cuda-graph-backend-decode") + 1] == "disabled"  # no CUDA here
     assert "--kv-compress" not in argv and "--kv-head-budgets" not in argv  # ours never reach SGLang
 

@@ -171,12 +171,21 @@ def test_abort_during_a_cache_hit_prefill_frees_everything(tier_server, prompts)
     assert _idle(s)["pages_used"] == 0
 
 
-@pytest.mark.xdist_group("prefix-tier")
-def test_flags_turn_the_tier_off(smollm2_path):
-    """``--fairkv-prefix-tier 0`` and ``--disable-radix-cache`` both serve without a tier (and say so)."""
-    from helpers.server import run_launcher
+def test_flags_size_or_turn_off_the_tier(smollm2_path):
+    """``--fairkv-prefix-tier F`` sizes the tier (FAIRKV_PREFIX_TIER for the schedulers); 0 and
+    ``--disable-radix-cache`` turn prefix caching off (SGLang's radix cache disabled: the classic path);
+    a value out of [0, 1] or another radix backend is refused."""
+    from sglang_fairkv.serving.launcher import UsageError, parse_launch
 
-    rc, out, _ = run_launcher(["--kv-compress", "adakv", "--fairkv-prefix-tier", "1.5"])
-    assert rc == 2 and "--fairkv-prefix-tier must be in [0, 1]" in out, out
-    rc, out, _ = run_launcher(["--kv-compress", "adakv", "--radix-cache-backend", "flexkv"])
-    assert rc == 2 and "cannot hold a compressed server's prefixes" in out, out
+    base = ["--model-path", str(smollm2_path), "--kv-compress", "adakv"]
+    on = parse_launch([*base, "--fairkv-prefix-tier", "0.5"], on_cpu=True)
+    assert on.prefix_tier == 0.5 and on.sglang_argv[on.sglang_argv.index("--radix-cache-backend") + 1] == "fairkv"
+    for off in (["--fairkv-prefix-tier", "0"], ["--disable-radix-cache"]):
+        cfg = parse_launch([*base, *off], on_cpu=True)
+        assert cfg.prefix_tier == 0.0 and "--disable-radix-cache" in cfg.sglang_argv
+        assert "--radix-cache-backend" not in cfg.sglang_argv
+        assert any("prefix caching off" in n for n in cfg.notes)
+    with pytest.raises(UsageError, match=r"--fairkv-prefix-tier must be in \[0, 1\]"):
+        parse_launch([*base, "--fairkv-prefix-tier", "1.5"], on_cpu=True)
+    with pytest.raises(UsageError, match="cannot hold a compressed server's prefixes"):
+        parse_launch([*base, "--radix-cache-backend", "flexkv"], on_cpu=True)

@@ -115,7 +115,7 @@ def test_router_spreads_over_two_compressed_servers_with_equal_tokens(smollm2_pa
     from sglang_fairkv.serving.router_group import RouterGroup
 
     with RouterGroup([*adakv_args(), "--model-path", str(smollm2_path)], replicas=2, env=server_env(STRICT),
-                     log_dir=tmp_path, on_cpu=True) as g:
+                     log_dir=tmp_path, on_cpu=True, policy="round_robin") as g:
         outs = [g.router.greedy_ids(fairkv_prompts[0], N_NEW) for _ in range(2)]
         served = [s.log_text().count('"POST /generate HTTP/1.1" 200') for s in g.servers]
         states = [wait_ranks_empty(s)[0] for s in g.servers]

@@ -75,10 +75,11 @@ def test_router_group_refuses_what_it_must_choose():
         RouterGroup([], replicas=2, policy="fastest", on_cpu=True)
     with pytest.raises(ValueError, match="--replicas must be >= 1"):
         RouterGroup([], replicas=0, on_cpu=True)
-    g = RouterGroup(["--kv-compress", "adakv"], replicas=2, on_cpu=True, env={})
+    g = RouterGroup(["--kv-compress", "adakv"], replicas=2, on_cpu=True, env={}, policy="round_robin")
     assert [s.env["SGLANG_CPU_OMP_THREADS_BIND"] for s in g.servers] != [None, None]
     assert g.router_args[:1] == ["--worker-urls"] and g.router_args[1:3] == [s.url for s in g.servers]
     assert g.router_args[3:5] == ["--policy", "round_robin"]
+    assert RouterGroup([], replicas=2, on_cpu=True, env={}).router_args[3:5] == ["--policy", "cache_aware"]
 
 
 def test_launcher_takes_dp_size_with_compression(smollm2_path):

@@ -1,12 +1,13 @@
 """``python -m sglang_fairkv.serve_router``: N compressed fairkv servers behind sglang-router.
 
-    python -m sglang_fairkv.serve_router --replicas 2 --port 30000 --policy round_robin -- \\
+    python -m sglang_fairkv.serve_router --replicas 2 --port 30000 --policy cache_aware -- \\
         --model-path /models/Llama-3.3-70B-Instruct --tp-size 8 --kv-compress adakv
 
 Everything after ``--`` goes to every replica's ``launch_server`` (each gets its own port). The router
 listens on ``--port``; clients talk to it as to one SGLang server. Ctrl-C stops the whole group; a
 replica or the router that exits stops it too (exit status 1). See ``serving/router_group.py`` for the
-routing policy to use with compressed servers (``round_robin`` / ``power_of_two``, not ``cache_aware``).
+routing policy (``cache_aware``, the default, with prefix caching on; ``round_robin`` / ``power_of_two``
+without it).
 """
 
 from __future__ import annotations

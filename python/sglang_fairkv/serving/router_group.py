@@ -5,11 +5,12 @@ ledger and plan) on its own port; ``sglang_router.launch_router`` (sglang-router
 requests over them. On a CPU machine each replica's ranks get their own cores
 (``SGLANG_CPU_OMP_THREADS_BIND``). A replica or the router that exits stops the group.
 
-Routing policy: compressed servers keep no prefix cache (``--disable-radix-cache`` is forced with
-``--kv-compress``), so the router's default ``cache_aware`` policy buys nothing -- it only concentrates
-requests that share a prefix on one replica (their KV is not shared there either) -- and it can
-unbalance the replicas' KV memory. Use ``round_robin`` for traffic of similar lengths and
-``power_of_two`` (the less loaded of two random replicas, by the router's load probe) when lengths vary.
+Routing policy: ``cache_aware`` (the router's own default) -- compressed servers keep a prefix cache
+(the dense prefix tier, :mod:`sglang_fairkv.serving.prefix_cache`), so requests that share a document
+or continue a chat are best sent where their prefix is cached. With prefix caching off
+(``--fairkv-prefix-tier 0`` / ``--disable-radix-cache``) it only concentrates load: use ``round_robin``
+for traffic of similar lengths and ``power_of_two`` (the less loaded of two random replicas, by the
+router's load probe) when lengths vary.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from ..server_process import ServerProcess
 from .fairkv_flags import value as flag_value
 
 ROUTER_MODULE = "sglang_router.launch_router"
-DEFAULT_POLICY = "round_robin"
+DEFAULT_POLICY = "cache_aware"
 POLICIES = ("round_robin", "power_of_two", "random", "cache_aware")
 
 

@@ -12,7 +12,8 @@ series carries ``dp_rank``: under ``--dp-size N`` each replica's rank 0 exports 
     sglang:fairkv_memory_busy_rate                    KV rows summed over layers, mean / max over ranks
     sglang:fairkv_layer_balance{layer}                per layer, mean / max rank load now
     sglang:fairkv_layer_rows{tp_rank,layer}           KV rows each rank reads in each layer now
-    sglang:fairkv_pages_used{tp_rank} / _pages_total  pages per rank
+    sglang:fairkv_pages_used{tp_rank} / _pages_total  pages per rank (requests' segments)
+    sglang:fairkv_prefix_tier_pages{tp_rank}          pages the dense prefix tier caches per rank
     sglang:fairkv_kept_rows{tp_rank} / _transient_rows
     sglang:fairkv_plan_share_drift                    live kept shares vs the plan's source (-1: none)
     sglang:fairkv_replan_gain                         cost-model speedup of a fresh plan on live shares
@@ -34,7 +35,8 @@ _SCALARS = {
     "live_profile_prompts": "Compressed prompts in the live profile.",
 }
 _PER_RANK = {
-    "pages_used": "KV pages in use on each TP rank (fairkv ledger).",
+    "pages_used": "KV pages the requests' segments hold on each TP rank (fairkv ledger).",
+    "prefix_tier_pages": "KV pages the dense prefix tier (cached prompts' dense KV) holds on each TP rank.",
     "pages_total": "Usable KV pages of each TP rank.",
     "kept_rows": "KV rows of compressed requests on each TP rank.",
     "transient_rows": "Dense prefill KV rows awaiting compression on each TP rank.",
@@ -79,6 +81,7 @@ def export(collector, state) -> None:
     for k, v in scalars.items():
         g[k].labels(**base).set(float(v))
     per_rank = {"pages_used": [r["pages_used"] for r in st["ranks"]],
+                "prefix_tier_pages": [r["prefix_tier_pages"] for r in st["ranks"]],
                 "pages_total": [r["pages_total"] for r in st["ranks"]],
                 "kept_rows": st["kept_rows"], "transient_rows": st["transient_rows"]}
     for q, layer_rows in enumerate(st["layer_loads"]):
