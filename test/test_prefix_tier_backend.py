@@ -113,3 +113,82 @@ def test_prefill_through_the_tier_and_over_a_reused_prefix_equals_the_classic_pa
     p.begin_step()
     assert st.tier.live.sum() == 0 and lg.tier_blocks == 0 and p.tier_used_pages == 0
     assert p.used_pages() == 0 and st.ledger_mismatch() is None
+
+
+def test_radix_tree_nodes_carry_tier_tokens_through_split_evict_cap_and_reset():
+    """``FairKVRadixCache`` over SGLang's ``RadixCache`` (inserts as SGLang's checkpoint makes them): a
+    node's tier tokens follow its positions when a match splits it, evicting a leaf releases exactly its
+    tokens (a block's pages go back with its last token), the cap evicts LRU down to it, and ``reset``
+    (``/flush_cache``) releases the rest."""
+    from array import array
+    from types import SimpleNamespace
+
+    from sglang.srt.mem_cache.base_prefix_cache import InsertParams, MatchPrefixParams
+    from sglang.srt.mem_cache.cache_init_params import CacheInitParams
+    from sglang.srt.mem_cache.radix_cache import RadixKey
+
+    from sglang_fairkv.serving.prefix_cache import FairKVRadixCache
+
+    st = make_backend(GEO, "snapkv", 0.5, prefix_tier=1.0).state
+    freed = []
+    alloc = SimpleNamespace(device="cpu", free_segment=lambda v, start_pos=0: freed.append(v))
+    tree = FairKVRadixCache(CacheInitParams(disable=False, req_to_token_pool=None,
+                                            token_to_kv_pool_allocator=alloc, page_size=1), st)
+
+    def insert(r, ids, prefix_tok):
+        st.admit(r, f"r{r}", len(ids))
+        st.tier_begin(r, prefix_tok)
+        tok = st.tier_alloc_chunk(r, prefix_tok.size, len(ids) - prefix_tok.size)
+        tree._pending_tok = tok
+        tree.insert(InsertParams(key=RadixKey(array("q", ids)), value=torch.arange(len(ids))))
+        tree._pending_tok = None
+        st.requests.tier_own_from[r] = len(ids)  # the tree owns them now (as _insert_cache records)
+        st.release(r)
+        return tok
+
+    a = list(range(1, 41))
+    tok_a = insert(0, a, np.zeros(0, dtype=np.int64))
+    b = a[:25] + list(range(100, 115))
+    m = tree.match_prefix(MatchPrefixParams(key=RadixKey(array("q", b))))
+    assert m.device_prefix_len == 25
+    assert np.array_equal(tree.path_tok(m.last_device_node), tok_a[:25])  # the split kept the positions
+    tok_b = insert(1, b, tree.path_tok(m.last_device_node))
+    assert np.array_equal(tok_b[:25], tok_a[:25]) and st.tier.live.sum() == 40 + 15
+    assert st.ledger_mismatch() is None
+    pages_per_block = GEO.layers * GEO.kv_heads
+    # evict the least recently used leaf (A's tail): its 15 tokens, and the blocks left empty
+    assert tree.evict_one() and st.tier.live.sum() == 40
+    assert set(np.unique(tok_a[25:] // 16)) - set(np.unique(tok_a[:25] // 16)) <= \
+        set(range(st.tier.num_blocks)) - set(np.nonzero(st.tier.live)[0])
+    # a cap of one block's pages evicts down to it (LRU), then reset frees all
+    st.tier_cap_pages = torch.tensor([pages_per_block])
+    tree.enforce_cap()
+    assert int(st.ledger.tier_pages()[0]) <= pages_per_block
+    tree.reset()
+    st.pool.begin_step()
+    assert st.tier.live.sum() == 0 and st.tier.blocks_used == 0 and st.pool.tier_used_pages == 0
+    assert st.pool.used_pages() == 0 and st.ledger_mismatch() is None
+    assert sum(int(v.numel()) for v in freed) == 15 + 25 + 15  # the logical slots of every evicted node
+
+
+def test_snapkv_prefill_over_a_reused_prefix_is_sync_free():
+    """The layers of a SnapKV prefill through the tier (a reused prefix, the chunk's K/V into tier rows,
+    attention over them, compression filling the segments) read nothing back from the device: every host
+    sync entry point raises inside them (the metadata before them is host work plus one upload)."""
+    from helpers.backend_harness import sync_points
+
+    backend = make_backend(GEO, "snapkv", 0.5, prefix_tier=1.0)
+    st = backend.state
+    a_in = _inputs(60, 3)
+    st.admit(0, "a", 60)
+    st.tier_begin(0, np.zeros(0, dtype=np.int64))
+    _prefill(backend, 0, 0, 60, 60, a_in)
+    st.admit(1, "b", 90)
+    st.tier_begin(1, st.requests.tier_tok[0][:40])
+    b_in = [tuple(torch.cat([x[:40], y[:50]]) for x, y in zip(la, lb)) for la, lb in zip(a_in, _inputs(50, 4))]
+    fb = extend_batch(backend, [1], [40], [50], [90])
+    backend.init_forward_metadata(fb)
+    with sync_points("raise"):
+        for lid, (q, k, v) in enumerate(b_in):
+            backend.forward_extend(q[40:], k[40:], v[40:], layer(GEO, lid), fb)
+    assert 0 < backend.pool.seg_len_host[1].max() < 90  # compressed into its segments

@@ -203,8 +203,10 @@ class FairKVAttnBackend(AttentionBackend):
         # a compressed prompt's last chunk: pages per layer in the forward (``_extend``), else all now
         dense = ~grow & ~tier
         self.pool.extend(idx[dense], seq[dense])
-        # the ledger sees the step's end (kept after it; tier prefills: their kept rows when compressed)
-        self.ledger.extend(idx[~tier].tolist(), seq[~tier].tolist())
+        # the ledger sees the step's end: the prompt dense (kept counts replace it layer by layer as it is
+        # compressed, the same on every rank); a tier prefill's segments stay empty until its last chunk
+        book = ~tier | last
+        self.ledger.extend(idx[book].tolist(), seq[book].tolist())
         reqs.mark_prompt_done(idx[last])
         is_last = last.tolist()
         b, max_ext, max_seq = len(idx), int(ext.max()), int(seq.max())
@@ -463,11 +465,9 @@ class FairKVAttnBackend(AttentionBackend):
                 else:
                     self.pool.fill_from_tier(r, lid, kept, own, tier_tok)
                 self._update_ledger(r, lid, head_ids, [int(x.numel()) for x in kept])
-        if kept is None and tier_tok is not None:  # not compressed: the whole prompt, from the tier
-            if own:
-                every = torch.arange(sl, device=tier_tok.device)
-                self.pool.fill_from_tier(r, lid, [every] * len(own), own, tier_tok)
-            self.ledger.length[r, lid] = sl  # every segment of the layer, wherever it is held
+        if kept is None and tier_tok is not None and own:  # not compressed: the whole prompt, from the tier
+            every = torch.arange(sl, device=tier_tok.device)
+            self.pool.fill_from_tier(r, lid, [every] * len(own), own, tier_tok)
         if logger.isEnabledFor(logging.DEBUG):
             reqs.kept_log.setdefault(r, []).append(int(self.pool.seg_len_host[r, lid].sum()))
             if lid == self.num_layers - 1:
