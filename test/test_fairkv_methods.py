@@ -35,7 +35,9 @@ def test_retraction_frees_and_recompresses_pyramidkv(fairkv_prompts):
     """SGLang's test switch retracts a running request every 3rd step: the retracted request's segments
     are freed, it is prefilled (and compressed) again later, every request still finishes with all its
     tokens, and the pool ends empty. Runs PyramidKV (per-layer budgets) end to end. 400-token prompts
-    (over the 128-token budget: each re-prefill compresses again)."""
+    (over the 128-token budget: each re-prefill compresses again). With the dense prefix tier (default):
+    prompts are cached and re-prefills reuse them, and a retracted request's tier tokens go back (the
+    strict idle check)."""
     import threading
 
     import requests
@@ -58,3 +60,7 @@ def test_retraction_frees_and_recompresses_pyramidkv(fairkv_prompts):
         assert sum(o["meta_info"]["num_retractions"] for o in outs) > 0, [o["meta_info"] for o in outs]
         st = wait_pool_empty(s)
         assert st["pages_used"] == 0 and st["kv_compress"] == "pyramidkv", st
+        # re-prefills after a retraction reuse the cached prompt (SGLang resets a retracted request's
+        # cached_tokens, so the tier's own count says it)
+        tier = st["prefix_tier"]
+        assert tier["inserted_prompts"] > 0 and tier["hit_tokens"] >= 300 and tier["locked_tokens"] == 0, tier
