@@ -128,7 +128,7 @@ def main() -> None:
 
     tok = AutoTokenizer.from_pretrained(str(prepare()))
     on, off = run(1.0, args, tok), run(0.0, args, tok)
-    print(f"| workload | tier | req/s | TTFT mean s | TTFT p50 s | TTFT p90 s | cached tokens | wall s |")
+    print("| workload | tier | req/s | TTFT mean s | TTFT p50 s | TTFT p90 s | cached tokens | wall s |")
     print("|---|---|---|---|---|---|---|---|")
     for name in args.workloads:
         for label, r in (("on", on[name]), ("off", off[name])):

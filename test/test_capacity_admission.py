@@ -320,7 +320,7 @@ class StandInTree:
         return self.state.ledger.tier_pages(sum(-(-t.size // P) for t in self.lru))
 
 
-@pytest.mark.parametrize("method,ratio,seed", [("snapkv", 0.75, 3), ("none", None, 4)])
+@pytest.mark.parametrize("method,ratio,seed", [("snapkv", 0.75, 3)])
 def test_tp1_backend_random_workload_with_the_prefix_tier(method, ratio, seed):
     """The same workload with the dense prefix tier: prompts within the write share are prefilled
     through the tier and cached, the others the classic way; cached prompts are evicted as admission

@@ -27,8 +27,8 @@ TURN2 = " Thanks. Question: repeat the code once more, then name the river. Answ
 def _doc(smollm2_path) -> list[int]:
     from helpers.fairkv_refs import long_prompt_ids
 
-    ids = long_prompt_ids(smollm2_path, 820, 5)
-    return ids[:800]  # the document without its question tail
+    ids = long_prompt_ids(smollm2_path, 620, 5)
+    return ids[:600]  # the document without its question tail (its prompts take two 512-token chunks)
 
 
 @pytest.fixture(scope="module")
@@ -101,8 +101,8 @@ def test_three_questions_over_one_document_reuse_it_and_equal_kvpress(tier_serve
         assert min(len(doc), len(ids) - WINDOW) - 16 <= c <= len(ids) - WINDOW, (c, len(ids))
     st = _idle(s)
     assert st["pages_used"] == 0 and st["prefix_tier"]["pages"] > 0 and st["prefix_tier"]["locked_tokens"] == 0
-    # the same prompts without reuse (cache flushed before each): the same tokens
-    for ids, want in zip(prompts["questions"], references["questions"]):
+    # the same prompts without reuse (cache flushed before each; the first one had nothing to reuse)
+    for ids, want in zip(prompts["questions"][1:], references["questions"][1:]):
         _flush(s)
         o = _gen(s, ids)
         assert o["meta_info"]["cached_tokens"] == 0 and o["output_ids"] == want
@@ -141,7 +141,7 @@ def test_abort_during_a_cache_hit_prefill_frees_everything(tier_server, prompts)
     doc = prompts["doc"]
     _gen(s, prompts["questions"][0], n=1)
     before = _idle(s)["prefix_tier"]
-    long_ids = doc + (prompts["questions"][1][len(doc):] * 60)[:2400]
+    long_ids = doc + (prompts["questions"][1][len(doc):] * 60)[:1600]
     result = {}
 
     def run():
