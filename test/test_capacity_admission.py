@@ -447,3 +447,46 @@ def test_kept_size_admission_decodes_three_times_the_dense_requests_at_once():
     assert w.stats["finished"] == 40
     assert w.stats["max_running"] >= 3 * dense, (w.stats, dense)
     assert w.stats["max_running"] <= st.pool.usable_pages // (per - geo.layers * geo.kv_heads)
+
+
+def test_a_cache_hit_without_room_in_the_tier_comes_back_without_its_match():
+    """A cache hit prefills through the tier (its rest dense in every layer at once). When that does not
+    fit but the whole prompt would, prefilled the classic way (one layer dense at a time), the budget
+    refuses this pass and marks the request: the tree then matches nothing for it (it comes back as a
+    miss and is admitted the classic way), so a hit never needs more room than the prompt without a
+    cache. With room, the hit is admitted through the tier and not marked."""
+    from sglang.srt.mem_cache.cache_init_params import CacheInitParams
+
+    from sglang_fairkv.serving.prefix_cache import FairKVRadixCache
+
+    backend = make_backend(GEO, method="snapkv", ratio=0.75, window=8, prefix_tier=1.0)
+    st = backend.state
+    StandInTree(st)
+    n, m = 1000, 100
+
+    def hit():
+        r = Req("hit", n, 8, ignore_eos=False)
+        r.done = m  # its prefix_len: the matched prefix
+        r.origin_input_ids = list(range(n))
+        return r
+
+    def check(req) -> bool:
+        b = budget_for(st, chunk=2048)
+        b.current_req = req
+        return b.check_prefill(extend_input_len=n - req.done, total_tokens=n - req.done + 9, max_new_tokens=8,
+                               input_tokens=n - req.done, swa_host_hit_length=0, chunk_limit=2048)[0]
+
+    roomy = hit()
+    assert check(roomy) and not getattr(roomy, "fairkv_no_reuse", False)
+    # leave 300 free pages: the rest through the tier takes 57 blocks x 6 pages + its kept rows; the whole
+    # prompt the classic way its kept rows + one layer dense
+    lg = st.ledger
+    lg.usable[:] = lg.pages_used() + 300
+    tight = hit()
+    assert not check(tight) and tight.fairkv_no_reuse
+    tree = FairKVRadixCache(CacheInitParams(disable=False, req_to_token_pool=None, token_to_kv_pool_allocator=
+                                            SimpleNamespace(device="cpu"), page_size=1), st)
+    assert tree.swa_reprefill_tail_tokens(tight) == n  # matches nothing: a miss next pass
+    assert tree.swa_reprefill_tail_tokens(roomy) == 8  # the window only
+    tight.done = 0  # the next pass: no match
+    assert check(tight)  # admitted the classic way (a new prompt over the tier's write share)

@@ -259,7 +259,30 @@ class FairKVPrefillBudget(PrefillBudget):
             return True
         # the dense prefix tier is a cache: it goes (LRU, unlocked nodes) before a request waits; every
         # rank evicts the same nodes (the same pass on the same ledger)
-        return tree_on and self.state.tree.evict_until(ok_any_replicas)
+        if tree_on and self.state.tree.evict_until(ok_any_replicas):
+            return True
+        if tree_on and int(req.prefix_len) > 0 and not admitted and self._classic_fits(req):
+            # a cache hit whose rest does not fit through the tier (its dense KV in every layer at once)
+            # but whose whole prompt fits the classic way: it waits this pass and comes back without its
+            # match (``FairKVRadixCache.swa_reprefill_tail_tokens``), so a hit never needs more room than
+            # the same prompt without a cache
+            req.fairkv_no_reuse = True
+        return False
+
+    def _classic_fits(self, req) -> bool:
+        """Whether ``req``'s whole prompt, without its cache hit, fits the classic way now (its first chunk
+        of the pass's chunk size, compressing as it goes when that chunk ends the prompt)."""
+        st, lg = self.state, self.state.ledger
+        n = max(1, len(req.full_untruncated_fill_ids))
+        ext = self._chunk(req, n, self.chunk_size)
+        own, _, _ = self._segments(req)
+        max_new = _max_new_tokens(req)
+        c = admission.chunk_charge(st.cfg, st.head_budgets, prompt_len=n, held_len=0, extend=ext,
+                                   decode=max_new if ext == n else 0, max_new_tokens=max_new,
+                                   owner=np.asarray(own, dtype=np.int64), tp=lg.tp, page_size=lg.page_size,
+                                   chunk_size=self.chunk_size)
+        return bool((c.now <= self._pages_left(current=True)).all()
+                    and (c.total <= self._pages_left(current=False)).all())
 
     def _chunk(self, req, extend_input_len: int, chunk_limit: int | None) -> int:
         """The chunk SGLang will run of ``extend_input_len`` remaining tokens (its chunking rule)."""

@@ -97,11 +97,15 @@ class FairKVRadixCache(RadixCache):
 
     # ---- SGLang's request paths -----------------------------------------------------------------
     def swa_reprefill_tail_tokens(self, req=None) -> int:
-        """A compressed prompt's last ``window`` tokens are always prefilled (their queries score)."""
+        """A compressed prompt's last ``window`` tokens are always prefilled (their queries score); a
+        request the admission turned back for a hit it has no room to use through the tier
+        (``fairkv_no_reuse``, :meth:`FairKVPrefillBudget._fits`) matches nothing: it prefills the classic way."""
         if req is None:
             return 0
         cfg = self.state.cfg
         n = len(req.origin_input_ids) + len(req.output_ids)
+        if getattr(req, "fairkv_no_reuse", False):
+            return n
         return int(cfg.window) if cfg.enabled and compresses(cfg, n) else 0
 
     def _insert_cache(self, req, token_ids, *, key_limit=None, split_prompt=False):

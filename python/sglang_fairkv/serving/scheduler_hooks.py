@@ -91,6 +91,8 @@ def prepare_for_extend_hook(result, batch, *args, **kwargs):
             reqs.target_len[r] = n
             first = r not in reqs.admitted
             tier = reqs.planned_tier.pop(req.rid, False)  # read before admit clears the pass's plans
+            if first:
+                req.fairkv_no_reuse = False  # (a retracted request matches again when it comes back)
             state.admit(r, req.rid, n)
             m = int(req.prefix_len)
             if first and tree is not None and not tree.disable and (m > 0 or tier):
