@@ -89,13 +89,17 @@ class ExtendMetadata:
     active: torch.Tensor
     grow_idx: np.ndarray | None = None
     grow_len: np.ndarray | None = None
-    #: the dense prefix tier: per request whether its prefill uses it (host); for those, the tier token
-    #: of every position so far (int64 [seq], device) -- None for the others; ``tier_new`` int64
-    #: [b, max_ext] the tier tokens of the chunk's positions (0 elsewhere) and ``tier_b`` bool [b]
-    tier_mask: list[bool] | None = None
+    #: the dense prefix tier: per request whose prefill uses it, the tier token of every position so far
+    #: (int64 [seq], device; None for the others, and the whole list None when no request does);
+    #: ``tier_new`` int64 [b, max_ext] the tier tokens of the chunk's positions (0 elsewhere) and
+    #: ``tier_b`` bool [b]
     tier_tok: list[torch.Tensor | None] | None = None
     tier_new: torch.Tensor | None = None
     tier_b: torch.Tensor | None = None
+
+    def tier_tokens(self, i: int) -> torch.Tensor | None:
+        """Request ``i``'s tier tokens (int64 [seq], device), or None when its prefill does not use the tier."""
+        return None if self.tier_tok is None else self.tier_tok[i]
 
 
 @dataclass(frozen=True)
@@ -225,7 +229,7 @@ class FairKVAttnBackend(AttentionBackend):
         d_idx, d_pre, d_ext = dev[:b], dev[b:2 * b], dev[2 * b:3 * b]
         o = 3 * b + q_slot.size
         d_slot = dev[3 * b:o]
-        t_mask = t_tok = t_new = t_b = None
+        t_tok = t_new = t_b = None
         if tier_rows:
             t_b = dev[o:o + b].bool()
             t_new = dev[o + b:o + b + b * max_ext].view(b, max_ext)
@@ -234,7 +238,6 @@ class FairKVAttnBackend(AttentionBackend):
             for i, tok in tier_rows:  # views of the one upload
                 t_tok[i] = dev[o:o + tok.size]
                 o += tok.size
-            t_mask = tier.tolist()
         e = torch.arange(max_ext, device=dev.device)
         new_pos = d_pre[:, None] + e  # [b, max_ext]
         new_valid = e < d_ext[:, None]
@@ -243,7 +246,7 @@ class FairKVAttnBackend(AttentionBackend):
                               starts.tolist(), max_ext, max_seq, d_idx, d_slot,
                               torch.where(new_valid, new_pos, 0), new_valid,
                               torch.arange(max_seq, device=dev.device), self.pool.active[d_idx],
-                              *grown, t_mask, t_tok, t_new, t_b)
+                              *grown, t_tok, t_new, t_b)
 
     # ---- CUDA graphs (decode) ----------------------------------------------------------------
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int):
@@ -391,8 +394,9 @@ class FairKVAttnBackend(AttentionBackend):
                 if self.state.cfg.enabled:
                     self._compress_request(i, md, q_, None, lid, hkv, group)
                 continue
-            if md.tier_mask is not None and md.tier_mask[i]:  # the dense prompt is in the tier
-                rows = pool.tier_rows(md.tier_tok[i], lid, hkv)[0]  # [hkv, sl]
+            tier_tok = md.tier_tokens(i)
+            if tier_tok is not None:  # the dense prompt is in the tier
+                rows = pool.tier_rows(tier_tok, lid, hkv)[0]  # [hkv, sl]
             else:
                 rows = pool.rows_at(md.idx[i:i + 1], lid, hkv, md.key_pos[:sl])[0]  # [hkv, sl]
             kk = pool.k_rows[rows].to(q_.dtype)  # [hkv, sl, D]: this request's keys only
@@ -406,7 +410,7 @@ class FairKVAttnBackend(AttentionBackend):
                 o = out.transpose(0, 1)  # [ext, Hq, Dv] (a view; SDPA may return it contiguous)
             else:
                 o[s:s + ext] = out.transpose(0, 1)
-            if self.state.cfg.enabled or (md.tier_mask is not None and md.tier_mask[i]):
+            if self.state.cfg.enabled or tier_tok is not None:
                 # stash window queries, or compress on the keys just gathered (tier: fill the segments)
                 self._compress_request(i, md, q_, kk, lid, hkv, group)
         return o
@@ -427,8 +431,7 @@ class FairKVAttnBackend(AttentionBackend):
             own = self.pool.upload(np.asarray(own_l, dtype=np.int64))  # pinned, asynchronous
             q_heads = (own[:, None] * group + torch.arange(group, device=q_.device)).flatten()
             k_own = kk[own]
-        tier_tok = md.tier_tok[i] if md.tier_mask is not None and md.tier_mask[i] else None
-        self._compress(r, lid, q_[s:s + ext], k_own, own_l, q_heads, md.is_last[i], tier_tok, sl)
+        self._compress(r, lid, q_[s:s + ext], k_own, own_l, q_heads, md.is_last[i], md.tier_tokens(i), sl)
 
     def _compress(self, r: int, lid: int, q_req: torch.Tensor, k_own: torch.Tensor, own: list[int],
                   q_heads: torch.Tensor | slice, last: bool, tier_tok: torch.Tensor | None = None,

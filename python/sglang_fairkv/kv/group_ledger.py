@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ..placement.balance import busy_rate, layer_balance
+from .prefix_tier import TierBlocks
 
 
 class GroupLedger:
@@ -46,10 +47,21 @@ class GroupLedger:
         self.rows_per_token = torch.as_tensor(np.asarray(rows_per_token, dtype=np.float64))
         self.length = torch.zeros(max_reqs, num_layers, num_kv_heads, dtype=torch.int64)
         self.owner = torch.full((max_reqs, num_layers, num_kv_heads), -1, dtype=torch.int64)
-        #: the dense prefix tier: int64 ``[tp]`` pages one tier block takes on each rank (0: no tier) and
-        #: the blocks alive (the same ids on every rank, :class:`~sglang_fairkv.kv.prefix_tier.TierBlocks`)
+        #: the dense prefix tier: int64 ``[tp]`` pages one tier block takes on each rank (0: no tier); the
+        #: blocks alive are the tier's own count (the same ids on every rank, :meth:`attach_tier`)
         self.tier_pages_per_block = torch.zeros(tp, dtype=torch.int64)
-        self.tier_blocks = 0
+        self._tier: TierBlocks | None = None
+
+    def attach_tier(self, tier: TierBlocks, pages_per_block) -> None:
+        """Price the dense prefix tier's blocks: ``pages_per_block`` int ``[tp]`` (every head each rank
+        holds in the plan, copies included, summed over layers)."""
+        self._tier = tier
+        self.tier_pages_per_block = torch.as_tensor(pages_per_block, dtype=torch.int64).clone()
+
+    @property
+    def tier_blocks(self) -> int:
+        """Tier blocks alive (0 without a tier)."""
+        return 0 if self._tier is None else self._tier.blocks_used
 
     @property
     def usable_pages(self) -> int:

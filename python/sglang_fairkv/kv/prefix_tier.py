@@ -40,6 +40,8 @@ class TierBlocks:
         self._n_free = self.num_blocks
         #: int64 [num_blocks]: live tokens in each block (0: free)
         self.live = np.zeros(self.num_blocks, dtype=np.int64)
+        #: live tokens in all blocks (``live.sum()``, kept: the allocator reads it every scheduling pass)
+        self.live_tokens = 0
 
     @property
     def blocks_used(self) -> int:
@@ -62,6 +64,7 @@ class TierBlocks:
         tokens = (np.repeat(blocks, P) * P + np.tile(np.arange(P, dtype=np.int64), k))[:n_tokens]
         self.live[blocks] = 0
         np.add.at(self.live, tokens // P, 1)
+        self.live_tokens += int(tokens.size)
         return tokens, blocks
 
     def release(self, tokens: np.ndarray) -> np.ndarray:
@@ -75,6 +78,7 @@ class TierBlocks:
         touched = np.unique(blocks)
         if (self.live[touched] < 0).any():
             raise RuntimeError("fairkv prefix tier: a tier token released twice")
+        self.live_tokens -= int(tokens.size)
         freed = touched[self.live[touched] == 0]
         self._free[self._n_free:self._n_free + freed.size] = freed
         self._n_free += freed.size

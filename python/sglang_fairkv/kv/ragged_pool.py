@@ -107,7 +107,6 @@ class RaggedKVPool:
         self.uploads = 0  # host-to-device copies made by flush (a test counts them)
         self.tier_pages: torch.Tensor | None = None  # see enable_tier
         self.tier_pages_host: np.ndarray | None = None
-        self.tier_layer_heads: list[int] = []
         self.clear()
 
     @staticmethod
@@ -549,10 +548,9 @@ class RaggedKVPool:
         shape = (num_blocks, self.num_layers, self.num_kv_heads)
         self.tier_pages = torch.zeros(shape, dtype=torch.int32, device=self.device)
         self.tier_pages_host = np.zeros(shape, dtype=np.int32)
-        self.tier_layer_heads = [int(h) for h in layer_heads]
         held = np.zeros((self.num_layers, self.num_kv_heads), dtype=np.bool_)
-        for l, h in enumerate(self.tier_layer_heads):
-            held[l, :h] = True
+        for l, h in enumerate(layer_heads):
+            held[l, :int(h)] = True
         self._tier_held = held
         self.tier_pages_per_block = int(held.sum())
 

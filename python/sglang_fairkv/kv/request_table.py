@@ -39,8 +39,6 @@ class RequestTable:
     tier_tok: dict[int, np.ndarray] = field(default_factory=dict)
     #: req_pool_idx -> first position whose tier token the request owns (before: the radix tree's)
     tier_own_from: dict[int, int] = field(default_factory=dict)
-    #: req_pool_idx -> the tier-token array of the step's chunk on the device (int64 [seq]), this step only
-    tier_dev: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self):
         n = self.max_reqs
@@ -73,7 +71,6 @@ class RequestTable:
         """Reset the row; returns the rid that held it (None if it was never admitted)."""
         self.q_stash.pop(req_pool_idx, None)
         self.kept_log.pop(req_pool_idx, None)
-        self.tier_dev.pop(req_pool_idx, None)
         self.target_len[req_pool_idx] = -1
         self.prompt_done[req_pool_idx] = False
         self.fixed_length[req_pool_idx] = False

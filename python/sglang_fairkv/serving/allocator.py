@@ -83,7 +83,7 @@ class FairKVTokenAllocator(TokenToKVPoolAllocator):
         lg = st.ledger
         if st.tier is None:
             return lg.token_capacity_free()
-        return max(0, lg.tokens_for(lg.pages_free() + lg.tier_pages()) - int(st.tier.live.sum()))
+        return max(0, lg.tokens_for(lg.pages_free() + lg.tier_pages()) - st.tier.live_tokens)
 
     def available_size(self):
         return min(self._top, self.token_capacity_free())
@@ -131,7 +131,7 @@ class FairKVTokenAllocator(TokenToKVPoolAllocator):
             tree = st.tree
             in_tree = 0 if tree is None else sum(n.fairkv_tok.size for n in tree._nodes()
                                                  if getattr(n, "fairkv_tok", None) is not None)
-            live = int(st.tier.live.sum())
+            live = st.tier.live_tokens
             if live != in_tree or st.requests.tier_tok:
                 errs.append(f"fairkv prefix tier at idle: {live} live tier tokens, the tree holds {in_tree}, "
                             f"{len(st.requests.tier_tok)} requests still hold some")
@@ -155,5 +155,4 @@ class FairKVTokenAllocator(TokenToKVPoolAllocator):
                 self.state.release(r)
             self.state.pool.clear()
             if self.state.tier is not None:
-                self.state.tier.clear()
-                self.state.ledger.tier_blocks = 0
+                self.state.tier.clear()  # (the ledger reads its block count from it)

@@ -139,8 +139,7 @@ class FairKVPrefillBudget(PrefillBudget):
 
     @property
     def _tree_on(self) -> bool:
-        tree = self.state.tree
-        return tree is not None and not tree.disable
+        return self.state.tree is not None  # (set only by a live fairkv tree: a disabled one is SGLang's own)
 
     def _tier(self, req) -> bool:
         """Whether ``req``'s prefill goes through the dense prefix tier (its prompt is cached): a

@@ -95,7 +95,7 @@ def prepare_for_extend_hook(result, batch, *args, **kwargs):
                 req.fairkv_no_reuse = False  # (a retracted request matches again when it comes back)
             state.admit(r, req.rid, n)
             m = int(req.prefix_len)
-            if first and tree is not None and not tree.disable and (m > 0 or tier):
+            if first and tree is not None and (m > 0 or tier):
                 # the prefill uses the dense prefix tier (a cache hit, or admission chose to cache the
                 # prompt): the matched prefix's tier tokens (locked by the request until it is inserted)
                 state.tier_begin(r, tree.path_tok(req.last_node)[:m])
@@ -136,8 +136,7 @@ def release_hook(req, tree_cache, *args, **kwargs):
     state = process_state()
     if state is not None and req.kv.req_pool_idx is not None and (
             req.kv.holds_kv or int(req.kv.req_pool_idx) in state.requests.admitted):
-        keep = state.tree is not None and tree_cache is state.tree and not state.tree.disable
-        state.release(int(req.kv.req_pool_idx), drop_tier=not keep)
+        state.release(int(req.kv.req_pool_idx), drop_tier=state.tree is None)
     return None
 
 

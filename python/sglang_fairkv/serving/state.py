@@ -124,7 +124,6 @@ class FairKVState:
                                  f"{None if tok is None else tok.size} tier positions, chunk starts at {start}")
         new, blocks = self.tier.alloc(n)
         self.pool.tier_alloc(blocks)
-        self.ledger.tier_blocks += int(blocks.size)
         reqs.tier_tok[req_pool_idx] = tok = np.concatenate([tok, new])
         return tok
 
@@ -132,9 +131,7 @@ class FairKVState:
         """Drop tier tokens (their owner is done with them); frees the blocks left empty. Returns blocks
         freed."""
         freed = self.tier.release(tokens)
-        if freed.size:
-            self.pool.tier_free(freed)
-            self.ledger.tier_blocks -= int(freed.size)
+        self.pool.tier_free(freed)
         return int(freed.size)
 
     def tier_begin(self, req_pool_idx: int, prefix_tokens: np.ndarray) -> None:
@@ -249,16 +246,15 @@ def build_state(cfg: CompressConfig, head_budgets: torch.Tensor | None, *, rank_
 
     # every rank's pool size (its tables depend on the heads the plan gives it), known on every rank:
     # the ledger must price each rank against that rank's own pages
-    heads_of = [max(1, RankPlan(rank_plan.plan, q, rank_plan.num_q_heads).max_local_heads)
-                for q in range(rank_plan.tp)]
+    plans = [RankPlan(rank_plan.plan, q, rank_plan.num_q_heads) for q in range(rank_plan.tp)]
+    heads_of = [max(1, p.max_local_heads) for p in plans]
     pages_of = [sizes(h).pages for h in heads_of]
     heads = heads_of[rank_plan.rank]
     mine = sizes(heads)
     # the dense prefix tier (``prefix_tier`` > 0): a block is one page per (layer, KV head) a rank holds;
     # its block table ``[blocks, L, H]`` (int32) comes out of each rank's pages, and the block count is
     # the same on every rank (tier tokens are group-wide ids): the tightest rank's
-    tier_ppb = [sum(len(h) for h in RankPlan(rank_plan.plan, q, rank_plan.num_q_heads).local_heads)
-                for q in range(rank_plan.tp)]
+    tier_ppb = [sum(len(h) for h in p.local_heads) for p in plans]
     num_blocks = 0
     if prefix_tier > 0:
         page_bytes = page_size * row_bytes
@@ -293,8 +289,8 @@ def build_state(cfg: CompressConfig, head_budgets: torch.Tensor | None, *, rank_
     if num_blocks > 0:
         pool.enable_tier(num_blocks, [len(h) for h in rank_plan.local_heads])
         assert pool.tier_pages_per_block == tier_ppb[rank_plan.rank]
-        ledger.tier_pages_per_block = torch.tensor(tier_ppb, dtype=torch.int64)
         tier = TierBlocks(num_blocks, page_size)
+        ledger.attach_tier(tier, tier_ppb)
         cap = torch.floor(ledger.usable.to(torch.float64) * prefix_tier).to(torch.int64)
     logger.info("sglang-fairkv: %srank %d/%d ragged KV pool %d pages x %d rows (%.1f MB K+V; of the %.1f MB "
                 "budget, %.1f MB page table for %d requests x context %d, %.1f MB decode scratch, %.1f MB "
