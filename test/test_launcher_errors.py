@@ -179,3 +179,19 @@ def test_plan_checked_against_model_and_tp(smollm2_path, tmp_path):
     assert plan["tp"] == 2 and plan["strategy"] == "fairkv"
     assert any(len(h["replicas"]) > 1 for layer in plan["layers"] for h in layer["placement"])
     assert lp.kv_compress_json is not None and '"none"' in lp.kv_compress_json  # plan alone: no compression
+
+
+def test_cpu_sleeps_on_idle_unless_told(smollm2_path):
+    """On CPU the launcher adds SGLang's --sleep-on-idle (an idle scheduler otherwise spins a core:
+    two servers on this machine made every request 5-25x slower) and says so; --no-sleep-on-idle
+    (ours, never passed to SGLang) keeps the busy loop; on CUDA SGLang's default stands."""
+    from sglang_fairkv.serving.launcher import UsageError, parse_launch
+
+    lc = parse_launch(["--model-path", str(smollm2_path)], on_cpu=True)
+    assert "--sleep-on-idle" in lc.sglang_argv
+    assert any("CPU defaults:" in n and "--sleep-on-idle" in n for n in lc.notes)
+    lc = parse_launch(["--model-path", str(smollm2_path), "--no-sleep-on-idle"], on_cpu=True)
+    assert "--sleep-on-idle" not in lc.sglang_argv and "--no-sleep-on-idle" not in lc.sglang_argv
+    assert "--sleep-on-idle" not in parse_launch(["--model-path", str(smollm2_path)], on_cpu=False).sglang_argv
+    with pytest.raises(UsageError, match="contradict"):
+        parse_launch(["--model-path", str(smollm2_path), "--sleep-on-idle", "--no-sleep-on-idle"], on_cpu=True)

@@ -31,13 +31,19 @@ from .fairkv_flags import (PROG, UsageError, add_fairkv_args, fairkv_parser, fai
                            given, model_config, placement_setup, value)
 
 
-#: Defaults applied on CPU when the user did not give the flag: (flag, value).
-CPU_DEFAULTS: tuple[tuple[str, str], ...] = (
+#: Defaults applied on CPU when the user did not give the flag: (flag, value; None for a switch).
+CPU_DEFAULTS: tuple[tuple[str, str | None], ...] = (
     ("--device", "cpu"),
     ("--attention-backend", "torch_native"),
     ("--dtype", "float32"),  # no AMX here: fp32 is as fast as bf16 and exact against references
     ("--max-total-tokens", "16384"),  # on CPU --mem-fraction-static is a fraction of system RAM
+    # SGLang's idle scheduler polls in a busy loop: on a 2-core machine two idle servers take a core
+    # each and every request on either is 5-25x slower (measured 2026-12-07); this blocks on the sockets
+    ("--sleep-on-idle", None),
 )
+
+#: Ours, removed before SGLang parses: keep SGLang's busy-polling idle loop on CPU.
+NO_SLEEP_ON_IDLE = "--no-sleep-on-idle"
 
 
 #: The embedded SmolLM2's template has no tool section; asked for a tool it answers
@@ -108,6 +114,10 @@ def parse_launch(argv: list[str], on_cpu: bool) -> LaunchConfig:
 
     Pure apart from reading the file system and probing the port; SGLang's parser must be importable.
     """
+    busy_poll = NO_SLEEP_ON_IDLE in argv
+    argv = [a for a in argv if a != NO_SLEEP_ON_IDLE]
+    if busy_poll and "--sleep-on-idle" in argv:
+        raise UsageError(f"--sleep-on-idle and {NO_SLEEP_ON_IDLE} contradict each other")
     parser = build_parser()
     probe = argv if given(argv, "--model-path") else [*argv, "--model-path", "<embedded>"]
     ns, unknown = parser.parse_known_args(probe)
@@ -144,9 +154,15 @@ def parse_launch(argv: list[str], on_cpu: bool) -> LaunchConfig:
         cfg_json, notes, warnings = cfg.to_json(), notes + plan_notes, warnings + plan_warnings
     notes = embedded_notes + notes + scale_out_setup(ns, out)
     if on_cpu:
+        applied = []
         for flag, v in CPU_DEFAULTS:
-            if not given(out, flag):
-                out += [flag, v]
+            if given(out, flag) or (flag == "--sleep-on-idle" and busy_poll):
+                continue
+            out += [flag] if v is None else [flag, v]
+            applied.append(flag if v is None else f"{flag} {v}")
+        if applied:
+            notes = notes + (f"CPU defaults: {' '.join(applied)} (flags you pass win; {NO_SLEEP_ON_IDLE} "
+                             "keeps SGLang's busy-polling idle loop)",)
     host, port = ns.host, ns.port
     if port_in_use(host, port):
         raise UsageError(f"port {port} on {host} is already in use (choose another with --port)")
