@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers.backend_harness import Geometry, extend_batch, layer, make_backend
+from helpers.backend_harness import Geometry, extend_batch, layer, make_backend, use_varlen
 
 from sglang_fairkv.kv.prefix_tier import TierBlocks
 
@@ -68,7 +68,11 @@ def _segments(backend, r: int):
 
 @pytest.mark.parametrize("method,ratio", [("snapkv", 0.5), ("adakv", 0.6), ("none", None)])
 @pytest.mark.parametrize("chunks", [1, 2])
-def test_prefill_through_the_tier_and_over_a_reused_prefix_equals_the_classic_path(method, ratio, chunks):
+@pytest.mark.parametrize("varlen", [False, True], ids=["per-request", "one-call"])
+def test_prefill_through_the_tier_and_over_a_reused_prefix_equals_the_classic_path(method, ratio, chunks, varlen,
+                                                                                   monkeypatch):
+    """``varlen``: the tiered backend takes the CUDA one-call path (the kernel a CPU stand-in); the
+    classic reference stays per request."""
     n_a, m, n_b = 70, 50, 96  # B reuses A's first 50 positions (its window, 8, is recomputed)
     a_in, b_new = _inputs(n_a, 1), _inputs(n_b, 2)
     # B's inputs: A's rows for the shared prefix, its own after (the prefix's K / V are what A computed)
@@ -78,6 +82,8 @@ def test_prefill_through_the_tier_and_over_a_reused_prefix_equals_the_classic_pa
     want_b = _prefill(classic, 1, 0, n_b, n_b, b_in)
 
     tiered = make_backend(GEO, method, ratio, prefix_tier=1.0)
+    if varlen:
+        use_varlen(tiered, monkeypatch)
     st = tiered.state
     st.admit(0, "a", n_a)
     st.tier_begin(0, np.zeros(0, dtype=np.int64))

@@ -143,3 +143,44 @@ def sync_points(mode: str = "raise", counter: dict | None = None):
     finally:
         for o, n, f in saved:
             setattr(o, n, f)
+
+
+def varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k, scale, calls: list | None = None):
+    """CPU stand-in for ``causal.flash_varlen`` (the CUDA varlen flash op): per sequence ``i``, queries
+    ``q[cu_q[i]:cu_q[i+1]]`` [n, Hq, D] over keys ``k[cu_k[i]:cu_k[i+1]]`` [t, H, D], lower-right causal,
+    GQA, in float64; returns ``q``'s dtype. Reads ``cu_*`` on the host (a stand-in, not a kernel).
+    ``calls`` records ``(T, K, Hq, H, max_q, max_k, b)`` per call."""
+    cq, ck = cu_q.tolist(), cu_k.tolist()
+    assert cu_q.dtype == torch.int32 and cu_k.dtype == torch.int32 and len(cq) == len(ck)
+    assert q.shape[0] == cq[-1] and k.shape[0] == ck[-1] and q.shape[1] % k.shape[1] == 0
+    if calls is not None:
+        calls.append((q.shape[0], k.shape[0], q.shape[1], k.shape[1], max_q, max_k, len(cq) - 1))
+    g = q.shape[1] // k.shape[1]
+    out = torch.zeros(q.shape[0], q.shape[1], v.shape[2], dtype=torch.float64)
+    for i in range(len(cq) - 1):
+        qi = q[cq[i]:cq[i + 1]].double().transpose(0, 1)  # [Hq, n, D]
+        ki = k[ck[i]:ck[i + 1]].double().transpose(0, 1).repeat_interleave(g, 0)
+        vi = v[ck[i]:ck[i + 1]].double().transpose(0, 1).repeat_interleave(g, 0)
+        n, t = qi.shape[1], ki.shape[1]
+        assert n <= max_q and t <= max_k
+        allowed = torch.arange(t)[None, :] <= (t - n + torch.arange(n))[:, None]
+        logits = (qi @ ki.transpose(-1, -2) * scale).masked_fill(~allowed, float("-inf"))
+        out[cq[i]:cq[i + 1]] = (torch.softmax(logits, -1) @ vi).transpose(0, 1)
+    return out.to(q.dtype)
+
+
+def use_varlen(backend, monkeypatch, compute: bool = True, calls: list | None = None) -> None:
+    """Switch a CPU backend to its CUDA prefill branch: one varlen call per layer, the kernel replaced by
+    :func:`varlen_reference` (``compute=False``: a stand-in that only allocates the output, for op
+    counts and memory)."""
+    import sglang_fairkv.attention.causal as causal
+
+    def fake(q, k, v, cu_q, cu_k, max_q, max_k, scale):
+        if compute:
+            return varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k, scale, calls)
+        if calls is not None:
+            calls.append((q.shape[0], k.shape[0]))
+        return q.new_empty(q.shape[0], q.shape[1], v.shape[2])
+
+    monkeypatch.setattr(causal, "flash_varlen", fake)
+    backend.prefill_varlen = True

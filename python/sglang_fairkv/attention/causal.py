@@ -18,6 +18,11 @@ lower-right causal mask). The dispatch, in order:
    the mask). Memory: the mask and the expanded K/V of this one request.
 
 Peak temporary memory is one request's chunk x sequence in every case, never a batch's padded product.
+
+The batch in one call (:func:`flash_varlen`, CUDA, fp16 / bf16): every request's queries and keys packed
+after each other, ``cu_seqlens`` marking where each starts, torch's varlen flash op with
+``is_causal=True`` (FlashAttention-2 aligns the mask bottom-right per sequence, i.e. lower-right for a
+chunk over its prefix), GQA native. The backend uses it wherever :func:`varlen_usable` says so.
 """
 
 from __future__ import annotations
@@ -33,6 +38,27 @@ def flash_usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gqa: bool) -
     from torch.backends.cuda import SDPAParams, can_use_flash_attention
 
     return bool(can_use_flash_attention(SDPAParams(q, k, v, None, 0.0, False, gqa)))
+
+
+def varlen_usable(dtype: torch.dtype, head_dim: int, device) -> bool:
+    """Whether torch's varlen flash op takes the pool's ``dtype`` and ``head_dim`` on ``device``: CUDA,
+    fp16 / bf16, head dim a multiple of 8 up to 256, compute capability 8.0 or newer (FlashAttention-2)."""
+    dev = torch.device(device)
+    if dev.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if head_dim % 8 or head_dim > 256 or not torch.cuda.is_available():
+        return False
+    return torch.cuda.get_device_capability(dev)[0] >= 8
+
+
+def flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
+                 max_q: int, max_k: int, scale: float) -> torch.Tensor:
+    """A batch of lower-right causal attentions in one call: ``q`` [T, Hq, D] (request ``i``'s queries at
+    ``cu_q[i]:cu_q[i + 1]``, the last ones of its sequence), ``k`` / ``v`` [K, H, D] (its keys at
+    ``cu_k[i]:cu_k[i + 1]``), ``cu_q`` / ``cu_k`` int32 [b + 1]; ``max_q`` / ``max_k`` host ints.
+    Returns [T, Hq, Dv]. No host sync."""
+    return torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, True, False,
+                                                   scale=scale)[0]
 
 
 def flash_lower_right(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:

@@ -594,6 +594,14 @@ class RaggedKVPool:
         page = self.tier_pages.view(-1)[base[:, None, :] + torch.arange(num_heads, device=tok.device)[None, :, None]]
         return page.to(torch.int64) * P + (tok % P)[:, None, :]
 
+    def tier_rows_tokens(self, tokens: torch.Tensor, layer: int, num_heads: int) -> torch.Tensor:
+        """int64 ``[n, num_heads]``: rows of tier ``tokens`` (int64 ``[n]``, device) in ``layer``, token-major
+        (the packed prefill layout)."""
+        P, L, H = self.page_size, self.num_layers, self.num_kv_heads
+        base = ((tokens // P) * L + layer) * H  # [n]
+        page = self.tier_pages.view(-1)[base[:, None] + torch.arange(num_heads, device=tokens.device)[None, :]]
+        return page.to(torch.int64) * P + (tokens % P)[:, None]
+
     def fill_from_tier(self, req_pool_idx: int, layer: int, kept: list[torch.Tensor], heads: list[int],
                        tokens: torch.Tensor) -> None:
         """Fill the empty segments ``(req_pool_idx, layer, heads[i])`` with the rows of ``kept[i]`` (sorted
@@ -633,6 +641,16 @@ class RaggedKVPool:
         pos = positions if positions.dim() == 2 else positions[None, :]
         page = self.seg_pages.view(-1)[seg[:, :, None] * MP + (pos // P)[:, None, :]]
         return page.to(torch.int64) * P + (pos % P)[:, None, :]
+
+    def rows_at_tokens(self, req_pool_idx: torch.Tensor, layer: int, num_heads: int,
+                       positions: torch.Tensor) -> torch.Tensor:
+        """int64 ``[n, num_heads]``: the row of token ``i`` -- position ``positions[i]`` of request
+        ``req_pool_idx[i]`` (int64 ``[n]`` each, device) -- in segments ``(., layer, h < num_heads)``. The
+        packed layout of a prefill batch (no padding); a flat gather of the page table, no host read."""
+        P, MP = self.page_size, self.max_pages
+        seg = req_pool_idx[:, None] * (self.num_layers * self.num_kv_heads) + self._seg_base[layer, :num_heads]
+        page = self.seg_pages.view(-1)[seg * MP + (positions // P)[:, None]]
+        return page.to(torch.int64) * P + (positions % P)[:, None]
 
     def rows_of(self, req_pool_idx: int, layer: int, head: int, positions: torch.Tensor) -> torch.Tensor:
         """Rows of ``positions`` (int64 ``[n]``, < segment length) in one segment (host tables)."""
