@@ -55,3 +55,40 @@ def test_pyramidkv_layer_budgets_and_short_prompts_kept_whole():
     q2, k2 = _qk(s=16)  # no longer than the window
     assert kept_for_layer(CompressConfig(method="adakv", budget=4, window=16), 0, 8, q2, k2) is None
     assert kept_for_layer(CompressConfig(), 0, 8, q, k) is None  # none
+
+
+def test_snapkv_scores_per_kv_head_without_expanding_k():
+    """SnapKV scoring reshapes the window queries per KV head (``[H, group x w, D]``) instead of copying
+    K to every query head: the scores equal the expanded formula (fp64, kvpress's order of operations),
+    and the peak temporaries of one call stay within the logits and their fp32 softmax (2 x Hq x w x S x
+    4 B, x 1.25), below the expanded K alone plus those (Llama-8B's GQA 4, S = 4096, D = 128)."""
+    import math
+
+    import torch.nn.functional as F
+    from test_prefill_path import peak_bytes
+
+    from sglang_fairkv.compress.snapkv import SnapKVScorer
+
+    hq, hkv, w, s, d = 32, 8, 64, 4096, 128
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(hq, w, d, generator=gen)
+    k = torch.randn(hkv, s, d, generator=gen)
+    sc = SnapKVScorer(window=w, kernel=5)
+    got = sc.score(q, k)
+    # the expanded reference in fp64
+    kk = k.double().repeat_interleave(hq // hkv, dim=0)
+    logits = q.double() @ kk.transpose(1, 2) / math.sqrt(d)
+    mask = torch.triu(torch.full((w, s), float("-inf"), dtype=torch.float64), diagonal=s - w + 1)
+    probs = torch.softmax(logits + mask, -1)[..., :s - w].mean(-2)
+    ref = F.avg_pool1d(probs, 5, padding=2, stride=1).view(hkv, hq // hkv, s - w).mean(1)
+    assert torch.allclose(got[:, :s - w].double(), ref, rtol=1e-4, atol=1e-9)
+    assert torch.equal(got[:, s - w:], (got[:, :s - w].max() + 1).expand(hkv, w))
+    def expanded():  # the scorer before (K copied to the query heads, the mask over every column)
+        lg = torch.matmul(q, k.repeat_interleave(hq // hkv, dim=0).transpose(1, 2)) / math.sqrt(d)
+        m = torch.triu(torch.full((w, s), float("-inf")), diagonal=s - w + 1)
+        return torch.softmax(lg + m, dim=-1, dtype=torch.float32)[..., :s - w].mean(-2)
+
+    peak, before = peak_bytes(lambda: sc.score(q, k)), peak_bytes(expanded)
+    bound = 1.25 * 2 * hq * w * s * 4
+    print(f"snapkv scoring peak {peak / 2**20:.1f} MiB (bound {bound / 2**20:.1f}), K expanded {before / 2**20:.1f} MiB")
+    assert peak <= bound < before

@@ -57,16 +57,21 @@ class SnapKVScorer:
             raise ValueError(f"{hq} query heads are not a multiple of {hkv} KV heads")
         group = hq // hkv
         scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
-        kk = k.repeat_interleave(group, dim=0)  # [hq, s, d]
-        logits = torch.matmul(q_window, kk.transpose(1, 2)) * scale  # [hq, w, s]
-        # causal mask inside the window: window query i sees keys < s - w + i + 1
-        mask = torch.triu(torch.full((w, s), float("-inf"), dtype=logits.dtype,
-                                     device=logits.device), diagonal=s - w + 1)
-        probs = torch.softmax(logits + mask, dim=-1, dtype=torch.float32).to(logits.dtype)
-        probs = probs[..., : s - w]  # [hq, w, s - w]
-        scores = probs.mean(dim=-2)  # [hq, s - w]
-        scores = F.avg_pool1d(scores, kernel_size=self.kernel, padding=self.kernel // 2, stride=1)
-        scores = scores.view(hkv, group, s - w)
+        # per KV head, its group's window queries stacked: [hkv, group * w, d] against [hkv, s, d] -- K is
+        # never expanded to the query heads (a 128k prompt's K would be copied group times per layer)
+        qg = q_window.reshape(hkv, group * w, d)
+        logits = torch.matmul(qg, k.transpose(1, 2)).view(hkv, group, w, s)
+        logits.mul_(scale)
+        # causal mask inside the window, in place on the window's own columns: window query i sees
+        # keys < s - w + i + 1
+        mask = torch.triu(torch.full((w, w), float("-inf"), dtype=logits.dtype, device=logits.device), diagonal=1)
+        logits[..., s - w:] += mask
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(logits.dtype)
+        del logits
+        scores = probs[..., : s - w].mean(dim=-2)  # [hkv, group, s - w]
+        del probs
+        scores = F.avg_pool1d(scores.reshape(hkv * group, 1, s - w), kernel_size=self.kernel,
+                              padding=self.kernel // 2, stride=1).view(hkv, group, s - w)
         scores = scores.mean(1) if self.gqa == "mean" else scores.amax(1)
         # the window's positions score max + 1 (always kept); the max stays on the device (no .item())
         top = (scores.max() + 1).expand(hkv, w)
