@@ -80,12 +80,12 @@ def run_new(pool_rows: int, n: int) -> dict:
                          head_dim=D, on_cuda=True)  # the workspace a CUDA server of that pool builds
     ws = new.DecodeWorkspace.create(**sz.workspace_kw, device="cpu")
     q, k, v, sp, sl, ri = tables(n)
-    work = torch.zeros(B * H * ws.splits_for(B), dtype=torch.int32)
+    work = torch.zeros(ws.programs_for(B), dtype=torch.int32)
     out = torch.empty_like(q)
     s = timed(lambda: new.paged_decode(q, k, v, sp, sl, ri, 0, D ** -0.5, ws, P, out=out, work=work))
     ref = paged_decode_reference(q, k, v, sp, sl, ri, 0, P, D ** -0.5)
     assert (out.double() - ref).abs().max() < 1e-4
-    return {"kernel": "split-KV", "pool_rows": pool_rows, "tokens": n, "seconds": s,
+    return {"kernel": "length-split", "pool_rows": pool_rows, "tokens": n, "seconds": s,
             "programs": work.numel(), "iterations": int(work.sum())}
 
 

@@ -92,8 +92,8 @@ def test_matches_reference_on_skewed_segments(kern, G, D, dtype):
     seed = G * 1000 + D
     lens = skewed(seed, 8).view(4, 2)
     seg_pages, seg_len, req_idx, num_pages = make_tables(seed, lens)
-    ws = kern.DecodeWorkspace.create(max_batch=4, num_heads=2, group=G, head_dim=D, device="cpu")
-    assert ws.splits_for(4) > 1  # long segments really spread over several programs
+    ws = kern.DecodeWorkspace.create(max_batch=4, num_heads=2, group=G, head_dim=D, device="cpu", num_layers=2,
+                                     target_programs=16)
     q = torch.randn(4, 2, G, D, generator=torch.Generator().manual_seed(seed)).to(dtype)
     out, ref = run(kern, q, seg_pages, seg_len, req_idx, 1, 16, num_pages, ws, 1 / math.sqrt(D))
     assert torch.isfinite(out).all()
@@ -104,13 +104,13 @@ def test_matches_reference_on_skewed_segments(kern, G, D, dtype):
 
 
 def test_batch_sizes_share_one_static_workspace(kern):
-    """Several batch sizes (so several split counts), fewer local heads than the table has (a FairKV
-    layer), page sizes and split boundaries, all through one workspace: the scratch is never
+    """Several batch sizes (so several grids), fewer local heads than the table has (a FairKV layer),
+    page sizes and piece boundaries, all through one workspace: the scratch and the plan are never
     reallocated."""
     ws = kern.DecodeWorkspace.create(max_batch=8, num_heads=3, group=4, head_dim=64, device="cpu",
-                                     min_split=32, block_n=16, target_programs=24)
-    ptrs = (ws.o_part.data_ptr(), ws.lse_part.data_ptr())
-    assert [ws.splits_for(b) for b in (1, 3, 8)] == [8, 3, 1]
+                                     min_split=32, block_n=16, target_programs=24, num_layers=3)
+    ptrs = (ws.o_part.data_ptr(), ws.lse_part.data_ptr(), ws.plan_off.data_ptr())
+    assert [ws.programs_for(b) for b in (1, 3, 8)] == [27, 33, 48]
     for B, Hl, P, lens in ((1, 1, 16, [[700]]), (3, 2, 8, [[128, 127], [129, 0], [1, 256]]),
                            (8, 3, 16, None)):
         if lens is None:
@@ -119,7 +119,7 @@ def test_batch_sizes_share_one_static_workspace(kern):
         q = torch.randn(B, Hl, 4, 64, generator=torch.Generator().manual_seed(B))
         out, ref = run(kern, q, seg_pages, seg_len, req_idx, 2, P, num_pages, ws, 0.125)
         assert (out.double() - ref).abs().max() < 2e-5, (B, Hl, P)
-    assert (ws.o_part.data_ptr(), ws.lse_part.data_ptr()) == ptrs
+    assert (ws.o_part.data_ptr(), ws.lse_part.data_ptr(), ws.plan_off.data_ptr()) == ptrs
 
 
 def test_padding_slots_and_replicas_give_zeros(kern):
@@ -130,7 +130,7 @@ def test_padding_slots_and_replicas_give_zeros(kern):
     req_idx[1] = 0  # the padding slot: request 0 holds nothing in any layer
     seg_len[0] = 0
     ws = kern.DecodeWorkspace.create(max_batch=4, num_heads=2, group=2, head_dim=64, device="cpu",
-                                     min_split=64, block_n=32)
+                                     min_split=64, block_n=32, num_layers=2)
     q = torch.randn(4, 2, 2, 64, generator=torch.Generator().manual_seed(2))
     out, ref = run(kern, q, seg_pages, seg_len, req_idx, 1, 16, num_pages, ws, 0.1)
     assert torch.equal(out[lens == 0], torch.zeros_like(out[lens == 0]))
@@ -140,7 +140,7 @@ def test_padding_slots_and_replicas_give_zeros(kern):
 def test_q_strided_in_batch_and_heads(kern):
     """q as the backend passes it: a view of ``[b, Hq * D]`` reshaped, and a non-contiguous slice."""
     seg_pages, seg_len, req_idx, num_pages = make_tables(3, [[5, 0], [300, 17]])
-    ws = kern.DecodeWorkspace.create(max_batch=2, num_heads=2, group=2, head_dim=64, device="cpu")
+    ws = kern.DecodeWorkspace.create(max_batch=2, num_heads=2, group=2, head_dim=64, device="cpu", num_layers=2)
     big = torch.randn(2, 3, 2, 64, generator=torch.Generator().manual_seed(1))
     q = big[:, :2]  # strided in the head axis
     out, ref = run(kern, q, seg_pages, seg_len, req_idx, 1, 16, num_pages, ws, 0.1)
@@ -149,7 +149,7 @@ def test_q_strided_in_batch_and_heads(kern):
 
 def test_all_segments_empty(kern):
     seg_pages, seg_len, req_idx, num_pages = make_tables(1, [[0, 0], [0, 0]])
-    ws = kern.DecodeWorkspace.create(max_batch=2, num_heads=2, group=2, head_dim=64, device="cpu")
+    ws = kern.DecodeWorkspace.create(max_batch=2, num_heads=2, group=2, head_dim=64, device="cpu", num_layers=2)
     q = torch.randn(2, 2, 2, 64)
     out, _ = run(kern, q, seg_pages, seg_len, req_idx, 1, 16, num_pages, ws, 0.1)
     assert torch.equal(out, torch.zeros_like(q))
@@ -162,7 +162,7 @@ def server_workspace(pool_rows: int, *, max_reqs: int = 64, heads: int = 2, grou
     from sglang_fairkv.kv.sizing import rank_pool_sizes
     from sglang_fairkv_kernels import DecodeWorkspace
 
-    L = 4
+    L = 2
     sz = rank_pool_sizes(max_total_tokens=pool_rows // (L * heads), rows_per_token_budget=L * heads,
                          row_bytes=2 * head_dim * 2, heads=heads, page_size=16, num_layers=L, max_reqs=max_reqs,
                          max_context=8192, group=group, head_dim=head_dim, on_cuda=True)
@@ -175,8 +175,7 @@ def work_of(kern, ws, lens, G=4, D=64):
     decode of a batch with segment lengths ``lens`` [B, H]; the answer checked against fp64."""
     B, H = lens.shape
     seg_pages, seg_len, req_idx, num_pages = make_tables(7, lens, H=H)
-    S = ws.splits_for(B)
-    work = torch.full((B * H * S,), -1, dtype=torch.int32)
+    work = torch.full((ws.programs_for(B),), -1, dtype=torch.int32)
     q = torch.randn(B, H, G, D, generator=torch.Generator().manual_seed(0))
     out, ref = run(kern, q, seg_pages, seg_len, req_idx, 1, 16, num_pages, ws, 0.125, work=work)
     assert (out.double() - ref).abs().max() < 2e-5
@@ -193,7 +192,7 @@ def test_work_follows_the_batch_not_the_pool(kern):
     small = work_of(kern, server_workspace(64 * 1024), lens)
     huge = work_of(kern, server_workspace(10 ** 8), lens)
     assert sum(huge) <= 2 * sum(small), (small, huge)
-    assert small[1] == 8 * 2 * 2  # 100 tokens: two blocks of 64, in one split (below min_split)
+    assert small[1] == 8 * 2 * 2  # 100 tokens: two pieces of 64 each, one block each
 
 
 def test_work_grows_linearly_with_tokens(kern):
@@ -202,43 +201,62 @@ def test_work_grows_linearly_with_tokens(kern):
     ws = server_workspace(10 ** 8)
     p100, it100 = work_of(kern, ws, torch.full((2, 2), 100))
     p3200, it3200 = work_of(kern, ws, torch.full((2, 2), 3200))
-    assert p100 == p3200 == 2 * 2 * ws.splits_for(2)
+    assert p100 == p3200 == ws.programs_for(2)
     assert 16 <= it3200 / it100 <= 40, (it100, it3200)
 
 
 def test_long_single_segment_spreads_over_many_programs(kern):
-    """Batch 1, one long head: the work is split (no program runs the whole segment), each split's
+    """Batch 1, one long head: the work is split (no program runs the whole segment), each piece's
     iterations are a fair share, and the answer is exact."""
     ws = kern.DecodeWorkspace.create(max_batch=4, num_heads=1, group=2, head_dim=64, device="cpu",
-                                     target_programs=16, min_split=128, block_n=64)
+                                     target_programs=16, min_split=128, block_n=64, num_layers=2)
     lens = torch.tensor([[4000]])
     seg_pages, seg_len, req_idx, num_pages = make_tables(3, lens, H=1)
-    work = torch.zeros(16, dtype=torch.int32)
+    work = torch.zeros(ws.programs_for(1), dtype=torch.int32)
     q = torch.randn(1, 1, 2, 64, generator=torch.Generator().manual_seed(4))
     out, ref = run(kern, q, seg_pages, seg_len, req_idx, 1, 16, num_pages, ws, 0.125, work=work)
     assert (out.double() - ref).abs().max() < 2e-5
-    assert ws.splits_for(1) == 16 and (work > 0).sum() == 16  # every program has a share
-    per = math.ceil(4000 / 16 / 64)  # iterations of a split: its ceil(len / splits) tokens in blocks of 64
-    assert int(work.max()) == per and int(work.sum()) == math.ceil(4000 / 64)  # nothing run twice
+    per = math.ceil(4000 / 16 / 64)  # a piece: ceil(len / 16) tokens rounded up to blocks of 64
+    assert (work > 0).sum() == math.ceil(4000 / (per * 64)) and int(work.max()) == per
+    assert int(work.sum()) == math.ceil(4000 / 64)  # nothing run twice
 
 
-def test_workspace_bounds():
-    from sglang_fairkv_kernels import DecodeWorkspace
+def lognormal_batch(seed: int, slots: int, heads: int, median: float = 113, sigma: float = 1.25):
+    """Per-head lengths as AdaKV leaves them: lognormal around ``median``, heavy-tailed."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.exp(torch.randn(slots, heads, generator=g) * sigma) * median).round().long().clamp(1, 8192)
 
-    ws = DecodeWorkspace.create(max_batch=100, num_heads=2, group=8, head_dim=128, device="cpu",
-                                target_programs=528, max_splits=64)
-    assert ws.splits_for(1) == 64 and ws.splits_for(100) == 3 and ws.splits_for(264) == 1
-    rows = ws.o_part.shape[0]
-    assert rows == max(b * 2 * ws.splits_for(b) for b in range(1, 101)) and rows <= max(100 * 2, 2 * 528)
-    assert ws.nbytes == DecodeWorkspace.bytes_for(max_batch=100, num_heads=2, group=8, head_dim=128,
-                                                  target_programs=528, max_splits=64)
-    big = DecodeWorkspace.bytes_for(max_batch=4096, num_heads=8, group=8, head_dim=128)
-    assert big == 4096 * 8 * 16 * 129 * 4  # 258 MiB at 4096 slots x 8 heads: the batch sets it
+
+def test_work_is_balanced_under_per_head_skew(kern):
+    """64 slots x 2 heads of lognormal lengths (median ~113, the longest ~20x that): no program runs
+    more than twice the even share of the step's iterations (+1 for rounding to blocks), counted by the
+    kernel itself; the answer exact. A split count fixed per batch size (the kernel before) ran the
+    longest segment in ceil(len / 5 / 64) iterations of one program: several times the even share."""
+    ws = kern.DecodeWorkspace.create(max_batch=64, num_heads=2, group=4, head_dim=64, device="cpu", num_layers=2)
+    lens = lognormal_batch(0, 64, 2)
+    seg_pages, seg_len, req_idx, num_pages = make_tables(7, lens, H=2)
+    n_prog = ws.programs_for(64)
+    work = torch.full((n_prog,), -1, dtype=torch.int32)
+    q = torch.randn(64, 2, 4, 64, generator=torch.Generator().manual_seed(0))
+    out, ref = run(kern, q, seg_pages, seg_len, req_idx, 1, 16, num_pages, ws, 0.125, work=work)
+    assert (out.double() - ref).abs().max() < 2e-5
+    assert (work >= 0).all()
+    even = int(work.sum()) / n_prog
+    longest = int(lens.max())
+    old = math.ceil(math.ceil(longest / min(64, -(-528 // 128))) / 64)  # S = ceil(528 / (64 x 2)) = 5 splits
+    print(f"skewed batch: longest segment {longest} tokens (median {int(lens.median())}); longest program "
+          f"{int(work.max())} iterations, even share {even:.2f}; fixed splits: {old}")
+    assert int(work.max()) <= 2 * even + 1
+    assert old > 2 * int(work.max())
+    # the plan's own arithmetic: pieces of at most the layer's chunk, none past the grid
+    chunk = int(ws.plan_chunk[1])
+    assert int(ws.plan_off[1, 127]) <= n_prog
+    assert int(ws.plan_off[1, 127]) == sum(-(-int(n) // chunk) for n in lens.flatten())
 
 
 def test_bad_input_names_the_problem(kern):
     seg_pages, seg_len, req_idx, num_pages = make_tables(1, [[3, 4]])
-    ws = kern.DecodeWorkspace.create(max_batch=1, num_heads=2, group=2, head_dim=64, device="cpu")
+    ws = kern.DecodeWorkspace.create(max_batch=1, num_heads=2, group=2, head_dim=64, device="cpu", num_layers=2)
     q = torch.randn(1, 2, 2, 64)
     k = torch.randn(num_pages * 16, 64)
     with pytest.raises(ValueError, match=r"k_rows must be \[N, 64\]"):
@@ -250,7 +268,13 @@ def test_bad_input_names_the_problem(kern):
     with pytest.raises(ValueError, match="sized for 3"):
         kern.paged_decode(q, k, k, seg_pages, seg_len, req_idx, 1, 0.1,
                           kern.DecodeWorkspace.create(max_batch=1, num_heads=3, group=2, head_dim=64,
+                                                      device="cpu", num_layers=2), 16)
+    with pytest.raises(ValueError, match="the workspace's plan 1"):
+        kern.paged_decode(q, k, k, seg_pages, seg_len, req_idx, 1, 0.1,
+                          kern.DecodeWorkspace.create(max_batch=1, num_heads=2, group=2, head_dim=64,
                                                       device="cpu"), 16)
+    with pytest.raises(RuntimeError, match="last plan was for None"):
+        kern.paged_decode(q, k, k, seg_pages, seg_len, req_idx, 1, 0.1, ws, 16, planned=True)
     with pytest.raises(ValueError, match="must be a positive multiple"):
         kern.DecodeWorkspace.create(max_batch=2, num_heads=2, group=2, head_dim=64, device="cpu",
                                     min_split=100)

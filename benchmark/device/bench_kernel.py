@@ -135,7 +135,7 @@ def decode_case(B, ctx, dev, dt, fi_ws, sgl, dry) -> dict:
     req_idx = torch.arange(B, device=dev)
     ws = DecodeWorkspace.create(max_batch=B, num_heads=H, group=G, head_dim=D, device=dev,
                                 target_programs=target_programs_for(dev))
-    row["grid"] = [B, H, ws.splits_for(B)]
+    row["grid"] = [ws.programs_for(B)]
     out = torch.empty_like(q)
     ours = lambda: paged_decode(q, k, v, tables, seg_len, req_idx, 0, D ** -0.5, ws, P, out=out)
     ours()

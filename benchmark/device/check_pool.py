@@ -26,7 +26,7 @@ import torch  # noqa: E402
 
 import _paths  # noqa: E402,F401  (the project's folders on sys.path)
 from sglang_fairkv.kv.ragged_pool import RaggedKVPool  # noqa: E402
-from sglang_fairkv_kernels import DecodeWorkspace, paged_decode, paged_decode_torch, target_programs_for  # noqa: E402
+from sglang_fairkv_kernels import DecodeWorkspace, paged_decode, paged_decode_torch, plan_decode, target_programs_for  # noqa: E402
 
 
 def max_abs_diff(got: torch.Tensor, ref: torch.Tensor) -> float:
@@ -82,8 +82,9 @@ def check_correctness(dev: str, dry: bool) -> dict:
         pool, reqs, idx = filled_pool(layers=layers, heads=heads, d=d, bs=bs, max_len=max_len, dtype=dtype,
                                       dev=dev, seed=0)
         ws = DecodeWorkspace.create(max_batch=bs, num_heads=heads, group=group, head_dim=d, device=dev,
-                                    target_programs=target_programs_for(dev))
+                                    target_programs=target_programs_for(dev), num_layers=layers)
         pool.append(reqs, idx)
+        plan_decode(pool.seg_len, idx, ws)  # the step's plan, as the server makes it
         worst, rows_read = 0.0, 0
         gd = torch.Generator(device=dev).manual_seed(1)
         for layer in range(layers):
@@ -92,7 +93,7 @@ def check_correctness(dev: str, dry: bool) -> dict:
             rows_read += n_layer
             q = torch.randn(bs, heads, group, d, generator=gd, device=dev).to(dtype)
             got = paged_decode(q, pool.k_rows, pool.v_rows, pool.seg_pages, pool.seg_len, idx, layer,
-                               d ** -0.5, ws, pool.page_size)
+                               d ** -0.5, ws, pool.page_size, planned=True)
             t = int(pool.seg_len_host[reqs, layer].max())
             ref = paged_decode_torch(q, pool.k_rows, pool.v_rows, pool.seg_pages, pool.seg_len, idx, layer,
                                      d ** -0.5, pool.page_size, max_len=t)
@@ -116,18 +117,19 @@ def time_step(dev: str, dry: bool, name: str, *, layers, heads, group, d, bs, ma
     pool, reqs, idx = filled_pool(layers=layers, heads=heads, d=d, bs=bs, max_len=max_len, dtype=dtype,
                                   dev=dev, seed=2, keep_pow=1.0)
     ws = DecodeWorkspace.create(max_batch=bs, num_heads=heads, group=group, head_dim=d, device=dev,
-                                target_programs=target_programs_for(dev))
+                                target_programs=target_programs_for(dev), num_layers=layers)
     q = torch.randn(bs, heads, group, d, device=dev).to(dtype)
     kv = torch.randn(bs, heads, d, device=dev).to(dtype)
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
 
     def step():
         rows, _ = pool.append(reqs, idx)
+        plan_decode(pool.seg_len, idx, ws)
         for layer in range(layers):
             pool.k_rows[rows[layer]] = kv
             pool.v_rows[rows[layer]] = kv
             paged_decode(q, pool.k_rows, pool.v_rows, pool.seg_pages, pool.seg_len, idx, layer,
-                         d ** -0.5, ws, pool.page_size)
+                         d ** -0.5, ws, pool.page_size, planned=True)
 
     steps = 1 if dry else 20
     step()  # compile / warm

@@ -32,7 +32,7 @@ except ImportError:  # pragma: no cover - triton is a declared dependency
 
 if HAS_TRITON:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=("n_pages", "n_len", "n_act"))  # counts vary every step
     def _apply_writes_kernel(Packed, SegPages, SegLen, Active, n_pages, n_len, n_act,
                              BLOCK: tl.constexpr):
         pid = tl.program_id(0)
@@ -53,7 +53,7 @@ if HAS_TRITON:
         val = tl.load(Packed + base + n_act + offs, mask=m, other=0)
         tl.store(Active + idx, (val != 0).to(tl.int8), mask=m)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=("raw", "stride_rl", "stride_rb"))  # vary with the batch size
     def _decode_step_kernel(ReqIdx, SegPages, SegLen, Active, RowsOut, LensOut, IdxOut, raw,
                             num_layers, num_heads, max_pages, stride_rl, stride_rb,
                             P: tl.constexpr, BLOCK_H: tl.constexpr):

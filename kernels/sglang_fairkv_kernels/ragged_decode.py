@@ -13,23 +13,28 @@ and local KV head ``h < Hl``, the G query heads ``q[b, h]`` over segment ``(req_
 The kernels read that segment's page-table row in place (a pointer, no copy of ``[B, L, H, MP]``)
 and build no per-token row list.
 
-Work split (the design of SGLang's Triton decode, ``decode_attention.py``: ``num_kv_splits`` per
-request, a dynamic loop per split, a second stage that merges by log-sum-exp):
+Work split by length (the design of FlashInfer's balanced decode plan, with SGLang's split-KV kernels
+and LSE merge):
 
-* Grid ``(B, Hl, S)``: ``S = ws.splits_for(B)`` is a static maximum per batch size, chosen so the grid
-  has about ``ws.target_programs`` programs (a few per SM): batch 1 spreads each head over up to
-  ``max_splits`` programs, a batch of hundreds gets ``S = 1`` (no idle programs).
-* Each segment's own split count is computed in the kernel from its length (no host value, no
-  table): ``n = min(ceil(len / min_split), S)``, splits of ``ceil(len / n)`` tokens rounded up to
-  ``BLOCK_N``. A program past its segment's splits exits at once; the others loop over their own
-  token range (a dynamic loop: ``ceil(split / BLOCK_N)`` iterations, never a pool-sized trip count).
-* A fused merge kernel, one program per (slot, local head), combines the splits.
+* **A plan per step** (:func:`plan_decode`, one launch of ``L`` programs, before the layers run): for
+  every layer, its batch's tokens ``T_l`` (sum over the ``B x H`` segments), a piece size
+  ``C_l = max(min_split, ceil(T_l / N) rounded up to BLOCK_N)`` with ``N = max(target_programs, B x H)``,
+  and the inclusive prefix sum over the segments of their piece counts ``ceil(len / C_l)``
+  (``plan_off [L, max_batch x H]``, ``plan_chunk [L]``: the workspace's static buffers, read by a captured
+  graph in place). The pieces of a layer number at most ``T_l / C_l + B x H <= N + B x H``.
+* **Split kernel**, a 1-D grid of ``programs_for(B) = N + B x H`` programs (static per batch size):
+  program ``p`` finds its segment by a binary search of ``plan_off[layer]`` and runs piece ``p - first``
+  of it, at most ``C_l`` tokens (a dynamic loop of ``ceil(C_l / BLOCK_N)`` iterations); programs past the
+  layer's pieces exit. So no program runs more than about twice the even share of the step, whatever
+  the per-head skew (AdaKV's budgets: one head of 4189 tokens beside a median of 113), where a split
+  count fixed per batch size ran the longest segment in one program's loop.
+* A fused **merge** kernel, one program per (slot, local head), combines its segment's pieces by LSE.
 
-Work is therefore ``sum over segments of ceil(len / BLOCK_N)`` iterations plus ``B x Hl x S`` program
-starts; nothing depends on the pool size (the workspace does not know it). Zero-length segments
-(a Fair-Copying replica's requests served elsewhere, heads a rank does not hold in a layer, padding
-slots) produce zeros. Static bounds: the same compiled kernels serve every step; a CUDA graph
-captures one launch configuration per batch size.
+Work is ``sum over pieces of ceil(piece / BLOCK_N)`` iterations plus ``programs_for(B)`` program
+starts; nothing depends on the pool size. Zero-length segments (a Fair-Copying replica's requests
+served elsewhere, heads a rank does not hold in a layer, padding slots) have no piece and produce zeros.
+Static bounds: the same compiled kernels serve every step (integers that vary between steps or layers
+are not specialised: ``do_not_specialize``); a CUDA graph captures one launch configuration per batch size.
 """
 
 from __future__ import annotations
@@ -65,179 +70,216 @@ def target_programs_for(device: torch.device | str) -> int:
 # ---- static workspace -----------------------------------------------------------------------------
 @dataclass
 class DecodeWorkspace:
-    """Static launch bounds and scratch of :func:`paged_decode`, allocated once per server.
+    """Static launch bounds, plan and scratch of :func:`paged_decode`, allocated once per server.
 
-    ``max_batch``: the most slots of one step; ``num_heads``: the pool's KV heads per layer ``H`` (the
-    partials' stride); ``o_part`` float32 ``[rows, BG, BD]`` and ``lse_part`` ``[rows, BG]`` with
-    ``rows = max over B <= max_batch of B x H x splits_for(B)`` (below ``max(max_batch x H,
-    2 x target_programs)``). Nothing here depends on the pool's size.
+    ``max_batch``: the most slots of one step; ``num_heads``: the pool's KV heads per layer ``H``;
+    ``num_layers``: the plan's rows (the pool's layers). ``o_part`` float32 ``[rows, BG, BD]`` and
+    ``lse_part`` ``[rows, BG]`` hold one partial result per program, ``rows = programs_for(max_batch)``;
+    ``plan_chunk`` int32 ``[L]`` and ``plan_off`` int32 ``[L, max_batch x H]`` the step's plan
+    (:func:`plan_decode`). Nothing here depends on the pool's size.
     """
 
     max_batch: int
     num_heads: int
+    num_layers: int
     target_programs: int
-    max_splits: int
     min_split: int
     block_n: int
     block_g: int
     block_d: int
     o_part: torch.Tensor
     lse_part: torch.Tensor
+    plan_chunk: torch.Tensor
+    plan_off: torch.Tensor
+    #: the batch size of the last :func:`plan_decode` of all layers (host bookkeeping; None: not planned)
+    planned_batch: int | None = None
 
     @staticmethod
-    def _splits(batch: int, heads: int, target_programs: int, max_splits: int) -> int:
-        return max(1, min(max_splits, -(-target_programs // max(1, batch * heads))))
+    def _even(batch: int, heads: int, target_programs: int) -> int:
+        return max(target_programs, batch * heads)
 
-    def splits_for(self, batch: int) -> int:
-        """The grid's third axis for a step of ``batch`` slots (host arithmetic on static sizes)."""
-        return self._splits(batch, self.num_heads, self.target_programs, self.max_splits)
+    def even_programs(self, batch: int) -> int:
+        """``N``: the programs a layer's tokens are shared over (each piece at most ``ceil(T / N)``)."""
+        return self._even(batch, self.num_heads, self.target_programs)
 
-    @classmethod
-    def _rows(cls, max_batch: int, num_heads: int, target_programs: int, max_splits: int) -> int:
-        return max(b * num_heads * cls._splits(b, num_heads, target_programs, max_splits)
-                   for b in range(1, max(1, max_batch) + 1))
+    def programs_for(self, batch: int) -> int:
+        """The split kernel's grid for a step of ``batch`` slots: ``N + batch x H`` (static per size)."""
+        return self.even_programs(batch) + batch * self.num_heads
 
     @classmethod
     def _layout(cls, *, max_batch: int, num_heads: int, group: int, head_dim: int, target_programs: int,
-                max_splits: int, min_split: int, block_n: int) -> tuple[int, int, int]:
+                min_split: int, block_n: int) -> tuple[int, int, int]:
         """``(scratch rows, block_g, block_d)`` of these static sizes; ValueError on bad block sizes."""
         if block_n < 16 or block_n & (block_n - 1):
             raise ValueError(f"block_n={block_n} must be a power of two >= 16")
         if min_split < block_n or min_split % block_n:
             raise ValueError(f"min_split={min_split} must be a positive multiple of block_n={block_n}")
-        if max_splits < 1:
-            raise ValueError(f"max_splits={max_splits} must be >= 1")
-        return (cls._rows(max_batch, num_heads, target_programs, max_splits),
-                max(16, _next_pow2(group)), max(16, _next_pow2(head_dim)))
+        if target_programs < 1:
+            raise ValueError(f"target_programs={target_programs} must be >= 1")
+        rows = cls._even(max_batch, num_heads, target_programs) + max(1, max_batch) * num_heads
+        return rows, max(16, _next_pow2(group)), max(16, _next_pow2(head_dim))
 
     @classmethod
     def create(cls, *, max_batch: int, num_heads: int, group: int, head_dim: int,
-               device: torch.device | str, target_programs: int = DEFAULT_TARGET_PROGRAMS,
-               max_splits: int = 64, min_split: int = 256, block_n: int = 64) -> "DecodeWorkspace":
-        """Bounds from static sizes (``max_batch`` slots x ``num_heads`` pool heads; ``group`` query
-        heads per KV head; ``head_dim``); the scratch allocated once."""
+               device: torch.device | str, num_layers: int = 1, target_programs: int = DEFAULT_TARGET_PROGRAMS,
+               min_split: int = 64, block_n: int = 64) -> "DecodeWorkspace":
+        """Bounds from static sizes (``max_batch`` slots x ``num_heads`` pool heads, ``num_layers``;
+        ``group`` query heads per KV head; ``head_dim``); the scratch and the plan allocated once."""
         rows, bg, bd = cls._layout(max_batch=max_batch, num_heads=num_heads, group=group, head_dim=head_dim,
-                                   target_programs=target_programs, max_splits=max_splits,
-                                   min_split=min_split, block_n=block_n)
+                                   target_programs=target_programs, min_split=min_split, block_n=block_n)
         dev = torch.device(device)
-        return cls(max_batch=max_batch, num_heads=num_heads, target_programs=target_programs,
-                   max_splits=max_splits, min_split=min_split, block_n=block_n, block_g=bg, block_d=bd,
+        return cls(max_batch=max_batch, num_heads=num_heads, num_layers=num_layers, target_programs=target_programs,
+                   min_split=min_split, block_n=block_n, block_g=bg, block_d=bd,
                    o_part=torch.empty(rows, bg, bd, dtype=torch.float32, device=dev),
-                   lse_part=torch.empty(rows, bg, dtype=torch.float32, device=dev))
+                   lse_part=torch.empty(rows, bg, dtype=torch.float32, device=dev),
+                   plan_chunk=torch.zeros(num_layers, dtype=torch.int32, device=dev),
+                   plan_off=torch.zeros(num_layers, max(1, max_batch) * num_heads, dtype=torch.int32, device=dev))
 
     @property
     def nbytes(self) -> int:
-        return self.o_part.numel() * 4 + self.lse_part.numel() * 4
+        return (self.o_part.numel() + self.lse_part.numel() + self.plan_chunk.numel() + self.plan_off.numel()) * 4
 
     @classmethod
-    def bytes_for(cls, *, max_batch: int, num_heads: int, group: int, head_dim: int,
-                  target_programs: int = DEFAULT_TARGET_PROGRAMS, max_splits: int = 64,
-                  min_split: int = 256, block_n: int = 64) -> int:
-        """Scratch bytes :meth:`create` would allocate (for budgeting before the pool exists)."""
+    def bytes_for(cls, *, max_batch: int, num_heads: int, group: int, head_dim: int, num_layers: int = 1,
+                  target_programs: int = DEFAULT_TARGET_PROGRAMS, min_split: int = 64, block_n: int = 64) -> int:
+        """Bytes :meth:`create` would allocate (for budgeting before the pool exists)."""
         rows, bg, bd = cls._layout(max_batch=max_batch, num_heads=num_heads, group=group, head_dim=head_dim,
-                                   target_programs=target_programs, max_splits=max_splits,
-                                   min_split=min_split, block_n=block_n)
-        return rows * bg * (bd + 1) * 4
+                                   target_programs=target_programs, min_split=min_split, block_n=block_n)
+        return (rows * bg * (bd + 1) + num_layers * (1 + max(1, max_batch) * num_heads)) * 4
 
 
 def _next_pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
 
 
+#: integer arguments that vary between steps or layers: never specialised (Triton would compile a
+#: variant per class {== 1, divisible by 16, other} of each, mid-serving, stalling every TP rank)
+PLAN_DYNAMIC = ("layer0", "n_seg", "even")
+SPLIT_DYNAMIC = ("layer", "n_seg", "heads_here", "stride_qb", "stride_qh")
+MERGE_DYNAMIC = ("layer", "stride_ob", "stride_oh")
+
+
 # ---- Triton kernels -------------------------------------------------------------------------------
 if HAS_TRITON:
 
-    @triton.jit
-    def _split_range(seg_len, s, max_splits, MIN_SPLIT: tl.constexpr, BLOCK_N: tl.constexpr):
-        """Split ``s`` of a segment of ``seg_len`` tokens: ``(start, end, splits)`` (splits = 0 when
-        the segment is empty). The same arithmetic in both kernels."""
-        n = tl.minimum((seg_len + MIN_SPLIT - 1) // MIN_SPLIT, max_splits)
-        n = tl.maximum(n, 1)
-        per = (((seg_len + n - 1) // n + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
-        per = tl.maximum(per, BLOCK_N)
-        splits = (seg_len + per - 1) // per
-        start = s * per
-        end = tl.minimum(start + per, seg_len)
-        return start, end, splits
+    @triton.jit(do_not_specialize=PLAN_DYNAMIC)
+    def _plan_kernel(SegLen, ReqIdx, PlanChunk, PlanOff, layer0, n_seg, even, num_layers, pool_heads,
+                     off_stride, MIN_SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK: tl.constexpr):
+        """Layer ``layer0 + program_id``: its batch's tokens, piece size, and the prefix sum of its
+        segments' piece counts (segment ``j`` = slot ``j // H``, head ``j % H``)."""
+        l = layer0 + tl.program_id(0)
+        total = n_seg * 0  # an int32 tensor (a loop-carried value must not start as a constexpr)
+        for j0 in range(0, n_seg, BLOCK):
+            j = j0 + tl.arange(0, BLOCK)
+            m = j < n_seg
+            r = tl.load(ReqIdx + j // pool_heads, mask=m, other=0).to(tl.int64)
+            n = tl.load(SegLen + (r * num_layers + l) * pool_heads + j % pool_heads, mask=m, other=0)
+            total += tl.sum(n, 0)
+        chunk = (((total + even - 1) // even + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
+        chunk = tl.maximum(chunk, MIN_SPLIT)
+        tl.store(PlanChunk + l, chunk)
+        carry = n_seg * 0
+        for j0 in range(0, n_seg, BLOCK):
+            j = j0 + tl.arange(0, BLOCK)
+            m = j < n_seg
+            r = tl.load(ReqIdx + j // pool_heads, mask=m, other=0).to(tl.int64)
+            n = tl.load(SegLen + (r * num_layers + l) * pool_heads + j % pool_heads, mask=m, other=0)
+            pieces = tl.where(m, (n + chunk - 1) // chunk, 0)
+            tl.store(PlanOff + l * off_stride + j, tl.cumsum(pieces, 0) + carry, mask=m)
+            carry += tl.sum(pieces, 0)
 
-    @triton.jit
-    def _paged_split_kernel(Q, K, V, SegPages, SegLen, ReqIdx, OPart, LsePart, Work,
-                            sm_scale, layer, num_layers, pool_heads, max_pages, max_splits,
+    @triton.jit(do_not_specialize=SPLIT_DYNAMIC)
+    def _paged_split_kernel(Q, K, V, SegPages, SegLen, ReqIdx, PlanChunk, PlanOff, OPart, LsePart, Work,
+                            sm_scale, layer, n_seg, heads_here, num_layers, pool_heads, max_pages, off_stride,
                             stride_qb, stride_qh, stride_qg, stride_kn, stride_vn,
                             G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
-                            BLOCK_D: tl.constexpr, P: tl.constexpr, MIN_SPLIT: tl.constexpr,
-                            BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr, COUNT_WORK: tl.constexpr):
-        b = tl.program_id(0)
-        h = tl.program_id(1)
-        s = tl.program_id(2)
-        heads_here = tl.num_programs(1)
-        r = tl.load(ReqIdx + b).to(tl.int64)
-        base = (r * num_layers + layer) * pool_heads + h
-        seg_len = tl.load(SegLen + base)
-        start, end, splits = _split_range(seg_len, s, max_splits, MIN_SPLIT, BLOCK_N)
-        part = ((b * heads_here + h) * max_splits + s).to(tl.int64)
-        iters = s * 0  # an int32 tensor (a loop-carried counter must not start as a constexpr)
-        if s < splits:
-            table = SegPages + base * max_pages
-            offs_g = tl.arange(0, BLOCK_G)
-            offs_d = tl.arange(0, BLOCK_D)
-            mask_g = offs_g < G
-            mask_d = offs_d < D
-            q = tl.load(Q + b * stride_qb + h * stride_qh + offs_g[:, None] * stride_qg + offs_d[None, :],
-                        mask=mask_g[:, None] & mask_d[None, :], other=0.0)
-            if DOT_F32:
-                q = q.to(tl.float32)
-            m = tl.full([BLOCK_G], float("-inf"), tl.float32)
-            l = tl.zeros([BLOCK_G], tl.float32)
-            acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-            for n0 in range(start, end, BLOCK_N):  # dynamic trip count: this split's own tokens
-                t = n0 + tl.arange(0, BLOCK_N)
-                mask_n = t < end
-                page = tl.load(table + t // P, mask=mask_n, other=0).to(tl.int64)
-                rows = page * P + t % P
-                kv_mask = mask_n[:, None] & mask_d[None, :]
-                k = tl.load(K + rows[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-                v = tl.load(V + rows[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+                            BLOCK_D: tl.constexpr, P: tl.constexpr, BLOCK_N: tl.constexpr, LOG2_SEG: tl.constexpr,
+                            DOT_F32: tl.constexpr, COUNT_WORK: tl.constexpr):
+        p = tl.program_id(0)
+        off_row = PlanOff + layer * off_stride
+        total = tl.load(off_row + n_seg - 1)
+        iters = p * 0  # an int32 tensor (a loop-carried counter must not start as a constexpr)
+        if p < total:
+            # the segment of piece p: the first j with plan_off[j] > p (a binary search, static trip count)
+            lo = p * 0
+            hi = lo + n_seg - 1
+            for _ in range(LOG2_SEG):
+                mid = (lo + hi) // 2
+                right = tl.load(off_row + mid) <= p
+                lo = tl.where(right, mid + 1, lo)
+                hi = tl.where(right, hi, mid)
+            j = lo
+            first = tl.load(off_row + tl.maximum(j - 1, 0))
+            first = tl.where(j > 0, first, 0)
+            b = j // pool_heads
+            h = j % pool_heads
+            if h < heads_here:
+                r = tl.load(ReqIdx + b).to(tl.int64)
+                base = (r * num_layers + layer) * pool_heads + h
+                seg_len = tl.load(SegLen + base)
+                chunk = tl.load(PlanChunk + layer)
+                start = (p - first) * chunk
+                end = tl.minimum(start + chunk, seg_len)
+                table = SegPages + base * max_pages
+                offs_g = tl.arange(0, BLOCK_G)
+                offs_d = tl.arange(0, BLOCK_D)
+                mask_g = offs_g < G
+                mask_d = offs_d < D
+                q = tl.load(Q + b * stride_qb + h * stride_qh + offs_g[:, None] * stride_qg + offs_d[None, :],
+                            mask=mask_g[:, None] & mask_d[None, :], other=0.0)
                 if DOT_F32:
-                    k = k.to(tl.float32)
-                    v = v.to(tl.float32)
-                sc = tl.dot(q, tl.trans(k)).to(tl.float32) * sm_scale  # [BLOCK_G, BLOCK_N]
-                sc = tl.where(mask_n[None, :], sc, float("-inf"))
-                m_new = tl.maximum(m, tl.max(sc, 1))
-                alpha = tl.exp(m - m_new)
-                p = tl.exp(sc - m_new[:, None])
-                l = l * alpha + tl.sum(p, 1)
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
-                m = m_new
-                if COUNT_WORK:
-                    iters += 1
-            po = OPart + part * BLOCK_G * BLOCK_D + offs_g[:, None] * BLOCK_D + offs_d[None, :]
-            tl.store(po, acc / l[:, None])
-            tl.store(LsePart + part * BLOCK_G + offs_g, m + tl.log(l))
+                    q = q.to(tl.float32)
+                m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+                l = tl.zeros([BLOCK_G], tl.float32)
+                acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+                for n0 in range(start, end, BLOCK_N):  # dynamic trip count: this piece's own tokens
+                    t = n0 + tl.arange(0, BLOCK_N)
+                    mask_n = t < end
+                    page = tl.load(table + t // P, mask=mask_n, other=0).to(tl.int64)
+                    rows = page * P + t % P
+                    kv_mask = mask_n[:, None] & mask_d[None, :]
+                    k = tl.load(K + rows[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+                    v = tl.load(V + rows[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+                    if DOT_F32:
+                        k = k.to(tl.float32)
+                        v = v.to(tl.float32)
+                    sc = tl.dot(q, tl.trans(k)).to(tl.float32) * sm_scale  # [BLOCK_G, BLOCK_N]
+                    sc = tl.where(mask_n[None, :], sc, float("-inf"))
+                    m_new = tl.maximum(m, tl.max(sc, 1))
+                    alpha = tl.exp(m - m_new)
+                    pr = tl.exp(sc - m_new[:, None])
+                    l = l * alpha + tl.sum(pr, 1)
+                    acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v).to(tl.float32)
+                    m = m_new
+                    if COUNT_WORK:
+                        iters += 1
+                part = p.to(tl.int64)
+                po = OPart + part * BLOCK_G * BLOCK_D + offs_g[:, None] * BLOCK_D + offs_d[None, :]
+                tl.store(po, acc / l[:, None])
+                tl.store(LsePart + part * BLOCK_G + offs_g, m + tl.log(l))
         if COUNT_WORK:
-            tl.store(Work + part, iters)
+            tl.store(Work + p, iters)
 
-    @triton.jit
-    def _paged_merge_kernel(OPart, LsePart, SegLen, ReqIdx, Out, layer, num_layers, pool_heads,
-                            max_splits, stride_ob, stride_oh, stride_og,
-                            G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
-                            BLOCK_D: tl.constexpr, MIN_SPLIT: tl.constexpr, BLOCK_N: tl.constexpr):
+    @triton.jit(do_not_specialize=MERGE_DYNAMIC)
+    def _paged_merge_kernel(OPart, LsePart, PlanOff, Out, layer, pool_heads, off_stride,
+                            stride_ob, stride_oh, stride_og,
+                            G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr):
         b = tl.program_id(0)
         h = tl.program_id(1)
-        heads_here = tl.num_programs(1)
-        r = tl.load(ReqIdx + b).to(tl.int64)
-        seg_len = tl.load(SegLen + (r * num_layers + layer) * pool_heads + h)
-        _, _, splits = _split_range(seg_len, 0, max_splits, MIN_SPLIT, BLOCK_N)
-        first = ((b * heads_here + h) * max_splits).to(tl.int64)
+        j = b * pool_heads + h
+        off_row = PlanOff + layer * off_stride
+        last = tl.load(off_row + j)
+        first = tl.load(off_row + tl.maximum(j - 1, 0))
+        first = tl.where(j > 0, first, 0)
         offs_g = tl.arange(0, BLOCK_G)
         offs_d = tl.arange(0, BLOCK_D)
         m = tl.full([BLOCK_G], float("-inf"), tl.float32)
         l = tl.zeros([BLOCK_G], tl.float32)
         acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-        for s in range(0, splits):
-            c = first + s
-            lse = tl.load(LsePart + c * BLOCK_G + offs_g)
-            o = tl.load(OPart + c * BLOCK_G * BLOCK_D + offs_g[:, None] * BLOCK_D + offs_d[None, :])
+        for c in range(first, last):
+            c64 = first.to(tl.int64) * 0 + c  # int64 (in the interpreter c is a host int)
+            lse = tl.load(LsePart + c64 * BLOCK_G + offs_g)
+            o = tl.load(OPart + c64 * BLOCK_G * BLOCK_D + offs_g[:, None] * BLOCK_D + offs_d[None, :])
             m_new = tl.maximum(m, lse)
             alpha = tl.exp(m - m_new)
             beta = tl.exp(lse - m_new)
@@ -248,6 +290,30 @@ if HAS_TRITON:
         mask = (offs_g[:, None] < G) & (offs_d[None, :] < D)
         tl.store(Out + b * stride_ob + h * stride_oh + offs_g[:, None] * stride_og + offs_d[None, :],
                  res.to(Out.dtype.element_ty), mask=mask)
+
+
+def plan_decode(seg_len: torch.Tensor, req_idx: torch.Tensor, ws: DecodeWorkspace,
+                layer: int | None = None) -> None:
+    """The step's work plan into ``ws.plan_chunk`` / ``ws.plan_off`` (one launch; no host sync): every
+    layer of the tables (``layer=None``: once per step, before the layers run), or one layer.
+    ``seg_len`` int32 ``[R, L, H]`` (lengths after the step's append), ``req_idx`` int ``[B]``."""
+    B = req_idx.shape[0]
+    R, L, H = seg_len.shape
+    if L > ws.num_layers:
+        raise ValueError(f"the tables have {L} layers, the workspace's plan {ws.num_layers}")
+    if H != ws.num_heads or B > ws.max_batch:
+        raise ValueError(f"plan of {B} slots x {H} heads for a workspace of {ws.max_batch} x {ws.num_heads}")
+    if not (HAS_TRITON and (seg_len.is_cuda or _interpreting())):
+        raise RuntimeError("plan_decode needs CUDA or TRITON_INTERPRET=1")
+    if B == 0:
+        return
+    n_seg = B * H
+    layer0, n_layers = (0, L) if layer is None else (int(layer), 1)
+    _plan_kernel[(n_layers,)](seg_len, req_idx, ws.plan_chunk, ws.plan_off, layer0, n_seg, ws.even_programs(B),
+                              L, H, ws.plan_off.stride(0), MIN_SPLIT=ws.min_split, BLOCK_N=ws.block_n,
+                              BLOCK=min(1024, max(16, _next_pow2(ws.max_batch * H))))  # static: one variant
+    if layer is None:
+        ws.planned_batch = B
 
 
 def _check(q, k_rows, v_rows, seg_pages, seg_len, req_idx, ws: DecodeWorkspace):
@@ -264,6 +330,8 @@ def _check(q, k_rows, v_rows, seg_pages, seg_len, req_idx, ws: DecodeWorkspace):
         raise ValueError(f"the page table has {H} heads, the workspace was sized for {ws.num_heads}")
     if req_idx.shape != (B,):
         raise ValueError(f"req_idx must be [B] = [{B}], got {tuple(req_idx.shape)}")
+    if seg_pages.shape[1] > ws.num_layers:
+        raise ValueError(f"the tables have {seg_pages.shape[1]} layers, the workspace's plan {ws.num_layers}")
     if B > ws.max_batch:
         raise ValueError(f"{B} slots exceed the workspace's {ws.max_batch}")
     if G > ws.block_g or D > ws.block_d:
@@ -282,7 +350,7 @@ def _check(q, k_rows, v_rows, seg_pages, seg_len, req_idx, ws: DecodeWorkspace):
 def paged_decode(q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor, seg_pages: torch.Tensor,
                  seg_len: torch.Tensor, req_idx: torch.Tensor, layer: int, sm_scale: float,
                  ws: DecodeWorkspace, page_size: int, out: torch.Tensor | None = None,
-                 work: torch.Tensor | None = None) -> torch.Tensor:
+                 work: torch.Tensor | None = None, planned: bool = False) -> torch.Tensor:
     """Decode attention of one layer over the pool's page table; returns ``out`` [B, Hl, G, D].
 
     Parameters
@@ -292,11 +360,13 @@ def paged_decode(q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor, se
     seg_pages, seg_len : the pool's tables (int32 ``[R, L, H, MP]``, int32 ``[R, L, H]``), on q's device.
     req_idx : int ``[B]`` ``req_pool_idx`` of each batch slot (padding slots: any request whose
         segments in ``layer`` are empty, e.g. SGLang's padding slot 0).
-    ws : the static bounds and scratch (:class:`DecodeWorkspace`).
-    work : optional int32 ``[B * Hl * ws.splits_for(B)]``; when given, each program writes the loop
+    ws : the static bounds, plan and scratch (:class:`DecodeWorkspace`).
+    planned : the step's :func:`plan_decode` of every layer ran for these ``B`` slots (the server's
+        decode step); else this layer is planned first (one more launch).
+    work : optional int32 ``[ws.programs_for(B)]``; when given, each program writes the loop
         iterations it ran there (the work proxy of the tests; a separate compiled variant).
 
-    No host sync, no allocation but ``out`` (when not given); grid ``(B, Hl, ws.splits_for(B))``, then
+    No host sync, no allocation but ``out`` (when not given); grid ``(ws.programs_for(B),)``, then
     ``(B, Hl)`` for the merge. Accumulates in float32. Runs on CUDA or under ``TRITON_INTERPRET=1``.
     """
     _check(q, k_rows, v_rows, seg_pages, seg_len, req_idx, ws)
@@ -309,23 +379,28 @@ def paged_decode(q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor, se
                            "ragged_torch.paged_decode_torch, the same contract in torch)")
     if B == 0 or Hl == 0:
         return out
-    S = ws.splits_for(B)
-    if work is not None and work.numel() < B * Hl * S:
-        raise ValueError(f"work must hold {B * Hl * S} counters, got {work.numel()}")
-    _paged_split_kernel[(B, Hl, S)](
-        q, k_rows, v_rows, seg_pages, seg_len, req_idx, ws.o_part, ws.lse_part,
+    if planned:
+        if ws.planned_batch != B:
+            raise RuntimeError(f"paged_decode(planned=True) for {B} slots, the last plan was for {ws.planned_batch}")
+    else:
+        plan_decode(seg_len, req_idx, ws, layer=layer)
+    n_prog = ws.programs_for(B)
+    if work is not None and work.numel() < n_prog:
+        raise ValueError(f"work must hold {n_prog} counters, got {work.numel()}")
+    _paged_split_kernel[(n_prog,)](
+        q, k_rows, v_rows, seg_pages, seg_len, req_idx, ws.plan_chunk, ws.plan_off, ws.o_part, ws.lse_part,
         work if work is not None else ws.lse_part,
-        float(sm_scale), int(layer), L, H, MP, S,
+        float(sm_scale), int(layer), B * H, Hl, L, H, MP, ws.plan_off.stride(0),
         q.stride(0), q.stride(1), q.stride(2), k_rows.stride(0), v_rows.stride(0),
-        G=G, BLOCK_G=ws.block_g, D=D, BLOCK_D=ws.block_d, P=page_size, MIN_SPLIT=ws.min_split,
-        BLOCK_N=ws.block_n,
+        G=G, BLOCK_G=ws.block_g, D=D, BLOCK_D=ws.block_d, P=page_size, BLOCK_N=ws.block_n,
+        LOG2_SEG=max(1, (ws.max_batch * H).bit_length()),
         # Triton's CPU interpreter computes tl.dot on bfloat16 inputs wrongly (checked with 3.9.0):
         # upcast there only; on CUDA the dots run on the native 16-bit inputs (tensor cores).
         DOT_F32=_interpreting() and q.dtype == torch.bfloat16, COUNT_WORK=work is not None)
     _paged_merge_kernel[(B, Hl)](
-        ws.o_part, ws.lse_part, seg_len, req_idx, out, int(layer), L, H, S,
+        ws.o_part, ws.lse_part, ws.plan_off, out, int(layer), H, ws.plan_off.stride(0),
         out.stride(0), out.stride(1), out.stride(2),
-        G=G, BLOCK_G=ws.block_g, D=D, BLOCK_D=ws.block_d, MIN_SPLIT=ws.min_split, BLOCK_N=ws.block_n)
+        G=G, BLOCK_G=ws.block_g, D=D, BLOCK_D=ws.block_d)
     return out
 
 

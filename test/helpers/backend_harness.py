@@ -59,14 +59,21 @@ def layer(geo: Geometry, lid: int):
 def use_cuda_branch(backend, kernel=None, **workspace_kw) -> None:
     """Switch a CPU backend to its CUDA decode branch: a static workspace for its pool and ``kernel``
     (default the Triton ``paged_decode``, interpreted on a CPU; a stand-in callable to count the ops
-    around the launches)."""
-    from sglang_fairkv_kernels import DecodeWorkspace, paged_decode
+    around the launches: the step's plan is then a stand-in of one op too)."""
+    from sglang_fairkv_kernels import DecodeWorkspace, paged_decode, plan_decode
 
     p = backend.pool
     workspace_kw.setdefault("group", max(1, backend_group(backend)))
     backend.workspace = DecodeWorkspace.create(max_batch=p.max_reqs, num_heads=p.num_kv_heads,
-                                               head_dim=p.head_dim, device="cpu", **workspace_kw)
+                                               head_dim=p.head_dim, num_layers=p.num_layers, device="cpu",
+                                               **workspace_kw)
     backend._paged_decode = kernel or paged_decode
+
+    def plan_stand_in(seg_len, idx, ws):  # one op stands for the plan's one launch
+        ws.plan_chunk.zero_()
+        ws.planned_batch = idx.shape[0]
+
+    backend._plan_decode = plan_decode if kernel is None else plan_stand_in
     backend.decode_kernel = "triton"
 
 

@@ -72,11 +72,12 @@ class FairKVAttnBackend(PrefillMixin, AttentionBackend):
         self.prefill_varlen = on_cuda and varlen_usable(self.pool.dtype, self.pool.head_dim, self.device)
         self.workspace = self.state.workspace
         if self.decode_kernel == "triton":
-            from sglang_fairkv_kernels import paged_decode
+            from sglang_fairkv_kernels import paged_decode, plan_decode
 
             if self.workspace is None:
                 raise RuntimeError("fairkv: the Triton decode path needs the pool's static workspace")
             self._paged_decode = paged_decode
+            self._plan_decode = plan_decode
         self.forward_metadata: ExtendMetadata | DecodeMetadata | None = None
         self.ledger = self.state.ledger
         self.tp = self.state.rank_plan.tp
@@ -116,12 +117,19 @@ class FairKVAttnBackend(PrefillMixin, AttentionBackend):
         self.state.sample_decode_balance(idx_host)  # host, from the ledger, every few steps
         return rows, lens
 
+    def _plan_step(self, idx_dev: torch.Tensor) -> None:
+        """The step's decode work plan for every layer (Triton path; one launch into the workspace's
+        static buffers, after the step's lengths are on the device): pieces of at most a layer's even
+        share over every (slot, head) segment (:func:`~sglang_fairkv_kernels.plan_decode`)."""
+        self._plan_decode(self.pool.seg_len, idx_dev, self.workspace)
+
     def _decode_metadata(self, forward_batch) -> DecodeMetadata:
         idx_dev = forward_batch.req_pool_indices
         idx_host = self.state.host_req_pool_indices(forward_batch)
         write_rows, lens = self._decode_step(idx_host, idx_dev)
         write_rows = write_rows.unbind(0)
         if self.decode_kernel == "triton":
+            self._plan_step(idx_dev)
             return DecodeMetadata(idx_dev, write_rows, lens, None)
         lens_h = self.pool.seg_len_host[idx_host]  # [b, L, H] after the step (host mirror)
         max_len = lens_h.max(axis=(0, 2)).tolist() if lens_h.size else [0] * self.num_layers
@@ -161,8 +169,9 @@ class FairKVAttnBackend(PrefillMixin, AttentionBackend):
         the batch; ``num_padding`` slots past the real ones): the step's host bookkeeping and upload
         as in eager mode, the real slots' rows / lengths / indices written into the buffers by the step
         itself (on CUDA the fused ``decode_step`` launch), padding slots zeroed (they write the sink
-        page and attend nothing). The kernel's launch configuration of
-        ``bs`` is static (:meth:`DecodeWorkspace.splits_for`), so nothing else is rebuilt."""
+        page and attend nothing), then the step's work plan into the workspace's static buffers. The
+        kernel's launch configuration of ``bs`` is static (:meth:`DecodeWorkspace.programs_for`), so nothing
+        else is rebuilt."""
         mode = forward_batch.forward_mode
         if not mode.is_decode():
             return self.init_forward_metadata(forward_batch)
@@ -171,6 +180,7 @@ class FairKVAttnBackend(PrefillMixin, AttentionBackend):
             self._g_idx[:bs].zero_()
             self._g_rows[:, :bs].zero_()
             self._g_lens[:bs].zero_()
+            self._plan_step(self._g_idx[:bs])  # every slot empty: no piece
             self.forward_metadata = self._graph_metadata(bs)
             return
         self.pool.begin_step()
@@ -179,6 +189,7 @@ class FairKVAttnBackend(PrefillMixin, AttentionBackend):
         idx_host = self.state.host_req_pool_indices(forward_batch)[:raw]
         # rows, lengths and indices straight into the static buffers (on CUDA: one upload, two launches)
         self._decode_step(idx_host, idx_dev, out=(self._g_rows[:, :bs], self._g_lens[:bs], self._g_idx[:bs]))
+        self._plan_step(self._g_idx[:bs])  # padding slots: request 0, no piece
         self.forward_metadata = self._graph_metadata(bs)
 
     def init_forward_metadata_in_graph(self, forward_batch):
@@ -219,7 +230,8 @@ class FairKVAttnBackend(PrefillMixin, AttentionBackend):
         qg = _as(q.reshape(b, hkv, hq // hkv, d), pool.dtype)
         if self.decode_kernel == "triton":
             out = self._paged_decode(qg, pool.k_rows, pool.v_rows, pool.seg_pages, pool.seg_len,
-                                     md.req_pool_idx, lid, layer.scaling, self.workspace, pool.page_size)
+                                     md.req_pool_idx, lid, layer.scaling, self.workspace, pool.page_size,
+                                     planned=True)
         else:
             out = paged_decode_torch(qg, pool.k_rows, pool.v_rows, pool.seg_pages, pool.seg_len, md.req_pool_idx,
                                      lid, layer.scaling, pool.page_size, max_len=md.max_len[lid])

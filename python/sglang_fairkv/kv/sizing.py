@@ -56,7 +56,7 @@ def rank_pool_sizes(*, max_total_tokens: int, rows_per_token_budget: int, row_by
     arithmetic only): every byte is pages."""
     budget = max_total_tokens * rows_per_token_budget * row_bytes
     page_bytes = page_size * row_bytes
-    kw = dict(max_batch=max_reqs, num_heads=heads, group=group, head_dim=head_dim)
+    kw = dict(max_batch=max_reqs, num_heads=heads, group=group, head_dim=head_dim, num_layers=num_layers)
     if target_programs is not None:
         kw["target_programs"] = target_programs
     if not metadata_in_budget:
