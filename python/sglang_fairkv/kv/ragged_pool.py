@@ -48,15 +48,15 @@ import math
 import numpy as np
 import torch
 
-
-class RaggedPoolFull(RuntimeError):
-    """Raised when an allocation finds no free page (admission should have prevented it)."""
-
-
-_PAGES, _LEN, _ACTIVE, _TIER = 0, 1, 2, 3  # the device tables that pending writes target
+from .page_stack import PageStackMixin, RaggedPoolFull  # noqa: F401  (re-exported)
+from .pool_staging import StagingMixin
+from .pool_tier import _TIER, TierMixin
 
 
-class RaggedKVPool:
+_PAGES, _LEN, _ACTIVE = 0, 1, 2  # the device tables that pending writes target (and the tier's, _TIER = 3)
+
+
+class RaggedKVPool(PageStackMixin, StagingMixin, TierMixin):
     """Paged per-(request, layer, KV head) segments; KV rows and tables on ``device``, bookkeeping
     on the host.
 
@@ -197,80 +197,7 @@ class RaggedKVPool:
     def bytes_per_row(self) -> int:
         return 2 * self.head_dim * self.k_rows.element_size()
 
-    # ---- host free stack and queued table writes ---------------------------------------------
-    # ---- deferred free (overlap scheduling) ---------------------------------------------------------
-    def begin_step(self) -> None:
-        """A forward step is being launched (the backend's metadata, once per step). Pages freed during
-        an earlier step come back to the free stack once that step has finished: on CUDA when the event
-        recorded at their release has completed (queried, no wait), on a CPU at once (its forward ran
-        synchronously).
-
-        Called from the backend's metadata, i.e. on the stream the step's kernels are queued on (SGLang's
-        overlap scheduler runs the forward on its own stream and releases requests from the scheduler's
-        stream): that stream is remembered, and release events are recorded on it."""
-        self.step += 1
-        if self.device.type == "cuda":
-            self._step_stream = torch.cuda.current_stream(self.device)
-        self._reclaim(before_step=self.step, wait=False)
-
-    def _reclaim(self, before_step: int, wait: bool) -> None:
-        """Return limbo pages released during steps before ``before_step`` once those are over
-        (``wait``: block on their events -- only when a pop would otherwise fail)."""
-        keep = []
-        for step, pages, ev in self._limbo:
-            if step >= before_step:  # released during a step not yet launched: not before it launches
-                keep.append((step, pages, ev))
-                continue
-            if ev is not None and not ev.query():
-                if not wait:
-                    keep.append((step, pages, ev))
-                    continue
-                ev.synchronize()
-            self._push(pages)
-            self._limbo_pages -= int(pages.size)
-        self._limbo = keep
-
-    def limbo_pages(self) -> int:
-        """Pages freed but not yet reusable (a launched step may still read them)."""
-        return self._limbo_pages
-
-    def _pop(self, n: int) -> np.ndarray:
-        if n > self._n_free and self._limbo_pages:  # released pages of a step that must end first
-            # the caller's step is launched after everything queued so far, this step's releases included
-            self._reclaim(before_step=self.step + 1, wait=True)
-        if n > self._n_free:
-            raise RaggedPoolFull(f"ragged KV pool: need {n} pages, {self._n_free} free")
-        out = self._free[self._n_free - n:self._n_free][::-1].copy()
-        self._n_free -= n
-        self.peak_used = max(self.peak_used, self.used_pages())
-        return out
-
-    def _release(self, pages: np.ndarray) -> None:
-        """Pages of a released request (finish / abort, from the scheduler, maybe while a launched step
-        still reads them): reusable at once before any step was launched, else through the limbo
-        (:meth:`begin_step`). Compaction's tail pages go back at once (:meth:`_push`): only the same
-        step's later, stream-ordered work can take them."""
-        pages = np.asarray(pages, dtype=np.int32).reshape(-1)
-        if not pages.size:
-            return
-        if self.step == 0:
-            self._push(pages)
-            return
-        ev = None
-        if self.device.type == "cuda":
-            ev = torch.cuda.Event()
-            # on the forward stream, not the caller's (the scheduler's): the event completes after every
-            # kernel queued there so far, i.e. after the launched steps that may read these pages
-            ev.record(self._step_stream)
-        self._limbo.append((self.step, pages.copy(), ev))
-        self._limbo_pages += int(pages.size)
-
-    def _push(self, pages: np.ndarray) -> None:
-        k = int(pages.size)
-        if k:
-            self._free[self._n_free:self._n_free + k] = pages.reshape(-1)
-            self._n_free += k
-
+    # ---- queued table writes -------------------------------------------------------------------
     def _seg_flat(self, r: int) -> np.ndarray:
         """Flat indices (into ``seg_len`` / ``active``) of every segment of request ``r``, ``[L*H]``."""
         n = self.num_layers * self.num_kv_heads
@@ -328,41 +255,6 @@ class RaggedKVPool:
                 table = tables_[t]
                 table.view(-1)[idx] = val.to(table.dtype)
         return packed[off:] if extra is not None else None
-
-    #: pinned staging buffers in the upload ring: a buffer is refilled only once the copy that last read
-    #: it has finished, so the host waits only when it runs this many uploads ahead of the device
-    STAGING_RING = 8
-
-    def upload(self, host: np.ndarray) -> torch.Tensor:
-        """int64 host data on the pool's device in one asynchronous copy (pinned staging on CUDA), for
-        callers with small per-layer metadata (head ids, kept counts); see :meth:`_upload`."""
-        return self._upload(np.asarray(host, dtype=np.int64).reshape(-1))
-
-    def _upload(self, host: np.ndarray) -> torch.Tensor:
-        """One host-to-device copy. On CUDA through a ring of ``STAGING_RING`` pinned staging buffers: a
-        buffer is reused only after the copy that last read it has finished (queried; the host waits
-        only if that copy is still pending, i.e. when it is a whole ring of uploads ahead of the device:
-        back-pressure that leaves the device's queue full, not a stall of the device). A compressed
-        prompt's last chunk uploads twice per layer (its pages, then the compaction's rows), so the host
-        may run four layers ahead before it waits."""
-        self.uploads += 1
-        src = torch.from_numpy(host)
-        if self.device.type != "cuda":
-            return src.to(self.device)
-        slot, self._flip = self._flip, (self._flip + 1) % self.STAGING_RING
-        buf, ev = self._staging[slot], self._staging_events[slot]
-        if ev is not None and not ev.query():
-            self.staging_waits += 1
-            ev.synchronize()
-        if buf is None or buf.numel() < src.numel():
-            buf = self._staging[slot] = torch.empty(max(src.numel(), 1 << 16), dtype=torch.int64,
-                                                    pin_memory=True)
-        buf[:src.numel()].copy_(src)
-        out = buf[:src.numel()].to(self.device, non_blocking=True)
-        ev = torch.cuda.Event()
-        ev.record()
-        self._staging_events[slot] = ev
-        return out
 
     # ---- allocation (host decisions) -----------------------------------------------------------
     def extend(self, req_pool_idx, new_len) -> None:
@@ -539,95 +431,6 @@ class RaggedKVPool:
             src = self.seg_pages.view(-1)[seg * MP + pos // P].to(torch.int64) * P + pos % P
             self.k_rows[dst_rows] = self.k_rows[src]  # advanced indexing reads src before writing
             self.v_rows[dst_rows] = self.v_rows[src]
-
-    # ---- the dense prefix tier ------------------------------------------------------------------
-    def enable_tier(self, num_blocks: int, layer_heads: list[int]) -> None:
-        """Allocate the tier's block table ``[num_blocks, L, H]`` (int32, device + host mirror; its bytes
-        are counted in the KV budget by the caller). ``layer_heads[l]``: KV heads this rank holds in
-        layer ``l`` (a block takes one page per held (layer, head): :attr:`tier_pages_per_block`)."""
-        shape = (num_blocks, self.num_layers, self.num_kv_heads)
-        self.tier_pages = torch.zeros(shape, dtype=torch.int32, device=self.device)
-        self.tier_pages_host = np.zeros(shape, dtype=np.int32)
-        held = np.zeros((self.num_layers, self.num_kv_heads), dtype=np.bool_)
-        for l, h in enumerate(layer_heads):
-            held[l, :int(h)] = True
-        self._tier_held = held
-        self.tier_pages_per_block = int(held.sum())
-
-    @staticmethod
-    def tier_table_bytes(num_blocks: int, num_layers: int, num_kv_heads: int) -> int:
-        return num_blocks * num_layers * num_kv_heads * 4
-
-    def tier_alloc(self, blocks: np.ndarray) -> None:
-        """Pages for new tier blocks (host ints ``[k]``): one per held (layer, head) of each; the table
-        writes are queued (the step's :meth:`flush` sends them)."""
-        blocks = np.asarray(blocks, dtype=np.int64).reshape(-1)
-        if not blocks.size:
-            return
-        n = self.tier_pages_per_block
-        pages = self._pop(n * blocks.size).reshape(blocks.size, n)
-        l_i, h_i = np.nonzero(self._tier_held)
-        self.tier_pages_host[blocks[:, None], l_i[None, :], h_i[None, :]] = pages
-        L, H = self.num_layers, self.num_kv_heads
-        flat = (blocks[:, None] * L + l_i[None, :]) * H + h_i[None, :]
-        self._queue(_TIER, flat, pages)
-        self.tier_used_pages += int(pages.size)
-
-    def tier_free(self, blocks: np.ndarray) -> None:
-        """Return the pages of freed tier blocks (host ints ``[k]``) through the limbo (a launched step may
-        still read them). Their device table entries go stale; nothing reads a block nobody owns."""
-        blocks = np.asarray(blocks, dtype=np.int64).reshape(-1)
-        if not blocks.size:
-            return
-        l_i, h_i = np.nonzero(self._tier_held)
-        pages = self.tier_pages_host[blocks[:, None], l_i[None, :], h_i[None, :]]
-        self._release(pages)
-        self.tier_pages_host[blocks] = 0
-        self.tier_used_pages -= int(pages.size)
-
-    def tier_rows(self, tokens: torch.Tensor, layer: int, num_heads: int) -> torch.Tensor:
-        """int64 ``[b, num_heads, T]``: rows of tier ``tokens`` (int64 ``[b, T]`` or ``[T]``, device) in
-        ``layer`` for heads ``h < num_heads`` (a flat gather of the tier table, no host read)."""
-        P, L, H = self.page_size, self.num_layers, self.num_kv_heads
-        tok = tokens if tokens.dim() == 2 else tokens[None, :]
-        base = ((tok // P) * L + layer) * H  # [b, T]
-        page = self.tier_pages.view(-1)[base[:, None, :] + torch.arange(num_heads, device=tok.device)[None, :, None]]
-        return page.to(torch.int64) * P + (tok % P)[:, None, :]
-
-    def tier_rows_tokens(self, tokens: torch.Tensor, layer: int, num_heads: int) -> torch.Tensor:
-        """int64 ``[n, num_heads]``: rows of tier ``tokens`` (int64 ``[n]``, device) in ``layer``, token-major
-        (the packed prefill layout)."""
-        P, L, H = self.page_size, self.num_layers, self.num_kv_heads
-        base = ((tokens // P) * L + layer) * H  # [n]
-        page = self.tier_pages.view(-1)[base[:, None] + torch.arange(num_heads, device=tokens.device)[None, :]]
-        return page.to(torch.int64) * P + (tokens % P)[:, None]
-
-    def fill_from_tier(self, req_pool_idx: int, layer: int, kept: list[torch.Tensor], heads: list[int],
-                       tokens: torch.Tensor) -> None:
-        """Fill the empty segments ``(req_pool_idx, layer, heads[i])`` with the rows of ``kept[i]`` (sorted
-        prompt positions, device) read from the tier, where position ``p`` is tier token ``tokens[p]``
-        (int64 ``[seq]``, device): a prefill that used the tier compresses straight into the segments.
-        Pages from the free stack (host); one gather/scatter of K and of V for all heads; destination
-        rows and head ids in one small upload (as :meth:`compact`)."""
-        r, P, L, H = int(req_pool_idx), self.page_size, self.num_layers, self.num_kv_heads
-        counts = np.asarray([int(k.numel()) for k in kept], dtype=np.int64)
-        h_arr = np.asarray(heads, dtype=np.int64)
-        if (self.seg_len_host[r, layer, h_arr] != 0).any():
-            raise AssertionError("fill_from_tier on a segment that already holds rows")
-        self._grow(np.full(h_arr.size, r, dtype=np.int64), np.full(h_arr.size, layer, dtype=np.int64), h_arr, counts)
-        n_tot = int(counts.sum())
-        if not n_tot:
-            return
-        t = np.concatenate([np.arange(n) for n in counts])
-        hh = np.repeat(h_arr, counts)
-        dst = self.seg_pages_host[r, layer, hh, t // P].astype(np.int64) * P + t % P
-        host = self._upload(np.concatenate([hh, dst]))
-        hcol, dst_rows = host[:n_tot], host[n_tot:]
-        pos = torch.cat([k.to(self.device, torch.int64) for k in kept])
-        tok = tokens[pos]
-        src = self.tier_pages.view(-1)[((tok // P) * L + layer) * H + hcol].to(torch.int64) * P + tok % P
-        self.k_rows[dst_rows] = self.k_rows[src]
-        self.v_rows[dst_rows] = self.v_rows[src]
 
     # ---- addressing ---------------------------------------------------------------------------
     def rows_at(self, req_pool_idx: torch.Tensor, layer: int, num_heads: int,
