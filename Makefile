@@ -45,18 +45,17 @@ test: install
 test-fast: install
 	$(PY) -m pytest test -m "not server" $(XDIST) $(PYTEST_ARGS)
 
-# The one-call GPU check (run on the lent H200 through the device tool, carry [".device"]; prepare
+# The one-call GPU check (the lent H100 / H200 through the device tool, carry [".device"]; prepare
 # .device/flashinfer first with ../shared/tools/flashinfer-for-device.sh, .device/sglang with
-# ../shared/tools/sglang-for-device/build.sh): pool + page-table kernel against the torch path in
-# bf16/fp16, per-layer decode-step time, kernel vs FlashInfer, stock SGLang vs fairkv servers.
+# ../shared/tools/sglang-for-device/build.sh): phases with deadlines (benchmark/device/run.py): pool +
+# page-table kernel against the torch path, kernel vs FlashInfer, fairkv vs stock servers; $OUT gets
+# summary.md, results.json and logs.tar.gz, rewritten after every phase.
 device-check:
 	bash benchmark/device/run.sh
 
-# The same scripts on the CPU (tiny sizes, Triton interpreted): checks their plumbing.
+# The same phases and server configurations on the CPU (tiny sizes, Triton interpreted).
 device-check-dry: install
-	OUT=$${OUT:-out} TRITON_INTERPRET=1 $(PY) benchmark/device/check_pool.py --dry-run
-	OUT=$${OUT:-out} TRITON_INTERPRET=1 $(PY) benchmark/device/bench_kernel.py --dry-run
-	OUT=$${OUT:-out} $(PY) benchmark/device/serve.py --dry-run
+	OUT=$${OUT:-out} $(PY) benchmark/device/run.py --dry-run
 
 clean:
 	rm -rf $(VENV) models

@@ -21,7 +21,11 @@ gathered from the pool, lower-right causal, flash) for a batch of two, the last 
 32k prompt and a new 64-token request, 8 KV heads x 32 query heads (an 8B model at TP 1); time, the
 path taken (must be flash), peak extra memory against the bound, error against fp32.
 
-Writes $OUT/ragged_decode.json, prints markdown tables last.
+And the CUDA prefill path itself: the same two requests in one varlen flash call (``causal.flash_varlen``,
+every request's keys packed with ``cu_seqlens``), its time and its difference from the per-request path.
+
+FlashInfer comes from ``.device/flashinfer`` (installed into a temporary site at start). Writes its
+figures after every case (``$RESULT_JSON`` under ``run.py``, else ``$OUT/ragged_decode.json``).
 
     make device-check                                  # on the lent GPU (FlashInfer, SGLang from .device/)
     python benchmark/device/bench_kernel.py --dry-run  # on CPU, TRITON_INTERPRET=1, tiny sizes
@@ -41,8 +45,9 @@ from pathlib import Path
 import torch
 
 import _paths  # noqa: E402,F401  (the project's folders on sys.path)
+import _results  # noqa: E402
 from helpers.decode_reference import paged_decode_reference  # noqa: E402
-from sglang_fairkv_kernels import DecodeWorkspace, paged_decode, target_programs_for  # noqa: E402
+from sglang_fairkv_kernels import DecodeWorkspace, paged_decode, plan_decode, target_programs_for  # noqa: E402
 
 H, G, D, P = 2, 4, 128, 16
 SGL_SPLITS = 8  # SGLang's --triton-attention-num-kv-splits default
@@ -137,7 +142,8 @@ def decode_case(B, ctx, dev, dt, fi_ws, sgl, dry) -> dict:
                                 target_programs=target_programs_for(dev))
     row["grid"] = [ws.programs_for(B)]
     out = torch.empty_like(q)
-    ours = lambda: paged_decode(q, k, v, tables, seg_len, req_idx, 0, D ** -0.5, ws, P, out=out)
+    plan_decode(seg_len, req_idx, ws)  # once per step in the server (every layer): not in the layer's time
+    ours = lambda: paged_decode(q, k, v, tables, seg_len, req_idx, 0, D ** -0.5, ws, P, out=out, planned=True)
     ours()
     sub = min(B, 4)  # the fp64 reference loops on the host
     ref = paged_decode_reference(q[:sub], k, v, tables, seg_len, req_idx[:sub], 0, P, D ** -0.5)
@@ -255,6 +261,25 @@ def prefill_check(dev, dt, dry) -> dict:
     res = {"heads": [hq, hkv], "context": ctx, "chunk": last, "new_request": new, "us": us,
            "flash": used["flash"], "peak_extra_MiB": peak / 2**20, "bound_MiB": bound / 2**20,
            "old_math_scores_MiB": 2 * hq * last * ctx * 4 / 2**20, "rel_err_vs_fp32": err}
+    if causal.varlen_usable(dt, d, dev):  # the CUDA path: the batch in one varlen call
+        q_packed = torch.cat([qq[0].transpose(0, 1) for qq in qs])  # [T, hq, d]
+        rows = torch.cat([rows_of(first, seq).T for first, seq, _ in reqs])  # [K, hkv]
+        cu_q = torch.tensor([0, last, last + new], dtype=torch.int32, device=dev)
+        cu_k = torch.tensor([0, ctx, ctx + new], dtype=torch.int32, device=dev)
+
+        def one_call():
+            return causal.flash_varlen(q_packed, k_rows[rows], v_rows[rows], cu_q, cu_k, last, ctx, d ** -0.5)
+
+        o1 = one_call()
+        sync()
+        t0 = time.perf_counter()
+        o1 = one_call()
+        sync()
+        res["varlen_us"] = (time.perf_counter() - t0) * 1e6
+        per_req = torch.cat([o[0].transpose(0, 1) for o in outs])
+        res["varlen_rel_diff"] = ((o1.float() - per_req.float()).norm() / per_req.float().norm()).item()
+        if res["varlen_rel_diff"] > 1e-2:
+            raise AssertionError(f"prefill: varlen vs per-request relative difference {res['varlen_rel_diff']:.2e}")
     if err > 2e-2:
         raise AssertionError(f"prefill: relative error {err:.2e} against fp32")
     if dev == "cuda" and not used["flash"]:
@@ -264,6 +289,45 @@ def prefill_check(dev, dt, dry) -> dict:
     return res
 
 
+def install_flashinfer() -> str | None:
+    """FlashInfer from ``.device/flashinfer`` (built by ``../shared/tools/flashinfer-for-device.sh``) into a
+    temporary site on ``sys.path``; returns why not when it is missing."""
+    import glob
+    import subprocess
+    import tempfile
+
+    src = _paths.REPO / ".device" / "flashinfer"
+    wheels = glob.glob(str(src / "apache_tvm_ffi-*.whl"))
+    if not wheels or not (src / "flashinfer-trim.tar.xz").exists():
+        return f"{src} missing: the benchmark runs our kernel alone"
+    site = tempfile.mkdtemp(prefix="fi-site-")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                    "--target", site, *wheels], check=True, timeout=120)
+    with tarfile.open(src / "flashinfer-trim.tar.xz") as t:
+        t.extractall(site, filter="data")
+    sys.path.insert(0, site)
+    os.environ["PYTHONPATH"] = site + os.pathsep + os.environ.get("PYTHONPATH", "")
+    os.environ.setdefault("MAX_JOBS", "16")
+    return None
+
+
+def table(res: dict) -> str:
+    lines = ["| batch | context | kept / dense tokens | grid | ours us | FI dense us | SGLang triton dense us | "
+             "FI ragged us | ours GB/s | ours rel err |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in res["decode"]:
+        if "error" in r or "skipped" in r:
+            why = r.get("skipped") or r["error"].strip().splitlines()[-1]
+            lines.append(f"| {r['batch']} | {r['context']} | {why} |")
+            continue
+        f = lambda key, fmt="{:.1f}": fmt.format(r[key]) if key in r else "-"  # noqa: E731
+        lines.append(f"| {r['batch']} | {r['context']} | {r['kept_tokens']} / {r['dense_tokens']} | {r['grid']} | "
+                     f"{f('ours_us')} | {f('fi_dense_us')} | {f('sgl_triton_dense_us')} | {f('fi_ragged_us')} | "
+                     f"{f('ours_GBps', '{:.0f}')} | {f('ours_rel_err', '{:.1e}')} |")
+    if res.get("prefill"):
+        lines += ["", "prefill: " + json.dumps(res["prefill"])[:1500]]
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dry-run", action="store_true", help="tiny sizes on CPU (interpreter), no FlashInfer")
@@ -271,18 +335,30 @@ def main() -> None:
     dry = args.dry_run
     dev = "cpu" if dry else "cuda"
     dt = torch.float32 if dry else torch.bfloat16
-    out_dir = os.environ.get("OUT", "out")
-    os.makedirs(out_dir, exist_ok=True)
     res = {"device": "cpu (dry run)" if dry else torch.cuda.get_device_name(0),
            "date": time.strftime("%Y-%m-%d"), "decode": [], "prefill": None, "failures": []}
+    if not dry:
+        try:
+            why = install_flashinfer()
+        except Exception:  # noqa: BLE001 - report it, run our kernel alone
+            why = traceback.format_exc()[-1200:]
+        if why:
+            res["flashinfer_missing"] = why
+            res["failures"].append("flashinfer")
+
+    def save():
+        res["table"] = table(res)
+        _results.write_results(res, "ragged_decode.json")
+
     fi_ws = None if dry else torch.zeros(512 << 20, dtype=torch.uint8, device=dev)
     sgl = None
     try:
         sgl = sglang_decode_fn()
     except Exception:
         res["sgl_import_error"] = traceback.format_exc()[-1200:]
-    cases = [(1, 256), (2, 512)] if dry else [(b, c) for b in (1, 64, 256) for c in (1024, 8192, 32768, 131072)]
-    path = os.path.join(out_dir, "ragged_decode.json")
+    # the most telling cases first (a deadline cuts the tail): large batches of long contexts last
+    cases = [(1, 256), (2, 512)] if dry else [(b, c) for b in (64, 1, 256) for c in (8192, 32768, 1024, 131072)]
+    save()
     for B, ctx in cases:
         try:
             row = decode_case(B, ctx, dev, dt, fi_ws, sgl, dry)
@@ -291,30 +367,26 @@ def main() -> None:
             res["failures"].append(f"decode {B} x {ctx}")
         res["decode"].append(row)
         print(json.dumps(row), flush=True)
-        json.dump(res, open(path, "w"), indent=1)
+        save()
         if dev == "cuda":
             torch.cuda.empty_cache()
-    try:
-        res["prefill"] = prefill_check(dev, dt, dry)
-    except Exception:
-        res["prefill"] = {"error": traceback.format_exc()[-2000:]}
-        res["failures"].append("prefill")
+        if B == 64 and ctx == 8192:  # the prefill check early: it is short and the CUDA prefill path's only test
+            try:
+                res["prefill"] = prefill_check(dev, dt, dry)
+            except Exception:
+                res["prefill"] = {"error": traceback.format_exc()[-2000:]}
+                res["failures"].append("prefill")
+            save()
+    if res["prefill"] is None:
+        try:
+            res["prefill"] = prefill_check(dev, dt, dry)
+        except Exception:
+            res["prefill"] = {"error": traceback.format_exc()[-2000:]}
+            res["failures"].append("prefill")
     print(json.dumps(res["prefill"]), flush=True)
-    json.dump(res, open(path, "w"), indent=1)
+    save()
     print(f"\n{res['device']}  {res['date']}")
-    print("| batch | context | kept / dense tokens | grid | ours us | FI dense us | SGLang triton dense us | "
-          "FI ragged us | ours GB/s | ours rel err |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in res["decode"]:
-        if "error" in r or "skipped" in r:
-            why = r.get("skipped") or r["error"].strip().splitlines()[-1]
-            print(f"| {r['batch']} | {r['context']} | {why} |")
-            continue
-        f = lambda key, fmt="{:.1f}": fmt.format(r[key]) if key in r else "-"
-        print(f"| {r['batch']} | {r['context']} | {r['kept_tokens']} / {r['dense_tokens']} | {r['grid']} | "
-              f"{f('ours_us')} | {f('fi_dense_us')} | {f('sgl_triton_dense_us')} | {f('fi_ragged_us')} | "
-              f"{f('ours_GBps', '{:.0f}')} | {f('ours_rel_err', '{:.1e}')} |")
-    print(f"prefill: {json.dumps(res['prefill'])}")
+    print(res["table"])
     if res["failures"]:
         print("FAIL: " + ", ".join(res["failures"]))
         raise SystemExit(1)

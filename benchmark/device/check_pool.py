@@ -5,8 +5,8 @@ runs (``paged_decode_torch``), bf16 and fp16, NaN-aware; and the time of a whole
 bookkeeping + one upload + every layer's K/V write and attention), per layer, for a SmolLM2-shaped and a
 70B-per-rank-shaped (TP 8) model.
 
-Every part runs and reports even when an earlier one fails; exit status 1 if any failed. Writes
-``$OUT/pool_check.json``.
+Every part runs and reports even when an earlier one fails; exit status 1 if any failed. Writes its
+figures after every part (``$RESULT_JSON`` under ``run.py``, else ``$OUT/pool_check.json``).
 
     python benchmark/device/check_pool.py             # CUDA (make device-check)
     TRITON_INTERPRET=1 python benchmark/device/check_pool.py --dry-run   # CPU, tiny sizes
@@ -15,8 +15,6 @@ Every part runs and reports even when an earlier one fails; exit status 1 if any
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 import traceback
@@ -25,6 +23,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import _paths  # noqa: E402,F401  (the project's folders on sys.path)
+import _results  # noqa: E402
 from sglang_fairkv.kv.ragged_pool import RaggedKVPool  # noqa: E402
 from sglang_fairkv_kernels import DecodeWorkspace, paged_decode, paged_decode_torch, plan_decode, target_programs_for  # noqa: E402
 
@@ -154,6 +153,21 @@ def time_step(dev: str, dry: bool, name: str, *, layers, heads, group, d, bs, ma
     return out
 
 
+def table(report: dict) -> str:
+    """Markdown of the figures so far."""
+    rows = ["| part | figure |", "|---|---|"]
+    c = report.get("correctness")
+    if isinstance(c, dict) and "error" not in c:
+        rows += [f"| Triton vs torch decode, {dt} | max abs diff {v['max_abs_diff']:.2e} over {v['rows_read']} rows |"
+                 for dt, v in c.items()]
+    for k, v in report.items():
+        if k.startswith("step_") and isinstance(v, dict) and "step_ms" in v:
+            rows.append(f"| decode step {v['shape']} (batch {v['batch']}, {v['layers']} layers) | "
+                        f"{v['step_ms']:.2f} ms, {v['per_layer_us']:.1f} us/layer, host {v['append_host_us']:.0f} us |")
+    rows += [f"| {k} | ERROR |" for k, v in report.items() if isinstance(v, dict) and "error" in v]
+    return "\n".join(rows)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dry-run", action="store_true")
@@ -175,10 +189,8 @@ def main() -> int:
             failed.append(name)
             report[name] = {"error": traceback.format_exc()[-3000:]}
             print(f"FAIL {name}:\n{report[name]['error']}", file=sys.stderr)
-    out_dir = os.environ.get("OUT", "out")
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "pool_check.json"), "w") as f:
-        json.dump(report, f, indent=1)
+        report["failures"], report["table"] = failed, table(report)
+        _results.write_results(report, "pool_check.json")  # what is done so far, at once
     print("FAILED: " + ", ".join(failed) if failed else "all parts passed")
     return 1 if failed else 0
 

@@ -5,18 +5,19 @@ On the device (``make device-check`` runs it after the kernel checks; carry ``.d
 holding SmolLM2's config and tokenizer):
 
 * unpacks the SGLang bundle (no sgl-kernel: its torch stand-in; ``SGLANG_FORCE_FUSED_OP_BACKEND=torch``);
-* models made on the device: a SmolLM2-shaped Llama with **seeded** weights (transformers, seed 0: the
-  same weights in every server, so greedy tokens can be compared) and an 8B-shaped Llama (Llama-3-8B
-  dimensions, SmolLM2's tokenizer) with ``--load-format dummy`` (timing only);
-* serves each configuration through ``python -m sglang.launch_server`` (stock, ``--attention-backend
-  triton``) or ``python -m sglang_fairkv.launch_server`` (``--kv-compress none`` / ``adakv`` 0.75), CUDA
-  graphs on and off, every one with the same ``--max-total-tokens`` (equal KV memory);
-* greedy tokens of stock vs fairkv ``none`` on the seeded weights (equal up to bf16 near-ties, counted);
+* a SmolLM2-shaped Llama made on the device with **seeded** weights (transformers, seed 0: the same
+  weights in every server, so greedy tokens can be compared);
+* three servers, in this order (a deadline cuts the tail): fairkv ``--kv-compress none``, stock SGLang
+  (``--attention-backend triton``), fairkv ``adakv`` 0.75 -- fairkv first (what this project must show),
+  stock with fairkv's graph settings (decode graphs on, prefill graphs off: an equal comparison), every
+  one with the same ``--max-total-tokens`` (equal KV memory);
+* greedy tokens of stock vs fairkv ``none`` (equal up to bf16 near-ties, counted), as soon as both ran;
 * a bench_serving-style load (concurrent streamed requests, random ids, ``ignore_eos``): output tok/s,
   mean TTFT / TPOT, the most requests SGLang decoded at once; for fairkv the pool must really have held
   KV during the load (``/server_info``), and a graphs-on run must have captured graphs (server log);
-* prints one table and writes ``$OUT/serve_table.md`` and ``$OUT/serve.json``; exit 1 if a check fails.
-  A global deadline skips (and reports) the runs that no longer fit the call.
+* every server's process group is registered for ``run.py`` (killed with the phase at its deadline) and
+  the figures are rewritten after every server (``$RESULT_JSON``, else ``$OUT/serve.json``); a server is
+  not started when the phase's deadline leaves it less than ``--min-run-s``; exit 1 if a check fails.
 
 ``--dry-run`` (CPU, the project's venv): the same plumbing with the embedded SmolLM2 (real weights,
 float32, graphs unavailable), tiny loads, stock ``torch_native`` vs fairkv; ``make device-check-dry``.
@@ -40,12 +41,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import _paths  # noqa: E402  (the project's folders on sys.path)
+import _results  # noqa: E402
 from sglang_fairkv.server_process import ServerProcess  # noqa: E402  (stdlib only: fine on the device)
 
 REPO = _paths.REPO
-LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                num_key_value_heads=8, head_dim=128, max_position_embeddings=8192, rope_theta=500000.0,
-                tie_word_embeddings=False)
 
 
 @dataclass
@@ -92,18 +91,6 @@ print("seeded", sum(p.numel() for p in model.parameters()), "parameters")
 """
     subprocess.run([sys.executable, "-c", code, str(config_dir), str(dst), str(seed), json.dumps(overrides or {})],
                    env=env, check=True, timeout=300)
-    return dst
-
-
-def shaped_config(config_dir: Path, dst: Path, overrides: dict) -> Path:
-    """A config-only folder (tokenizer files copied) with ``overrides``: for ``--load-format dummy``."""
-    dst.mkdir(parents=True, exist_ok=True)
-    cfg = json.loads((config_dir / "config.json").read_text())
-    cfg.update(overrides)
-    (dst / "config.json").write_text(json.dumps(cfg, indent=1))
-    for f in config_dir.iterdir():
-        if f.name != "config.json" and f.is_file() and not f.name.endswith((".safetensors", ".bin", ".pt")):
-            shutil.copy(f, dst)
     return dst
 
 
@@ -175,39 +162,59 @@ def load(server: ServerProcess, prompts: list[list[int]], n_out: int, concurrenc
 
 # ---- the call ----------------------------------------------------------------------------------
 def plan_runs(dry: bool) -> list[Run]:
-    if dry:
-        return [Run("smollm2", "stock torch_native", "sglang_fairkv.launch_server", [], False),
-                Run("smollm2", "fairkv none", "sglang_fairkv.launch_server", ["--kv-compress", "none"], False),
-                Run("smollm2", "fairkv adakv 0.75", "sglang_fairkv.launch_server",
-                    ["--kv-compress", "adakv", "--kv-compress-ratio", "0.75"], False)]
-    common = ["--dtype", "bfloat16", "--sampling-backend", "pytorch", "--mem-fraction-static", "0.5"]
-    stock = ["--attention-backend", "triton", *common]
-    off = ["--cuda-graph-backend-decode", "disabled"]
-    ada = ["--kv-compress", "adakv", "--kv-compress-ratio", "0.75", *common]
-    none = ["--kv-compress", "none", *common]
+    """The same three configurations on the device and in the dry run (CPU: no graphs, stock's
+    ``torch_native`` attention)."""
     S, F = "sglang.launch_server", "sglang_fairkv.launch_server"
-    # in priority order: the deadline skips what no longer fits the call
-    return [Run("smollm2", "stock triton, graphs", S, stock, True),
-            Run("smollm2", "fairkv none, graphs", F, none, True),
-            Run("smollm2", "fairkv adakv 0.75, graphs", F, ada, True),
-            Run("llama8b", "stock triton, graphs", S, stock, True),
-            Run("llama8b", "fairkv adakv 0.75, graphs", F, ada, True),
-            Run("smollm2", "fairkv adakv 0.75, eager", F, [*ada, *off], False),
-            Run("smollm2", "stock triton, eager", S, [*stock, *off], False),
-            Run("smollm2", "fairkv none, eager", F, [*none, *off], False),
-            Run("llama8b", "fairkv none, graphs", F, none, True)]
+    if dry:
+        common, stock, graphs = [], [], False
+    else:
+        # stock with fairkv's graph settings: decode graphs on, prefill graphs off (fairkv forces them off)
+        common = ["--dtype", "bfloat16", "--sampling-backend", "pytorch", "--mem-fraction-static", "0.5",
+                  "--cuda-graph-backend-prefill", "disabled"]
+        stock, graphs = ["--attention-backend", "triton"], True
+    return [Run("smollm2", "fairkv none", F, ["--kv-compress", "none", *common], graphs),
+            Run("smollm2", "stock", S if not dry else F, [*stock, *common], graphs),
+            Run("smollm2", "fairkv adakv 0.75", F, ["--kv-compress", "adakv", "--kv-compress-ratio", "0.75", *common],
+                graphs)]
+
+
+def compare(tokens: dict, dry: bool) -> tuple[list[str], list[str]]:
+    """Greedy tokens of stock vs fairkv none: (report lines, failures)."""
+    stock, mine = tokens.get("stock"), tokens.get("fairkv none")
+    if stock is None or mine is None:
+        return [], []
+    equal = sum(x == y for x, y in zip(stock, mine))
+    first = [next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), None) for x, y in zip(stock, mine)]
+    line = (f"greedy tokens, stock vs fairkv none: {equal}/{len(stock)} prompts equal over 16 tokens; first "
+            f"divergence per prompt {first}")
+    need = len(stock) if dry else max(1, len(stock) - 2)  # bf16 near-ties may flip a couple
+    return [line], ([f"greedy tokens differ on {len(stock) - equal} of {len(stock)} prompts"] if equal < need else [])
+
+
+def table(rows: list[Run]) -> str:
+    lines = ["| model | config | up s | out tok/s | mean TTFT ms | mean TPOT ms | max running | graphs captured |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        x = r.result
+        if "out_tok_s" in x:
+            lines.append(f"| {r.model} | {r.name} | {x['up_s']:.0f} | {x['out_tok_s']:.1f} | {x['ttft_ms']:.0f} | "
+                         f"{x['tpot_ms']:.1f} | {x['max_running']} | {x['graphs_captured']} |")
+        else:
+            lines.append(f"| {r.model} | {r.name} | - | - | - | - | - | {x.get('skipped') or 'error'} |")
+    return "\n".join(lines)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dry-run", action="store_true")
     ap.add_argument("--bundle", type=Path, default=REPO / ".device" / "sglang")
-    ap.add_argument("--deadline-s", type=float, default=200.0, help="start no server after this many seconds")
+    ap.add_argument("--min-run-s", type=float, default=None, help="start no server with less time left")
     a = ap.parse_args()
-    out = Path(os.environ.get("OUT", "out"))
-    out.mkdir(parents=True, exist_ok=True)
+    min_run = a.min_run_s or (30.0 if a.dry_run else 75.0)
     t_start = time.time()
     work = Path(tempfile.mkdtemp(prefix="serve-device-"))
+    logs = Path(os.environ.get("OUT", "out"))
+    logs.mkdir(parents=True, exist_ok=True)
     import random
 
     rng = random.Random(0)
@@ -219,36 +226,52 @@ def main() -> int:
         total, n_in, n_out, n_req, conc, n_cmp = 8192, 64, 8, 4, 4, 2
     else:
         env = device_env(a.bundle, Path("/tmp/site"))
-        cfg_dir = a.bundle / "model"
-        small = seeded_model(cfg_dir, work / "smollm2-seeded", 0, env)
-        big = shaped_config(cfg_dir, work / "llama8b", LLAMA_8B)
-        models = {"smollm2": ["--model-path", str(small)],
-                  "llama8b": ["--model-path", str(big), "--load-format", "dummy"]}
+        small = seeded_model(a.bundle / "model", work / "smollm2-seeded", 0, env)
+        models = {"smollm2": ["--model-path", str(small)]}
         total, n_in, n_out, n_req, conc, n_cmp = 65536, 512, 64, 64, 32, 8
     prompts = [[rng.randrange(100, 40000) for _ in range(n_in)] for _ in range(n_req)]
     cmp_prompts = [[rng.randrange(100, 40000) for _ in range(128)] for _ in range(n_cmp)]
-    failures, rows, tokens = [], [], {}
+    failures, rows, tokens, cmp_lines = [], [], {}, []
+    head = (f"{'DRY RUN (CPU)' if a.dry_run else 'device'}: {n_req} requests x {n_in} in / {n_out} out, concurrency "
+            f"{conc}, --max-total-tokens {total} for every run")
+
+    def save():
+        text = "\n".join([head, "", table(rows), "", *cmp_lines])
+        _results.write_results({"runs": [{"model": r.model, "name": r.name, **r.result} for r in rows],
+                                "greedy": cmp_lines, "failures": failures, "table": text}, "serve.json")
+
     for run in plan_runs(a.dry_run):
-        if time.time() - t_start > a.deadline_s:
-            run.result = {"skipped": "deadline"}
+        left = _results.deadline_left(t_start)
+        if left is not None and left < min_run:
+            run.result = {"skipped": f"deadline ({left:.0f} s left)"}
             rows.append(run)
+            save()
             continue
-        log = out / f"server-{run.model}-{re.sub(r'[^a-z0-9]+', '-', run.name.lower())}.log"
+        log = logs / f"server-{run.model}-{re.sub(r'[^a-z0-9]+', '-', run.name.lower())}.log"
         args = [*run.args, "--max-total-tokens", str(total), "--max-running-requests", str(max(conc, 8)),
                 "--decode-log-interval", "1"]
         fairkv = run.module.startswith("sglang_fairkv") and "--kv-compress" in args
+        s = ServerProcess([*models[run.model], *args], module=run.module, env=env, log=log,
+                          startup_timeout=min(240.0, left - 10) if left else 240.0, graceful_s=10)
         try:
-            s = ServerProcess([*models[run.model], *args], module=run.module, env=env, log=log,
-                              startup_timeout=240, graceful_s=30).start()
+            s.launch()
+            _results.register_group(s.proc.pid)  # killed with this phase at its deadline
+            s.wait_healthy()
         except Exception as e:  # noqa: BLE001 - report every run
+            s.stop()
             run.result = {"error": str(e)[-600:]}
             failures.append(f"{run.model} / {run.name}: did not start")
             rows.append(run)
+            save()
             continue
         try:
             run.result["up_s"] = s.up_s
-            if run.model == "smollm2" and run.name.split(",")[0] in ("stock triton", "stock torch_native", "fairkv none"):
-                tokens[(run.name.split(",")[0], run.graphs)] = greedy(s, cmp_prompts, 16)
+            if run.name in ("stock", "fairkv none"):
+                tokens[run.name] = greedy(s, cmp_prompts, 16)
+                lines, bad = compare(tokens, a.dry_run)
+                cmp_lines[:] = lines
+                failures.extend(bad)
+            save()  # the greedy comparison is the first figure of this phase
             run.result.update(load(s, prompts, n_out, conc, fairkv))
             text = tail(log, 10 ** 7)
             running = [int(m) for m in re.findall(r"#running-req: (\d+)", text)]
@@ -258,7 +281,7 @@ def main() -> int:
                 failures.append(f"{run.model} / {run.name}: a request did not return all its tokens")
             if fairkv and not run.result.get("max_rows_seen"):
                 failures.append(f"{run.model} / {run.name}: the fairkv pool never held KV during the load")
-            if run.graphs and not a.dry_run and not run.result["graphs_captured"]:
+            if run.graphs and not run.result["graphs_captured"]:
                 failures.append(f"{run.model} / {run.name}: no CUDA graph was captured")
         except Exception as e:  # noqa: BLE001
             run.result["error"] = str(e)[-600:]
@@ -266,37 +289,11 @@ def main() -> int:
         finally:
             s.stop()
         rows.append(run)
-    # greedy tokens: stock vs fairkv none on the same weights
-    cmp_lines = []
-    for graphs in (True, False):
-        stock = tokens.get(("stock triton" if not a.dry_run else "stock torch_native", graphs))
-        mine = tokens.get(("fairkv none", graphs))
-        if stock is None or mine is None:
-            continue
-        equal = sum(x == y for x, y in zip(stock, mine))
-        first = [next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), None) for x, y in zip(stock, mine)]
-        cmp_lines.append(f"greedy tokens, stock vs fairkv none ({'graphs' if graphs else 'eager'}): {equal}/{len(stock)} "
-                         f"prompts equal over 16 tokens; first divergence per prompt {first}")
-        need = len(stock) if a.dry_run else max(1, len(stock) - 2)  # bf16 near-ties may flip a couple
-        if equal < need:
-            failures.append(f"greedy tokens differ on {len(stock) - equal} of {len(stock)} prompts")
+        save()
     if not cmp_lines:
         failures.append("no greedy-token comparison ran")
-    lines = [f"| model | config | up s | out tok/s | mean TTFT ms | mean TPOT ms | max running | graphs captured |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        x = r.result
-        if "out_tok_s" in x:
-            lines.append(f"| {r.model} | {r.name} | {x['up_s']:.0f} | {x['out_tok_s']:.1f} | {x['ttft_ms']:.0f} | "
-                         f"{x['tpot_ms']:.1f} | {x['max_running']} | {x['graphs_captured']} |")
-        else:
-            lines.append(f"| {r.model} | {r.name} | - | - | - | - | - | {x.get('skipped') or 'error'} |")
-    head = (f"{'DRY RUN (CPU)' if a.dry_run else 'device'}: {n_req} requests x {n_in} in / {n_out} out, concurrency "
-            f"{conc}, --max-total-tokens {total} for every run")
-    text = "\n".join([head, "", *lines, "", *cmp_lines, "", "failures: " + ("; ".join(failures) or "none")])
-    print(text)
-    (out / "serve_table.md").write_text(text + "\n")
-    (out / "serve.json").write_text(json.dumps([{"model": r.model, "name": r.name, **r.result} for r in rows], indent=1))
+    save()
+    print("\n".join([head, "", table(rows), "", *cmp_lines, "", "failures: " + ("; ".join(failures) or "none")]))
     shutil.rmtree(work, ignore_errors=True)
     print(("PASS" if not failures else "FAIL") + f" serve.py in {time.time() - t_start:.0f} s")
     return 0 if not failures else 1
