@@ -103,8 +103,14 @@ def test_request_fields_problem_found_by_the_sweep():
     assert "top_logprobs_num" in request_fields_problem(obj(top_logprobs_num=-1), 100)
     assert "logprob_start_len" in request_fields_problem(obj(logprob_start_len=-5), 100)
     assert "one object per prompt" in request_fields_problem(obj(sampling_params=[{}]), 100)
-    assert "stop_token_ids[1] = 100" in request_fields_problem(
-        obj(sampling_params={"stop_token_ids": [3, 100]}), 100)
+    # past the vocabulary: accepted, as stock SGLang accepts it (never produced); ill-typed: refused
+    assert request_fields_problem(obj(sampling_params={"stop_token_ids": [3, 100, 10 ** 9]}), 100) is None
+    assert "stop_token_ids[1]: token ids must be integers" in request_fields_problem(
+        obj(sampling_params={"stop_token_ids": [3, "x"]}), 100)
+    assert "must be a list" in request_fields_problem(obj(sampling_params={"stop_token_ids": 5}), 100)
+    # ... but with min_new_tokens SGLang's penalizer indexes the logits by them: a 400 there
+    assert "outside the vocabulary" in request_fields_problem(
+        obj(sampling_params={"stop_token_ids": [3, 100], "min_new_tokens": 2}), 100)
 
 
 @pytest.mark.parametrize("kw,needle", [

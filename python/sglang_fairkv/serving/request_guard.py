@@ -11,7 +11,10 @@ alike; on a GPU an out-of-range index is a device assert that ends the process t
 
 A sweep of every endpoint with malformed fields (``test/helpers/malformed.py``) also found 500s
 (``sampling_params`` lists that do not match the prompts, an empty ``input_embeds``) and nonsense
-accepted silently (``n = 0``, ``logprob_start_len < -1``, ``stop_token_ids`` past the vocabulary).
+accepted silently (``n = 0``, ``logprob_start_len < -1``, ``stop_token_ids`` past the vocabulary). Where
+stock SGLang accepts a request and nothing fails, so do we: ``stop_token_ids`` past the vocabulary are
+accepted (such a token can never be produced; a client sending one stop list to several models must
+work), only ill-typed ones (which fail in ``SamplingParams``) are refused.
 
 The guards, each a ``HookRegistry`` hook:
 
@@ -110,9 +113,15 @@ def request_fields_problem(obj, vocab_size: int) -> str | None:
     if stop_ids is not None:
         if not isinstance(stop_ids, list):
             return f"sampling_params.stop_token_ids must be a list of token ids, got {type(stop_ids).__name__}"
-        problem = prompt_problem(stop_ids, vocab_size, field="sampling_params.stop_token_ids", allow_empty=True)
-        if problem is not None:
-            return problem
+        bad = next((i for i, t in enumerate(stop_ids) if not _is_int(t)), None)
+        if bad is not None:  # ids past the vocabulary are fine (never produced), as in stock SGLang
+            return (f"sampling_params.stop_token_ids[{bad}]: token ids must be integers, got "
+                    f"{type(stop_ids[bad]).__name__} {stop_ids[bad]!r}")
+        if (sp or {}).get("min_new_tokens"):  # SGLang's min_new_tokens penalizer indexes the logits by them
+            problem = prompt_problem(stop_ids, vocab_size, field="sampling_params.stop_token_ids (with "
+                                     "min_new_tokens, which masks them in the logits)", allow_empty=True)
+            if problem is not None:
+                return problem
     return None
 
 
