@@ -9,6 +9,7 @@ our allocator's idle check demands an empty ragged pool, so a leaked segment kil
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -138,4 +139,34 @@ def test_malformed_requests_keep_the_compressed_server_serving(adakv_server):
     assert len(seen) == len(CASES)
     assert "input_ids[0] = 99999999 is outside the vocabulary" in seen["id past the vocab"][1]
     assert "the prompt is empty" in seen["empty text"][1]
+    assert wait_pool_empty(adakv_server)["pages_used"] == 0
+
+
+def test_json_schema_on_a_compressed_prompt_is_complete_json(adakv_server):
+    """``response_format=json_schema`` on a compressed chat prompt (87 tokens, AdaKV): the server runs
+    with --constrained-json-disable-any-whitespace by default (SGLang's grammar allows any amount of
+    whitespace, and a small model on a compressed prompt can loop on it until max_tokens, returning
+    truncated JSON with no error): no run of whitespace in the answer, which parses and ends on its own
+    (finish_reason stop). The strings carry a ``maxLength`` and the third field is a boolean: this 135M
+    model on this prompt otherwise repeats a phrase inside a string (or digits of a number) until
+    max_tokens, which no grammar flag prevents."""
+    info = requests.get(adakv_server.url + "/server_info", timeout=30).json()
+    assert info["constrained_json_disable_any_whitespace"] is True
+    short = {"type": "string", "maxLength": 40}
+    schema = {"type": "object", "properties": {"city": short, "country": short,
+                                                "is_capital": {"type": "boolean"}},
+              "required": ["city", "country", "is_capital"], "additionalProperties": False}
+    text = ("You are a careful assistant that answers in JSON. Paris is the capital and largest city of France, "
+            "with about two million people in the city proper and over eleven million in its metropolitan area. "
+            "It lies on the Seine. Give the city, its country and whether it is the capital.")
+    r = requests.post(adakv_server.url + "/v1/chat/completions", timeout=300, json={
+        "model": "default", "messages": [{"role": "user", "content": text}], "temperature": 0, "max_tokens": 120,  # noqa: E501
+        "response_format": {"type": "json_schema", "json_schema": {"name": "city", "schema": schema}}})
+    assert r.status_code == 200, r.text[:500]
+    choice = r.json()["choices"][0]
+    assert r.json()["usage"]["prompt_tokens"] > 64  # longer than the window: really compressed
+    obj = json.loads(choice["message"]["content"])
+    assert set(obj) == {"city", "country", "is_capital"} and choice["finish_reason"] == "stop"
+    skeleton = re.sub(r'"(?:[^"\\]|\\.)*"', '""', choice["message"]["content"])  # whitespace outside strings
+    assert not re.search(r"\s\s|\n", skeleton), choice["message"]["content"]
     assert wait_pool_empty(adakv_server)["pages_used"] == 0

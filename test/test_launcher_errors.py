@@ -195,3 +195,22 @@ def test_cpu_sleeps_on_idle_unless_told(smollm2_path):
     assert "--sleep-on-idle" not in parse_launch(["--model-path", str(smollm2_path)], on_cpu=False).sglang_argv
     with pytest.raises(UsageError, match="contradict"):
         parse_launch(["--model-path", str(smollm2_path), "--sleep-on-idle", "--no-sleep-on-idle"], on_cpu=True)
+
+
+def test_compressed_servers_default_to_json_without_free_whitespace(smollm2_path):
+    """With compression the launcher adds SGLang's --constrained-json-disable-any-whitespace (a small
+    model on a compressed prompt loops on whitespace inside a JSON grammar that allows any) and says so;
+    --constrained-json-any-whitespace (ours) keeps SGLang's grammar; no compression: SGLang's default."""
+    from sglang_fairkv.serving.launcher import UsageError, parse_launch
+
+    flag = "--constrained-json-disable-any-whitespace"
+    base = ["--model-path", str(smollm2_path)]
+    lc = parse_launch([*base, "--kv-compress", "adakv"], on_cpu=True)
+    assert lc.sglang_argv.count(flag) == 1 and any(n.startswith(flag) for n in lc.notes)
+    assert flag not in parse_launch([*base, "--kv-compress", "none"], on_cpu=True).sglang_argv
+    assert flag not in parse_launch(base, on_cpu=True).sglang_argv
+    argv = parse_launch([*base, "--kv-compress", "adakv", "--constrained-json-any-whitespace"], on_cpu=True).sglang_argv
+    assert flag not in argv and "--constrained-json-any-whitespace" not in argv
+    assert parse_launch([*base, "--kv-compress", "snapkv", flag], on_cpu=True).sglang_argv.count(flag) == 1
+    with pytest.raises(UsageError, match="contradict"):
+        parse_launch([*base, "--kv-compress", "adakv", flag, "--constrained-json-any-whitespace"], on_cpu=True)

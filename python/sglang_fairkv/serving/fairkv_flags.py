@@ -67,6 +67,10 @@ def add_fairkv_args(parser: argparse.ArgumentParser) -> None:
                    help="the dense prefix tier (prefix caching with --kv-compress): the most of each rank's KV "
                         "pages cached prompts' dense KV may keep, in [0, 1]; evicted (LRU) before any request "
                         "waits; 0 turns prefix caching off (as does --disable-radix-cache). Default 1")
+    g.add_argument("--constrained-json-any-whitespace", action="store_true",
+                   help="keep SGLang's JSON grammar that allows any whitespace (with --kv-compress the default "
+                        "is --constrained-json-disable-any-whitespace: on a compressed prompt a small model can "
+                        "loop on whitespace until max_tokens)")
 
 
 def fairkv_parser() -> argparse.ArgumentParser:
@@ -187,6 +191,14 @@ def fairkv_setup(fk: argparse.Namespace, ns: argparse.Namespace, out: list[str],
                      "KV pages (radix tree, LRU, evicted before a request waits); --fairkv-prefix-tier 0 or "
                      "--disable-radix-cache turn it off")
     fk.prefix_tier_effective = cfg_tier  # the launcher hands it to the schedulers (FAIRKV_PREFIX_TIER)
+    ws_flag = "--constrained-json-disable-any-whitespace"
+    if cfg.enabled and not fk.constrained_json_any_whitespace and not given(out, ws_flag):
+        out.append(ws_flag)
+        notes.append(f"{ws_flag}: JSON outputs (response_format, json_schema) without free whitespace -- on a "
+                     "compressed prompt a small model can loop on whitespace until max_tokens (truncated JSON, "
+                     "no error); --constrained-json-any-whitespace keeps SGLang's grammar")
+    elif fk.constrained_json_any_whitespace and given(out, ws_flag):
+        raise UsageError(f"{ws_flag} and --constrained-json-any-whitespace contradict each other")
     forced = FAIRKV_FORCED + ((FAIRKV_FORCED_EAGER_DECODE,) if eager_decode else ())
     for flag_value, why in forced:
         if not given(out, flag_value[0]):
