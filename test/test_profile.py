@@ -70,3 +70,12 @@ def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_old_module_name_runs_the_profiler(tmp_path):
+    """``python -m sglang_fairkv.profile`` (the name before the layout move) runs the profiler with the same
+    arguments and says where it went: its checks, exit codes and messages are the profiler's."""
+    r = subprocess.run([sys.executable, "-m", "sglang_fairkv.profile", "--synthetic", "long-context",
+                        "--out", str(tmp_path / "s.json")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "give --kv-compress" in r.stderr
+    assert "python -m sglang_fairkv.profile is now python -m sglang_fairkv.profiler" in r.stderr
