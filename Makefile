@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 JOBS    ?= 2
 XDIST   := $(if $(filter 0 1,$(JOBS)),,-n $(JOBS) --dist loadgroup)
 
-.PHONY: install model serve serve-router test test-fast bench device-check device-check-dry clean
+.PHONY: install model serve serve-stock serve-router test test-fast bench device-check device-check-dry clean
 
 install: $(STAMP) $(MODEL)
 
@@ -26,10 +26,18 @@ $(MODEL): $(STAMP)
 
 model: $(MODEL)
 
+# `make serve` shows the product: per-head KV compression (AdaKV at the default ratio, prefix cache on)
+# unless ARGS chooses (--kv-compress METHOD, or --fairkv-plan); `make serve-stock`: SGLang's own path.
+SERVE_DEFAULT ?= --kv-compress adakv
 serve: install
 	@echo "Serving on http://$(HOST):$(PORT) once 'The server is fired up' appears. Try:"
 	@echo "  curl -s http://$(HOST):$(PORT)/generate -H 'Content-Type: application/json' \\"
 	@echo "       -d '{\"text\": \"The capital of France is\", \"sampling_params\": {\"max_new_tokens\": 16, \"temperature\": 0}}'"
+	@echo "  curl -s http://$(HOST):$(PORT)/server_info | python3 -m json.tool | grep -A12 '\"fairkv\"'"
+	$(PY) -m sglang_fairkv.launch_server --host $(HOST) --port $(PORT) \
+	    $(if $(findstring --kv-compress,$(ARGS))$(findstring --fairkv-plan,$(ARGS)),,$(SERVE_DEFAULT)) $(ARGS)
+
+serve-stock: install
 	$(PY) -m sglang_fairkv.launch_server --host $(HOST) --port $(PORT) $(ARGS)
 
 # N compressed servers behind sglang-router (cache-aware: each keeps a prefix cache, the dense prefix tier).

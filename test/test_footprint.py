@@ -81,3 +81,25 @@ def test_last_chunk_peak_is_the_running_layer_dense_between_kept_and_prefix_laye
     # layer 0 running: 10 + 4 + 4; layer 1: 2 + 10 + 4; layer 2: 2 + 2 + 10
     assert footprint.last_chunk_peak(kept, dense_full, prefix).tolist() == [18]
     assert footprint.last_chunk_peak(kept, dense_full, 0 * prefix).tolist() == [14]
+
+
+def test_capacity_summary_counts_requests_at_once_as_pages_say():
+    """The start-up line's arithmetic, against a hand count: SmolLM2's 30 layers x 3 KV heads at TP 1,
+    pages of 16, SnapKV at ratio 0.5: a 1000 + 256 request keeps 500 + 256 rows per segment (48 pages)
+    where stock keeps 1256 (79 pages); at TP 2 with heads split 2 + 1 the tighter rank decides."""
+    import numpy as np
+
+    from sglang_fairkv.compress.footprint import capacity_summary, describe
+    from sglang_fairkv.compress.policy import CompressConfig
+
+    cfg = CompressConfig(method="snapkv", ratio=0.5)
+    own = np.zeros((30, 3), dtype=np.int64)
+    cap = capacity_summary(cfg, own, np.array([100000]), 16)
+    assert cap["pages_compressed"] == 90 * 48 and cap["pages_dense"] == 90 * 79
+    assert cap["requests_compressed"] == 100000 // (90 * 48) and cap["requests_dense"] == 100000 // (90 * 79)
+    assert cap["dense_tokens"] == 100000 * 16 // 90
+    own[:, 2] = 1  # TP 2: rank 0 holds 60 segments, rank 1 holds 30
+    cap = capacity_summary(cfg, own, np.array([50000, 50000]), 16)
+    assert cap["requests_compressed"] == 50000 // (60 * 48) and cap["dense_tokens"] == 50000 * 16 // 60
+    assert "each layer keeps 50% of each prompt's tokens" in describe(CompressConfig(method="adakv", ratio=0.5))
+    assert describe(CompressConfig(method="none")).startswith("no compression")

@@ -103,3 +103,35 @@ def last_chunk_peak(kept: np.ndarray, dense_full: np.ndarray, dense_prefix: np.n
     before = np.cumsum(kept, axis=1) - kept
     after = dense_prefix[:, ::-1].cumsum(axis=1)[:, ::-1] - dense_prefix
     return np.maximum((before + dense_full + after).max(axis=1, initial=0), kept.sum(axis=1))
+
+
+def capacity_summary(cfg: CompressConfig, owner: np.ndarray, usable_pages: np.ndarray, page_size: int,
+                     prompt_len: int = 1000, output_len: int = 256,
+                     head_budgets: torch.Tensor | None = None) -> dict:
+    """What the pool means in requests, for the start-up lines: pages one request of ``prompt_len`` prompt
+    and ``output_len`` output tokens holds per rank, compressed (this config) and dense (stock: every head
+    keeps every token), and how many such requests fit at once on the tightest rank. ``owner`` int
+    ``[L, KV]`` the rank of each segment (copies: the first replica), ``usable_pages`` int ``[tp]``."""
+    own = np.asarray(owner, dtype=np.int64)
+    tp = len(usable_pages)
+    usable = np.asarray(usable_pages, dtype=np.int64)
+    kept = kept_pages(cfg, prompt_len, output_len, own, tp, page_size, head_budgets).sum(axis=1)  # [tp]
+    dense = dense_pages(prompt_len + output_len, own, tp, page_size).sum(axis=1)
+    fits = lambda per: int(min(u // p for u, p in zip(usable, per) if p > 0))  # noqa: E731
+    return {"prompt_len": prompt_len, "output_len": output_len, "pages_compressed": int(kept.max()),
+            "pages_dense": int(dense.max()), "requests_compressed": fits(kept), "requests_dense": fits(dense),
+            "dense_tokens": int(min(usable[q] * page_size // max(1, int((own == q).sum())) for q in range(tp)))}
+
+
+def describe(cfg: CompressConfig) -> str:
+    """The compression config in plain words (start-up lines)."""
+    if not cfg.enabled:
+        return "no compression (the ragged per-head pool keeps every token)"
+    share = (f"{1 - cfg.ratio:.0%} of each prompt's tokens" if cfg.ratio is not None
+             else f"{cfg.budget} tokens of each prompt" if cfg.budget is not None else "its budgets")
+    what = {"snapkv": f"every KV head keeps {share} (SnapKV scores)",
+            "adakv": f"each layer keeps {share}, split across its KV heads by score (AdaKV)",
+            "pyramidkv": f"layers keep a pyramid of budgets averaging {share} (PyramidKV)",
+            "headkv": "each KV head keeps its static budget from --kv-head-budgets (HeadKV)"}[cfg.method]
+    return (f"{what}; the last {cfg.window} prompt tokens are always kept and prompts of at most {cfg.window} "
+            "tokens are kept whole")

@@ -100,6 +100,7 @@ def prepare_for_extend_hook(result, batch, *args, **kwargs):
                 # prompt): the matched prefix's tier tokens (locked by the request until it is inserted)
                 state.tier_begin(r, tree.path_tok(req.last_node)[:m])
                 state.tier_stats["hit_tokens"] += m
+                state.tier_stats["hits"] += int(m > 0)
             reqs.fixed_length[r] = bool(getattr(req.sampling_params, "ignore_eos", False))
         maybe_log_group_usage(state)
     return result

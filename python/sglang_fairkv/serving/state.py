@@ -65,7 +65,10 @@ class FairKVState:
     #: the radix tree of this process (set by :class:`~sglang_fairkv.serving.prefix_cache.FairKVRadixCache`)
     tree: object | None = None
     #: prefix-tier counters: tokens reused, prompts inserted, tier pages evicted (shown in /server_info)
-    tier_stats: dict = field(default_factory=lambda: {"hit_tokens": 0, "inserted_prompts": 0,
+    #: what the pool means in requests (:func:`~sglang_fairkv.compress.footprint.capacity_summary`, plus the
+    #: compression in words): start-up line and ``/server_info``
+    capacity: dict = field(default_factory=dict)
+    tier_stats: dict = field(default_factory=lambda: {"hits": 0, "hit_tokens": 0, "inserted_prompts": 0,
                                                       "evicted_blocks": 0})
 
     def __post_init__(self):
@@ -302,6 +305,18 @@ def build_state(cfg: CompressConfig, head_budgets: torch.Tensor | None, *, rank_
                 mine.table_bytes / 2**20, max_reqs, pool.max_context, mine.scratch_bytes / 2**20,
                 mine.allocator_bytes / 2**20,
                 rank_plan.plan.strategy, rank_plan.heads_per_layer(), cfg.to_json())
+    assigner = ReplicaAssigner(rank_plan.plan)
+    fit = footprint.capacity_summary(cfg, assigner.base_owner, np.asarray(pages_of, dtype=np.int64), page_size,
+                                     head_budgets=head_budgets)
+    fit["compression"] = footprint.describe(cfg)
+    if rank_plan.rank == 0:  # what the pool means, in plain words (once per group)
+        logger.info("sglang-fairkv: %sKV compression: %s. KV pool: %d pages x %d rows per rank = %d tokens of "
+                    "dense context. A request of %d prompt + %d output tokens holds %d pages compressed vs %d "
+                    "dense: about %d such requests at once vs %d with stock KV. Prefix cache: %s.",
+                    f"DP replica {dp_rank}: " if dp_rank is not None else "", footprint.describe(cfg),
+                    pool.usable_pages, page_size, fit["dense_tokens"], fit["prompt_len"], fit["output_len"],
+                    fit["pages_compressed"], fit["pages_dense"], fit["requests_compressed"],
+                    fit["requests_dense"], f"on (up to {prefix_tier:.0%} of the pages)" if num_blocks > 0 else "off")
     return FairKVState(pool=pool, cfg=cfg, head_budgets=head_budgets, rank_plan=rank_plan, ledger=ledger,
-                       assigner=ReplicaAssigner(rank_plan.plan), profile_path=profile_path, workspace=workspace,
-                       dp_rank=dp_rank, tier=tier, tier_cap_pages=cap)
+                       assigner=assigner, profile_path=profile_path, workspace=workspace,
+                       dp_rank=dp_rank, tier=tier, tier_cap_pages=cap, capacity=fit)

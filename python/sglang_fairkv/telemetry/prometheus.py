@@ -18,6 +18,12 @@ series carries ``dp_rank``: under ``--dp-size N`` each replica's rank 0 exports 
     sglang:fairkv_plan_share_drift                    live kept shares vs the plan's source (-1: none)
     sglang:fairkv_replan_gain                         cost-model speedup of a fresh plan on live shares
     sglang:fairkv_live_profile_prompts                compressed prompts the live profile holds
+    sglang:fairkv_prefix_tier_cached_tokens           prompt tokens the prefix cache holds (-1: cache off)
+    sglang:fairkv_prefix_tier_hit_tokens              prompt tokens served from the cache since start
+    sglang:fairkv_prefix_tier_hits                    cache hits (prefills that reused a cached prefix)
+
+``docs/grafana/fairkv.json`` is a Grafana dashboard over these (and SGLang's own); a test checks that
+every series it queries is exported.
 """
 
 from __future__ import annotations
@@ -33,6 +39,9 @@ _SCALARS = {
                         "when the plan has no source).",
     "replan_gain": "Cost-model speedup a fresh plan made from the live shares would give over the running one.",
     "live_profile_prompts": "Compressed prompts in the live profile.",
+    "prefix_tier_cached_tokens": "Prompt tokens the dense prefix tier (prefix cache) holds (-1: prefix caching off).",
+    "prefix_tier_hit_tokens": "Prompt tokens served from the dense prefix tier since start.",
+    "prefix_tier_hits": "Prefills that reused a cached prefix since start.",
 }
 _PER_RANK = {
     "pages_used": "KV pages the requests' segments hold on each TP rank (fairkv ledger).",
@@ -78,6 +87,10 @@ def export(collector, state) -> None:
                "plan_share_drift": -1.0 if drift is None or drift["share_drift"] is None else drift["share_drift"],
                "replan_gain": 1.0 if drift is None else drift["replan_gain"],
                "live_profile_prompts": 0 if prof is None else prof["samples"]}
+    tier = st.get("prefix_tier")
+    scalars.update(prefix_tier_cached_tokens=-1 if tier is None else tier["cached_tokens"],
+                   prefix_tier_hit_tokens=0 if tier is None else tier.get("hit_tokens", 0),
+                   prefix_tier_hits=0 if tier is None else tier.get("hits", 0))
     for k, v in scalars.items():
         g[k].labels(**base).set(float(v))
     per_rank = {"pages_used": [r["pages_used"] for r in st["ranks"]],

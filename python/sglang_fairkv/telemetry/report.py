@@ -67,6 +67,9 @@ def fairkv_stats(state) -> dict:
     admitted = reqs.admitted_indices()
     out = {
         "kv_compress": state.cfg.method,
+        # what the pool means: the compression in words, pages of a 1000 + 256-token request compressed vs
+        # dense (stock), and how many such requests fit at once each way (start-up line)
+        "capacity": state.capacity,
         "plan": state.rank_plan.plan.strategy,
         "tp_rank": state.rank_plan.rank,
         "dp_rank": state.dp_rank or 0,
