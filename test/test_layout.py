@@ -94,3 +94,15 @@ def test_readme_table_matches_the_tree():
         assert sub.relative_to(REPO) in named, f"README's table does not name {sub.relative_to(REPO)}/"
     for top in ("kernels", "patches", "benchmark", "test"):
         assert any(r == top or r.startswith(top + "/") for r in rows), top
+
+
+def test_readme_first_screen_says_what_it_is_in_60_lines():
+    """What a newcomer reads before scrolling: the two commands, the curl of ``/server_info``'s fairkv
+    section, the measured headline figures with their machine and a link to RESULTS, what has not run
+    on a GPU, and a table of contents -- in at most 60 lines."""
+    text = (REPO / "README.md").read_text()
+    first = text[:text.index("## What is there today")]
+    assert first.count("\n") <= 60, first.count("\n")
+    for needle in ("make serve", "make test", "/server_info", "capacity", "benchmark/RESULTS.md", "CPU dev machine",
+                   "Not yet run on a GPU", "**Contents**", "docs/DESIGN.md"):
+        assert needle in first, needle
