@@ -268,11 +268,12 @@ class PrefillMixin:
             o = torch.where(keep[:, :, None], o, 0)
         if self.state.cfg.enabled or md.tier_tok is not None:
             for i in range(len(md.req_pool_idx)):
-                if not self._compresses_here(md, i):
-                    continue
-                ks, sl = md.key_starts[i], md.seq_lens[i]
-                own = kk[ks:ks + sl].transpose(0, 1) if held[i].any() else None  # [hkv, sl, D] view
-                self._compress_request(i, md, q_, own, lid, hkv, group)
+                if not held[i].any():  # nothing of this layer here: the TP exchanges only (as per request)
+                    if self.state.cfg.enabled:
+                        self._compress_request(i, md, q_, None, lid, hkv, group)
+                elif self._compresses_here(md, i):
+                    ks, sl = md.key_starts[i], md.seq_lens[i]  # its keys: a [hkv, sl, D] view of the packed ones
+                    self._compress_request(i, md, q_, kk[ks:ks + sl].transpose(0, 1), lid, hkv, group)
         return o
 
     def _extend_per_request(self, md: ExtendMetadata, q_, lid: int, hkv: int, group: int, scaling: float,
