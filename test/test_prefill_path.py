@@ -24,8 +24,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from helpers.backend_harness import (Geometry, extend_batch, layer, make_backend, qkv, sync_points, top_level_ops,
-                                     use_varlen)
+from helpers.backend_harness import (Geometry, extend_batch, layer, make_backend, qkv, segments, sync_points,
+                                     top_level_ops, use_varlen)
 
 GEO = Geometry(layers=2, q_heads=8, kv_heads=2, head_dim=16)
 
@@ -189,18 +189,6 @@ def _run_batches(backend, batches, seed: int):
     return outs
 
 
-def _segments(backend, reqs):
-    p = backend.pool
-    out = []
-    for r in reqs:
-        for lid in range(GEO.layers):
-            for h in range(GEO.kv_heads):
-                n = int(p.seg_len_host[r, lid, h])
-                rows = p.rows_of(r, lid, h, torch.arange(n))
-                out.append((n, p.k_rows[rows].clone(), p.v_rows[rows].clone()))
-    return out
-
-
 @pytest.mark.parametrize("method,ratio", [("none", None), ("snapkv", 0.5), ("adakv", 0.6)])
 def test_varlen_prefill_is_one_call_per_layer_and_equals_the_per_request_path(method, ratio, monkeypatch):
     """A later chunk over its own earlier one beside two whole prompts (and, first, a chunked prompt
@@ -218,7 +206,7 @@ def test_varlen_prefill_is_one_call_per_layer_and_equals_the_per_request_path(me
         [(16 + 27 + 30, 40 + 27 + 30, GEO.q_heads, GEO.kv_heads, 30, 40, 3)] * GEO.layers
     for w, g in zip(want, got):
         assert (w - g).abs().max() < 1e-5
-    for (n0, k0, v0), (n1, k1, v1) in zip(_segments(ref, (1, 3, 5)), _segments(one, (1, 3, 5))):
+    for (n0, k0, v0), (n1, k1, v1) in zip(segments(ref, (1, 3, 5)), segments(one, (1, 3, 5))):
         assert n0 == n1 and torch.equal(k0, k1) and torch.equal(v0, v1)
     if method != "none":
         assert one.pool.seg_len_host[1].max() < 30  # really compressed

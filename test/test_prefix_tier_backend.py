@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers.backend_harness import Geometry, extend_batch, layer, make_backend, use_varlen
+from helpers.backend_harness import Geometry, extend_batch, layer, make_backend, segments, use_varlen
 
 from sglang_fairkv.kv.prefix_tier import TierBlocks
 
@@ -54,18 +54,6 @@ def _prefill(backend, r: int, pre: int, ext: int, target: int, qkv) -> list[torc
             for lid, (q, k, v) in enumerate(qkv)]
 
 
-def _segments(backend, r: int):
-    """Every segment of request ``r``: (length, K rows, V rows) per (layer, head)."""
-    p = backend.pool
-    out = []
-    for lid in range(GEO.layers):
-        for h in range(GEO.kv_heads):
-            n = int(p.seg_len_host[r, lid, h])
-            rows = p.rows_of(r, lid, h, torch.arange(n))
-            out.append((n, p.k_rows[rows].clone(), p.v_rows[rows].clone()))
-    return out
-
-
 @pytest.mark.parametrize("method,ratio", [("snapkv", 0.5), ("adakv", 0.6), ("none", None)])
 @pytest.mark.parametrize("chunks", [1, 2])
 @pytest.mark.parametrize("varlen", [False, True], ids=["per-request", "one-call"])
@@ -101,10 +89,10 @@ def test_prefill_through_the_tier_and_over_a_reused_prefix_equals_the_classic_pa
         assert torch.allclose(got_a[lid], want_a[lid], atol=1e-6), lid
         assert torch.allclose(got_b[lid], want_b[lid][m:], atol=1e-6), lid  # only the new positions run
     for r in (0, 1):
-        for (n0, k0, v0), (n1, k1, v1) in zip(_segments(classic, r), _segments(tiered, r)):
+        for (n0, k0, v0), (n1, k1, v1) in zip(segments(classic, [r]), segments(tiered, [r])):
             assert n0 == n1 and torch.equal(k0, k1) and torch.equal(v0, v1)
     if method != "none":
-        assert _segments(tiered, 1)[0][0] < n_b  # really compressed
+        assert segments(tiered, [1])[0][0] < n_b  # really compressed
     # the ledger prices the tier as the pool holds it: B's own 46 positions in blocks of 16 (2 chunks:
     # each starts a block), A's 70
     p, lg = tiered.pool, tiered.ledger

@@ -38,6 +38,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import _paths  # noqa: E402,F401  (the project's folders on sys.path)
+from sglang_fairkv.server_process import group_alive  # noqa: E402  (stdlib only: fine on the device)
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 
@@ -85,16 +88,6 @@ def kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
-
-
-def group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def registered_groups(phase_dir: Path) -> list[int]:

@@ -152,6 +152,20 @@ def sync_points(mode: str = "raise", counter: dict | None = None):
             setattr(o, n, f)
 
 
+def segments(backend, reqs) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+    """Every segment of each request in ``reqs``: (length, K rows, V rows) per (layer, head), read through
+    the host page table (an independent path from the device's)."""
+    p = backend.pool
+    out = []
+    for r in reqs:
+        for lid in range(p.num_layers):
+            for h in range(p.num_kv_heads):
+                n = int(p.seg_len_host[r, lid, h])
+                rows = p.rows_of(r, lid, h, torch.arange(n))
+                out.append((n, p.k_rows[rows].clone(), p.v_rows[rows].clone()))
+    return out
+
+
 def varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k, scale, calls: list | None = None):
     """CPU stand-in for ``causal.flash_varlen`` (the CUDA varlen flash op): per sequence ``i``, queries
     ``q[cu_q[i]:cu_q[i+1]]`` [n, Hq, D] over keys ``k[cu_k[i]:cu_k[i+1]]`` [t, H, D], lower-right causal,

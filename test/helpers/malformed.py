@@ -219,6 +219,8 @@ def fuzz(server, seed: int = 0, n_good: int = 6, chat: bool = True) -> dict:
         if len(seen) % 10 == 0:
             assert requests.get(server.url + "/health", timeout=60).status_code == 200, name
     for name, path, body in ACCEPTED:  # as stock SGLang: 200 and every token
+        if path.startswith("/v1/chat") and not chat:  # a model without a chat template
+            continue
         r = post(server.url, path, render(body, model, vocab))
         assert r.status_code == 200, (name, r.status_code, r.text[:500])
         j = r.json()

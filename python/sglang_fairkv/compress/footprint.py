@@ -111,13 +111,14 @@ def capacity_summary(cfg: CompressConfig, owner: np.ndarray, usable_pages: np.nd
     """What the pool means in requests, for the start-up lines: pages one request of ``prompt_len`` prompt
     and ``output_len`` output tokens holds per rank, compressed (this config) and dense (stock: every head
     keeps every token), and how many such requests fit at once on the tightest rank. ``owner`` int
-    ``[L, KV]`` the rank of each segment (copies: the first replica), ``usable_pages`` int ``[tp]``."""
+    ``[L, KV]`` the rank of each segment (copies: the first replica), ``usable_pages`` int ``[tp]``. A
+    request that holds nothing fits 0 times (no division by zero)."""
     own = np.asarray(owner, dtype=np.int64)
     tp = len(usable_pages)
     usable = np.asarray(usable_pages, dtype=np.int64)
     kept = kept_pages(cfg, prompt_len, output_len, own, tp, page_size, head_budgets).sum(axis=1)  # [tp]
     dense = dense_pages(prompt_len + output_len, own, tp, page_size).sum(axis=1)
-    fits = lambda per: int(min(u // p for u, p in zip(usable, per) if p > 0))  # noqa: E731
+    fits = lambda per: int(min((u // p for u, p in zip(usable, per) if p > 0), default=0))  # noqa: E731
     return {"prompt_len": prompt_len, "output_len": output_len, "pages_compressed": int(kept.max()),
             "pages_dense": int(dense.max()), "requests_compressed": fits(kept), "requests_dense": fits(dense),
             "dense_tokens": int(min(usable[q] * page_size // max(1, int((own == q).sum())) for q in range(tp)))}

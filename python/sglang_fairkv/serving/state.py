@@ -306,7 +306,9 @@ def build_state(cfg: CompressConfig, head_budgets: torch.Tensor | None, *, rank_
                 mine.allocator_bytes / 2**20,
                 rank_plan.plan.strategy, rank_plan.heads_per_layer(), cfg.to_json())
     assigner = ReplicaAssigner(rank_plan.plan)
-    fit = footprint.capacity_summary(cfg, assigner.base_owner, np.asarray(pages_of, dtype=np.int64), page_size,
+    # a copied head counted on its first replica (a request takes one replica of each)
+    first_owner = np.array([[reps[0][0] for reps in layer] for layer in rank_plan.plan.layers], dtype=np.int64)
+    fit = footprint.capacity_summary(cfg, first_owner, np.asarray(pages_of, dtype=np.int64), page_size,
                                      head_budgets=head_budgets)
     fit["compression"] = footprint.describe(cfg)
     if rank_plan.rank == 0:  # what the pool means, in plain words (once per group)
