@@ -2,9 +2,11 @@
 
 One contract, two implementations (see :func:`paged_decode` for the tensors):
 
-* :func:`paged_decode` -- Triton (CUDA, or the CPU interpreter under ``TRITON_INTERPRET=1``), split-KV:
-  its grid follows the batch (:class:`DecodeWorkspace` fixes it per batch size), each segment's split
-  count comes from its length on the device; capturable in a CUDA graph.
+* :func:`plan_decode` + :func:`paged_decode` -- Triton (CUDA, or the CPU interpreter under
+  ``TRITON_INTERPRET=1``), split-KV with the work split by length: once per step the plan cuts every
+  layer's tokens into pieces of at most its even share over all (slot, head) segments, then each layer
+  runs one piece per program of a static grid (:class:`DecodeWorkspace`) and merges; capturable in a CUDA
+  graph.
 * :func:`paged_decode_torch` -- plain torch, padded to the layer's longest segment (the CPU server).
 
 * :func:`apply_table_writes` and :func:`decode_step` -- a decode step's device part of the pool's
