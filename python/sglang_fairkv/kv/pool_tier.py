@@ -61,22 +61,23 @@ class TierMixin:
         self.tier_pages_host[blocks] = 0
         self.tier_used_pages -= int(pages.size)
 
+    def _tier_page_rows(self, tok: torch.Tensor, layer: int, heads: torch.Tensor) -> torch.Tensor:
+        """int64 rows of tier tokens ``tok`` in ``layer`` for KV heads ``heads`` (int64, broadcastable to one
+        shape): ``tier_pages[tok // P, layer, head] * P + tok % P``, one flat gather of the tier table."""
+        P = self.page_size
+        page = self.tier_pages.view(-1)[((tok // P) * self.num_layers + layer) * self.num_kv_heads + heads]
+        return page.to(torch.int64) * P + tok % P
+
     def tier_rows(self, tokens: torch.Tensor, layer: int, num_heads: int) -> torch.Tensor:
         """int64 ``[b, num_heads, T]``: rows of tier ``tokens`` (int64 ``[b, T]`` or ``[T]``, device) in
         ``layer`` for heads ``h < num_heads`` (a flat gather of the tier table, no host read)."""
-        P, L, H = self.page_size, self.num_layers, self.num_kv_heads
         tok = tokens if tokens.dim() == 2 else tokens[None, :]
-        base = ((tok // P) * L + layer) * H  # [b, T]
-        page = self.tier_pages.view(-1)[base[:, None, :] + torch.arange(num_heads, device=tok.device)[None, :, None]]
-        return page.to(torch.int64) * P + (tok % P)[:, None, :]
+        return self._tier_page_rows(tok[:, None, :], layer, torch.arange(num_heads, device=tok.device)[None, :, None])
 
     def tier_rows_tokens(self, tokens: torch.Tensor, layer: int, num_heads: int) -> torch.Tensor:
         """int64 ``[n, num_heads]``: rows of tier ``tokens`` (int64 ``[n]``, device) in ``layer``, token-major
         (the packed prefill layout)."""
-        P, L, H = self.page_size, self.num_layers, self.num_kv_heads
-        base = ((tokens // P) * L + layer) * H  # [n]
-        page = self.tier_pages.view(-1)[base[:, None] + torch.arange(num_heads, device=tokens.device)[None, :]]
-        return page.to(torch.int64) * P + (tokens % P)[:, None]
+        return self._tier_page_rows(tokens[:, None], layer, torch.arange(num_heads, device=tokens.device)[None, :])
 
     def fill_from_tier(self, req_pool_idx: int, layer: int, kept: list[torch.Tensor], heads: list[int],
                        tokens: torch.Tensor) -> None:
@@ -85,7 +86,7 @@ class TierMixin:
         (int64 ``[seq]``, device): a prefill that used the tier compresses straight into the segments.
         Pages from the free stack (host); one gather/scatter of K and of V for all heads; destination
         rows and head ids in one small upload (as :meth:`compact`)."""
-        r, P, L, H = int(req_pool_idx), self.page_size, self.num_layers, self.num_kv_heads
+        r, P = int(req_pool_idx), self.page_size
         counts = np.asarray([int(k.numel()) for k in kept], dtype=np.int64)
         h_arr = np.asarray(heads, dtype=np.int64)
         if (self.seg_len_host[r, layer, h_arr] != 0).any():
@@ -101,7 +102,7 @@ class TierMixin:
         hcol, dst_rows = host[:n_tot], host[n_tot:]
         pos = torch.cat([k.to(self.device, torch.int64) for k in kept])
         tok = tokens[pos]
-        src = self.tier_pages.view(-1)[((tok // P) * L + layer) * H + hcol].to(torch.int64) * P + tok % P
+        src = self._tier_page_rows(tok, layer, hcol)
         self.k_rows[dst_rows] = self.k_rows[src]
         self.v_rows[dst_rows] = self.v_rows[src]
 

@@ -401,7 +401,7 @@ class RaggedKVPool(PageStackMixin, StagingMixin, TierMixin):
         free stack. All heads move in one gather/scatter of K and of V; the destination rows and head
         ids come from the host tables (one small upload), the sources are read from the device page
         table (the positions stay on the device)."""
-        r, P, MP = int(req_pool_idx), self.page_size, self.max_pages
+        r, P = int(req_pool_idx), self.page_size
         heads = list(range(len(kept))) if heads is None else list(heads)
         move_h, move_pos, dst = [], [], []
         for h, pos in zip(heads, kept):
@@ -428,32 +428,36 @@ class RaggedKVPool(PageStackMixin, StagingMixin, TierMixin):
             hcol, dst_rows = host[:n_tot], host[n_tot:]
             pos = torch.cat([p.to(self.device, torch.int64) for p in move_pos])
             seg = (r * self.num_layers + layer) * self.num_kv_heads + hcol
-            src = self.seg_pages.view(-1)[seg * MP + pos // P].to(torch.int64) * P + pos % P
+            src = self._page_rows(seg, pos)
             self.k_rows[dst_rows] = self.k_rows[src]  # advanced indexing reads src before writing
             self.v_rows[dst_rows] = self.v_rows[src]
 
     # ---- addressing ---------------------------------------------------------------------------
+    def _page_rows(self, seg: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """int64 rows of positions ``pos`` in flat segments ``seg`` (int64, broadcastable to one shape):
+        ``seg_pages[seg, pos // P] * P + pos % P``, one flat gather of the page table. The one place the
+        device side computes a segment row from the table."""
+        P = self.page_size
+        page = self.seg_pages.view(-1)[seg * self.max_pages + pos // P]
+        return page.to(torch.int64) * P + pos % P
+
     def rows_at(self, req_pool_idx: torch.Tensor, layer: int, num_heads: int,
                 positions: torch.Tensor) -> torch.Tensor:
         """int64 ``[b, num_heads, T]``: rows of ``positions`` (int64 ``[b, T]`` or ``[T]``, device) in
         the segments ``(req_pool_idx[b], layer, h < num_heads)``. Reads only those page-table entries
         (a flat gather); positions past a segment's pages read stale entries: mask them."""
-        P, MP = self.page_size, self.max_pages
         r = req_pool_idx.to(torch.int64)
         seg = r[:, None] * (self.num_layers * self.num_kv_heads) + self._seg_base[layer, :num_heads]
         pos = positions if positions.dim() == 2 else positions[None, :]
-        page = self.seg_pages.view(-1)[seg[:, :, None] * MP + (pos // P)[:, None, :]]
-        return page.to(torch.int64) * P + (pos % P)[:, None, :]
+        return self._page_rows(seg[:, :, None], pos[:, None, :])
 
     def rows_at_tokens(self, req_pool_idx: torch.Tensor, layer: int, num_heads: int,
                        positions: torch.Tensor) -> torch.Tensor:
         """int64 ``[n, num_heads]``: the row of token ``i`` -- position ``positions[i]`` of request
         ``req_pool_idx[i]`` (int64 ``[n]`` each, device) -- in segments ``(., layer, h < num_heads)``. The
         packed layout of a prefill batch (no padding); a flat gather of the page table, no host read."""
-        P, MP = self.page_size, self.max_pages
         seg = req_pool_idx[:, None] * (self.num_layers * self.num_kv_heads) + self._seg_base[layer, :num_heads]
-        page = self.seg_pages.view(-1)[seg * MP + (positions // P)[:, None]]
-        return page.to(torch.int64) * P + (positions % P)[:, None]
+        return self._page_rows(seg, positions[:, None])
 
     def rows_of(self, req_pool_idx: int, layer: int, head: int, positions: torch.Tensor) -> torch.Tensor:
         """Rows of ``positions`` (int64 ``[n]``, < segment length) in one segment (host tables)."""
