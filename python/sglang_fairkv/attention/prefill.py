@@ -55,8 +55,7 @@ class ExtendMetadata:
     ``req_pool_idx``, ``tok_pos`` int64 [T] its position, ``tok_active`` bool [T, L, H] the segments its
     request holds here (one gather per step: per layer a view); ``tok_tier`` int64 [T] its tier token
     and ``tok_tier_b`` bool [T] (None when no request of the batch uses the tier).
-    ``idx`` int64 [b]; ``key_pos`` int64 [max_seq] = ``arange`` (the per-request path's key positions);
-    ``active`` bool [b, L, H].
+    ``idx`` int64 [b]; ``key_pos`` int64 [max_seq] = ``arange`` (the per-request path's key positions).
     The one-call path (``varlen``): per packed key (``K`` = the sum of the sequence lengths)
     ``key_req`` / ``key_at`` int64 [K] (request and position), ``key_tier`` / ``key_tier_b`` [K] (None
     without the tier), ``cu_q`` / ``cu_k`` int32 [b + 1].
@@ -80,7 +79,6 @@ class ExtendMetadata:
     tok_pos: torch.Tensor
     tok_active: torch.Tensor
     key_pos: torch.Tensor
-    active: torch.Tensor
     tok_tier: torch.Tensor | None = None
     tok_tier_b: torch.Tensor | None = None
     grow_idx: np.ndarray | None = None
@@ -189,11 +187,9 @@ class PrefillMixin:
                 kw.update(key_tier=v[i_kt], key_tier_b=v[i_ktb].bool())
         if grow.any():
             kw.update(grow_idx=idx[grow], grow_len=seq[grow])
-        active = self.pool.active[d_idx]  # [b, L, H]
         return ExtendMetadata(idx.tolist(), prefix.tolist(), ext.tolist(), seq.tolist(), last.tolist(),
                               starts.tolist(), key_starts.tolist(), max_ext, max_seq, d_idx, v[i_req], v[i_pos],
-                              self.pool.active[v[i_req]], torch.arange(max_seq, device=d_idx.device), active,
-                              **kw)
+                              self.pool.active[v[i_req]], torch.arange(max_seq, device=d_idx.device), **kw)
 
     # ---- the layer's forward ------------------------------------------------------------------
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
@@ -302,7 +298,7 @@ class PrefillMixin:
             qi = q_[s:s + ext].transpose(0, 1)  # [Hq, ext, D] (a view of the packed queries)
             out = causal_attention(qi[None], kk[None], vv[None], scaling)[0]  # [Hq, ext, Dv]
             if not held[i].all():  # heads of a copy served by another replica: their queries give zeros
-                keep = md.active[i, lid, :hkv].repeat_interleave(group)
+                keep = md.tok_active[s, lid, :hkv].repeat_interleave(group)  # its first token's row
                 out = torch.where(keep[:, None, None], out, 0)
             if b == 1:
                 o = out.transpose(0, 1)  # [ext, Hq, Dv] (a view; SDPA may return it contiguous)

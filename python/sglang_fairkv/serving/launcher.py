@@ -162,7 +162,7 @@ def parse_launch(argv: list[str], on_cpu: bool) -> LaunchConfig:
             applied.append(flag if v is None else f"{flag} {v}")
         if applied:
             notes = (f"CPU defaults: {' '.join(applied)} (flags you pass win; {NO_SLEEP_ON_IDLE} "
-                             "keeps SGLang's busy-polling idle loop)",) + notes
+                     "keeps SGLang's busy-polling idle loop)",) + notes
     host, port = ns.host, ns.port
     if port_in_use(host, port):
         raise UsageError(f"port {port} on {host} is already in use (choose another with --port)")

@@ -64,10 +64,10 @@ class FairKVState:
     tier_cap_pages: torch.Tensor | None = None
     #: the radix tree of this process (set by :class:`~sglang_fairkv.serving.prefix_cache.FairKVRadixCache`)
     tree: object | None = None
-    #: prefix-tier counters: tokens reused, prompts inserted, tier pages evicted (shown in /server_info)
     #: what the pool means in requests (:func:`~sglang_fairkv.compress.footprint.capacity_summary`, plus the
     #: compression in words): start-up line and ``/server_info``
     capacity: dict = field(default_factory=dict)
+    #: prefix-tier counters: hits, tokens reused, prompts inserted, tier pages evicted (shown in /server_info)
     tier_stats: dict = field(default_factory=lambda: {"hits": 0, "hit_tokens": 0, "inserted_prompts": 0,
                                                       "evicted_blocks": 0})
 
@@ -307,7 +307,7 @@ def build_state(cfg: CompressConfig, head_budgets: torch.Tensor | None, *, rank_
                 rank_plan.plan.strategy, rank_plan.heads_per_layer(), cfg.to_json())
     assigner = ReplicaAssigner(rank_plan.plan)
     # a copied head counted on its first replica (a request takes one replica of each)
-    first_owner = np.array([[reps[0][0] for reps in layer] for layer in rank_plan.plan.layers], dtype=np.int64)
+    first_owner = assigner.owners_for(np.zeros(assigner.num_copied_heads, dtype=np.int64))
     fit = footprint.capacity_summary(cfg, first_owner, np.asarray(pages_of, dtype=np.int64), page_size,
                                      head_budgets=head_budgets)
     fit["compression"] = footprint.describe(cfg)
@@ -315,7 +315,7 @@ def build_state(cfg: CompressConfig, head_budgets: torch.Tensor | None, *, rank_
         logger.info("sglang-fairkv: %sKV compression: %s. KV pool: %d pages x %d rows per rank = %d tokens of "
                     "dense context. A request of %d prompt + %d output tokens holds %d pages compressed vs %d "
                     "dense: about %d such requests at once vs %d with stock KV. Prefix cache: %s.",
-                    f"DP replica {dp_rank}: " if dp_rank is not None else "", footprint.describe(cfg),
+                    f"DP replica {dp_rank}: " if dp_rank is not None else "", fit["compression"],
                     pool.usable_pages, page_size, fit["dense_tokens"], fit["prompt_len"], fit["output_len"],
                     fit["pages_compressed"], fit["pages_dense"], fit["requests_compressed"],
                     fit["requests_dense"], f"on (up to {prefix_tier:.0%} of the pages)" if num_blocks > 0 else "off")

@@ -89,8 +89,8 @@ def export(collector, state) -> None:
                "live_profile_prompts": 0 if prof is None else prof["samples"]}
     tier = st.get("prefix_tier")
     scalars.update(prefix_tier_cached_tokens=-1 if tier is None else tier["cached_tokens"],
-                   prefix_tier_hit_tokens=0 if tier is None else tier.get("hit_tokens", 0),
-                   prefix_tier_hits=0 if tier is None else tier.get("hits", 0))
+                   prefix_tier_hit_tokens=0 if tier is None else tier["hit_tokens"],
+                   prefix_tier_hits=0 if tier is None else tier["hits"])
     for k, v in scalars.items():
         g[k].labels(**base).set(float(v))
     per_rank = {"pages_used": [r["pages_used"] for r in st["ranks"]],
