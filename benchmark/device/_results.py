@@ -18,11 +18,16 @@ def result_path(default_name: str) -> Path:
     return out / default_name
 
 
+def atomic_write(path: Path, data: bytes) -> None:
+    """``data`` into ``path`` through a temporary name and a rename: a kill leaves the old file whole."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
 def write_results(obj: dict, default_name: str) -> Path:
     path = result_path(default_name)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    tmp.replace(path)
+    atomic_write(path, json.dumps(obj, indent=1, default=str).encode())
     return path
 
 

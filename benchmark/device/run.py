@@ -35,10 +35,11 @@ import sys
 import tarfile
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import _paths  # noqa: E402,F401  (the project's folders on sys.path)
+from _results import atomic_write  # noqa: E402
 from sglang_fairkv.server_process import group_alive  # noqa: E402  (stdlib only: fine on the device)
 
 HERE = Path(__file__).resolve().parent
@@ -55,8 +56,6 @@ class Phase:
     cmd: list[str]
     budget_s: float
     min_s: float
-    env: dict = field(default_factory=dict)
-    setup: list[list[str]] = field(default_factory=list)
 
 
 def phases(dry: bool, inject_hang: float | None) -> list[Phase]:
@@ -102,9 +101,9 @@ def run_phase(ph: Phase, deadline_s: float, work: Path, base_env: dict) -> dict:
     pdir = work / ph.name
     pdir.mkdir(parents=True, exist_ok=True)
     result_json = pdir / "result.json"
-    env = {**base_env, **ph.env, "PHASE_DIR": str(pdir), "RESULT_JSON": str(result_json), "OUT": str(pdir),
-           "PHASE_DEADLINE_S": str(round(deadline_s)), "PYTHONPATH": os.pathsep.join(
-               [str(HERE), base_env.get("PYTHONPATH", "")])}
+    # the phases are scripts of this folder: their own directory puts _paths / _results on sys.path
+    env = {**base_env, "PHASE_DIR": str(pdir), "RESULT_JSON": str(result_json), "OUT": str(pdir),
+           "PHASE_DEADLINE_S": str(round(deadline_s))}
     t0 = time.time()
     status = "ok"
     with open(pdir / "phase.log", "w") as log:
@@ -157,19 +156,14 @@ def summary(results: dict, meta: dict) -> str:
 
 def write_evidence(out: Path, work: Path, results: dict, meta: dict) -> None:
     """The three files, rewritten whole (a temporary name, then a rename: a kill leaves the old ones)."""
-    def put(name: str, data: bytes) -> None:
-        tmp = out / f".{name}.tmp"
-        tmp.write_bytes(data)
-        tmp.replace(out / name)
-
-    put("results.json", json.dumps({"meta": meta, "phases": results}, indent=1).encode())
-    put("summary.md", summary(results, meta).encode())
+    atomic_write(out / "results.json", json.dumps({"meta": meta, "phases": results}, indent=1).encode())
+    atomic_write(out / "summary.md", summary(results, meta).encode())
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
         for f in sorted(work.rglob("*")):
             if f.is_file() and f.suffix in (".log", ".json", ".md", ".txt"):
                 tar.add(f, arcname=str(f.relative_to(work)))
-    put("logs.tar.gz", buf.getvalue())
+    atomic_write(out / "logs.tar.gz", buf.getvalue())
 
 
 def main() -> int:
