@@ -11,7 +11,9 @@ heads x head_dim 128 (Llama-8B at TP 1).
 
 Modes: ``one-call`` (the CUDA path now), ``per-request`` (the CPU / fp32 path, and the only path before).
 Run the per-request mode in a checkout of an older revision (``--src DIR``: its python/ and test/ first
-on the path) for the before column.
+on the path) for the before column. That is why the 8k-chunk batch is built here step by step with the harness's
+oldest calls (``make_backend``, ``extend_batch``, ``qkv``) rather than through a newer shared helper: the
+same scenario as ``test/test_prefill_path.py``'s memory test, at Llama-8B's head counts.
 
     python benchmark/prefill_ops.py [--mode one-call|per-request] [--src DIR]
 """
