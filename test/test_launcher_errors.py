@@ -214,3 +214,47 @@ def test_compressed_servers_default_to_json_without_free_whitespace(smollm2_path
     assert parse_launch([*base, "--kv-compress", "snapkv", flag], on_cpu=True).sglang_argv.count(flag) == 1
     with pytest.raises(UsageError, match="contradict"):
         parse_launch([*base, "--kv-compress", "adakv", flag, "--constrained-json-any-whitespace"], on_cpu=True)
+
+
+def test_architectures_checked_at_start_up(tmp_path):
+    """A plan for an architecture without a FairKV class is refused naming every one that has one;
+    Qwen3-MoE at TP 1 is served by the FairKV class (a one-rank sha plan, said in a note) because
+    SGLang's own class writes K/V around the backend on GPU, which the backend also refuses at start-up
+    for any such SGLang class (read off the class's module, not a list); Qwen3 at TP 1 keeps
+    SGLang's class."""
+    import json
+
+    from sglang.srt.models import qwen3 as sg_qwen3
+    from sglang.srt.models import qwen3_moe as sg_qwen3_moe
+
+    from sglang_fairkv.attention.capabilities import model_problem
+    from sglang_fairkv.model import ARCHITECTURES
+    from sglang_fairkv.model.qwen3_moe import Qwen3MoeForCausalLM
+    from sglang_fairkv.serving.launcher import UsageError, parse_launch
+
+    def folder(name, arch, **kw):
+        d = tmp_path / name
+        d.mkdir()
+        cfg = {"architectures": [arch], "num_attention_heads": 8, "num_key_value_heads": 4, "hidden_size": 256,
+               "num_hidden_layers": 2, "max_position_embeddings": 4096, "vocab_size": 512, **kw}
+        (d / "config.json").write_text(json.dumps(cfg))
+        return str(d)
+
+    gemma = folder("gemma", "GemmaForCausalLM")
+    with pytest.raises(UsageError) as e:
+        parse_launch(["--model-path", gemma, "--kv-compress", "adakv", "--tp-size", "2"], on_cpu=True)
+    msg = str(e.value)
+    assert "GemmaForCausalLM has no FairKV model class" in msg
+    assert all(a in msg for a in ARCHITECTURES) and "Qwen3MoeForCausalLM" in msg and "Qwen3ForCausalLM" in msg
+    moe = parse_launch(["--model-path", folder("moe", "Qwen3MoeForCausalLM"), "--kv-compress", "adakv"], on_cpu=True)
+    plan = json.loads(moe.placement_json)
+    assert plan["tp"] == 1 and plan["strategy"] == "sha"
+    assert any("Qwen3MoeForCausalLM at TP 1: the FairKV model class" in n for n in moe.notes), moe.notes
+    dense = parse_launch(["--model-path", folder("dense", "Qwen3ForCausalLM"), "--kv-compress", "adakv"], on_cpu=True)
+    assert dense.placement_json is None
+    # the backend's start-up check, on SGLang's real classes (not instantiated: only the class matters)
+    stock_moe = object.__new__(sg_qwen3_moe.Qwen3MoeForCausalLM)
+    assert "writes K/V into a dense cache itself on cuda" in model_problem(stock_moe, "cuda")
+    assert model_problem(stock_moe, "cpu") is None  # SGLang takes that path on CUDA / ROCm only
+    assert model_problem(object.__new__(Qwen3MoeForCausalLM), "cuda") is None  # ours
+    assert model_problem(object.__new__(sg_qwen3.Qwen3ForCausalLM), "cuda") is None

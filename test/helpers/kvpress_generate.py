@@ -41,8 +41,21 @@ def generate(model, method: str, ratio: float, ids: list[int], n_new: int) -> li
     return gen
 
 
+def qk_norm_for_qwen3_moe() -> None:
+    """kvpress 0.5.5 applies Qwen3's q_norm to SnapKV's window queries only for ``Qwen3Attention``
+    (``kvpress.utils.get_prerope_query_states``); transformers' ``Qwen3MoeAttention`` is a separate
+    class with the same q_norm, which kvpress lists as untested and scores without it. The model
+    normalises its queries, so the reference does too: the check is widened to both classes."""
+    import kvpress.utils as ku
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeAttention
+
+    ku.Qwen3Attention = (Qwen3Attention, Qwen3MoeAttention)
+
+
 def main():
     model_path, jobs_path, out_path = sys.argv[1:4]
+    qk_norm_for_qwen3_moe()
     jobs = json.load(open(jobs_path))
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32,
                                                  attn_implementation="sdpa").eval()

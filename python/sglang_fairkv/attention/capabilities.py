@@ -32,3 +32,22 @@ def layer_problem(layer) -> str | None:
     if window is not None and window > -1:
         return f"layer {layer.layer_id} uses sliding-window attention ({window} tokens)"
     return None
+
+
+def model_problem(model, device_type: str) -> str | None:
+    """Why SGLang's model class ``model`` would bypass the backend on ``device_type``, or None.
+
+    Some of SGLang 0.5.23's classes (Qwen3-MoE, GPT-OSS, Bailing-MoE, ...) fuse RoPE with the K/V
+    cache write on CUDA / ROCm (``sglang.srt.models.utils.enable_fused_set_kv_buffer``) and then call
+    attention with ``save_kv_cache=False``: the write goes to a dense per-layer buffer the ragged pool
+    does not have. Our FairKV classes never do (``fairkv`` attribute); Qwen3-MoE is served by ours at
+    TP 1 too (``model.OWN_CLASS_AT_TP1``)."""
+    import sys
+
+    if getattr(model, "fairkv", False) or device_type not in ("cuda", "hip"):
+        return None
+    module = sys.modules.get(type(model).__module__)
+    if module is not None and hasattr(module, "enable_fused_set_kv_buffer"):
+        return (f"SGLang's {type(model).__name__} writes K/V into a dense cache itself on {device_type} "
+                "(RoPE fused with the cache write), which the fairkv ragged pool does not have")
+    return None

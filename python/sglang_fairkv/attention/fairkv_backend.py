@@ -62,6 +62,12 @@ class FairKVAttnBackend(PrefillMixin, AttentionBackend):
         if not isinstance(pool, FairKVCache):
             raise RuntimeError("the fairkv attention backend needs the fairkv KV pool (start the server "
                                "with python -m sglang_fairkv.launch_server)")
+        from .capabilities import model_problem
+
+        why = model_problem(model_runner.model, torch.device(model_runner.device).type)
+        if why:
+            raise RuntimeError(f"fairkv backend: {why}; serve this model without --kv-compress")
+        self.token_to_kv_pool = pool  # what SGLang's get_token_to_kv_pool() reads off the backend
         self.state: FairKVState = pool.state
         self.pool = self.state.pool
         self.device = model_runner.device

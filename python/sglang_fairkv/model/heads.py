@@ -13,6 +13,8 @@ attributes, as SGLang's loader expects), never the stock contiguous TP split.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -82,13 +84,27 @@ class HeadSlicedO(nn.Module):
         return F.linear(x, self.weight, self.bias if self.add_bias else None)
 
 
+@dataclass(frozen=True)
+class AttentionFlavor:
+    """How a family's attention differs from plain GQA, which is all a family file states about it.
+
+    ``qkv_bias`` / ``o_bias``: biases of the q/k/v and o projections (Qwen2: q/k/v only; Llama and
+    Qwen3: ``attention_bias`` on both). ``qk_norm``: Qwen3's RMSNorm over each head's ``head_dim``
+    on q and on k, before RoPE, one weight shared by every head (so nothing of it is sliced)."""
+
+    qkv_bias: bool = False
+    o_bias: bool = False
+    qk_norm: bool = False
+
+
 class FairKVAttention(nn.Module):
     """Self-attention over the KV heads ``heads`` (global ids, sorted) of one layer on this rank."""
 
     def __init__(self, *, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
-                 layer_id: int, heads: list[int], rank: int, rotary_emb: nn.Module, qkv_bias: bool,
-                 o_bias: bool, prefix: str = ""):
+                 layer_id: int, heads: list[int], rank: int, rotary_emb: nn.Module, flavor: AttentionFlavor,
+                 rms_norm_eps: float = 1e-6, prefix: str = ""):
         super().__init__()
+        from sglang.srt.layers.layernorm import RMSNorm
         from sglang.srt.layers.radix_attention import RadixAttention
 
         if num_heads % num_kv_heads:
@@ -99,8 +115,13 @@ class FairKVAttention(nn.Module):
         self.hidden_size = hidden_size
         self.head_dim = head_dim
         n = len(self.heads)
-        self.qkv_proj = HeadSlicedQKV(hidden_size, head_dim, self.group, self.heads, qkv_bias)
-        self.o_proj = HeadSlicedO(hidden_size, head_dim, self.group, self.heads, o_bias, rank)
+        self.qkv_proj = HeadSlicedQKV(hidden_size, head_dim, self.group, self.heads, flavor.qkv_bias)
+        self.o_proj = HeadSlicedO(hidden_size, head_dim, self.group, self.heads, flavor.o_bias, rank)
+        if flavor.qk_norm:  # the checkpoint's q_norm / k_norm, loaded whole
+            self.q_norm = RMSNorm(head_dim, eps=rms_norm_eps)
+            self.k_norm = RMSNorm(head_dim, eps=rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
         self.rotary_emb = rotary_emb
         self.attn = RadixAttention(n * self.group, head_dim, head_dim ** -0.5, num_kv_heads=n,
                                    layer_id=layer_id, prefix=f"{prefix}.attn") if n else None
@@ -114,6 +135,10 @@ class FairKVAttention(nn.Module):
             return self.o_proj(hidden_states.new_zeros(hidden_states.shape[0], 0))
         qkv = self.qkv_proj(hidden_states)
         q, k, v = qkv.split(list(self.qkv_proj.sizes), dim=-1)
+        if self.q_norm is not None:  # SGLang's own routine (fused in place on CUDA), as its Qwen3 class
+            from sglang.srt.models.utils import apply_qk_norm
+
+            q, k = apply_qk_norm(q=q, k=k, q_norm=self.q_norm, k_norm=self.k_norm, head_dim=self.head_dim)
         q, k = self.rotary_emb(positions, q, k)
         return self.o_proj(self.attn(q, k, v, forward_batch))
 
@@ -128,12 +153,14 @@ def check_supported(quant_config) -> None:
         raise ValueError("FairKV plans do not support pipeline parallelism")
 
 
-def build_decoder_layer(layer: nn.Module, config, layer_id: int, *, heads: list[int], rank: int,
-                        rotary_emb: nn.Module, qkv_bias: bool, o_bias: bool, mlp_cls, quant_config,
-                        prefix: str) -> None:
-    """Fill a decoder layer (SGLang's Llama / Qwen2 layer class, ``nn.Module.__init__`` done) with
-    :class:`FairKVAttention` over ``heads``, the model's own MLP class (partial sums, reduced by the
-    boundary), the two RMSNorms and the layer boundaries its class declares."""
+def build_decoder_layer(layer: nn.Module, config, layer_id: int, *, rank_plan, flavor: AttentionFlavor,
+                        rotary_emb: nn.Module, mlp: nn.Module, prefix: str) -> None:
+    """Fill a decoder layer (SGLang's layer class of the family, ``nn.Module.__init__`` done) with
+    :class:`FairKVAttention` over the KV heads ``rank_plan`` gives this rank in ``layer_id``, the
+    family's ``mlp`` (built by the caller: a dense MLP or SGLang's MoE block, partial sums either way,
+    reduced by the boundary), the two RMSNorms and the layer boundaries its class declares. The one
+    place that knows how a FairKV decoder layer is put together; a family states its flavor, its RoPE
+    and its MLP."""
     from sglang.srt.layers.layer_boundary import append_stages
     from sglang.srt.layers.layernorm import RMSNorm
     from sglang.srt.utils import add_prefix
@@ -142,16 +169,63 @@ def build_decoder_layer(layer: nn.Module, config, layer_id: int, *, heads: list[
     layer.hidden_size = config.hidden_size
     layer.self_attn = FairKVAttention(
         hidden_size=config.hidden_size, num_heads=num_q, num_kv_heads=num_kv, head_dim=head_dim,
-        layer_id=layer_id, heads=heads, rank=rank, rotary_emb=rotary_emb, qkv_bias=qkv_bias, o_bias=o_bias,
-        prefix=add_prefix("self_attn", prefix))
-    layer.mlp = mlp_cls(hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
-                        hidden_act=config.hidden_act, quant_config=quant_config,
-                        prefix=add_prefix("mlp", prefix), reduce_results=False)
+        layer_id=layer_id, heads=rank_plan.local_heads[layer_id], rank=rank_plan.rank, rotary_emb=rotary_emb,
+        flavor=flavor, rms_norm_eps=config.rms_norm_eps, prefix=add_prefix("self_attn", prefix))
+    layer.mlp = mlp
     layer.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
     layer.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
     attn, ffn = layer.stage_facts(config, layer_id)
     layer.attn_boundary, layer.ffn_boundary = append_stages(
         (attn, layer.input_layernorm), (ffn, layer.post_attention_layernorm))
+
+
+def dense_mlp(mlp_cls, config, quant_config, prefix: str) -> nn.Module:
+    """The family's dense MLP class (``LlamaMLP``, ``Qwen2MLP``) as its decoder layer builds it, with
+    partial sums (``reduce_results=False``: the layer boundary reduces)."""
+    from sglang.srt.utils import add_prefix
+
+    return mlp_cls(hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+                   hidden_act=config.hidden_act, quant_config=quant_config, prefix=add_prefix("mlp", prefix),
+                   reduce_results=False)
+
+
+def qwen_rope(config, head_dim: int, default_max_position: int) -> nn.Module:
+    """RoPE as SGLang's Qwen2 / Qwen3 / Qwen3-MoE layers build it (``get_rope_config``: v4 and v5
+    configs), full rotary dimension."""
+    from sglang.srt.layers.rotary_embedding import get_rope
+    from sglang.srt.utils.hf_transformers_utils import get_rope_config
+
+    if getattr(config, "dual_chunk_attention_config", None):
+        raise ValueError("FairKV plans do not support dual-chunk attention")
+    theta, scaling = get_rope_config(config)
+    return get_rope(head_dim, rotary_dim=head_dim,
+                    max_position=getattr(config, "max_position_embeddings", default_max_position), base=theta,
+                    rope_scaling=scaling)
+
+
+def rank_layer_type(base: type, rank_plan) -> type:
+    """A subclass of a FairKV decoder layer class carrying this rank's plan as a class attribute: the
+    Qwen model classes (``Qwen2Model(decoder_layer_type=...)``) build their layers with SGLang's
+    arguments only."""
+    return type(f"{base.__name__}ForRank{rank_plan.rank}", (base,), {"rank_plan": rank_plan})
+
+
+def causal_lm_head(lm: nn.Module, config, prefix: str, *, tie: bool) -> None:
+    """What SGLang's causal-LM classes add around their model at PP size 1 (refused otherwise): the LM
+    head (the embedding when ``tie`` and the config ties them), logits processor, pooler, no EAGLE
+    capture."""
+    from sglang.srt.layers.logits_processor import LogitsProcessor
+    from sglang.srt.layers.pooler import Pooler, PoolingType
+    from sglang.srt.layers.vocab_parallel_embedding import ParallelLMHead
+    from sglang.srt.utils import add_prefix
+
+    if tie and config.tie_word_embeddings:
+        lm.lm_head = lm.model.embed_tokens
+    else:
+        lm.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, prefix=add_prefix("lm_head", prefix))
+    lm.logits_processor = LogitsProcessor(config)
+    lm.pooler = Pooler(pooling_type=PoolingType.LAST, normalize=True)
+    lm.capture_aux_hidden_states = False
 
 
 def checkpoint_heads(config) -> tuple[int, int, int]:

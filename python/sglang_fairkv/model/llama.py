@@ -21,7 +21,7 @@ from sglang.srt.runtime_context import get_parallel
 from sglang.srt.utils import add_prefix, make_pp_layers
 
 from ..serving.server_plan import server_rank_plan
-from .heads import build_decoder_layer, check_supported, checkpoint_heads
+from .heads import AttentionFlavor, build_decoder_layer, check_supported, checkpoint_heads, dense_mlp
 
 
 def _rope_args(config) -> tuple[float, dict | None]:
@@ -39,8 +39,7 @@ def _rope_args(config) -> tuple[float, dict | None]:
 class FairKVLlamaDecoderLayer(_llama.LlamaDecoderLayer):
     """``LlamaDecoderLayer`` with the plan's heads; forward, stage facts and boundaries inherited."""
 
-    def __init__(self, config, layer_id: int, heads: list[int], rank: int, quant_config=None,
-                 prefix: str = ""):
+    def __init__(self, config, layer_id: int, rank_plan, quant_config=None, prefix: str = ""):
         nn.Module.__init__(self)
         _, _, head_dim = checkpoint_heads(config)
         theta, scaling = _rope_args(config)
@@ -48,8 +47,9 @@ class FairKVLlamaDecoderLayer(_llama.LlamaDecoderLayer):
                           max_position=getattr(config, "max_position_embeddings", 8192), base=theta,
                           rope_scaling=scaling, is_neox_style=getattr(config, "rope_is_neox_style", True))
         bias = bool(getattr(config, "attention_bias", False) or getattr(config, "bias", False))
-        build_decoder_layer(self, config, layer_id, heads=heads, rank=rank, rotary_emb=rotary, qkv_bias=bias,
-                            o_bias=bias, mlp_cls=_llama.LlamaMLP, quant_config=quant_config, prefix=prefix)
+        build_decoder_layer(self, config, layer_id, rank_plan=rank_plan, rotary_emb=rotary,
+                            flavor=AttentionFlavor(qkv_bias=bias, o_bias=bias),
+                            mlp=dense_mlp(_llama.LlamaMLP, config, quant_config, prefix), prefix=prefix)
 
 
 class FairKVLlamaModel(_llama.LlamaModel):
@@ -63,14 +63,13 @@ class FairKVLlamaModel(_llama.LlamaModel):
         self.pp_group = get_parallel().pp_group
         self._kv_cache_parallel_layout = _llama.resolve_linear_parallel_group("tp")
         self.rank_plan = server_rank_plan(config)
-        local = self.rank_plan.local_heads
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size,
                                                    quant_config=quant_config,
                                                    prefix=add_prefix("embed_tokens", prefix))
         self.layers, self.start_layer, self.end_layer = make_pp_layers(
             config.num_hidden_layers,
-            lambda idx, prefix: FairKVLlamaDecoderLayer(config, idx, local[idx], self.rank_plan.rank,
-                                                        quant_config=quant_config, prefix=prefix),
+            lambda idx, prefix: FairKVLlamaDecoderLayer(config, idx, self.rank_plan, quant_config=quant_config,
+                                                        prefix=prefix),
             prefix="model.layers",
             stage_facts=lambda idx: FairKVLlamaDecoderLayer.stage_facts(config, idx),
         )

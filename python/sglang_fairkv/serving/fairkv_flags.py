@@ -215,16 +215,17 @@ def placement_setup(fk: argparse.Namespace, ns: argparse.Namespace, out: list[st
     run's ``CompressConfig``) are warned about (another model shape is refused)."""
     from ..placement.schema import PlanError
 
+    from ..model import ARCHITECTURES, OWN_CLASS_AT_TP1
+
     spec = fk.fairkv_plan
-    if spec is None and ns.tp_size == 1:
+    arch = (mc.get("architectures") or ["?"])[0]
+    own_at_tp1 = spec is None and ns.tp_size == 1 and arch in OWN_CLASS_AT_TP1
+    if spec is None and ns.tp_size == 1 and not own_at_tp1:
         if fk.fairkv_stats is not None:
             raise UsageError("--fairkv-stats needs a placement (--fairkv-plan, or --tp-size > 1): at TP 1 "
                              "there is nothing to balance")
         return None, (), ()
     spec = spec or "sha"
-    from ..model import ARCHITECTURES
-
-    arch = (mc.get("architectures") or ["?"])[0]
     if arch not in ARCHITECTURES:
         raise UsageError(f"--fairkv-plan: {arch} has no FairKV model class (supported: "
                          f"{', '.join(ARCHITECTURES)})")
@@ -255,6 +256,11 @@ def placement_setup(fk: argparse.Namespace, ns: argparse.Namespace, out: list[st
         heads = f"KV heads per rank in every layer {[h[0] for h in per_layer]}"
     else:
         heads = f"KV heads per rank summed over the {plan.num_layers} layers {[sum(h) for h in per_layer]}"
+    if own_at_tp1:
+        default = (f" ({arch} at TP 1: the FairKV model class with every head on rank 0, since SGLang's own "
+                   "class writes K/V around the backend on GPU)")
+    else:
+        default = "" if fk.fairkv_plan else " (the default at --tp-size > 1)"
     note = (f"--fairkv-plan {spec}: {plan.strategy} plan, tp={plan.tp}, {copies} head copies over "
-            f"{plan.num_layers} layers; {heads}" + ("" if fk.fairkv_plan else " (the default at --tp-size > 1)"))
+            f"{plan.num_layers} layers; {heads}" + default)
     return json.dumps(plan.to_json()), (note,), warnings
