@@ -143,9 +143,19 @@ MODELS = [("SmolLM2-135M", 3, 3, 64), ("Llama-3.1-8B", 8, 4, 128), ("Mistral-Sma
 ARCHS = [(80, "sm_80"), (90, "sm_90a"), (100, "sm_100a")]
 
 
-def _model_launches(H: int, G: int, D: int) -> list:
+#: the pool's row dtypes: the model's (bf16), and fp8 (``--kv-cache-dtype fp8_*``: the split kernel
+#: loads fp8 rows and widens them in registers); sm_80 has no e4m3 conversion (Triton's fp8e4nv needs
+#: sm_89+), so e4m3 pools there are refused at start-up and only e5m2 is compiled for it
+KV_DTYPES = {"bf16": None, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+
+
+def kv_dtypes_for(arch: int) -> list[str]:
+    return [k for k in KV_DTYPES if not (k == "fp8_e4m3" and arch < 89)]
+
+
+def _model_launches(H: int, G: int, D: int, kv: str = "bf16") -> list:
     """The launches a server of this shape makes in one decode step (recorded, not run): the step's
-    table writes and metadata, its plan, one layer's split and merge."""
+    table writes and metadata, its plan, one layer's split and merge (over rows of ``kv``)."""
     from sglang_fairkv_kernels import DecodeWorkspace, apply_table_writes, decode_step, paged_decode, plan_decode
 
     L, R, MP, B, P = 4, 8, 9, 4, 16
@@ -164,7 +174,9 @@ def _model_launches(H: int, G: int, D: int) -> list:
                     torch.zeros(B, L, H, dtype=torch.int32), torch.zeros(B, dtype=torch.int64))
         plan_decode(seg_len, idx, ws)
         q = torch.zeros(B, H * G * D, dtype=dt).view(B, H, G, D)
-        paged_decode(q, k_rows, k_rows, seg_pages, seg_len, idx, 1, D ** -0.5, ws, P, planned=True)
+        rows = k_rows if KV_DTYPES[kv] is None else k_rows.to(KV_DTYPES[kv])
+        paged_decode(q, rows, rows, seg_pages, seg_len, idx, 1, D ** -0.5, ws, P, planned=True, k_scale=0.5,
+                     v_scale=2.0)
     return launches
 
 
@@ -200,8 +212,8 @@ def aot_table(arch: int, gpu_name: str) -> list[dict]:
     kernels = _kernels()
     done: dict = {}
     rows = []
-    for model, H, G, D in MODELS:
-        for name, args, kwargs in _model_launches(H, G, D):
+    for (model, H, G, D), kv in [(m, kv) for m in MODELS for kv in kv_dtypes_for(arch)]:
+        for name, args, kwargs in _model_launches(H, G, D, kv):
             if "DOT_F32" in kwargs:
                 kwargs["DOT_F32"] = False  # on CUDA the dots take the 16-bit inputs
             jit, backend, binder = _binder(kernels[name], arch)
@@ -213,7 +225,7 @@ def aot_table(arch: int, gpu_name: str) -> list[dict]:
                 compiled = triton_compile(src, target=backend.target, options=opts.__dict__)
                 done[key] = _ptxas_report(compiled.asm["ptx"], arch, gpu_name)
                 done[key]["smem_triton"] = compiled.metadata.shared
-            rows.append({"arch": gpu_name, "model": model, "kernel": name, **done[key]})
+            rows.append({"arch": gpu_name, "model": model, "kv": kv, "kernel": name, **done[key]})
     return rows
 
 
@@ -232,9 +244,10 @@ def test_kernels_compile_ahead_of_time_without_spills(arch, gpu_name):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     rows = json.loads(r.stdout.strip().splitlines()[-1])
     assert {x["kernel"] for x in rows} == set(_kernels()) and {x["model"] for x in rows} == {m[0] for m in MODELS}
-    print(f"\n{gpu_name}: kernel (model): registers / spill bytes / shared memory bytes")
+    assert {x["kv"] for x in rows} == set(kv_dtypes_for(arch))
+    print(f"\n{gpu_name}: kernel (model, KV rows): registers / spill bytes / shared memory bytes")
     for x in rows:
-        print(f"  {x['kernel']} ({x['model']}): {x['regs']} / {x['spill']} / {x['smem_triton']}")
+        print(f"  {x['kernel']} ({x['model']}, {x['kv']}): {x['regs']} / {x['spill']} / {x['smem_triton']}")
     assert not [x for x in rows if x["spill"]], rows
 
 

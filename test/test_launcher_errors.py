@@ -55,8 +55,9 @@ def test_kv_compress_bad_budget_one_line():
     (["--kv-compress", "adakv", "--kv-budget", "64", "--page-size", "16"], "--page-size > 1"),
     (["--kv-compress", "none", "--cuda-graph-backend-prefill", "full"], "--cuda-graph-backend-prefill full"),
     (["--kv-compress", "none", "--cuda-graph-backend-decode", "full"], "--cuda-graph-backend-decode full (CUDA"),
-    (["--kv-compress", "adakv", "--kv-budget", "64", "--kv-cache-dtype", "fp8_e4m3"], "--kv-cache-dtype fp8_e4m3"),
-    (["--fairkv-plan", "sha", "--tp-size", "3", "--kv-cache-dtype", "fp8_e5m2"], "--kv-cache-dtype fp8_e5m2"),
+    (["--kv-compress", "adakv", "--kv-budget", "64", "--kv-cache-dtype", "nvfp4"],
+     "--kv-cache-dtype nvfp4 (the ragged pool holds the model dtype, or fp8: fp8_e4m3 / fp8_e5m2)"),
+    (["--fairkv-plan", "sha", "--tp-size", "3", "--kv-cache-dtype", "nvfp4"], "--kv-cache-dtype nvfp4"),
     (["--fairkv-plan", "fairkv", "--tp-size", "2"], "give --fairkv-stats FILE"),
     (["--fairkv-plan", "sha", "--tp-size", "4"], "3 KV heads over tp=4: more ranks than KV heads"),
     (["--kv-compress", "snapkv", "--kv-budget", "64", "--kv-window", "8192"],
@@ -258,3 +259,21 @@ def test_architectures_checked_at_start_up(tmp_path):
     assert model_problem(stock_moe, "cpu") is None  # SGLang takes that path on CUDA / ROCm only
     assert model_problem(object.__new__(Qwen3MoeForCausalLM), "cuda") is None  # ours
     assert model_problem(object.__new__(sg_qwen3.Qwen3ForCausalLM), "cuda") is None
+
+
+def test_fp8_kv_dtype_is_the_pools_not_sglangs(smollm2_path):
+    """``--kv-cache-dtype fp8_e4m3 | fp8_e5m2`` with the fairkv backend: taken by the ragged pool
+    (FAIRKV_KV_DTYPE via the launch config), removed from SGLang's argv (SGLang sizes the bytes in the
+    model dtype and builds nothing in fp8), said in a note; without fairkv it is SGLang's flag."""
+    from sglang_fairkv.serving.launcher import parse_launch
+
+    base = ["--model-path", str(smollm2_path)]
+    for dt in ("fp8_e4m3", "fp8_e5m2"):
+        for extra in (["--kv-compress", "adakv"], ["--kv-compress", "none"], ["--tp-size", "2", "--kv-compress", "snapkv"]):
+            lc = parse_launch([*base, *extra, "--kv-cache-dtype", dt], on_cpu=True)
+            assert lc.kv_store_dtype == dt and "--kv-cache-dtype" not in lc.sglang_argv
+            assert any(n.startswith(f"--kv-cache-dtype {dt}: the ragged pool stores") for n in lc.notes), lc.notes
+        lc = parse_launch([*base, "--kv-compress", "adakv", f"--kv-cache-dtype={dt}"], on_cpu=True)
+        assert lc.kv_store_dtype == dt and not any(a.startswith("--kv-cache-dtype") for a in lc.sglang_argv)
+    stock = parse_launch([*base, "--kv-cache-dtype", "fp8_e4m3"], on_cpu=False)
+    assert stock.kv_store_dtype is None and "fp8_e4m3" in stock.sglang_argv

@@ -212,6 +212,32 @@ def test_varlen_prefill_is_one_call_per_layer_and_equals_the_per_request_path(me
         assert one.pool.seg_len_host[1].max() < 30  # really compressed
 
 
+@pytest.mark.parametrize("method,ratio", [("none", None), ("adakv", 0.6)])
+def test_varlen_prefill_with_fp8_rows_equals_the_per_request_path(method, ratio, monkeypatch):
+    """fp8 rows (``--kv-cache-dtype fp8_e4m3``): both paths attend (and score) a chunk's own K/V
+    unrounded and its earlier chunk's as stored -- the one-call path by one scatter of the chunk's keys
+    into the gathered ones (``tok_key``) -- and keep the same fp8 rows; the rounding changes the
+    outputs (vs fp32 rows) where an earlier chunk is read, and nowhere else."""
+    batches = [[(3, 0, 24, 40)], [(3, 24, 16, 40), (5, 0, 27, 27), (1, 0, 30, 30)]]
+    ref = make_backend(GEO, method, ratio, store_dtype=torch.float8_e4m3fn)
+    want = _run_batches(ref, batches, seed=4)
+    one = make_backend(GEO, method, ratio, store_dtype=torch.float8_e4m3fn)
+    use_varlen(one, monkeypatch)
+    got = _run_batches(one, batches, seed=4)
+    for w, g in zip(want, got):
+        assert (w - g).abs().max() < 1e-5
+    for (n0, k0, v0), (n1, k1, v1) in zip(segments(ref, (1, 3, 5)), segments(one, (1, 3, 5))):
+        assert n0 == n1 and torch.equal(k0, k1) and torch.equal(v0, v1)
+    assert one.pool.k_rows.dtype == torch.float8_e4m3fn
+    dense = _run_batches(make_backend(GEO, method, ratio), batches, seed=4)
+    L = GEO.layers
+    for lid in range(L):
+        w, d = want[L + lid], dense[L + lid]  # batch 2: request 3's second chunk, then 5 and 1 whole
+        assert (w[:16] - d[:16]).abs().max() > 1e-3  # it reads its first chunk's rows as stored
+        assert (w[16:] - d[16:]).abs().max() < 1e-6  # one-chunk prompts attend their own K/V unrounded
+        assert (want[lid] - dense[lid]).abs().max() < 1e-6
+
+
 def test_varlen_prefill_zeroes_the_query_heads_of_segments_held_elsewhere(monkeypatch):
     """A request that holds only some KV heads of a layer here (a copied head served by another
     replica): its other query heads give zeros on both paths, the rest is equal."""

@@ -102,6 +102,43 @@ def test_matches_reference_on_skewed_segments(kern, G, D, dtype):
     assert err < TOL[dtype], f"max abs error {err}"
 
 
+@pytest.mark.parametrize("fp8,dtype,G,D", [
+    (torch.float8_e4m3fn, torch.bfloat16, 4, 128), (torch.float8_e5m2, torch.bfloat16, 2, 64),
+    (torch.float8_e4m3fn, torch.float16, 3, 64), (torch.float8_e4m3fn, torch.float32, 2, 64),
+])
+def test_fp8_rows_match_fp64_reference_of_the_same_rows(kern, fp8, dtype, G, D):
+    """fp8 rows (``--kv-cache-dtype fp8_*``) holding ``K / k_scale``, ``V / v_scale``: the kernel (and the
+    CPU path's torch twin) equals an fp64 reference that dequantises the very same fp8 rows, on skewed
+    segments, an empty one (zeros) and a replica slot (empty in the layer: zeros); the scales really
+    apply (without them the answer is far off)."""
+    from sglang_fairkv_kernels.ragged_torch import paged_decode_torch
+
+    seed = 77 + G * 10 + D
+    lens = skewed(seed, 8).view(4, 2)
+    lens[2] = 0  # a request whose copied head is served by another replica: nothing here in this layer
+    seg_pages, seg_len, req_idx, num_pages = make_tables(seed, lens)
+    ws = kern.DecodeWorkspace.create(max_batch=4, num_heads=2, group=G, head_dim=D, device="cpu", num_layers=2,
+                                     target_programs=16)
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(4, 2, G, D, generator=g).to(dtype)
+    k_scale, v_scale = 0.37, 2.5
+    k8 = (torch.randn(num_pages * 16, D, generator=g) * 3 / k_scale).to(fp8)
+    v8 = (torch.randn(num_pages * 16, D, generator=g) / v_scale).to(fp8)
+    out = torch.full(q.shape, float("nan"), dtype=dtype)
+    kern.paged_decode(q, k8, v8, seg_pages, seg_len, req_idx, 1, 1 / math.sqrt(D), ws, 16, out=out,
+                      k_scale=k_scale, v_scale=v_scale)
+    ref = naive(q, k8.double() * k_scale, v8.double() * v_scale, seg_pages, seg_len, req_idx, 1, 16, 1 / math.sqrt(D))
+    zero = lens == 0
+    assert torch.equal(out[zero], torch.zeros_like(out[zero]))
+    err = (out.double() - ref).abs().max().item()
+    assert err < TOL[dtype] * 4, f"max abs error {err}"  # outputs scale with v_scale
+    twin = paged_decode_torch(q, k8, v8, seg_pages, seg_len, req_idx, 1, 1 / math.sqrt(D), 16,
+                              max_len=int(lens.max()), k_scale=k_scale, v_scale=v_scale)
+    assert (twin.double() - ref).abs().max().item() < TOL[dtype] * 4
+    unscaled = naive(q, k8.double(), v8.double(), seg_pages, seg_len, req_idx, 1, 16, 1 / math.sqrt(D))
+    assert (unscaled - ref).abs().max().item() > 0.5
+
+
 def test_batch_sizes_share_one_static_workspace(kern):
     """Several batch sizes (so several grids), fewer local heads than the table has (a FairKV layer),
     page sizes and piece boundaries, all through one workspace: the scratch and the plan are never
@@ -260,7 +297,7 @@ def test_bad_input_names_the_problem(kern):
     k = torch.randn(num_pages * 16, 64)
     with pytest.raises(ValueError, match=r"k_rows must be \[N, 64\]"):
         kern.paged_decode(q, k[:, :32], k, seg_pages, seg_len, req_idx, 1, 0.1, ws, 16)
-    with pytest.raises(ValueError, match="dtypes differ"):
+    with pytest.raises(ValueError, match="must both be q's dtype or both fp8"):
         kern.paged_decode(q, k.half(), k, seg_pages, seg_len, req_idx, 1, 0.1, ws, 16)
     with pytest.raises(ValueError, match="2 slots exceed the workspace's 1"):
         kern.paged_decode(q.repeat(2, 1, 1, 1), k, k, seg_pages, seg_len, req_idx.repeat(2), 1, 0.1, ws, 16)

@@ -311,6 +311,55 @@ def install_flashinfer() -> str | None:
     return None
 
 
+def fp8_case(B, ctx, dev, dt, fi_ws, dry) -> dict:
+    """``--kv-cache-dtype fp8_e4m3`` rows: our split kernel over fp8 rows (widened in registers) vs the
+    same rows in ``dt``, and FlashInfer's fp8 decode over the same ragged pages. Checked against fp64 on
+    the dequantised rows first (with scales), so the times are of kernels that really read the data."""
+    row = {"batch": B, "context": ctx, "kv": "fp8_e4m3"}
+    lens = kept_lengths(B, ctx, seed=B * 11 + ctx)
+    row["kept_tokens"] = kept = int(lens.sum())
+    g = torch.Generator().manual_seed(3)
+    gd = torch.Generator(device=dev).manual_seed(4)
+    tables, seg_len, num_pages, (fi_indptr, fi_ids) = ragged_tables(lens, dev, g)
+    k = torch.randn(num_pages * P, D, generator=gd, device=dev, dtype=dt)
+    v = torch.randn(num_pages * P, D, generator=gd, device=dev, dtype=dt)
+    k8, v8 = k.to(torch.float8_e4m3fn), v.to(torch.float8_e4m3fn)
+    q = torch.randn(B, H, G, D, generator=gd, device=dev, dtype=dt)
+    req_idx = torch.arange(B, device=dev)
+    ws = DecodeWorkspace.create(max_batch=B, num_heads=H, group=G, head_dim=D, device=dev,
+                                target_programs=target_programs_for(dev))
+    out, out8 = torch.empty_like(q), torch.empty_like(q)
+    plan_decode(seg_len, req_idx, ws)
+    sub = min(B, 4)
+    paged_decode(q, k8, v8, tables, seg_len, req_idx, 0, D ** -0.5, ws, P, out=out8, planned=True,
+                 k_scale=0.5, v_scale=2.0)
+    ref = paged_decode_reference(q[:sub], k8.double() * 0.5, v8.double() * 2.0, tables, seg_len, req_idx[:sub], 0, P,
+                                 D ** -0.5)
+    row["fp8_rel_err"] = ((out8[:sub].double() - ref).norm() / ref.norm()).item()
+    if not row["fp8_rel_err"] < 2e-2:
+        raise AssertionError(f"ours over fp8 rows vs fp64: relative error {row['fp8_rel_err']:.2e}")
+    row["ours_us"] = bench(lambda: paged_decode(q, k, v, tables, seg_len, req_idx, 0, D ** -0.5, ws, P, out=out,
+                                                planned=True), dev)
+    row["ours_fp8_us"] = bench(lambda: paged_decode(q, k8, v8, tables, seg_len, req_idx, 0, D ** -0.5, ws, P,
+                                                    out=out8, planned=True), dev)
+    row["fp8_speedup"] = row["ours_us"] / row["ours_fp8_us"]
+    row["ours_fp8_GBps"] = 2 * kept * D / (row["ours_fp8_us"] * 1e-6) / 1e9
+    if not dry:
+        try:
+            last_r = ((lens.reshape(-1) - 1) % P + 1).to(dev, torch.int32)
+            fi8 = flashinfer_decode(q.reshape(B * H, G, D), k8.view(-1, P, 1, D), v8.view(-1, P, 1, D),
+                                    fi_indptr, fi_ids, last_r, 1, fi_ws)
+            o = fi8().view(B, H, G, D)[:sub].double()
+            ref1 = paged_decode_reference(q[:sub], k8.double(), v8.double(), tables, seg_len, req_idx[:sub], 0, P,
+                                          D ** -0.5)
+            row["fi_fp8_rel_err"] = ((o - ref1).norm() / ref1.norm()).item()
+            row["fi_fp8_ragged_us"] = bench(fi8, dev)
+            row["ours_fp8_speedup_vs_fi_fp8"] = row["fi_fp8_ragged_us"] / row["ours_fp8_us"]
+        except Exception:
+            row["fi_error"] = traceback.format_exc()[-1200:]
+    return row
+
+
 def table(res: dict) -> str:
     lines = ["| batch | context | kept / dense tokens | grid | ours us | FI dense us | SGLang triton dense us | "
              "FI ragged us | ours GB/s | ours rel err |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -323,6 +372,17 @@ def table(res: dict) -> str:
         lines.append(f"| {r['batch']} | {r['context']} | {r['kept_tokens']} / {r['dense_tokens']} | {r['grid']} | "
                      f"{f('ours_us')} | {f('fi_dense_us')} | {f('sgl_triton_dense_us')} | {f('fi_ragged_us')} | "
                      f"{f('ours_GBps', '{:.0f}')} | {f('ours_rel_err', '{:.1e}')} |")
+    if res.get("fp8"):
+        lines += ["", "| fp8_e4m3 rows: batch | context | kept tokens | ours bf16 us | ours fp8 us | fp8 speedup | "
+                  "FI fp8 ragged us | ours fp8 GB/s | fp8 rel err |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in res["fp8"]:
+            if "error" in r:
+                lines.append(f"| {r['batch']} | {r['context']} | {r['error'].strip().splitlines()[-1]} |")
+                continue
+            f = lambda key, fmt="{:.1f}": fmt.format(r[key]) if key in r else "-"  # noqa: E731
+            lines.append(f"| {r['batch']} | {r['context']} | {r['kept_tokens']} | {f('ours_us')} | {f('ours_fp8_us')} | "
+                         f"{f('fp8_speedup', '{:.2f}')} | {f('fi_fp8_ragged_us')} | {f('ours_fp8_GBps', '{:.0f}')} | "
+                         f"{f('fp8_rel_err', '{:.1e}')} |")
     if res.get("prefill"):
         lines += ["", "prefill: " + json.dumps(res["prefill"])[:1500]]
     return "\n".join(lines)
@@ -336,7 +396,7 @@ def main() -> None:
     dev = "cpu" if dry else "cuda"
     dt = torch.float32 if dry else torch.bfloat16
     res = {"device": "cpu (dry run)" if dry else torch.cuda.get_device_name(0),
-           "date": time.strftime("%Y-%m-%d"), "decode": [], "prefill": None, "failures": []}
+           "date": time.strftime("%Y-%m-%d"), "decode": [], "prefill": None, "fp8": [], "failures": []}
     if not dry:
         try:
             why = install_flashinfer()
@@ -370,7 +430,17 @@ def main() -> None:
         save()
         if dev == "cuda":
             torch.cuda.empty_cache()
-        if B == 64 and ctx == 8192:  # the prefill check early: it is short and the CUDA prefill path's only test
+        if (B, ctx) == cases[0]:  # the fp8 rows next: short, and the fp8 kernel's only GPU run
+            for fb, fctx in ([(1, 256)] if dry else [(64, 8192), (256, 8192)]):
+                try:
+                    frow = fp8_case(fb, fctx, dev, dt, fi_ws, dry)
+                except Exception:
+                    frow = {"batch": fb, "context": fctx, "error": traceback.format_exc()[-2000:]}
+                    res["failures"].append(f"fp8 {fb} x {fctx}")
+                res["fp8"].append(frow)
+                print(json.dumps(frow), flush=True)
+                save()
+        if (B, ctx) == cases[0]:  # the prefill check early: it is short and the CUDA prefill path's only test
             try:
                 res["prefill"] = prefill_check(dev, dt, dry)
             except Exception:

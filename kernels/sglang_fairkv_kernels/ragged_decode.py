@@ -152,6 +152,9 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
 
 
+#: the fp8 row dtypes the kernel reads (SGLang's ``--kv-cache-dtype fp8_e4m3`` / ``fp8_e5m2``)
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
 #: integer arguments that vary between steps or layers: never specialised (Triton would compile a
 #: variant per class {== 1, divisible by 16, other} of each, mid-serving, stalling every TP rank)
 PLAN_DYNAMIC = ("layer0", "n_seg", "even")
@@ -190,11 +193,11 @@ if HAS_TRITON:
 
     @triton.jit(do_not_specialize=SPLIT_DYNAMIC)
     def _paged_split_kernel(Q, K, V, SegPages, SegLen, ReqIdx, PlanChunk, PlanOff, OPart, LsePart, Work,
-                            sm_scale, layer, n_seg, heads_here, num_layers, pool_heads, max_pages, off_stride,
-                            stride_qb, stride_qh, stride_qg, stride_kn, stride_vn,
+                            sm_scale, v_scale, layer, n_seg, heads_here, num_layers, pool_heads, max_pages,
+                            off_stride, stride_qb, stride_qh, stride_qg, stride_kn, stride_vn,
                             G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
                             BLOCK_D: tl.constexpr, P: tl.constexpr, BLOCK_N: tl.constexpr, LOG2_SEG: tl.constexpr,
-                            DOT_F32: tl.constexpr, COUNT_WORK: tl.constexpr):
+                            DOT_F32: tl.constexpr, COUNT_WORK: tl.constexpr, KV_FP8: tl.constexpr):
         p = tl.program_id(0)
         off_row = PlanOff + layer * off_stride
         total = tl.load(off_row + n_seg - 1)
@@ -240,6 +243,9 @@ if HAS_TRITON:
                     kv_mask = mask_n[:, None] & mask_d[None, :]
                     k = tl.load(K + rows[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
                     v = tl.load(V + rows[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+                    if KV_FP8:  # exact widening in registers; k_scale is in sm_scale, v_scale applied below
+                        k = k.to(q.dtype)
+                        v = v.to(q.dtype)
                     if DOT_F32:
                         k = k.to(tl.float32)
                         v = v.to(tl.float32)
@@ -255,7 +261,7 @@ if HAS_TRITON:
                         iters += 1
                 part = p.to(tl.int64)
                 po = OPart + part * BLOCK_G * BLOCK_D + offs_g[:, None] * BLOCK_D + offs_d[None, :]
-                tl.store(po, acc / l[:, None])
+                tl.store(po, acc * (v_scale / l)[:, None])
                 tl.store(LsePart + part * BLOCK_G + offs_g, m + tl.log(l))
         if COUNT_WORK:
             tl.store(Work + p, iters)
@@ -341,8 +347,9 @@ def _check(q, k_rows, v_rows, seg_pages, seg_len, req_idx, ws: DecodeWorkspace):
             raise ValueError(f"{name} must be [N, {D}] contiguous in D, got {tuple(t.shape)}")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"q dtype must be float16, bfloat16 or float32, got {q.dtype}")
-    if k_rows.dtype != q.dtype or v_rows.dtype != q.dtype:
-        raise ValueError(f"dtypes differ: q {q.dtype}, k_rows {k_rows.dtype}, v_rows {v_rows.dtype}")
+    if k_rows.dtype != v_rows.dtype or k_rows.dtype not in (q.dtype, *FP8_DTYPES):
+        raise ValueError(f"k_rows / v_rows must both be q's dtype or both fp8 (e4m3fn, e5m2): q {q.dtype}, "
+                         f"k_rows {k_rows.dtype}, v_rows {v_rows.dtype}")
     if seg_pages.dtype != torch.int32 or not seg_pages.is_contiguous() or not seg_len.is_contiguous():
         raise ValueError("seg_pages must be contiguous int32, seg_len contiguous")
 
@@ -350,13 +357,17 @@ def _check(q, k_rows, v_rows, seg_pages, seg_len, req_idx, ws: DecodeWorkspace):
 def paged_decode(q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor, seg_pages: torch.Tensor,
                  seg_len: torch.Tensor, req_idx: torch.Tensor, layer: int, sm_scale: float,
                  ws: DecodeWorkspace, page_size: int, out: torch.Tensor | None = None,
-                 work: torch.Tensor | None = None, planned: bool = False) -> torch.Tensor:
+                 work: torch.Tensor | None = None, planned: bool = False, k_scale: float = 1.0,
+                 v_scale: float = 1.0) -> torch.Tensor:
     """Decode attention of one layer over the pool's page table; returns ``out`` [B, Hl, G, D].
 
     Parameters
     ----------
     q : fp16/bf16/fp32 [B, Hl, G, D] (strided in B and Hl is fine; contiguous in D).
-    k_rows, v_rows : same dtype, [N, D].
+    k_rows, v_rows : [N, D], q's dtype, or fp8 (``float8_e4m3fn`` / ``float8_e5m2``) rows holding
+        ``K / k_scale`` and ``V / v_scale``: loaded as fp8 and widened to q's dtype in registers
+        (exact), ``k_scale`` folded into the softmax scale and ``v_scale`` into each piece's output
+        (no dequantised copy of the pool). Host floats per layer, as SGLang's ``k_scale_float``.
     seg_pages, seg_len : the pool's tables (int32 ``[R, L, H, MP]``, int32 ``[R, L, H]``), on q's device.
     req_idx : int ``[B]`` ``req_pool_idx`` of each batch slot (padding slots: any request whose
         segments in ``layer`` are empty, e.g. SGLang's padding slot 0).
@@ -390,13 +401,14 @@ def paged_decode(q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor, se
     _paged_split_kernel[(n_prog,)](
         q, k_rows, v_rows, seg_pages, seg_len, req_idx, ws.plan_chunk, ws.plan_off, ws.o_part, ws.lse_part,
         work if work is not None else ws.lse_part,
-        float(sm_scale), int(layer), B * H, Hl, L, H, MP, ws.plan_off.stride(0),
+        float(sm_scale) * float(k_scale), float(v_scale), int(layer), B * H, Hl, L, H, MP, ws.plan_off.stride(0),
         q.stride(0), q.stride(1), q.stride(2), k_rows.stride(0), v_rows.stride(0),
         G=G, BLOCK_G=ws.block_g, D=D, BLOCK_D=ws.block_d, P=page_size, BLOCK_N=ws.block_n,
         LOG2_SEG=max(1, (ws.max_batch * H).bit_length()),
         # Triton's CPU interpreter computes tl.dot on bfloat16 inputs wrongly (checked with 3.9.0):
         # upcast there only; on CUDA the dots run on the native 16-bit inputs (tensor cores).
-        DOT_F32=_interpreting() and q.dtype == torch.bfloat16, COUNT_WORK=work is not None)
+        DOT_F32=_interpreting() and q.dtype == torch.bfloat16, COUNT_WORK=work is not None,
+        KV_FP8=k_rows.dtype in FP8_DTYPES)
     _paged_merge_kernel[(B, Hl)](
         ws.o_part, ws.lse_part, ws.plan_off, out, int(layer), H, ws.plan_off.stride(0),
         out.stride(0), out.stride(1), out.stride(2),

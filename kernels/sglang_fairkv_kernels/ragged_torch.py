@@ -14,13 +14,15 @@ import torch
 
 def paged_decode_torch(q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor, seg_pages: torch.Tensor,
                        seg_len: torch.Tensor, req_idx: torch.Tensor, layer: int, sm_scale: float,
-                       page_size: int, *, max_len: int) -> torch.Tensor:
+                       page_size: int, *, max_len: int, k_scale: float = 1.0,
+                       v_scale: float = 1.0) -> torch.Tensor:
     """Decode attention of one layer over the pool's page table, in torch.
 
     Parameters
     ----------
     q : [B, Hl, G, D], any float dtype; the G query heads of local KV head ``h`` of batch slot ``b``.
-    k_rows, v_rows : [N, D], the pool's rows.
+    k_rows, v_rows : [N, D], the pool's rows: any float dtype, fp8 included (rows hold ``K / k_scale``,
+        ``V / v_scale``; dequantised here as they are gathered).
     seg_pages : int32 ``[R, L, H, MP]`` pages of every segment; ``seg_len`` int ``[R, L, H]`` lengths.
     req_idx : int ``[B]``, the ``req_pool_idx`` of each slot.
     max_len : host int, at least the longest ``seg_len[req_idx, layer, :Hl]`` (longer is only slower).
@@ -37,6 +39,10 @@ def paged_decode_torch(q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tens
     safe = torch.where(valid, rows, 0)
     k = k_rows[safe].float()  # [B, Hl, T, D]
     v = v_rows[safe].float()
+    if k_scale != 1.0:
+        k = k * k_scale
+    if v_scale != 1.0:
+        v = v * v_scale
     logits = torch.matmul(q.float(), k.transpose(-1, -2)) * sm_scale  # [B, Hl, G, T]
     logits = logits.masked_fill(~valid[:, :, None, :], float("-inf"))
     probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # empty segments: all -inf

@@ -130,3 +130,27 @@ def prefix_tier_fraction() -> float:
 
 def set_prefix_tier_fraction(x: float) -> None:
     os.environ["FAIRKV_PREFIX_TIER"] = repr(float(x))
+
+
+#: ``--kv-cache-dtype`` names of the fp8 row dtypes the ragged pool stores
+_KV_STORE = {"fp8_e4m3": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2"}
+
+
+def kv_store_dtype():
+    """``FAIRKV_KV_DTYPE``: the ragged pool's row dtype when it is not the model's (``fp8_e4m3`` /
+    ``fp8_e5m2``, set by ``launch_server`` from ``--kv-cache-dtype``), as a torch dtype; None: the model's."""
+    v = os.environ.get("FAIRKV_KV_DTYPE") or None
+    if v is None:
+        return None
+    if v not in _KV_STORE:
+        raise ValueError(f"FAIRKV_KV_DTYPE must be one of {', '.join(_KV_STORE)}, got {v!r}")
+    import torch
+
+    return getattr(torch, _KV_STORE[v])
+
+
+def set_kv_store_dtype(name: str | None) -> None:
+    if name is None:
+        os.environ.pop("FAIRKV_KV_DTYPE", None)
+    else:
+        os.environ["FAIRKV_KV_DTYPE"] = name

@@ -3,7 +3,10 @@
     .venv-kvpress/bin/python test/helpers/kvpress_generate.py MODEL JOBS OUT
 
 ``JOBS``: JSON list of ``{"method": none|snapkv|adakv, "ratio": R, "n_new": N, "ids": [...]}`` (one
-model load for all of them).
+model load for all of them), optionally ``"kv_dtype": "fp8_e4m3" | "fp8_e5m2"``: the cache rounded
+through fp8 as the server's fp8 pool is read (``fp8_cache.py``: the press scores the prompt's own keys
+unrounded, the kept rows are then stored rounded); ``"rounded_prefix": n``: the prompt's first ``n``
+tokens' K/V as a prefix hit on the server reads them (from an earlier prefill, stored in fp8).
 
 Mirrors what the fairkv server does: the prompt is prefilled *with* the press (full attention for
 the prompt's own logits, compression in kvpress's post-attention hook), the first token is the argmax
@@ -20,13 +23,20 @@ from kvpress import AdaKVPress, SnapKVPress
 from transformers import AutoModelForCausalLM
 
 
-def generate(model, method: str, ratio: float, ids: list[int], n_new: int) -> list[int]:
+def generate(model, method: str, ratio: float, ids: list[int], n_new: int, kv_dtype: str | None = None,
+             rounded_prefix: int = 0) -> list[int]:
     from transformers import DynamicCache
 
     press = {"snapkv": lambda: SnapKVPress(compression_ratio=ratio),
              "adakv": lambda: AdaKVPress(SnapKVPress(compression_ratio=ratio)),
              "none": lambda: None}[method]()
-    cache = DynamicCache()
+    if kv_dtype is None:
+        cache = DynamicCache()
+    else:
+        from fp8_cache import cached_prefix_kv, fp8_cache
+
+        dt = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}[kv_dtype]
+        cache = fp8_cache(dt, cached_prefix_kv(model, ids[:rounded_prefix], dt) if rounded_prefix else None)
     with torch.no_grad():
         if press is not None:
             with press(model):
@@ -59,7 +69,8 @@ def main():
     jobs = json.load(open(jobs_path))
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32,
                                                  attn_implementation="sdpa").eval()
-    json.dump([generate(model, j["method"], float(j["ratio"]), j["ids"], int(j["n_new"])) for j in jobs],
+    json.dump([generate(model, j["method"], float(j["ratio"]), j["ids"], int(j["n_new"]), j.get("kv_dtype"),
+                        int(j.get("rounded_prefix", 0))) for j in jobs],
               open(out_path, "w"))
 
 

@@ -26,7 +26,7 @@ def server_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The test process's environment for a server, without the test-only Triton interpreter, without
     a core binding (each launcher derives its own from the cores it may use) and without fairkv
     settings a test may have left in this process."""
-    drop = ("TRITON_INTERPRET", "SGLANG_CPU_OMP_THREADS_BIND", "FAIRKV_KV_COMPRESS", "FAIRKV_PLAN",
+    drop = ("TRITON_INTERPRET", "SGLANG_CPU_OMP_THREADS_BIND", "FAIRKV_KV_COMPRESS", "FAIRKV_PLAN", "FAIRKV_KV_DTYPE",
             "SGLANG_EXTERNAL_MODEL_PACKAGE")  # the launcher sets the fairkv ones from its own flags
     env = {k: v for k, v in os.environ.items() if k not in drop}
     env.update(extra or {})

@@ -31,7 +31,7 @@ from ..serving.kv_cache import FairKVCache
 from ..serving.state import FairKVState
 from .capabilities import layer_problem
 from .causal import varlen_usable
-from .prefill import ExtendMetadata, PrefillMixin
+from .prefill import ExtendMetadata, PrefillMixin, kv_scales
 
 logger = logging.getLogger(__name__)
 
@@ -75,8 +75,14 @@ class FairKVAttnBackend(PrefillMixin, AttentionBackend):
         on_cuda = torch.device(self.device).type == "cuda"
         self.decode_kernel = env.decode_kernel() if on_cuda else "torch"
         # prefill attention as one varlen flash call per layer where the kernel takes the pool's dtype
-        self.prefill_varlen = on_cuda and varlen_usable(self.pool.dtype, self.pool.head_dim, self.device)
+        attn_dtype = model_runner.dtype if self.pool.quantized else self.pool.dtype  # fp8 rows: read widened
+        self.prefill_varlen = on_cuda and varlen_usable(attn_dtype, self.pool.head_dim, self.device)
         self.workspace = self.state.workspace
+        if (self.decode_kernel == "triton" and self.pool.dtype == torch.float8_e4m3fn
+                and torch.cuda.get_device_capability(self.device) < (8, 9)):
+            raise RuntimeError("fairkv: --kv-cache-dtype fp8_e4m3 needs sm_89 or newer for the Triton decode "
+                               "kernel (Triton has no e4m3 conversion before Ada): use fp8_e5m2 here, or "
+                               "FAIRKV_DECODE_KERNEL=torch (eager decode, no CUDA graphs)")
         if self.decode_kernel == "triton":
             from sglang_fairkv_kernels import paged_decode, plan_decode
 
@@ -229,18 +235,21 @@ class FairKVAttnBackend(PrefillMixin, AttentionBackend):
         lid = layer.layer_id
         hq, hkv, d, dv = layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim, layer.v_head_dim
         b, pool = md.req_pool_idx.shape[0], self.pool
+        k_scale, v_scale = kv_scales(layer)
         if save_kv_cache and k is not None:
             rows = md.write_rows[lid][:, :hkv] if hkv < pool.num_kv_heads else md.write_rows[lid]
-            pool.k_rows[rows] = _as(k.reshape(b, hkv, d), pool.dtype)  # page-0 rows: segments not held here
-            pool.v_rows[rows] = _as(v.reshape(b, hkv, dv), pool.dtype)
-        qg = _as(q.reshape(b, hkv, hq // hkv, d), pool.dtype)
+            # page-0 rows: segments not held here; fp8 rows quantised here, the new token's included
+            pool.write_rows(rows, k.reshape(b, hkv, d), v.reshape(b, hkv, dv), k_scale, v_scale)
+        # q in the rows' dtype (fp8 rows: q's own, the kernel widens the rows in registers)
+        qg = _as(q.reshape(b, hkv, hq // hkv, d), q.dtype if pool.quantized else pool.dtype)
         if self.decode_kernel == "triton":
             out = self._paged_decode(qg, pool.k_rows, pool.v_rows, pool.seg_pages, pool.seg_len,
                                      md.req_pool_idx, lid, layer.scaling, self.workspace, pool.page_size,
-                                     planned=True)
+                                     planned=True, k_scale=k_scale, v_scale=v_scale)
         else:
             out = paged_decode_torch(qg, pool.k_rows, pool.v_rows, pool.seg_pages, pool.seg_len, md.req_pool_idx,
-                                     lid, layer.scaling, pool.page_size, max_len=md.max_len[lid])
+                                     lid, layer.scaling, pool.page_size, max_len=md.max_len[lid],
+                                     k_scale=k_scale, v_scale=v_scale)
         return _as(out, q.dtype).reshape(b, hq * dv)
 
 

@@ -58,7 +58,8 @@ class ExtendMetadata:
     ``idx`` int64 [b]; ``key_pos`` int64 [max_seq] = ``arange`` (the per-request path's key positions).
     The one-call path (``varlen``): per packed key (``K`` = the sum of the sequence lengths)
     ``key_req`` / ``key_at`` int64 [K] (request and position), ``key_tier`` / ``key_tier_b`` [K] (None
-    without the tier), ``cu_q`` / ``cu_k`` int32 [b + 1].
+    without the tier), ``cu_q`` / ``cu_k`` int32 [b + 1]; with fp8 rows ``tok_key`` int64 [T], where each
+    query token's own key sits among the packed keys (its chunk's K/V are attended unrounded).
     ``grow_idx`` / ``grow_len`` (host int64 [g], or None): requests whose chunk ends a prompt that is
     compressed, and that prompt's length; their pages are taken layer by layer in the forward.
     ``tier_tok`` per request whose prefill uses the dense prefix tier, the tier token of every position
@@ -91,6 +92,7 @@ class ExtendMetadata:
     key_tier_b: torch.Tensor | None = None
     cu_q: torch.Tensor | None = None
     cu_k: torch.Tensor | None = None
+    tok_key: torch.Tensor | None = None
 
     def tier_tokens(self, i: int) -> torch.Tensor | None:
         """Request ``i``'s tier tokens (int64 [seq], device), or None when its prefill does not use the tier."""
@@ -126,6 +128,7 @@ class PrefillMixin:
     the pool's dtype and head dim; tests set it on a CPU with a stand-in for the kernel)."""
 
     prefill_varlen: bool = False
+    _kv_scales: tuple[float, float] = (1.0, 1.0)  # the running layer's (k_scale, v_scale)
 
     def _extend_metadata(self, forward_batch) -> ExtendMetadata:
         idx = self.state.host_req_pool_indices(forward_batch)
@@ -170,6 +173,8 @@ class PrefillMixin:
             key_at = np.arange(int(seq.sum())) - key_starts[key_b]
             i_kreq, i_kat = pk.add(idx[key_b]), pk.add(key_at)
             i_cu = pk.add(np.concatenate([[0], np.cumsum(ext), [0], np.cumsum(seq)]))
+            if self.pool.quantized:
+                i_tk = pk.add(key_starts[tok_b] + tok_pos)
             if tier.any():
                 key_tier = np.concatenate([t if t is not None else np.zeros(seq[i], np.int64)
                                            for i, t in enumerate(tier_toks)])
@@ -183,6 +188,8 @@ class PrefillMixin:
         if varlen:
             cu = v[i_cu].to(torch.int32)
             kw.update(varlen=True, key_req=v[i_kreq], key_at=v[i_kat], cu_q=cu[:b + 1], cu_k=cu[b + 1:])
+            if self.pool.quantized:
+                kw.update(tok_key=v[i_tk])
             if tier.any():
                 kw.update(key_tier=v[i_kt], key_tier_b=v[i_ktb].bool())
         if grow.any():
@@ -198,6 +205,7 @@ class PrefillMixin:
         q_ = q.view(-1, hq, d)
         k_ = k.view(-1, hkv, d) if k is not None else None
         v_ = v.view(-1, hkv, layer.v_head_dim) if v is not None else None
+        self._kv_scales = kv_scales(layer)
         o = self._extend(q_, k_, v_, layer.layer_id, layer.scaling, layer.v_head_dim, save_kv_cache)
         return o.reshape(-1, hq * layer.v_head_dim)  # one request: a transposed view (SDPA may be contiguous)
 
@@ -216,8 +224,7 @@ class PrefillMixin:
         rows = torch.where(md.tok_active[:, lid, :hkv], rows, 0)
         if md.tok_tier is not None:  # tier prefills write every head held here into their blocks
             rows = torch.where(md.tok_tier_b[:, None], pool.tier_rows_tokens(md.tok_tier, lid, hkv), rows)
-        pool.k_rows[rows] = _as(k_, pool.dtype)
-        pool.v_rows[rows] = _as(v_, pool.dtype)
+        pool.write_rows(rows, k_, v_, *self._kv_scales)
 
     def _extend(self, q_, k_, v_, lid: int, scaling: float, v_head_dim: int, save_kv_cache: bool):
         """Prefill attention of one layer. ``q_`` [T, Hq, D], ``k_``/``v_`` [T, H, D] (this rank's heads);
@@ -238,9 +245,12 @@ class PrefillMixin:
         if save_kv_cache and k_ is not None:
             self._write_chunk(md, k_, v_, lid, hkv)
         held = self.pool.active_host[md.req_pool_idx, lid, :hkv]  # [b, hkv] host mirror
+        # fp8 rows: the chunk's own K/V are attended (and scored) as the model computed them, the earlier
+        # chunks' and the prefix's as the pool holds them (FlashInfer's ragged + paged prefill in SGLang)
+        own = (k_, v_) if self.pool.quantized and k_ is not None else None
         if md.varlen:
-            return self._extend_varlen(md, q_, lid, hkv, group, scaling, held)
-        return self._extend_per_request(md, q_, lid, hkv, group, scaling, v_head_dim, held)
+            return self._extend_varlen(md, q_, lid, hkv, group, scaling, held, own)
+        return self._extend_per_request(md, q_, lid, hkv, group, scaling, v_head_dim, held, own)
 
     def _compresses_here(self, md: ExtendMetadata, i: int) -> bool:
         """Whether request ``i`` stashes window queries or compresses in this layer (compression on), or
@@ -248,7 +258,7 @@ class PrefillMixin:
         return self.state.cfg.enabled or (md.is_last[i] and md.tier_tokens(i) is not None)
 
     def _extend_varlen(self, md: ExtendMetadata, q_, lid: int, hkv: int, group: int, scaling: float,
-                       held: np.ndarray) -> torch.Tensor:
+                       held: np.ndarray, own: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Every request's keys gathered once into one packed ``[K, hkv, D]`` buffer, one varlen causal
         call for the batch. The tensor ops do not depend on the number of requests; the host loop that
         follows runs only for requests that compress (or fill from the tier) in this layer."""
@@ -256,8 +266,10 @@ class PrefillMixin:
         rows = pool.rows_at_tokens(md.key_req, lid, hkv, md.key_at)  # [K, hkv]
         if md.key_tier is not None:
             rows = torch.where(md.key_tier_b[:, None], pool.tier_rows_tokens(md.key_tier, lid, hkv), rows)
-        kk = _as(pool.k_rows[rows], q_.dtype)  # [K, hkv, D]
-        vv = _as(pool.v_rows[rows], q_.dtype)
+        kk, vv = pool.read_rows(rows, q_.dtype, *self._kv_scales)  # [K, hkv, D]
+        if own is not None:  # the chunk's keys unrounded (one scatter each)
+            kk[md.tok_key] = own[0].to(kk.dtype)
+            vv[md.tok_key] = own[1].to(vv.dtype)
         o = causal.flash_varlen(q_, kk, vv, md.cu_q, md.cu_k, md.max_ext, md.max_seq, scaling)  # [T, Hq, Dv]
         if not held.all():  # heads served by another replica (or not held): their queries give zeros
             keep = md.tok_active[:, lid, :hkv].repeat_interleave(group, dim=1)  # [T, Hq]
@@ -273,7 +285,8 @@ class PrefillMixin:
         return o
 
     def _extend_per_request(self, md: ExtendMetadata, q_, lid: int, hkv: int, group: int, scaling: float,
-                            v_head_dim: int, held: np.ndarray) -> torch.Tensor:
+                            v_head_dim: int, held: np.ndarray,
+                            own: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """One lower-right causal call per request over that request's rows gathered from the page table
         (:func:`~.causal.causal_attention`; never a mask tensor with ``enable_gqa``, which would force
         SDPA's math kernel). Work and temporary memory are one request's ``chunk x sequence`` at a time.
@@ -293,8 +306,10 @@ class PrefillMixin:
                 rows = pool.tier_rows(tier_tok, lid, hkv)[0]  # [hkv, sl]
             else:
                 rows = pool.rows_at(md.idx[i:i + 1], lid, hkv, md.key_pos[:sl])[0]  # [hkv, sl]
-            kk = pool.k_rows[rows].to(q_.dtype)  # [hkv, sl, D]: this request's keys only
-            vv = pool.v_rows[rows].to(q_.dtype)
+            kk, vv = pool.read_rows(rows, q_.dtype, *self._kv_scales)  # [hkv, sl, D]: this request's only
+            if own is not None:  # its chunk's keys unrounded: the last ``ext`` positions
+                kk[:, sl - ext:] = own[0][s:s + ext].transpose(0, 1)
+                vv[:, sl - ext:] = own[1][s:s + ext].transpose(0, 1)
             qi = q_[s:s + ext].transpose(0, 1)  # [Hq, ext, D] (a view of the packed queries)
             out = causal_attention(qi[None], kk[None], vv[None], scaling)[0]  # [Hq, ext, Dv]
             if not held[i].all():  # heads of a copy served by another replica: their queries give zeros
@@ -416,6 +431,7 @@ class PrefillMixin:
         self.ledger.set_kept(r, lid, full)
 
 
-def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``x`` in ``dtype`` (no op when it already is)."""
-    return x if x.dtype == dtype else x.to(dtype)
+def kv_scales(layer) -> tuple[float, float]:
+    """The layer's K and V cache scales (SGLang's host floats, set from checkpoint scales by its KV-cache
+    quant method), 1.0 without them: fp8 rows hold ``K / k_scale``, ``V / v_scale``."""
+    return float(getattr(layer, "k_scale_float", None) or 1.0), float(getattr(layer, "v_scale_float", None) or 1.0)

@@ -103,6 +103,5 @@ class TierMixin:
         pos = torch.cat([k.to(self.device, torch.int64) for k in kept])
         tok = tokens[pos]
         src = self._tier_page_rows(tok, layer, hcol)
-        self.k_rows[dst_rows] = self.k_rows[src]
-        self.v_rows[dst_rows] = self.v_rows[src]
+        self.copy_rows(dst_rows, src)
 

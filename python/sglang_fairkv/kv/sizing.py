@@ -48,14 +48,15 @@ class PoolSizes:
 def rank_pool_sizes(*, max_total_tokens: int, rows_per_token_budget: int, row_bytes: int, heads: int,
                     page_size: int, num_layers: int, max_reqs: int, max_context: int, group: int,
                     head_dim: int, on_cuda: bool, metadata_in_budget: bool = True,
-                    target_programs: int | None = None) -> PoolSizes:
+                    target_programs: int | None = None, store_row_bytes: int | None = None) -> PoolSizes:
     """The pool of a rank whose pool holds ``heads`` KV heads per layer (the most the plan gives it in
     any layer). ``rows_per_token_budget``: the rows per token SGLang sized this rank's memory for
     (layers x its stock per-rank KV heads). ``target_programs``: the decode grid's aim (about four
     programs per SM; None: the kernel's default). ``metadata_in_budget=False`` (unit tests of admission
-    arithmetic only): every byte is pages."""
+    arithmetic only): every byte is pages. ``row_bytes``: a row in the dtype SGLang sized the budget in;
+    ``store_row_bytes``: a row as the pool stores it (fp8: fewer bytes, more pages; default the same)."""
     budget = max_total_tokens * rows_per_token_budget * row_bytes
-    page_bytes = page_size * row_bytes
+    page_bytes = page_size * (row_bytes if store_row_bytes is None else store_row_bytes)
     kw = dict(max_batch=max_reqs, num_heads=heads, group=group, head_dim=head_dim, num_layers=num_layers)
     if target_programs is not None:
         kw["target_programs"] = target_programs

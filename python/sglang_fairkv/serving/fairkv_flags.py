@@ -93,6 +93,21 @@ def value(argv: list[str], flag: str) -> str | None:
     return None
 
 
+def drop(argv: list[str], flag: str) -> None:
+    """Remove ``flag VALUE`` / ``flag=VALUE`` from ``argv`` in place (a flag of ours, not SGLang's)."""
+    for i, a in enumerate(argv):
+        if a == flag:
+            del argv[i:i + 2]
+            return
+        if a.startswith(flag + "="):
+            del argv[i]
+            return
+
+
+#: ``--kv-cache-dtype`` values the ragged pool stores itself (rows quantised per layer scale)
+FP8_KV_DTYPES = ("fp8_e4m3", "fp8_e5m2")
+
+
 def model_config(model_path: str) -> dict:
     """The model folder's ``config.json`` (UsageError when it cannot be read)."""
     try:
@@ -150,9 +165,16 @@ def fairkv_setup(fk: argparse.Namespace, ns: argparse.Namespace, out: list[str],
     if eager_decode and given(out, flag) and value(out, flag) != "disabled":
         bad.append(f"{flag} {value(out, flag)} (CUDA-graph decode needs CUDA and the Triton decode kernel)")
     kv_dtype = value(out, "--kv-cache-dtype")
-    if kv_dtype not in (None, "auto", "bf16", "bfloat16"):
-        bad.append(f"--kv-cache-dtype {kv_dtype} (the ragged pool and its decode kernel hold fp16 / bf16 / "
-                   "fp32 KV; quantized KV is not supported yet)")
+    fk.kv_store_dtype = None
+    if kv_dtype in FP8_KV_DTYPES:  # ours: SGLang sizes and builds nothing in fp8 (its CPU path needs AMX)
+        drop(out, "--kv-cache-dtype")
+        fk.kv_store_dtype = kv_dtype
+        notes.append(f"--kv-cache-dtype {kv_dtype}: the ragged pool stores K/V rows in fp8 (per-layer scales "
+                     "from the checkpoint, else 1.0) in the KV bytes SGLang sizes for the model dtype: the same "
+                     "memory holds 2x the rows of bf16, 4x of fp32")
+    elif kv_dtype not in (None, "auto", "bf16", "bfloat16"):
+        bad.append(f"--kv-cache-dtype {kv_dtype} (the ragged pool holds the model dtype, or fp8: "
+                   f"{' / '.join(FP8_KV_DTYPES)})")
     if given(out, "--cuda-graph-config"):
         bad.append("--cuda-graph-config (fairkv: set decode graphs with --cuda-graph-backend-decode; "
                    "prefill runs eager)")

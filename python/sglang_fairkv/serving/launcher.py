@@ -69,6 +69,8 @@ class LaunchConfig:
     prefix_tier: float = 0.0
     #: what may not do what the user expects (printed as ``sglang-fairkv: warning: ...``)
     warnings: tuple[str, ...] = ()
+    #: ``--kv-cache-dtype fp8_e4m3 | fp8_e5m2`` taken by the ragged pool (FAIRKV_KV_DTYPE), or None
+    kv_store_dtype: str | None = None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,7 +169,8 @@ def parse_launch(argv: list[str], on_cpu: bool) -> LaunchConfig:
     if port_in_use(host, port):
         raise UsageError(f"port {port} on {host} is already in use (choose another with --port)")
     return LaunchConfig(out, on_cpu, model_path, host, port, ns.tp_size, cfg_json, notes, placement_json,
-                        warnings=warnings, prefix_tier=float(getattr(fk, "prefix_tier_effective", 0.0)))
+                        warnings=warnings, prefix_tier=float(getattr(fk, "prefix_tier_effective", 0.0)),
+                        kv_store_dtype=getattr(fk, "kv_store_dtype", None))
 
 
 def export_settings(launch: LaunchConfig) -> str | None:
@@ -182,6 +185,7 @@ def export_settings(launch: LaunchConfig) -> str | None:
     if launch.kv_compress_json is not None:
         env.set_kv_compress_json(launch.kv_compress_json)
     env.set_prefix_tier_fraction(launch.prefix_tier)
+    env.set_kv_store_dtype(launch.kv_store_dtype)
     if launch.placement_json is None:
         return None
     import tempfile

@@ -57,7 +57,7 @@ def build_pool_hook(original, self, *args, **kwargs):
                         rows_per_token_budget=layers * mc.get_num_kv_heads(p.attn_tp_size, p.attn_dcp_size),
                         page_size=env.kv_page_size(), head_dim=mc.head_dim,
                         max_reqs=req_to_token.shape[0], max_context=min(mc.context_len, req_to_token.shape[1]),
-                        dtype=self.kv_cache_dtype, device=self.device,
+                        dtype=self.kv_cache_dtype, store_dtype=env.kv_store_dtype(), device=self.device,
                         group=max(1, mc.num_attention_heads // max(1, mc.num_key_value_heads)),
                         profile_path=_profile_path(p.tp_rank, dp_rank), dp_rank=dp_rank,
                         prefix_tier=env.prefix_tier_fraction())

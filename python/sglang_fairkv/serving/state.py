@@ -225,14 +225,19 @@ class FairKVState:
 def build_state(cfg: CompressConfig, head_budgets: torch.Tensor | None, *, rank_plan: RankPlan,
                 max_total_tokens: int, rows_per_token_budget: int, page_size: int, head_dim: int,
                 max_reqs: int, max_context: int, dtype: torch.dtype, device: str, group: int = 1,
+                store_dtype: torch.dtype | None = None,
                 profile_path: str | None = None, metadata_in_budget: bool = True,
                 dp_rank: int | None = None, prefix_tier: float = 0.0) -> FairKVState:
     """The pool in the bytes SGLang's stock pool would take for ``max_total_tokens`` tokens
     (:func:`~sglang_fairkv.kv.sizing.rank_pool_sizes`; the pool's head dimension is the most heads the
     plan gives this rank in any layer), the TP group's ledger pricing every rank against that rank's own
-    pages, and the rest of the state. Raises ValueError when the budget cannot hold the tables."""
+    pages, and the rest of the state. Raises ValueError when the budget cannot hold the tables.
+    ``dtype``: SGLang's KV dtype (the model's: what the budget is sized in); ``store_dtype``: the rows'
+    (fp8 with ``--kv-cache-dtype fp8_*``; default ``dtype``): the same bytes hold more rows."""
     num_layers = rank_plan.plan.num_layers
-    row_bytes = 2 * head_dim * torch.empty(0, dtype=dtype).element_size()
+    store_dtype = dtype if store_dtype is None else store_dtype
+    budget_row_bytes = 2 * head_dim * torch.empty(0, dtype=dtype).element_size()
+    row_bytes = 2 * head_dim * torch.empty(0, dtype=store_dtype).element_size()
     on_cuda = torch.device(device).type == "cuda"
     target = None
     if on_cuda:
@@ -242,7 +247,7 @@ def build_state(cfg: CompressConfig, head_budgets: torch.Tensor | None, *, rank_
 
     def sizes(heads: int):
         return rank_pool_sizes(max_total_tokens=max_total_tokens, rows_per_token_budget=rows_per_token_budget,
-                               row_bytes=row_bytes, heads=heads, page_size=page_size, num_layers=num_layers,
+                               row_bytes=budget_row_bytes, store_row_bytes=row_bytes, heads=heads, page_size=page_size, num_layers=num_layers,
                                max_reqs=max_reqs, max_context=max_context, group=group, head_dim=head_dim,
                                on_cuda=on_cuda, metadata_in_budget=metadata_in_budget,
                                target_programs=target)
@@ -276,7 +281,7 @@ def build_state(cfg: CompressConfig, head_budgets: torch.Tensor | None, *, rank_
             "more memory (--mem-fraction-static / --max-total-tokens)")
     pool = RaggedKVPool(num_pages=int(pages_of[rank_plan.rank]) + 1, page_size=page_size, num_layers=num_layers,
                         num_kv_heads=heads, head_dim=head_dim, max_reqs=max_reqs, max_context=max_context,
-                        dtype=dtype, device=device)
+                        dtype=store_dtype, device=device)
     workspace = None
     if on_cuda:
         from sglang_fairkv_kernels import DecodeWorkspace
@@ -295,12 +300,12 @@ def build_state(cfg: CompressConfig, head_budgets: torch.Tensor | None, *, rank_
         tier = TierBlocks(num_blocks, page_size)
         ledger.attach_tier(tier, tier_ppb)
         cap = torch.floor(ledger.usable.to(torch.float64) * prefix_tier).to(torch.int64)
-    logger.info("sglang-fairkv: %srank %d/%d ragged KV pool %d pages x %d rows (%.1f MB K+V; of the %.1f MB "
+    logger.info("sglang-fairkv: %srank %d/%d ragged KV pool %d pages x %d rows of %s (%.1f MB K+V; of the %.1f MB "
                 "budget, %.1f MB page table for %d requests x context %d, %.1f MB decode scratch, %.1f MB "
                 "logical slots), plan %s "
                 "(KV heads per layer here %s), compression %s",
                 f"DP replica {dp_rank}, " if dp_rank is not None else "", rank_plan.rank, rank_plan.tp, pool.usable_pages,
-                page_size,
+                page_size, str(store_dtype).removeprefix("torch."),
                 2 * pool.k_rows.numel() * pool.k_rows.element_size() / 2**20, mine.budget_bytes / 2**20,
                 mine.table_bytes / 2**20, max_reqs, pool.max_context, mine.scratch_bytes / 2**20,
                 mine.allocator_bytes / 2**20,

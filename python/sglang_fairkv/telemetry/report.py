@@ -67,6 +67,7 @@ def fairkv_stats(state) -> dict:
     admitted = reqs.admitted_indices()
     out = {
         "kv_compress": state.cfg.method,
+        "kv_dtype": str(p.dtype).removeprefix("torch."),  # the rows' (fp8 with --kv-cache-dtype fp8_*)
         # what the pool means: the compression in words, pages of a 1000 + 256-token request compressed vs
         # dense (stock), and how many such requests fit at once each way (start-up line)
         "capacity": state.capacity,
