@@ -28,7 +28,13 @@ CONFIGS = {
     "fairkv snapkv ratio 0.75": ["--kv-compress", "snapkv", "--kv-compress-ratio", "0.75"],
     "fairkv adakv ratio 0.75": ["--kv-compress", "adakv", "--kv-compress-ratio", "0.75"],
     "fairkv adakv ratio 0.5": ["--kv-compress", "adakv", "--kv-compress-ratio", "0.5"],
+    # fp8 rows in the same KV bytes (the pool is sized in the model dtype's bytes): 4x the rows of fp32
+    "fairkv adakv ratio 0.75 fp8_e4m3": ["--kv-compress", "adakv", "--kv-compress-ratio", "0.75",
+                                         "--kv-cache-dtype", "fp8_e4m3"],
+    "fairkv none fp8_e4m3": ["--kv-compress", "none", "--kv-cache-dtype", "fp8_e4m3"],
 }
+# stock SGLang 0.5.23 with --kv-cache-dtype fp8_e4m3 on a CPU without AMX stops at start-up ("CPU FP8 KV
+# cache requires Intel AMX support"): not a configuration here
 
 
 def max_running(log_text: str) -> int:

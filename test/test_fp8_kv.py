@@ -73,9 +73,11 @@ def test_dense_fp8_equals_hf_with_a_rounded_cache(tiny_kv6_path, fp8_refs, kv_dt
     assert info["pages_used"] == 0
 
 
-@pytest.mark.parametrize("method,layout", [("adakv", "tp1"), ("snapkv", "tp1"), ("adakv", "tp2-fairkv-copies")])
+@pytest.mark.parametrize("method,layout", [("adakv", "tp1"), ("snapkv", "tp1"), ("adakv", "tp2-fairkv-copies"),
+                                           ("snapkv", "tp2-sha")])
 def test_compressed_fp8_equals_kvpress_with_the_same_keys(tiny_kv6_path, fp8_refs, method, layout, tmp_path):
-    """AdaKV / SnapKV 0.5 with e4m3 rows at TP 1, and AdaKV at TP 2 through a FairKV plan with copies:
+    """AdaKV / SnapKV 0.5 with e4m3 rows at TP 1, AdaKV at TP 2 through a FairKV plan with copies, SnapKV
+    at TP 2 through sha:
     kvpress's tokens with the same rounded cache (its scores see the prompt's own keys unrounded, as
     the server's); they differ from kvpress without fp8 on some prompt. A prompt served again from the
     prefix tier reads its cached prefix as stored (fp8), as SGLang + FlashInfer read a prefix hit: its
@@ -86,8 +88,10 @@ def test_compressed_fp8_equals_kvpress_with_the_same_keys(tiny_kv6_path, fp8_ref
     assert want != fp8_refs[method], "fp8 must change some compressed tokens for the test to see it"
     args = ["--model-path", str(tiny_kv6_path), "--kv-compress", method, "--kv-compress-ratio", str(RATIO),
             "--kv-cache-dtype", "fp8_e4m3"]
-    if layout != "tp1":
+    if layout == "tp2-fairkv-copies":
         args += ["--tp-size", "2", "--fairkv-plan", "fairkv", "--fairkv-stats", str(skewed_stats(tmp_path / "s.json"))]
+    elif layout == "tp2-sha":
+        args += ["--tp-size", "2"]
     prompts = fp8_refs["prompts"]
     with Server(args, env=STRICT) as s:
         got = [s.greedy_ids(p, N_NEW) for p in prompts]
@@ -98,7 +102,7 @@ def test_compressed_fp8_equals_kvpress_with_the_same_keys(tiny_kv6_path, fp8_ref
     assert again["output_ids"] == fp8_refs[f"{method}_fp8_hit"]
     assert [r["pages_used"] for r in info["ranks"]] == [0] * (1 if layout == "tp1" else 2)
     assert info["ledger_matches_pool"]
-    if layout != "tp1":
+    if layout == "tp2-fairkv-copies":
         assert min(info["plan_copies_per_layer"]) >= 1
 
 

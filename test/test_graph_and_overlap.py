@@ -28,10 +28,11 @@ PROMPTS = {1: 40, 2: 17, 3: 64, 5: 33, 6: 90}
 INACTIVE = (5, 1, 1)  # request 5 head 1 in layer 1: a copy served by another rank replica
 
 
-def twin(seed: int = 0, fused: bool = False):
+def twin(seed: int = 0, fused: bool = False, store=None):
     """A backend on the CUDA branch with the prompts prefilled (same K/V for every twin). ``fused``: the
-    pool's step runs as on CUDA, two Triton launches (interpreted) instead of torch ops."""
-    b = make_backend(GEO)
+    pool's step runs as on CUDA, two Triton launches (interpreted) instead of torch ops; ``store``: the
+    rows' dtype (fp8: ``--kv-cache-dtype fp8_e4m3``)."""
+    b = make_backend(GEO, store_dtype=store)
     use_cuda_branch(b, min_split=32, block_n=16)
     b.pool.fused_step = fused
     st, gen = b.state, torch.Generator().manual_seed(seed)
@@ -74,11 +75,18 @@ def in_graph(b, bs: int, gen: torch.Generator, q_real=None):
     return outs
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["torch-step", "fused-step"])
-def test_graph_replay_equals_eager_steps_and_never_reallocates(fused):
+def _raw(rows: torch.Tensor) -> torch.Tensor:
+    """Rows as bytes where they are fp8 (no comparison kernels for float8 on the CPU)."""
+    return rows.view(torch.uint8) if rows.element_size() == 1 else rows
+
+
+@pytest.mark.parametrize("fused,store", [(False, None), (True, None), (True, torch.float8_e4m3fn)],
+                         ids=["torch-step", "fused-step", "fused-step-fp8-rows"])
+def test_graph_replay_equals_eager_steps_and_never_reallocates(fused, store):
     """Graph replays (static buffers, padding slots) equal eager steps of a twin, with the pool's step
-    in torch ops or in the fused Triton launches (the CUDA path): same outputs, same tables."""
-    eager, graph = twin(), twin(fused=fused)
+    in torch ops or in the fused Triton launches (the CUDA path), over model-dtype or fp8 rows: same
+    outputs, same tables, same rows."""
+    eager, graph = twin(store=store), twin(fused=fused, store=store)
     gen = torch.Generator().manual_seed(1)
     graph.init_cuda_graph_state(max_bs=8, max_num_tokens=8)
     buffers = [t.data_ptr() for t in graph.graph_buffers()]
@@ -86,10 +94,10 @@ def test_graph_replay_equals_eager_steps_and_never_reallocates(fused):
     capture = SimpleNamespace(forward_mode=replay_view([], bs).forward_mode, batch_size=bs,
                               req_pool_indices=torch.zeros(bs, dtype=torch.int64))
     graph.init_forward_metadata_out_graph(capture, in_capture=True)
-    before = graph.pool.k_rows[graph.pool.page_size:].clone()
+    before = _raw(graph.pool.k_rows[graph.pool.page_size:]).clone()
     for o in in_graph(graph, bs, gen):
         assert not o.any()  # capture: empty slots attend nothing
-    assert torch.equal(graph.pool.k_rows[graph.pool.page_size:], before)  # and write only the sink page
+    assert torch.equal(_raw(graph.pool.k_rows[graph.pool.page_size:]), before)  # and write only the sink page
     md_capture = graph.forward_metadata
 
     steps = [[1, 2, 5], [3, 6, 1, 2], [5, 6], [2, 3, 5, 6]]  # different batches, lengths, padding
@@ -117,8 +125,9 @@ def test_graph_replay_equals_eager_steps_and_never_reallocates(fused):
         assert torch.equal(graph.pool.seg_pages, eager.pool.seg_pages)
         assert torch.equal(graph.pool.active, eager.pool.active)
         P = graph.pool.page_size
-        assert torch.equal(graph.pool.k_rows[P:], eager.pool.k_rows[P:])
-        assert torch.equal(graph.pool.v_rows[P:], eager.pool.v_rows[P:])
+        assert torch.equal(_raw(graph.pool.k_rows[P:]), _raw(eager.pool.k_rows[P:]))
+        assert torch.equal(_raw(graph.pool.v_rows[P:]), _raw(eager.pool.v_rows[P:]))
+    assert graph.pool.k_rows.dtype == (store or torch.float32)
     assert [t.data_ptr() for t in graph.graph_buffers()] == buffers  # never reallocated
     assert graph.state.host_index_readbacks == 0
 
