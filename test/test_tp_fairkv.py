@@ -240,6 +240,63 @@ def edge_server(tiny_kv6_path, tp1_reference, tmp_path_factory):
 
 
 @pytest.mark.xdist_group("tp2-edge")
+def test_control_plane_reports_the_plan_and_dry_runs_a_replan(edge_server, tp1_reference, tmp_path):
+    """``GET /fairkv/plan``: the running plan, epoch 0, its hash (the same as the plan file's). ``POST
+    /fairkv/replan`` with ``dry_run`` while requests decode: what sha would move from the live segments
+    (the rows of the segments whose owner changes, their bytes, pages per rank, rounds), and nothing
+    changes: the requests finish with TP 1's tokens, the plan and its hash stay. Bad bodies get 400 naming
+    the problem; the switch itself answers 501 and plan A keeps serving."""
+    from sglang_fairkv.placement.runtime import sha_plan
+    from sglang_fairkv.placement.schema import load_plan
+    from sglang_fairkv.placement.transition import plan_hash
+
+    s = edge_server
+    got = requests.get(s.url + "/fairkv/plan", timeout=30)
+    assert got.status_code == 200, got.text
+    a = got.json()
+    edge = load_plan(edge_plan(tmp_path / "edge.json"))
+    assert a["epoch"] == 0 and a["tp"] == 2 and a["plan_hash"] == plan_hash(edge)
+    assert a["plan"]["layers"] == edge.to_json()["layers"]
+    sha = sha_plan("tiny-kv6", 3, 6, 12, 2).to_json()
+    outs: list = [None] * len(PROMPTS)
+
+    def send(i):
+        outs[i] = requests.post(s.url + "/generate", json={"input_ids": PROMPTS[i], "sampling_params": {
+            "max_new_tokens": 160, "temperature": 0.0, "ignore_eos": True}}, timeout=600).json()
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(PROMPTS))]
+    for t in threads:
+        t.start()
+    deadline = time.time() + 60
+    while s.fairkv_info()["requests_admitted"] < len(PROMPTS) and time.time() < deadline:
+        time.sleep(0.05)
+    dry = requests.post(s.url + "/fairkv/replan", json={"plan": sha, "dry_run": True, "mode": "migrate"}, timeout=60)
+    for t in threads:
+        t.join()
+    assert dry.status_code == 200, dry.text
+    d = dry.json()
+    tr = d["transition"]
+    assert d["dry_run"] and d["running_requests"] >= 1, d
+    assert tr["segments_moved"] >= 1 and tr["kv_bytes_moved"] == tr["rows_moved"] * 2 * 16 * 4, tr
+    assert d["success"] == tr["fits"] and len(tr["pages_after"]) == 2 and tr["plan_hash"] != a["plan_hash"]
+    assert [o["output_ids"][:N_NEW] for o in outs] == tp1_reference  # nothing changed under the requests
+    after = requests.get(s.url + "/fairkv/plan", timeout=30).json()
+    assert after["plan_hash"] == a["plan_hash"] and after["epoch"] == 0
+    for body, needle in (({"plan": sha_plan("tiny-kv6", 3, 6, 12, 3).to_json(), "dry_run": True}, "plan is for tp=3"),
+                         ({"plan": sha, "plan_path": "/x.json", "dry_run": True}, "exactly one of"),
+                         ({"plan_path": str(tmp_path / "none.json"), "dry_run": True}, "no such file"),
+                         ({"plan": sha, "mode": "swap"}, "mode must be one of drain, migrate"),
+                         ({"plan": {"format": "fairkv-plan/1"}, "dry_run": True}, "")):
+        r = requests.post(s.url + "/fairkv/replan", json=body, timeout=60)
+        assert r.status_code == 400 and needle in r.json()["error"], (body, r.text)
+    r = requests.post(s.url + "/fairkv/replan", json={"plan": sha, "mode": "drain"}, timeout=60)
+    assert r.status_code == 501 and "not built yet" in r.json()["error"], r.text
+    assert requests.get(s.url + "/fairkv/plan", timeout=30).json()["plan_hash"] == a["plan_hash"]
+    assert s.greedy_ids(PROMPTS[2], N_NEW) == tp1_reference[2]
+    assert [r["pages_used"] for r in wait_ranks_empty(s)[0]["ranks"]] == [0, 0]
+
+
+@pytest.mark.xdist_group("tp2-edge")
 def test_replica_shares_and_abort_free_every_rank(edge_server, tp1_reference):
     """A plan with a rank that holds no head in a layer and copied heads: tokens equal TP=1; under
     concurrent traffic that the KV pool cannot hold at once (per-rank admission with replicas chosen
