@@ -119,3 +119,17 @@ def test_malformed_requests_keep_the_plain_server_serving(smollm2_server):
     seen = fuzz(smollm2_server, seed=0)
     assert len(seen) == len(CASES)
     assert requests.get(smollm2_server.url + "/health", timeout=10).status_code == 200
+
+
+def test_fairkv_control_plane_on_a_stock_server(smollm2_server):
+    """Without the fairkv backend the control routes answer 404 saying so (the scheduler's handler runs
+    on every server), and the server keeps serving."""
+    import requests
+
+    r = requests.get(smollm2_server.url + "/fairkv/plan", timeout=30)
+    assert r.status_code == 404 and "without the fairkv backend" in r.json()["error"], r.text
+    r = requests.post(smollm2_server.url + "/fairkv/replan", json={"plan_path": "/x", "dry_run": True}, timeout=30)
+    assert r.status_code == 404, r.text
+    r = requests.post(smollm2_server.url + "/fairkv/replan", data="[1, 2", timeout=30)
+    assert r.status_code == 400 and "JSON object" in r.json()["error"], r.text
+    assert smollm2_server.generate({"text": "Hello", "sampling_params": {"max_new_tokens": 2}})["text"] is not None

@@ -291,6 +291,17 @@ def test_control_plane_reports_the_plan_and_dry_runs_a_replan(edge_server, tp1_r
         assert r.status_code == 400 and needle in r.json()["error"], (body, r.text)
     r = requests.post(s.url + "/fairkv/replan", json={"plan": sha, "mode": "drain"}, timeout=60)
     assert r.status_code == 501 and "not built yet" in r.json()["error"], r.text
+    # the CLI: a plan file, dry run (an idle server: nothing would move), and the live-profile plan
+    import subprocess
+    import sys
+
+    sha_plan("tiny-kv6", 3, 6, 12, 2).save(tmp_path / "sha.json")
+    cli = [sys.executable, "-m", "sglang_fairkv.plan", "--from-server", s.url, "--apply", "--dry-run"]
+    out = subprocess.run([*cli, "--plan-file", str(tmp_path / "sha.json")], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert '"segments_moved": 0' in out.stdout and '"fits": true' in out.stdout
+    out = subprocess.run([*cli, "--strategy", "assign"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and '"dry_run": true' in out.stdout, out.stdout + out.stderr
     assert requests.get(s.url + "/fairkv/plan", timeout=30).json()["plan_hash"] == a["plan_hash"]
     assert s.greedy_ids(PROMPTS[2], N_NEW) == tp1_reference[2]
     assert [r["pages_used"] for r in wait_ranks_empty(s)[0]["ranks"]] == [0, 0]

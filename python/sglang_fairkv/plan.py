@@ -3,6 +3,11 @@
 Prints a comparison of the three strategies (sha = standard TP, assign = Best-effort Assignment,
 fairkv = assignment + Fair-Copying) under one cost model and writes the chosen one. Bad input
 (malformed stats, tp < 1, K < 0, shapes that do not fit) prints one line and exits 2.
+
+``--from-server URL --apply [--plan-file PLAN] [--mode drain|migrate] [--dry-run]``: ask a running
+server to switch to a plan (``POST /fairkv/replan``): the plan file, or one planned on the server from its
+own live profile (``--strategy``, ``--max-copies-per-layer``). Prints the server's answer (with
+``--dry-run``: what would move); exit 0 when the server says success, 1 otherwise.
 """
 
 from __future__ import annotations
@@ -25,8 +30,15 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stats", required=True, type=Path, help="fairkv-stats/1 JSON file")
-    p.add_argument("--tp", required=True, type=int, help="tensor-parallel size")
+    p.add_argument("--stats", type=Path, help="fairkv-stats/1 JSON file (required unless --from-server)")
+    p.add_argument("--tp", type=int, help="tensor-parallel size (required unless --from-server)")
+    p.add_argument("--from-server", metavar="URL", default=None,
+                   help="a running sglang-fairkv server (with --apply: switch it to a plan)")
+    p.add_argument("--apply", action="store_true", help="with --from-server: POST /fairkv/replan")
+    p.add_argument("--plan-file", type=Path, default=None,
+                   help="with --apply: this plan (default: planned on the server from its live profile)")
+    p.add_argument("--mode", choices=("drain", "migrate"), default="migrate", help="with --apply (default migrate)")
+    p.add_argument("--dry-run", action="store_true", help="with --apply: report what would move, change nothing")
     p.add_argument("--strategy", choices=STRATEGIES, default="fairkv", help="plan to write (default fairkv)")
     p.add_argument("--max-copies-per-layer", type=int, default=2, metavar="K",
                    help="extra head replicas allowed per layer (fairkv; default 2)")
@@ -44,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="optimise per-layer attention time (default) or per-layer KV memory")
     p.add_argument("--no-memory-balance", action="store_true",
                    help="do not relabel ranks per layer to balance total KV memory")
-    p.add_argument("--out", type=Path, required=True, help="plan JSON to write")
+    p.add_argument("--out", type=Path, help="plan JSON to write (required unless --from-server)")
     p.add_argument("--plot", type=Path, default=None, help="PNG: per-rank load per layer, sha vs plan")
     return p
 
@@ -105,8 +117,42 @@ def plot(path: Path, stats, sha_plan, plan) -> None:
     plt.close(fig)
 
 
+def apply_on_server(args) -> int:
+    """``--from-server URL --apply``: POST /fairkv/replan, print the answer."""
+    import json
+
+    import requests
+
+    body: dict = {"mode": args.mode, "dry_run": bool(args.dry_run)}
+    if args.plan_file is not None:
+        body["plan_path"] = str(args.plan_file.resolve())
+    else:
+        if args.strategy not in ("fairkv", "assign"):
+            print(f"{PROG}: error: --strategy must be fairkv or assign to plan from the live profile", file=sys.stderr)
+            return 2
+        body.update(from_live=True, strategy=args.strategy, max_copies_per_layer=args.max_copies_per_layer)
+    try:
+        r = requests.post(args.from_server.rstrip("/") + "/fairkv/replan", json=body, timeout=600)
+        answer = r.json()
+    except (requests.RequestException, ValueError) as e:
+        print(f"{PROG}: error: {args.from_server}: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(answer, indent=1))
+    return 0 if r.status_code == 200 and answer.get("success") else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.from_server is not None:
+        if not args.apply:
+            print(f"{PROG}: error: --from-server needs --apply (to profile a server: python -m "
+                  "sglang_fairkv.profiler --from-server)", file=sys.stderr)
+            return 2
+        return apply_on_server(args)
+    missing = [f for f, v in (("--stats", args.stats), ("--tp", args.tp), ("--out", args.out)) if v is None]
+    if missing:
+        print(f"{PROG}: error: the following arguments are required: {', '.join(missing)}", file=sys.stderr)
+        return 2
     try:
         if args.tp < 1:
             raise ValueError(f"--tp must be >= 1, got {args.tp}")

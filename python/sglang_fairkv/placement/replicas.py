@@ -115,6 +115,10 @@ class ReplicaAssigner:
         self._weight[rid] = float(weight)
         return chosen
 
+    def weight_of(self, rid: str) -> float:
+        """The weight ``rid`` was admitted with (1.0 for an unknown id)."""
+        return self._weight.get(rid, 1.0)
+
     def release(self, rid: str) -> None:
         """Forget ``rid`` (finish, abort, retract); unknown ids are ignored."""
         chosen = self._owner.pop(rid, None)

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Dict
 
 import numpy as np
+from fastapi import Request  # module level: route annotations are resolved here (postponed evaluation)
 from sglang.srt.managers.io_struct import BaseReq
 
 logger = logging.getLogger(__name__)
@@ -73,21 +74,20 @@ def init_communicators_hook(result, tokenizer_manager, *args, **kwargs):
 
 def add_routes(app) -> None:
     """``GET /fairkv/plan`` and ``POST /fairkv/replan`` on SGLang's FastAPI ``app`` (before it starts)."""
-    from fastapi import Request
-    from fastapi.responses import ORJSONResponse
+    from fastapi.responses import JSONResponse
 
-    async def call(op: str, body: dict) -> ORJSONResponse:
+    async def call(op: str, body: dict) -> JSONResponse:
         from sglang.srt.entrypoints.http_server import get_global_state
 
         tm = get_global_state().tokenizer_manager
         comm = getattr(tm, "fairkv_control_communicator", None)
         if comm is None:
-            return ORJSONResponse({"error": "the fairkv control plane is not set up in this server"}, status_code=503)
+            return JSONResponse({"error": "the fairkv control plane is not set up in this server"}, status_code=503)
         tm.auto_create_handle_loop()
         outs = await comm.queueing_call(FairKVControlReq(op=op, body=body))
         status = max(o.status for o in outs)
         results = [o.result for o in outs]
-        return ORJSONResponse(results[0] if len(results) == 1 else {"replicas": results}, status_code=status)
+        return JSONResponse(results[0] if len(results) == 1 else {"replicas": results}, status_code=status)
 
     @app.get("/fairkv/plan")
     async def fairkv_plan():  # noqa: ANN202 - FastAPI route
@@ -98,9 +98,9 @@ def add_routes(app) -> None:
         try:
             body = await request.json()
         except ValueError:
-            return ORJSONResponse({"error": "the body must be a JSON object"}, status_code=400)
+            return JSONResponse({"error": "the body must be a JSON object"}, status_code=400)
         if not isinstance(body, dict):
-            return ORJSONResponse({"error": "the body must be a JSON object"}, status_code=400)
+            return JSONResponse({"error": "the body must be a JSON object"}, status_code=400)
         return await call("replan", body)
 
 
@@ -189,8 +189,9 @@ def live_segments(scheduler, state):
         return LiveSegments.empty(state.ledger.owner.shape[1], state.ledger.owner.shape[2])
     owed = {}
     for r in getattr(getattr(scheduler, "running_batch", None), "reqs", None) or []:
-        if r.req_pool_idx is not None:
-            owed[int(r.req_pool_idx)] = max(0, int(r.sampling_params.max_new_tokens or 0) - len(r.output_ids))
+        slot = getattr(getattr(r, "kv", None), "req_pool_idx", None)
+        if slot is not None:
+            owed[int(slot)] = max(0, int(r.sampling_params.max_new_tokens or 0) - len(r.output_ids))
     rids = [reqs.admitted[i] for i in idx]
     weights = np.array([state.assigner.weight_of(rid) for rid in rids], dtype=np.float64)
     return LiveSegments(rids, weights, state.ledger.owner[idx].numpy().copy(), state.ledger.length[idx].numpy().copy(),

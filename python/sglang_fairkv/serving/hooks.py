@@ -5,9 +5,11 @@ cannot find. Each process here registers its list and :func:`apply_hooks` raises
 whose hook did not apply dies at start-up (and the server with it) rather than serving wrongly.
 
 * **Launcher** (:func:`launcher_hooks`; the tokenizer manager and HTTP server run there): the request
-  guards (malformed requests get HTTP 400), and on CPU the fork of SGLang's children.
+  guards (malformed requests get HTTP 400), the fairkv control plane's communicator
+  (:mod:`~sglang_fairkv.serving.control_plane`), and on CPU the fork of SGLang's children.
 * **Scheduler** (:func:`scheduler_hooks`, run by :mod:`~sglang_fairkv.serving.worker` in every
-  scheduler process): on CPU no PyNccl; the request-intake and forward guards; the lost-TP-peer message
+  scheduler process): on CPU no PyNccl; the control plane's request handler; the request-intake and
+  forward guards; the lost-TP-peer message
   (:mod:`~sglang_fairkv.serving.group_guard`); with ``--kv-compress``
   the ragged pool (:mod:`~sglang_fairkv.serving.pool_hooks`) and the scheduler path
   (:mod:`~sglang_fairkv.serving.scheduler_hooks`).
@@ -38,9 +40,11 @@ def launcher_hooks(on_cpu: bool) -> list[Hook]:
     from sglang_fairkv_patches import fork_children
 
     from .. import env
+    from . import control_plane as cp
     from . import request_guard as g
 
-    hooks = [Hook(g.T_VALIDATE, g.validate_request_hook, "AROUND"),
+    hooks = [Hook(cp.T_INIT_COMMUNICATORS, cp.init_communicators_hook, "AFTER"),
+             Hook(g.T_VALIDATE, g.validate_request_hook, "AROUND"),
              Hook(g.T_TOKENIZED_OBJECT, g.tokenized_object_hook, "AROUND"),
              Hook(g.T_SERVE_GENERATE, g.serve_generate_hook, "AROUND"),
              Hook(g.T_NORMALIZE, g.normalize_hook, "AROUND")]
@@ -53,6 +57,7 @@ def scheduler_hooks(on_cpu: bool) -> list[Hook]:
     """A scheduler process's hooks (the fairkv ones only when ``--kv-compress`` is on)."""
     from sglang_fairkv_patches import pynccl_cpu
 
+    from . import control_plane as cp
     from . import group_guard as gg
     from . import pool_hooks as p
     from . import request_guard as g
@@ -60,7 +65,8 @@ def scheduler_hooks(on_cpu: bool) -> list[Hook]:
     from .server_plan import compress_config
 
     hooks = [Hook(pynccl_cpu.TARGET, pynccl_cpu.force_no_pynccl, "BEFORE")] if on_cpu else []
-    hooks += [Hook(g.T_HANDLE_GENERATE, g.handle_generate_hook, "AROUND"),
+    hooks += [Hook(cp.T_INIT_DISPATCHER, cp.init_dispatcher_hook, "AFTER"),
+              Hook(g.T_HANDLE_GENERATE, g.handle_generate_hook, "AROUND"),
               Hook(g.T_RUN_BATCH, g.run_batch_hook, "AROUND"),
               Hook(gg.T_EVENT_LOOP, gg.event_loop_hook, "AROUND")]
     if compress_config() is not None:

@@ -221,11 +221,15 @@ def run(server_args, on_cpu: bool) -> None:
     """Start SGLang's HTTP server with our scheduler entry; blocks until it exits."""
     from sglang.srt.entrypoints.http_server import launch_server
 
+    from sglang.srt.entrypoints.http_server import app
+
+    from .control_plane import add_routes
     from .hooks import apply_hooks, launcher_hooks
     from .worker import run_scheduler_process
 
     # the tokenizer manager runs in this process: bad requests get HTTP 400 before any scheduler
     apply_hooks(launcher_hooks(on_cpu))
+    add_routes(app)  # GET /fairkv/plan, POST /fairkv/replan
     launch_server(server_args, run_scheduler_process_func=run_scheduler_process)
 
 

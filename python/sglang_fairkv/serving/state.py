@@ -58,6 +58,8 @@ class FairKVState:
     #: the data-parallel replica this process serves (SGLang's ``--dp-size``; None without DP): each
     #: replica is a TP group of its own with its own pool, ledger and replica assigner
     dp_rank: int | None = None
+    #: plan switches so far (``GET /fairkv/plan``); 0: the plan the server started with
+    plan_epoch: int = 0
     #: the dense prefix tier's block ids (None: no tier; see :mod:`~sglang_fairkv.kv.prefix_tier`)
     tier: TierBlocks | None = None
     #: the most pages the tier keeps once its prefills are done, per rank (int64 [tp]; eviction beyond)

@@ -72,6 +72,7 @@ def fairkv_stats(state) -> dict:
         # dense (stock), and how many such requests fit at once each way (start-up line)
         "capacity": state.capacity,
         "plan": state.rank_plan.plan.strategy,
+        "plan_epoch": int(state.plan_epoch),  # switches so far (GET /fairkv/plan has the plan and its hash)
         "tp_rank": state.rank_plan.rank,
         "dp_rank": state.dp_rank or 0,
         "page_size": p.page_size,
