@@ -360,29 +360,34 @@ def fp8_case(B, ctx, dev, dt, fi_ws, dry) -> dict:
     return row
 
 
+def _md_rows(rows: list[dict], cells: list[tuple[str, str]], lead: tuple[str, ...]) -> list[str]:
+    """Markdown rows: the ``lead`` keys, then each ``(key, format)`` cell ('-' when absent); a row with an
+    error or a skip says why after its lead."""
+    out = []
+    for r in rows:
+        head = " | ".join(str(r[k]) for k in lead)
+        if "error" in r or "skipped" in r:
+            out.append(f"| {head} | {r.get('skipped') or r['error'].strip().splitlines()[-1]} |")
+            continue
+        out.append(f"| {head} | " + " | ".join(fmt.format(r[k]) if k in r else "-" for k, fmt in cells) + " |")
+    return out
+
+
 def table(res: dict) -> str:
     lines = ["| batch | context | kept / dense tokens | grid | ours us | FI dense us | SGLang triton dense us | "
              "FI ragged us | ours GB/s | ours rel err |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["decode"]:
-        if "error" in r or "skipped" in r:
-            why = r.get("skipped") or r["error"].strip().splitlines()[-1]
-            lines.append(f"| {r['batch']} | {r['context']} | {why} |")
-            continue
-        f = lambda key, fmt="{:.1f}": fmt.format(r[key]) if key in r else "-"  # noqa: E731
-        lines.append(f"| {r['batch']} | {r['context']} | {r['kept_tokens']} / {r['dense_tokens']} | {r['grid']} | "
-                     f"{f('ours_us')} | {f('fi_dense_us')} | {f('sgl_triton_dense_us')} | {f('fi_ragged_us')} | "
-                     f"{f('ours_GBps', '{:.0f}')} | {f('ours_rel_err', '{:.1e}')} |")
+        r.setdefault("kept_dense", f"{r.get('kept_tokens', '-')} / {r.get('dense_tokens', '-')}")
+    lines += _md_rows(res["decode"], [("kept_dense", "{}"), ("grid", "{}"), ("ours_us", "{:.1f}"),
+                                      ("fi_dense_us", "{:.1f}"), ("sgl_triton_dense_us", "{:.1f}"),
+                                      ("fi_ragged_us", "{:.1f}"), ("ours_GBps", "{:.0f}"),
+                                      ("ours_rel_err", "{:.1e}")], ("batch", "context"))
     if res.get("fp8"):
         lines += ["", "| fp8_e4m3 rows: batch | context | kept tokens | ours bf16 us | ours fp8 us | fp8 speedup | "
                   "FI fp8 ragged us | ours fp8 GB/s | fp8 rel err |", "|---|---|---|---|---|---|---|---|---|"]
-        for r in res["fp8"]:
-            if "error" in r:
-                lines.append(f"| {r['batch']} | {r['context']} | {r['error'].strip().splitlines()[-1]} |")
-                continue
-            f = lambda key, fmt="{:.1f}": fmt.format(r[key]) if key in r else "-"  # noqa: E731
-            lines.append(f"| {r['batch']} | {r['context']} | {r['kept_tokens']} | {f('ours_us')} | {f('ours_fp8_us')} | "
-                         f"{f('fp8_speedup', '{:.2f}')} | {f('fi_fp8_ragged_us')} | {f('ours_fp8_GBps', '{:.0f}')} | "
-                         f"{f('fp8_rel_err', '{:.1e}')} |")
+        lines += _md_rows(res["fp8"], [("kept_tokens", "{}"), ("ours_us", "{:.1f}"), ("ours_fp8_us", "{:.1f}"),
+                                       ("fp8_speedup", "{:.2f}"), ("fi_fp8_ragged_us", "{:.1f}"),
+                                       ("ours_fp8_GBps", "{:.0f}"), ("fp8_rel_err", "{:.1e}")], ("batch", "context"))
     if res.get("prefill"):
         lines += ["", "prefill: " + json.dumps(res["prefill"])[:1500]]
     return "\n".join(lines)
@@ -419,28 +424,24 @@ def main() -> None:
     # the most telling cases first (a deadline cuts the tail): large batches of long contexts last
     cases = [(1, 256), (2, 512)] if dry else [(b, c) for b in (64, 1, 256) for c in (8192, 32768, 1024, 131072)]
     save()
-    for B, ctx in cases:
+    def case(kind: str, fn, B: int, ctx: int) -> None:
+        """One row of ``res[kind]`` (its error recorded, the run goes on), saved at once."""
         try:
-            row = decode_case(B, ctx, dev, dt, fi_ws, sgl, dry)
+            row = fn(B, ctx, dev, dt, fi_ws, *((sgl,) if kind == "decode" else ()), dry)
         except Exception:
             row = {"batch": B, "context": ctx, "error": traceback.format_exc()[-2000:]}
-            res["failures"].append(f"decode {B} x {ctx}")
-        res["decode"].append(row)
+            res["failures"].append(f"{kind} {B} x {ctx}")
+        res[kind].append(row)
         print(json.dumps(row), flush=True)
         save()
+
+    for B, ctx in cases:
+        case("decode", decode_case, B, ctx)
         if dev == "cuda":
             torch.cuda.empty_cache()
-        if (B, ctx) == cases[0]:  # the fp8 rows next: short, and the fp8 kernel's only GPU run
+        if (B, ctx) == cases[0]:  # next the fp8 rows (the fp8 kernel's only GPU run) and the prefill check: short
             for fb, fctx in ([(1, 256)] if dry else [(64, 8192), (256, 8192)]):
-                try:
-                    frow = fp8_case(fb, fctx, dev, dt, fi_ws, dry)
-                except Exception:
-                    frow = {"batch": fb, "context": fctx, "error": traceback.format_exc()[-2000:]}
-                    res["failures"].append(f"fp8 {fb} x {fctx}")
-                res["fp8"].append(frow)
-                print(json.dumps(frow), flush=True)
-                save()
-        if (B, ctx) == cases[0]:  # the prefill check early: it is short and the CUDA prefill path's only test
+                case("fp8", fp8_case, fb, fctx)
             try:
                 res["prefill"] = prefill_check(dev, dt, dry)
             except Exception:

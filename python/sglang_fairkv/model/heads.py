@@ -210,15 +210,22 @@ def rank_layer_type(base: type, rank_plan) -> type:
     return type(f"{base.__name__}ForRank{rank_plan.rank}", (base,), {"rank_plan": rank_plan})
 
 
-def causal_lm_head(lm: nn.Module, config, prefix: str, *, tie: bool) -> None:
-    """What SGLang's causal-LM classes add around their model at PP size 1 (refused otherwise): the LM
-    head (the embedding when ``tie`` and the config ties them), logits processor, pooler, no EAGLE
-    capture."""
+def init_causal_lm(lm: nn.Module, config, quant_config, prefix: str, build_model, *, tie: bool) -> None:
+    """What SGLang's causal-LM classes set up around their model, at PP size 1 and without quantization
+    (both refused here): ``lm.model = build_model(model_prefix)``, then the LM head (the embedding when
+    ``tie`` and the config ties them), logits processor, pooler, no EAGLE capture."""
     from sglang.srt.layers.logits_processor import LogitsProcessor
     from sglang.srt.layers.pooler import Pooler, PoolingType
     from sglang.srt.layers.vocab_parallel_embedding import ParallelLMHead
+    from sglang.srt.runtime_context import get_parallel
     from sglang.srt.utils import add_prefix
 
+    nn.Module.__init__(lm)
+    check_supported(quant_config)
+    lm.pp_group = get_parallel().pp_group
+    lm.config = config
+    lm.quant_config = None
+    lm.model = build_model(add_prefix("model", prefix))
     if tie and config.tie_word_embeddings:
         lm.lm_head = lm.model.embed_tokens
     else:

@@ -10,12 +10,10 @@ from __future__ import annotations
 from torch import nn
 
 from sglang.srt.models import qwen2 as _qwen2
-from sglang.srt.runtime_context import get_parallel
-from sglang.srt.utils import add_prefix
 
 from ..serving.server_plan import server_rank_plan
-from .heads import (AttentionFlavor, build_decoder_layer, causal_lm_head, check_supported, checkpoint_heads,
-                    dense_mlp, qwen_rope, rank_layer_type)
+from .heads import (AttentionFlavor, build_decoder_layer, checkpoint_heads, dense_mlp, init_causal_lm, qwen_rope,
+                    rank_layer_type)
 
 
 class FairKVQwen2DecoderLayer(_qwen2.Qwen2DecoderLayer):
@@ -41,15 +39,9 @@ class Qwen2ForCausalLM(_qwen2.Qwen2ForCausalLM):
     fairkv = True
 
     def __init__(self, config, quant_config=None, prefix: str = ""):
-        nn.Module.__init__(self)
-        check_supported(quant_config)
-        self.pp_group = get_parallel().pp_group
-        self.config = config
-        self.quant_config = None
-        self.model = _qwen2.Qwen2Model(config, quant_config=None, prefix=add_prefix("model", prefix),
-                                       decoder_layer_type=rank_layer_type(FairKVQwen2DecoderLayer,
-                                                                          server_rank_plan(config)))
-        causal_lm_head(self, config, prefix, tie=True)
+        layer_type = rank_layer_type(FairKVQwen2DecoderLayer, server_rank_plan(config))
+        init_causal_lm(self, config, quant_config, prefix, tie=True, build_model=lambda p: _qwen2.Qwen2Model(
+            config, quant_config=None, prefix=p, decoder_layer_type=layer_type))
 
 
 EntryClass = [Qwen2ForCausalLM]

@@ -12,12 +12,10 @@ from torch import nn
 
 from sglang.srt.models import qwen2 as _qwen2
 from sglang.srt.models import qwen3 as _qwen3
-from sglang.srt.runtime_context import get_parallel
-from sglang.srt.utils import add_prefix
 
 from ..serving.server_plan import server_rank_plan
-from .heads import (AttentionFlavor, build_decoder_layer, causal_lm_head, check_supported, checkpoint_heads,
-                    dense_mlp, qwen_rope, rank_layer_type)
+from .heads import (AttentionFlavor, build_decoder_layer, checkpoint_heads, dense_mlp, init_causal_lm, qwen_rope,
+                    rank_layer_type)
 
 
 def qwen3_flavor(config) -> AttentionFlavor:
@@ -55,13 +53,9 @@ class Qwen3ForCausalLM(_qwen3.Qwen3ForCausalLM):
     fairkv = True
 
     def __init__(self, config, quant_config=None, prefix: str = ""):
-        nn.Module.__init__(self)
-        check_supported(quant_config)
-        self.pp_group = get_parallel().pp_group
-        self.config = config
-        self.quant_config = None
-        self.model = FairKVQwen3Model(config, server_rank_plan(config), prefix=add_prefix("model", prefix))
-        causal_lm_head(self, config, prefix, tie=True)
+        rank_plan = server_rank_plan(config)
+        init_causal_lm(self, config, quant_config, prefix, tie=True,
+                       build_model=lambda p: FairKVQwen3Model(config, rank_plan, prefix=p))
 
 
 EntryClass = [Qwen3ForCausalLM]

@@ -15,7 +15,7 @@ from sglang.srt.runtime_context import get_parallel
 from sglang.srt.utils import LazyValue, add_prefix
 
 from ..serving.server_plan import server_rank_plan
-from .heads import build_decoder_layer, causal_lm_head, check_supported, checkpoint_heads, qwen_rope, rank_layer_type
+from .heads import build_decoder_layer, checkpoint_heads, init_causal_lm, qwen_rope, rank_layer_type
 from .qwen3 import qwen3_flavor
 
 
@@ -46,15 +46,10 @@ class Qwen3MoeForCausalLM(_qwen3_moe.Qwen3MoeForCausalLM):
     fairkv = True
 
     def __init__(self, config, quant_config=None, prefix: str = ""):
-        nn.Module.__init__(self)
-        check_supported(quant_config)
-        self.pp_group = get_parallel().pp_group
-        self.config = config
-        self.quant_config = None
-        self.model = _qwen3_moe.Qwen3MoeModel(
-            config, None, prefix=add_prefix("model", prefix),
-            decoder_layer_type=rank_layer_type(FairKVQwen3MoeDecoderLayer, server_rank_plan(config)))
-        causal_lm_head(self, config, prefix, tie=False)  # SGLang's class never ties them
+        layer_type = rank_layer_type(FairKVQwen3MoeDecoderLayer, server_rank_plan(config))
+        init_causal_lm(self, config, quant_config, prefix, tie=False,  # SGLang's class never ties them
+                       build_model=lambda p: _qwen3_moe.Qwen3MoeModel(config, None, prefix=p,
+                                                                      decoder_layer_type=layer_type))
         # EPLB's view of the routed experts, as SGLang's class sets it up
         self.routed_experts_weights_of_layer = LazyValue(lambda: {
             i: self.model.layers[i].mlp.get_moe_weights() for i in range(self.start_layer, self.end_layer)})
