@@ -142,6 +142,7 @@ def test_tp3_live_balance_and_plan_drift(tiny_kv6_path, tp1_run, tmp_path):
         assert metric_scalar(metrics, "sglang:fairkv_attention_busy_rate_since_start") == pytest.approx(
             info["attention_busy_rate_since_start"], rel=1e-6)
         assert metric_scalar(metrics, "sglang:fairkv_replan_gain") == pytest.approx(drift["replan_gain"], rel=1e-6)
+        assert metric_scalar(metrics, "sglang:fairkv_plan_epoch") == info["plan_epoch"] == 0
         assert metric_values(metrics, "sglang:fairkv_pages_total") == {
             (("tp_rank", str(q)),): float(r["pages_total"]) for q, r in enumerate(info["ranks"])}
         assert len(metric_values(metrics, "sglang:fairkv_layer_rows")) == 3 * 3

@@ -17,6 +17,7 @@ series carries ``dp_rank``: under ``--dp-size N`` each replica's rank 0 exports 
     sglang:fairkv_kept_rows{tp_rank} / _transient_rows
     sglang:fairkv_plan_share_drift                    live kept shares vs the plan's source (-1: none)
     sglang:fairkv_replan_gain                         cost-model speedup of a fresh plan on live shares
+    sglang:fairkv_plan_epoch                          plan switches so far (0: the plan the server started with)
     sglang:fairkv_live_profile_prompts                compressed prompts the live profile holds
     sglang:fairkv_prefix_tier_cached_tokens           prompt tokens the prefix cache holds (-1: cache off)
     sglang:fairkv_prefix_tier_hit_tokens              prompt tokens served from the cache since start
@@ -39,6 +40,7 @@ _SCALARS = {
                         "when the plan has no source).",
     "replan_gain": "Cost-model speedup a fresh plan made from the live shares would give over the running one.",
     "live_profile_prompts": "Compressed prompts in the live profile.",
+    "plan_epoch": "FairKV plan switches so far (0: the plan the server started with).",
     "prefix_tier_cached_tokens": "Prompt tokens the dense prefix tier (prefix cache) holds (-1: prefix caching off).",
     "prefix_tier_hit_tokens": "Prompt tokens served from the dense prefix tier since start.",
     "prefix_tier_hits": "Prefills that reused a cached prefix since start.",
@@ -86,7 +88,7 @@ def export(collector, state) -> None:
                "memory_busy_rate": st["memory_busy_rate"],
                "plan_share_drift": -1.0 if drift is None or drift["share_drift"] is None else drift["share_drift"],
                "replan_gain": 1.0 if drift is None else drift["replan_gain"],
-               "live_profile_prompts": 0 if prof is None else prof["samples"]}
+               "live_profile_prompts": 0 if prof is None else prof["samples"], "plan_epoch": st["plan_epoch"]}
     tier = st.get("prefix_tier")
     scalars.update(prefix_tier_cached_tokens=-1 if tier is None else tier["cached_tokens"],
                    prefix_tier_hit_tokens=0 if tier is None else tier["hit_tokens"],
