@@ -246,7 +246,8 @@ def test_control_plane_reports_the_plan_and_dry_runs_a_replan(edge_server, tp1_r
     /fairkv/replan`` with ``dry_run`` while requests decode: what sha would move from the live segments
     (the rows of the segments whose owner changes, their bytes, pages per rank, rounds), and nothing
     changes: the requests finish with TP 1's tokens, the plan and its hash stay. Bad bodies get 400 naming
-    the problem; the switch itself answers 501 and plan A keeps serving."""
+    the problem; the migrate switch answers 501 and plan A keeps serving (the drain switch:
+    test_live_replan)."""
     from sglang_fairkv.placement.runtime import sha_plan
     from sglang_fairkv.placement.schema import load_plan
     from sglang_fairkv.placement.transition import plan_hash
@@ -290,8 +291,8 @@ def test_control_plane_reports_the_plan_and_dry_runs_a_replan(edge_server, tp1_r
                          ({"plan": {"format": "fairkv-plan/1"}, "dry_run": True}, "")):
         r = requests.post(s.url + "/fairkv/replan", json=body, timeout=60)
         assert r.status_code == 400 and needle in r.json()["error"], (body, r.text)
-    r = requests.post(s.url + "/fairkv/replan", json={"plan": sha, "mode": "drain"}, timeout=60)
-    assert r.status_code == 501 and "not built yet" in r.json()["error"], r.text
+    r = requests.post(s.url + "/fairkv/replan", json={"plan": sha, "mode": "migrate"}, timeout=60)
+    assert r.status_code == 501 and "migrate switch is not built yet" in r.json()["error"], r.text
     # the CLI: a plan file, dry run (an idle server: nothing would move), and the live-profile plan
     import subprocess
     import sys

@@ -112,6 +112,10 @@ class FairKVAttention(nn.Module):
         self.group = num_heads // num_kv_heads
         self.heads = list(heads)
         self.layer_id = layer_id
+        # what a rebuild over other heads needs (a plan switch: :mod:`~sglang_fairkv.model.reslice`)
+        self.build_args = dict(hidden_size=hidden_size, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                               head_dim=head_dim, layer_id=layer_id, rotary_emb=rotary_emb, flavor=flavor,
+                               rms_norm_eps=rms_norm_eps, prefix=prefix)
         self.hidden_size = hidden_size
         self.head_dim = head_dim
         n = len(self.heads)

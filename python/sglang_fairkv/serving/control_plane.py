@@ -35,6 +35,8 @@ logger = logging.getLogger(__name__)
 
 T_INIT_COMMUNICATORS = "sglang.srt.managers.tokenizer_control_mixin.TokenizerControlMixin.init_communicators"
 T_INIT_DISPATCHER = "sglang.srt.managers.scheduler.Scheduler.init_request_dispatcher"
+T_INGEST = "sglang.srt.managers.scheduler.Scheduler.ingest_requests"
+T_ON_IDLE = "sglang.srt.managers.scheduler.Scheduler.on_idle"
 MODES = ("drain", "migrate")
 
 
@@ -52,10 +54,18 @@ class FairKVControlReqOutput(BaseReq, kw_only=True):
     result: Dict[str, Any]
 
 
+class FairKVSwitchReqOutput(BaseReq, kw_only=True):
+    """The answer to a switch (``op`` ``switch``: a drain), which comes when the switch is done: its own
+    type and communicator, so ``GET /fairkv/plan`` and dry runs answer meanwhile."""
+
+    status: int
+    result: Dict[str, Any]
+
+
 def _register_types() -> None:
     from sglang.srt.managers import io_struct
 
-    io_struct.hook_custom_types(FairKVControlReq, FairKVControlReqOutput)
+    io_struct.hook_custom_types(FairKVControlReq, FairKVControlReqOutput, FairKVSwitchReqOutput)
 
 
 # ---- launcher process -------------------------------------------------------------------------------
@@ -67,8 +77,11 @@ def init_communicators_hook(result, tokenizer_manager, *args, **kwargs):
 
     _register_types()
     comm = FanOutCommunicator(tokenizer_manager._dispatch_to_scheduler, get_parallel().num_dp_ranks)
+    switch = FanOutCommunicator(tokenizer_manager._dispatch_to_scheduler, get_parallel().num_dp_ranks)
     tokenizer_manager.fairkv_control_communicator = comm
-    tokenizer_manager._result_dispatcher += TypeBasedDispatcher([(FairKVControlReqOutput, comm.handle_recv)])
+    tokenizer_manager.fairkv_switch_communicator = switch
+    tokenizer_manager._result_dispatcher += TypeBasedDispatcher([(FairKVSwitchReqOutput, switch.handle_recv),
+                                                                  (FairKVControlReqOutput, comm.handle_recv)])
     return result
 
 
@@ -80,9 +93,11 @@ def add_routes(app) -> None:
         from sglang.srt.entrypoints.http_server import get_global_state
 
         tm = get_global_state().tokenizer_manager
-        comm = getattr(tm, "fairkv_control_communicator", None)
+        comm = getattr(tm, "fairkv_switch_communicator" if op == "switch" else "fairkv_control_communicator", None)
         if comm is None:
             return JSONResponse({"error": "the fairkv control plane is not set up in this server"}, status_code=503)
+        if op == "switch" and comm._queueing_lock.locked():  # one switch at a time, the next one is refused
+            return JSONResponse({"error": "a plan switch is already in progress"}, status_code=409)
         tm.auto_create_handle_loop()
         outs = await comm.queueing_call(FairKVControlReq(op=op, body=body))
         status = max(o.status for o in outs)
@@ -101,7 +116,8 @@ def add_routes(app) -> None:
             return JSONResponse({"error": "the body must be a JSON object"}, status_code=400)
         if not isinstance(body, dict):
             return JSONResponse({"error": "the body must be a JSON object"}, status_code=400)
-        return await call("replan", body)
+        switching = body.get("mode") == "drain" and not body.get("dry_run")  # answered when the switch is done
+        return await call("switch" if switching else "replan", body)
 
 
 # ---- scheduler processes ------------------------------------------------------------------------------
@@ -110,27 +126,35 @@ def init_dispatcher_hook(result, scheduler, *args, **kwargs):
     from sglang.utils import TypeBasedDispatcher
 
     _register_types()
-    scheduler._request_dispatcher += TypeBasedDispatcher([(FairKVControlReq, lambda req: handle(scheduler, req))])
+    def dispatch(req):
+        token = req_of_the_call.set(req)
+        try:
+            return handle(scheduler, req)
+        finally:
+            req_of_the_call.reset(token)
+
+    scheduler._request_dispatcher += TypeBasedDispatcher([(FairKVControlReq, dispatch)])
     return result
 
 
-def handle(scheduler, req: FairKVControlReq) -> FairKVControlReqOutput:
+def handle(scheduler, req: FairKVControlReq):
     """Every rank of the group runs this in the same iteration; rank 0's answer goes back."""
     from .pool_hooks import process_state
 
+    out = FairKVSwitchReqOutput if req.op == "switch" else FairKVControlReqOutput
     state = process_state()
     if state is None:
-        return FairKVControlReqOutput(status=404, result={"error": "this server runs without the fairkv backend "
-                                                                   "(no --kv-compress / --fairkv-plan)"})
+        return out(status=404, result={"error": "this server runs without the fairkv backend "
+                                                "(no --kv-compress / --fairkv-plan)"})
     try:
         if req.op == "plan":
-            return FairKVControlReqOutput(status=200, result=running_plan(state))
-        if req.op == "replan":
-            return replan(scheduler, state, req.body)
-        return FairKVControlReqOutput(status=400, result={"error": f"unknown fairkv control op {req.op!r}"})
+            return out(status=200, result=running_plan(state))
+        if req.op in ("replan", "switch"):
+            return replan(scheduler, state, req.body, out)
+        return out(status=400, result={"error": f"unknown fairkv control op {req.op!r}"})
     except Exception as e:  # noqa: BLE001 - one answer for the client, the server keeps serving
         logger.exception("fairkv control request %s failed", req.op)
-        return FairKVControlReqOutput(status=500, result={"error": f"{type(e).__name__}: {e}"})
+        return out(status=500, result={"error": f"{type(e).__name__}: {e}"})
 
 
 def running_plan(state) -> dict:
@@ -198,29 +222,135 @@ def live_segments(scheduler, state):
                         np.array([owed.get(i, 0) for i in idx], dtype=np.int64))
 
 
-def replan(scheduler, state, body: dict) -> FairKVControlReqOutput:
+def replan(scheduler, state, body: dict, out=FairKVControlReqOutput) -> FairKVControlReqOutput | None:
+    """Dry run, or arm a drain switch (None: the answer comes at the switch, :func:`on_idle_hook`);
+    ``out`` the answer's type (the switch's own for ``op`` ``switch``)."""
     from ..placement.transition import plan_transition
 
     mode = body.get("mode", "migrate")
     if mode not in MODES:
-        return FairKVControlReqOutput(status=400, result={"error": f'mode must be one of {", ".join(MODES)}, got {mode!r}'})
+        return out(status=400, result={"error": f'mode must be one of {", ".join(MODES)}, got {mode!r}'})
     try:
         b = _plan_b(state, body)
     except (ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
-        return FairKVControlReqOutput(status=400, result={"error": str(e)})
+        return out(status=400, result={"error": str(e)})
     a = state.rank_plan.plan
     live = live_segments(scheduler, state)
     tier = state.ledger.tier_pages()
     usable = (state.ledger.usable - tier).numpy()
-    pool_heads = np.array([state.pool.num_kv_heads if q == state.rank_plan.rank else max(
-        1, max(len(a.heads_on_rank(l, q)) for l in range(a.num_layers))) for q in range(a.tp)])
+    pool_heads = np.array(state.pool_heads_of or [state.pool.num_kv_heads] * a.tp)
     t = plan_transition(a, b, live, usable=usable, page_size=state.pool.page_size, pool_heads=pool_heads)
     row_bytes = 2 * state.pool.head_dim * state.pool.k_rows.element_size()
     result = {"dry_run": bool(body.get("dry_run")), "mode": mode, "epoch": int(state.plan_epoch),
               "running_requests": len(live.rids), "transition": t.summary(row_bytes)}
     if body.get("dry_run"):
         result["success"] = t.fits
-        return FairKVControlReqOutput(status=200, result=result)
-    result.update(success=False, error=f"the {mode} switch is not built yet (issue 34): only \"dry_run\": true "
-                  "answers; plan A keeps serving")
-    return FairKVControlReqOutput(status=501, result=result)
+        return out(status=200, result=result)
+    if mode == "migrate":
+        result.update(success=False, error="the migrate switch is not built yet (issue 34): use \"mode\": "
+                      "\"drain\", or \"dry_run\": true; plan A keeps serving")
+        return out(status=501, result=result)
+    if state.pending_switch is not None:
+        return out(status=409, result={"error": "a plan switch is already in progress"})
+    if t.why is not None and "head slots" in t.why:
+        return out(status=400, result={**result, "success": False, "error": t.why})
+    timeout = float(body.get("timeout_s", 300))
+    if not timeout > 0:
+        return out(status=400, result={"error": f"timeout_s must be > 0, got {timeout}"})
+    import time
+
+    # every rank sets it in this iteration; new prompts wait from now on; the reply comes at the switch
+    state.pending_switch = {"plan": t.plan, "req": req_of_the_call.get(), "result": result, "t0": time.monotonic(),
+                            "deadline": time.monotonic() + timeout, "out": out}
+    logger.info("fairkv: drain switch to plan %s armed (%d requests running; timeout %.0f s)",
+                result["transition"]["plan_hash"], len(live.rids), timeout)
+    return None
+
+
+# ---- the drain switch ------------------------------------------------------------------------------------
+import contextvars  # noqa: E402
+
+#: the control request being handled (the deferred reply of a drain switch answers it)
+req_of_the_call: contextvars.ContextVar = contextvars.ContextVar("fairkv_control_req", default=None)
+
+
+def gate_admission(state) -> bool:
+    """Whether a new prompt must wait (a drain switch is armed)."""
+    return state is not None and state.pending_switch is not None
+
+
+def _group_decides(scheduler, expired: bool) -> bool:
+    """Rank 0's ``expired`` on every rank of the TP group (one broadcast on its CPU group): a deadline is
+    a per-rank clock, so only rank 0 reads it."""
+    from sglang.srt.runtime_context import get_parallel
+
+    tp = get_parallel().tp_group
+    if tp.world_size == 1:
+        return expired
+    import torch.distributed as dist
+
+    box = [bool(expired)]
+    dist.broadcast_object_list(box, src=tp.ranks[0], group=tp.cpu_group)
+    return bool(box[0])
+
+
+def ingest_hook(result, scheduler, *args, **kwargs):
+    """AFTER ``Scheduler.ingest_requests`` (every iteration, every rank in lockstep): a drain switch past
+    its deadline is cancelled (rank 0 decides, the group follows); plan A keeps serving."""
+    import time
+
+    from .pool_hooks import process_state
+
+    state = process_state()
+    sw = None if state is None else state.pending_switch
+    if sw is None:
+        return result
+    if _group_decides(scheduler, time.monotonic() > sw["deadline"]):
+        state.pending_switch = None
+        out = {**sw["result"], "success": False,
+               "error": "the drain did not finish before timeout_s: switch cancelled, plan A keeps serving"}
+        scheduler.send_control_output(sw["out"](status=504, result=out), sw["req"])
+        logger.warning("fairkv: drain switch cancelled at its timeout; plan A keeps serving")
+    return result
+
+
+def on_idle_hook(scheduler, *args, **kwargs):
+    """BEFORE ``Scheduler.on_idle`` (no batch to run, every rank the same iteration): a drain switch whose
+    requests are all gone commits here -- the prefix tier flushed, the state and the model's changed layers
+    on the new plan, graphs recaptured where a shape changed -- and rank 0 answers."""
+    import time
+
+    from .pool_hooks import process_state
+
+    state = process_state()
+    sw = None if state is None else state.pending_switch
+    if sw is None or state.requests.admitted or scheduler.chunked_req is not None or scheduler.running_batch.reqs:
+        return None
+    t1 = time.monotonic()
+    runner = scheduler.tp_worker.model_runner
+    scheduler.tree_cache.reset()  # the tier's blocks: priced per held head, so they go with plan A
+    from ..model.reslice import reslice_attention
+    from ..placement.transition import plan_hash
+
+    state.pending_switch = None
+    try:
+        state.switch_plan(sw["plan"])
+        changed = reslice_attention(runner.model, state.rank_plan, runner.model_config.model_path)
+        backend = getattr(runner, "attn_backend", None)
+        if backend is not None and hasattr(backend, "_checked_layers"):
+            backend._checked_layers.clear()
+        if changed and str(runner.device).startswith("cuda") and getattr(runner, "decode_cuda_graph_runner", None):
+            runner.recapture_decode_cuda_graph()
+    except Exception as e:  # noqa: BLE001 - after commit nothing can be rolled back: say so and stop serving
+        logger.exception("fairkv: plan switch failed after commit")
+        scheduler.send_control_output(sw["out"](status=500, result={
+            **sw["result"], "success": False, "error": f"switch failed after commit: {type(e).__name__}: {e}"}), sw["req"])
+        raise
+    done = time.monotonic()
+    out = {**sw["result"], "success": True, "epoch": int(state.plan_epoch), "plan_hash": plan_hash(sw["plan"]),
+           "drain_ms": round((t1 - sw["t0"]) * 1e3, 3), "pause_ms": round((done - t1) * 1e3, 3),
+           "layers_resliced_here": changed, "pages_used": [int(x) for x in state.ledger.pages_used().tolist()]}
+    logger.info("fairkv: plan switched to %s (epoch %d) after a %.0f ms drain, %.1f ms pause; layers re-sliced on "
+                "this rank: %s", out["plan_hash"], out["epoch"], out["drain_ms"], out["pause_ms"], changed)
+    scheduler.send_control_output(sw["out"](status=200, result=out), sw["req"])
+    return None

@@ -59,6 +59,13 @@ def adder_request_hook(original, adder, req, *args, **kwargs):
     budget = getattr(adder, "memory_budget", None)
     if not isinstance(budget, FairKVPrefillBudget):
         return original(adder, req, *args, **kwargs)
+    if getattr(original, "__name__", "") == "add_one_req":
+        from .control_plane import gate_admission
+
+        if gate_admission(process_state()):  # a drain switch is armed: new prompts wait in the queue
+            from sglang.srt.managers.schedule_policy import AddReqResult
+
+            return AddReqResult.OTHER
     outer, budget.current_req = budget.current_req, req
     try:
         return original(adder, req, *args, **kwargs)

@@ -60,6 +60,10 @@ class FairKVState:
     dp_rank: int | None = None
     #: plan switches so far (``GET /fairkv/plan``); 0: the plan the server started with
     plan_epoch: int = 0
+    #: a drain switch in progress (:mod:`~sglang_fairkv.serving.control_plane`): new prompts wait
+    pending_switch: dict | None = None
+    #: every rank's pool head slots (fixed at start: the tables' width); a plan may not need more
+    pool_heads_of: list[int] | None = None
     #: the dense prefix tier's block ids (None: no tier; see :mod:`~sglang_fairkv.kv.prefix_tier`)
     tier: TierBlocks | None = None
     #: the most pages the tier keeps once its prefills are done, per rank (int64 [tp]; eviction beyond)
@@ -181,6 +185,24 @@ class FairKVState:
             logger.warning("sglang-fairkv: a forward batch without SGLang's host req_pool_indices; "
                            "reading them back from the device (a host sync per step)")
         return forward_batch.req_pool_indices.cpu().numpy().astype(np.int64)
+
+    def switch_plan(self, plan) -> None:
+        """Serve ``plan`` from now on (the pool and the ledger empty: a drained switch). This rank's plan,
+        its heads per layer, the replica assigner, the prefix tier's price per block (one page per held
+        (layer, head)) and the live traffic's baseline follow; the epoch counts the switch."""
+        if self.requests.admitted or self.pool.used_pages():
+            raise RuntimeError("fairkv: a plan switch needs an empty pool (requests still hold segments)")
+        self.rank_plan = RankPlan(plan, self.rank_plan.rank, self.rank_plan.num_q_heads)
+        self._local_heads = self.rank_plan.local_heads
+        self.heads_per_layer = [len(h) for h in self._local_heads]
+        self.assigner = ReplicaAssigner(plan)
+        if self.tier is not None:
+            plans = [RankPlan(plan, q, self.rank_plan.num_q_heads) for q in range(plan.tp)]
+            self.pool.enable_tier(self.tier.num_blocks, self.heads_per_layer)
+            self.ledger.attach_tier(self.tier, [sum(len(h) for h in p.local_heads) for p in plans])
+        self.traffic = LiveTraffic(plan.num_layers, plan.num_kv_heads, window=env.live_window(),
+                                   sample_every=env.balance_sample_steps(), drift_interval_s=env.drift_interval_s())
+        self.plan_epoch += 1
 
     def local_heads(self, layer: int) -> list[int]:
         """Global KV head ids this rank holds in ``layer`` (its local heads ``0..n-1`` in order)."""
@@ -328,4 +350,4 @@ def build_state(cfg: CompressConfig, head_budgets: torch.Tensor | None, *, rank_
                     fit["requests_dense"], f"on (up to {prefix_tier:.0%} of the pages)" if num_blocks > 0 else "off")
     return FairKVState(pool=pool, cfg=cfg, head_budgets=head_budgets, rank_plan=rank_plan, ledger=ledger,
                        assigner=assigner, profile_path=profile_path, workspace=workspace,
-                       dp_rank=dp_rank, tier=tier, tier_cap_pages=cap, capacity=fit)
+                       dp_rank=dp_rank, tier=tier, tier_cap_pages=cap, capacity=fit, pool_heads_of=list(heads_of))

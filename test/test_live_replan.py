@@ -1,0 +1,145 @@
+"""A running TP 2 group switches plans without a restart: ``POST /fairkv/replan`` with ``"mode": "drain"``.
+
+One server for the module: the tiny 6-KV-head model, AdaKV, started on ``test_tp_fairkv.edge_plan``
+(copies, a rank without a head in a layer; its pools have 6 head slots each, so sha fits them too). Reference: the same prompts at
+TP 1 (``test_tp_fairkv.tp1_reference``): any plan gives TP 1's tokens in float32, so a rank that attended
+with stale weights, a stale head list or a stale replica choice after the switch would show.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+
+import pytest
+import requests
+from helpers.server import STRICT, Server, wait_ranks_empty
+from test_tp_fairkv import ADAKV, N_NEW, PROMPTS, edge_plan, tp1_reference, tp1_run  # noqa: F401 (fixtures)
+
+pytestmark = [pytest.mark.server, pytest.mark.slow, pytest.mark.xdist_group("live-replan")]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_kv6_path, tp1_reference, tmp_path_factory):
+    plan = edge_plan(tmp_path_factory.mktemp("live") / "edge.json")
+    with Server(["--model-path", str(tiny_kv6_path), "--tp-size", "2", *ADAKV, "--max-running-requests", "16",
+                 "--fairkv-plan", str(plan)], env=STRICT) as s:
+        yield s
+
+
+def _sha() -> dict:
+    from sglang_fairkv.placement.runtime import sha_plan
+
+    return sha_plan("tiny-kv6", 3, 6, 12, 2).to_json()
+
+
+def _send(s, prompt, n, out, i):
+    out[i] = requests.post(s.url + "/generate", json={"input_ids": prompt, "sampling_params": {
+        "max_new_tokens": n, "temperature": 0.0, "ignore_eos": True}}, timeout=600).json()
+
+
+def _wait_admitted(s, n, timeout=60):
+    deadline = time.time() + timeout
+    while s.fairkv_info()["requests_admitted"] < n and time.time() < deadline:
+        time.sleep(0.02)
+    assert s.fairkv_info()["requests_admitted"] >= n
+
+
+def _same_up_to_rank_labels(a: dict, b: dict) -> bool:
+    """Two fairkv-plan/1 layer lists equal up to a permutation of rank labels inside each layer."""
+    for la, lb in zip(a["layers"], b["layers"]):
+        pa = [sorted(round(r["share"], 9) for r in h["replicas"]) for h in la["placement"]]
+        pb = [sorted(round(r["share"], 9) for r in h["replicas"]) for h in lb["placement"]]
+        if pa != pb:
+            return False
+    return True
+
+
+def test_drain_switch_keeps_every_request_and_its_tokens(server, tp1_reference, tmp_path):
+    """Requests decoding when the switch is asked finish under plan A; requests arriving during it wait
+    (none refused) and run under plan B (sha, no copies); every one gives TP 1's tokens. The reply and
+    ``GET /fairkv/plan`` agree on the new plan (B, relabeled to overlap A) and epoch 1; pages return to 0
+    on both ranks; then the switch back to the edge plan (copies) at an idle server is immediate, and the
+    tokens stay."""
+    s = server
+    a = requests.get(s.url + "/fairkv/plan", timeout=30).json()
+    assert a["epoch"] == 0 and max(sum(len(h["replicas"]) - 1 for h in la["placement"]) for la in a["plan"]["layers"])
+    b = _sha()
+    early: list = [None] * len(PROMPTS)
+    threads = [threading.Thread(target=_send, args=(s, p, 48, early, i)) for i, p in enumerate(PROMPTS)]
+    for t in threads:
+        t.start()
+    _wait_admitted(s, len(PROMPTS))
+    reply: dict = {}
+
+    def switch():
+        r = requests.post(s.url + "/fairkv/replan", json={"plan": b, "mode": "drain", "timeout_s": 300}, timeout=600)
+        reply.update(status=r.status_code, body=r.json())
+
+    sw = threading.Thread(target=switch)
+    sw.start()
+    time.sleep(0.3)
+    late: list = [None] * len(PROMPTS)
+    late_threads = [threading.Thread(target=_send, args=(s, p, N_NEW, late, i)) for i, p in enumerate(PROMPTS)]
+    for t in late_threads:
+        t.start()
+    for t in [*threads, sw, *late_threads]:
+        t.join()
+    assert reply["status"] == 200, reply
+    body = reply["body"]
+    assert body["success"] and body["epoch"] == 1 and body["pause_ms"] >= 0 and body["drain_ms"] > 0, body
+    assert [o["output_ids"][:N_NEW] for o in early] == tp1_reference  # finished under A
+    assert [o["output_ids"] for o in late] == tp1_reference  # waited, then ran under B
+    now = requests.get(s.url + "/fairkv/plan", timeout=30).json()
+    assert now["epoch"] == 1 and now["plan_hash"] == body["plan_hash"] != a["plan_hash"]
+    assert _same_up_to_rank_labels(now["plan"], b)
+    info = wait_ranks_empty(s)[0]
+    assert [r["pages_used"] for r in info["ranks"]] == [0, 0] and info["ledger_matches_pool"]
+    assert info["plan_epoch"] == 1 and max(info["plan_copies_per_layer"]) == 0
+    # back to the edge plan at an idle server: the switch commits in the iteration that receives it
+    back = requests.post(s.url + "/fairkv/replan", json={"plan": a["plan"], "mode": "drain"}, timeout=120)
+    assert back.status_code == 200 and back.json()["epoch"] == 2, back.text
+    assert _same_up_to_rank_labels(requests.get(s.url + "/fairkv/plan", timeout=30).json()["plan"], a["plan"])
+    assert max(wait_ranks_empty(s)[0]["plan_copies_per_layer"]) >= 1
+    # the prefix tier was flushed at the switch and prices its blocks by the new plan's heads: a prompt
+    # cached under it is reused with the same tokens
+    long_prompt = PROMPTS[3] * 2
+    first = s.greedy(long_prompt, N_NEW)
+    again = s.greedy(long_prompt, N_NEW)
+    assert again["meta_info"]["cached_tokens"] == len(long_prompt) - 8 and again["output_ids"] == first["output_ids"]
+    assert [s.greedy_ids(p, N_NEW) for p in PROMPTS] == tp1_reference
+    assert [r["pages_used"] for r in wait_ranks_empty(s)[0]["ranks"]] == [0, 0]
+
+
+def test_a_drain_past_its_timeout_is_cancelled_and_a_second_switch_is_refused(server, tp1_reference, tmp_path):
+    """While a long request decodes: a second switch gets 409; a drain past its ``timeout_s`` answers 504
+    and plan A keeps serving (same hash, same epoch); the request finishes with TP 1's tokens and new
+    requests are admitted again."""
+    s = server
+    a = requests.get(s.url + "/fairkv/plan", timeout=30).json()
+    b = _sha()
+    out: list = [None]
+    t = threading.Thread(target=_send, args=(s, PROMPTS[0], 400, out, 0))
+    t.start()
+    _wait_admitted(s, 1)
+    first: dict = {}
+
+    def switch():
+        r = requests.post(s.url + "/fairkv/replan", json={"plan": b, "mode": "drain", "timeout_s": 1.0}, timeout=120)
+        first.update(status=r.status_code, body=r.json())
+
+    sw = threading.Thread(target=switch)
+    sw.start()
+    time.sleep(0.3)
+    second = requests.post(s.url + "/fairkv/replan", json={"plan": b, "mode": "drain"}, timeout=60)
+    sw.join()
+    t.join()
+    assert second.status_code == 409 and "in progress" in second.json()["error"], second.text
+    assert first["status"] == 504 and "cancelled" in first["body"]["error"], first
+    now = requests.get(s.url + "/fairkv/plan", timeout=30).json()
+    assert now["plan_hash"] == a["plan_hash"] and now["epoch"] == a["epoch"]
+    assert out[0]["output_ids"][:N_NEW] == tp1_reference[0]
+    assert s.greedy_ids(PROMPTS[1], N_NEW) == tp1_reference[1]
+    assert [r["pages_used"] for r in wait_ranks_empty(s)[0]["ranks"]] == [0, 0]
+
