@@ -39,6 +39,17 @@ def test_pure_floors_import_no_sglang_and_no_adapter(folder):
             f"{f.relative_to(REPO)} imports an adapter floor"
 
 
+def test_the_model_floor_does_not_import_the_serving_floor():
+    """The model classes get their rank plan from a provider the serving floor installs
+    (``model/plan_source.py``): the one owner of the current plan is ``serving/server_plan``."""
+    for f in (PKG / "model").rglob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                mod = ("." * node.level) + (node.module or "")
+                assert not (mod.startswith("..serving") or mod.startswith("sglang_fairkv.serving")), \
+                    f"{f.relative_to(REPO)} imports {mod}"
+
+
 def test_patches_import_nothing_of_the_project():
     for f in (REPO / "patches" / "sglang_fairkv_patches").rglob("*.py"):
         assert not any(m.startswith("sglang_fairkv") and m != "sglang_fairkv_patches" and

@@ -5,6 +5,8 @@ its own class of that name; ``launch_server`` sets the variable only when a Fair
 (``--fairkv-plan``, or the fairkv backend at TP > 1, where ``sha`` is the default) and checks at start-up that the class SGLang resolved is ours.
 Shared pieces (head-sliced projections, the attention module and its per-family flavor, the one
 decoder-layer builder) live in ``heads``; no ``EntryClass``. A family file states its flavor, RoPE and MLP.
+The rank plan comes from ``plan_source`` (a provider the serving floor installs); ``reslice`` rebuilds the
+attention of layers whose heads change at a plan switch.
 """
 
 #: The architectures (``config.json`` ``architectures[0]``) with a FairKV class here; the launcher

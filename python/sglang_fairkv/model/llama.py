@@ -20,8 +20,8 @@ from sglang.srt.models import mistral as _mistral
 from sglang.srt.runtime_context import get_parallel
 from sglang.srt.utils import add_prefix, make_pp_layers
 
-from ..serving.server_plan import server_rank_plan
 from .heads import AttentionFlavor, build_decoder_layer, check_supported, checkpoint_heads, dense_mlp
+from .plan_source import rank_plan as current_rank_plan
 
 
 def _rope_args(config) -> tuple[float, dict | None]:
@@ -62,7 +62,7 @@ class FairKVLlamaModel(_llama.LlamaModel):
         self.vocab_size = config.vocab_size
         self.pp_group = get_parallel().pp_group
         self._kv_cache_parallel_layout = _llama.resolve_linear_parallel_group("tp")
-        self.rank_plan = server_rank_plan(config)
+        self.rank_plan = current_rank_plan(config)
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size,
                                                    quant_config=quant_config,
                                                    prefix=add_prefix("embed_tokens", prefix))

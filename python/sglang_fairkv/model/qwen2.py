@@ -11,9 +11,9 @@ from torch import nn
 
 from sglang.srt.models import qwen2 as _qwen2
 
-from ..serving.server_plan import server_rank_plan
 from .heads import (AttentionFlavor, build_decoder_layer, checkpoint_heads, dense_mlp, init_causal_lm, qwen_rope,
                     rank_layer_type)
+from .plan_source import rank_plan as current_rank_plan
 
 
 class FairKVQwen2DecoderLayer(_qwen2.Qwen2DecoderLayer):
@@ -39,7 +39,7 @@ class Qwen2ForCausalLM(_qwen2.Qwen2ForCausalLM):
     fairkv = True
 
     def __init__(self, config, quant_config=None, prefix: str = ""):
-        layer_type = rank_layer_type(FairKVQwen2DecoderLayer, server_rank_plan(config))
+        layer_type = rank_layer_type(FairKVQwen2DecoderLayer, current_rank_plan(config))
         init_causal_lm(self, config, quant_config, prefix, tie=True, build_model=lambda p: _qwen2.Qwen2Model(
             config, quant_config=None, prefix=p, decoder_layer_type=layer_type))
 

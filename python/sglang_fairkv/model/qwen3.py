@@ -13,9 +13,9 @@ from torch import nn
 from sglang.srt.models import qwen2 as _qwen2
 from sglang.srt.models import qwen3 as _qwen3
 
-from ..serving.server_plan import server_rank_plan
 from .heads import (AttentionFlavor, build_decoder_layer, checkpoint_heads, dense_mlp, init_causal_lm, qwen_rope,
                     rank_layer_type)
+from .plan_source import rank_plan as current_rank_plan
 
 
 def qwen3_flavor(config) -> AttentionFlavor:
@@ -53,7 +53,7 @@ class Qwen3ForCausalLM(_qwen3.Qwen3ForCausalLM):
     fairkv = True
 
     def __init__(self, config, quant_config=None, prefix: str = ""):
-        rank_plan = server_rank_plan(config)
+        rank_plan = current_rank_plan(config)
         init_causal_lm(self, config, quant_config, prefix, tie=True,
                        build_model=lambda p: FairKVQwen3Model(config, rank_plan, prefix=p))
 

@@ -14,8 +14,8 @@ from sglang.srt.models import qwen3_moe as _qwen3_moe
 from sglang.srt.runtime_context import get_parallel
 from sglang.srt.utils import LazyValue, add_prefix
 
-from ..serving.server_plan import server_rank_plan
 from .heads import build_decoder_layer, checkpoint_heads, init_causal_lm, qwen_rope, rank_layer_type
+from .plan_source import rank_plan as current_rank_plan
 from .qwen3 import qwen3_flavor
 
 
@@ -46,7 +46,7 @@ class Qwen3MoeForCausalLM(_qwen3_moe.Qwen3MoeForCausalLM):
     fairkv = True
 
     def __init__(self, config, quant_config=None, prefix: str = ""):
-        layer_type = rank_layer_type(FairKVQwen3MoeDecoderLayer, server_rank_plan(config))
+        layer_type = rank_layer_type(FairKVQwen3MoeDecoderLayer, current_rank_plan(config))
         init_causal_lm(self, config, quant_config, prefix, tie=False,  # SGLang's class never ties them
                        build_model=lambda p: _qwen3_moe.Qwen3MoeModel(config, None, prefix=p,
                                                                       decoder_layer_type=layer_type))

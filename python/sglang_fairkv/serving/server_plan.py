@@ -3,8 +3,9 @@
 The launcher checks both before anything starts and hands them to SGLang's scheduler processes
 through the environment (``FAIRKV_KV_COMPRESS``, ``FAIRKV_PLAN``: schedulers are spawned on CUDA, so
 nothing else travels); here they are read back once per process. The model classes
-(:mod:`sglang_fairkv.model`) and the pool hook both ask :func:`server_rank_plan`, so a rank's weights
-and its KV pool follow the same plan.
+(:mod:`sglang_fairkv.model`, through the provider :mod:`~sglang_fairkv.model.plan_source` the worker installs)
+and the pool hook both ask :func:`server_rank_plan`, so a rank's weights and its KV pool follow the same
+plan; a plan switch sets the process's current plan (:func:`set_current_plan`).
 """
 
 from __future__ import annotations
@@ -37,8 +38,18 @@ def server_rank_plan(hf_config, num_layers: int | None = None):
     p = get_parallel()
     q, kv, _ = checkpoint_heads(hf_config)  # SGLang pads head counts on CPU at odd TP
     layers = hf_config.num_hidden_layers if num_layers is None else num_layers
-    plan = _server_plan(env.plan_path(), getattr(hf_config, "_name_or_path", ""), layers, kv, q, p.tp_size)
+    plan = _CURRENT[0] if _CURRENT else _server_plan(env.plan_path(), getattr(hf_config, "_name_or_path", ""),
+                                                      layers, kv, q, p.tp_size)
     return RankPlan(plan, p.tp_rank, q)
+
+
+#: the plan this process serves after a switch (the one owner of "the current plan"; empty: the start plan)
+_CURRENT: list = []
+
+
+def set_current_plan(plan) -> None:
+    """A plan switch committed: every later :func:`server_rank_plan` answers ``plan``."""
+    _CURRENT[:] = [plan]
 
 
 @functools.lru_cache(maxsize=4)

@@ -203,6 +203,9 @@ class FairKVState:
         self.traffic = LiveTraffic(plan.num_layers, plan.num_kv_heads, window=env.live_window(),
                                    sample_every=env.balance_sample_steps(), drift_interval_s=env.drift_interval_s())
         self.plan_epoch += 1
+        from .server_plan import set_current_plan
+
+        set_current_plan(plan)  # the one owner of the current plan: what the model's layers are re-sliced to
 
     def local_heads(self, layer: int) -> list[int]:
         """Global KV head ids this rank holds in ``layer`` (its local heads ``0..n-1`` in order)."""

@@ -15,10 +15,12 @@ logger = logging.getLogger(__name__)
 
 def prepare_scheduler_process(server_args) -> list[str]:
     """Register and verify the project's SGLang hooks in this process; returns the hook targets."""
+    from ..model import plan_source
     from .hooks import apply_hooks, register_backend, scheduler_hooks
-    from .server_plan import check_model_package
+    from .server_plan import check_model_package, server_rank_plan
 
     on_cpu = str(getattr(server_args, "device", "")) == "cpu"
+    plan_source.set_provider(server_rank_plan)  # the model classes' plan: this process's current one
     register_backend()
     targets = apply_hooks(scheduler_hooks(on_cpu))
     check_model_package()
