@@ -46,6 +46,22 @@ def _wait_admitted(s, n, timeout=60):
     assert s.fairkv_info()["requests_admitted"] >= n
 
 
+def _switch_in_background(s, plan: dict, timeout_s: float) -> tuple[dict, threading.Thread]:
+    """POST a drain switch from a thread (its answer comes when the switch is done); returns the dict
+    its status and body land in, and the started thread (given 0.3 s to arm the switch)."""
+    reply: dict = {}
+
+    def switch():
+        r = requests.post(s.url + "/fairkv/replan", json={"plan": plan, "mode": "drain", "timeout_s": timeout_s},
+                          timeout=600)
+        reply.update(status=r.status_code, body=r.json())
+
+    sw = threading.Thread(target=switch)
+    sw.start()
+    time.sleep(0.3)
+    return reply, sw
+
+
 def _same_up_to_rank_labels(a: dict, b: dict) -> bool:
     """Two fairkv-plan/1 layer lists equal up to a permutation of rank labels inside each layer."""
     for la, lb in zip(a["layers"], b["layers"]):
@@ -71,15 +87,7 @@ def test_drain_switch_keeps_every_request_and_its_tokens(server, tp1_reference, 
     for t in threads:
         t.start()
     _wait_admitted(s, len(PROMPTS))
-    reply: dict = {}
-
-    def switch():
-        r = requests.post(s.url + "/fairkv/replan", json={"plan": b, "mode": "drain", "timeout_s": 300}, timeout=600)
-        reply.update(status=r.status_code, body=r.json())
-
-    sw = threading.Thread(target=switch)
-    sw.start()
-    time.sleep(0.3)
+    reply, sw = _switch_in_background(s, b, timeout_s=300)
     late: list = [None] * len(PROMPTS)
     late_threads = [threading.Thread(target=_send, args=(s, p, N_NEW, late, i)) for i, p in enumerate(PROMPTS)]
     for t in late_threads:
@@ -123,15 +131,7 @@ def test_a_drain_past_its_timeout_is_cancelled_and_a_second_switch_is_refused(se
     t = threading.Thread(target=_send, args=(s, PROMPTS[0], 400, out, 0))
     t.start()
     _wait_admitted(s, 1)
-    first: dict = {}
-
-    def switch():
-        r = requests.post(s.url + "/fairkv/replan", json={"plan": b, "mode": "drain", "timeout_s": 1.0}, timeout=120)
-        first.update(status=r.status_code, body=r.json())
-
-    sw = threading.Thread(target=switch)
-    sw.start()
-    time.sleep(0.3)
+    first, sw = _switch_in_background(s, b, timeout_s=1.0)
     second = requests.post(s.url + "/fairkv/replan", json={"plan": b, "mode": "drain"}, timeout=60)
     sw.join()
     t.join()
