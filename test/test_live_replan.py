@@ -79,6 +79,7 @@ def test_drain_switch_keeps_every_request_and_its_tokens(server, tp1_reference, 
     on both ranks; then the switch back to the edge plan (copies) at an idle server is immediate, and the
     tokens stay."""
     s = server
+    start_capacity = s.fairkv_info()["capacity"]
     a = requests.get(s.url + "/fairkv/plan", timeout=30).json()
     assert a["epoch"] == 0 and max(sum(len(h["replicas"]) - 1 for h in la["placement"]) for la in a["plan"]["layers"])
     b = _sha()
@@ -105,6 +106,8 @@ def test_drain_switch_keeps_every_request_and_its_tokens(server, tp1_reference, 
     info = wait_ranks_empty(s)[0]
     assert [r["pages_used"] for r in info["ranks"]] == [0, 0] and info["ledger_matches_pool"]
     assert info["plan_epoch"] == 1 and max(info["plan_copies_per_layer"]) == 0
+    # the capacity figures follow the new plan (the edge plan's copies and empty layer change a request's pages)
+    assert info["capacity"]["pages_compressed"] != start_capacity["pages_compressed"], (start_capacity, info["capacity"])
     # back to the edge plan at an idle server: the switch commits in the iteration that receives it
     back = requests.post(s.url + "/fairkv/replan", json={"plan": a["plan"], "mode": "drain"}, timeout=120)
     assert back.status_code == 200 and back.json()["epoch"] == 2, back.text

@@ -189,7 +189,9 @@ class FairKVState:
     def switch_plan(self, plan) -> None:
         """Serve ``plan`` from now on (the pool and the ledger empty: a drained switch). This rank's plan,
         its heads per layer, the replica assigner, the prefix tier's price per block (one page per held
-        (layer, head)) and the live traffic's baseline follow; the epoch counts the switch."""
+        (layer, head)), the live traffic's baseline and the capacity figures follow; the epoch counts the
+        switch. The ledger's token price (``rows_per_token``) stays the start plan's: SGLang copied the
+        scalar capacity it implies into its components at start-up."""
         if self.requests.admitted or self.pool.used_pages():
             raise RuntimeError("fairkv: a plan switch needs an empty pool (requests still hold segments)")
         self.rank_plan = RankPlan(plan, self.rank_plan.rank, self.rank_plan.num_q_heads)
@@ -203,6 +205,11 @@ class FairKVState:
         self.traffic = LiveTraffic(plan.num_layers, plan.num_kv_heads, window=env.live_window(),
                                    sample_every=env.balance_sample_steps(), drift_interval_s=env.drift_interval_s())
         self.plan_epoch += 1
+        # what the pool means under the new plan (the start-up capacity line's figures, in /server_info)
+        first_owner = self.assigner.owners_for(np.zeros(self.assigner.num_copied_heads, dtype=np.int64))
+        fit = footprint.capacity_summary(self.cfg, first_owner, self.ledger.usable.numpy().astype(np.int64),
+                                         self.pool.page_size, head_budgets=self.head_budgets)
+        self.capacity = {**fit, "compression": footprint.describe(self.cfg)}
         from .server_plan import set_current_plan
 
         set_current_plan(plan)  # the one owner of the current plan: what the model's layers are re-sliced to
