@@ -144,5 +144,9 @@ def test_a_drain_past_its_timeout_is_cancelled_and_a_second_switch_is_refused(se
     assert now["plan_hash"] == a["plan_hash"] and now["epoch"] == a["epoch"]
     assert out[0]["output_ids"][:N_NEW] == tp1_reference[0]
     assert s.greedy_ids(PROMPTS[1], N_NEW) == tp1_reference[1]
+    for bad in ("soon", 0, -1):
+        r = requests.post(s.url + "/fairkv/replan", json={"plan": b, "mode": "drain", "timeout_s": bad}, timeout=60)
+        assert r.status_code == 400 and "timeout_s must be a number > 0" in r.json()["error"], r.text
+    assert requests.get(s.url + "/fairkv/plan", timeout=30).json()["plan_hash"] == a["plan_hash"]
     assert [r["pages_used"] for r in wait_ranks_empty(s)[0]["ranks"]] == [0, 0]
 

@@ -149,7 +149,7 @@ def test_refusals_name_the_problem():
     b = Plan(model="m", tp=2, num_kv_heads=3, strategy="assign", cost_model={},
              layers=[[[(0, 1.0)], [(0, 1.0)], [(0, 1.0)]]] * 2)
     t = plan_transition(a, b, LiveSegments.empty(2, 3), usable=np.full(2, 100), page_size=P, pool_heads=np.array([2, 2]))
-    assert not t.fits and "head slots" in t.why
+    assert not t.fits and not t.slots_fit and "head slots" in t.why
     # a swap between two full ranks cannot start: every destination is full until its source frees
     a = Plan(model="m", tp=2, num_kv_heads=2, strategy="sha", cost_model={}, layers=[[[(0, 1.0)], [(1, 1.0)]]])
     b = Plan(model="m", tp=2, num_kv_heads=2, strategy="sha", cost_model={}, layers=[[[(1, 1.0)], [(0, 1.0)]]])

@@ -82,6 +82,8 @@ class Transition:
     usable: np.ndarray  # int64 [tp]
     fits: bool
     why: str | None = None
+    #: B needs no more head slots per layer than each rank's pool has (else it cannot run here at all)
+    slots_fit: bool = True
     #: head instances whose weight slices a rank gains under ``plan``: (layer, head, rank)
     heads_gained: list[tuple[int, int, int]] = field(default_factory=list)
 
@@ -215,6 +217,7 @@ def plan_transition(a: Plan, b: Plan, live: LiveSegments, *, usable: np.ndarray,
         plan, perms = relabel_to_overlap(a, b, load)
     usable = np.asarray(usable, dtype=np.int64)
     why = None
+    slots_fit = True
     if pool_heads is not None:
         heads = np.array([[len(plan.heads_on_rank(l, r)) for l in range(L)] for r in range(tp)])
         over = [r for r in range(tp) if heads[r].max() > int(pool_heads[r])]
@@ -223,6 +226,7 @@ def plan_transition(a: Plan, b: Plan, live: LiveSegments, *, usable: np.ndarray,
             if all(plain[r].max() <= int(pool_heads[r]) for r in range(tp)):
                 plan, perms, over = b, [list(range(tp)) for _ in range(L)], []
         if over:
+            slots_fit = False
             why = (f"plan B puts up to {[int(heads[r].max()) for r in over]} KV heads of a layer on ranks {over}, "
                    f"whose pools have {[int(pool_heads[r]) for r in over]} head slots")
     owner = assign_owners(plan, live)
@@ -249,7 +253,7 @@ def plan_transition(a: Plan, b: Plan, live: LiveSegments, *, usable: np.ndarray,
               for r in sorted({r for r, _ in plan.layers[l][h]} - {r for r, _ in a.layers[l][h]})]
     return Transition(plan=plan, relabel=perms, owner=owner, moves=moves, rounds=rounds, pages_now=pages_now,
                       pages_after=pages_after, pages_promised=promised, usable=usable, fits=why is None,
-                      why=why, heads_gained=gained)
+                      why=why, heads_gained=gained, slots_fit=slots_fit)
 
 
 __all__ = ["LiveSegments", "Move", "PlanError", "Transition", "assign_owners", "plan_hash", "plan_transition",

@@ -22,8 +22,10 @@ SGLang's msgpack IPC too (pickle is its default).
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any, Dict
 
@@ -38,6 +40,8 @@ T_INIT_DISPATCHER = "sglang.srt.managers.scheduler.Scheduler.init_request_dispat
 T_INGEST = "sglang.srt.managers.scheduler.Scheduler.ingest_requests"
 T_ON_IDLE = "sglang.srt.managers.scheduler.Scheduler.on_idle"
 MODES = ("drain", "migrate")
+#: the control request being handled (the deferred answer of a drain switch goes to it)
+req_of_the_call: contextvars.ContextVar = contextvars.ContextVar("fairkv_control_req", default=None)
 
 
 class FairKVControlReq(BaseReq, kw_only=True):
@@ -252,13 +256,14 @@ def replan(scheduler, state, body: dict, out=FairKVControlReqOutput) -> FairKVCo
         return out(status=501, result=result)
     if state.pending_switch is not None:
         return out(status=409, result={"error": "a plan switch is already in progress"})
-    if t.why is not None and "head slots" in t.why:
+    if not t.slots_fit:
         return out(status=400, result={**result, "success": False, "error": t.why})
-    timeout = float(body.get("timeout_s", 300))
+    try:
+        timeout = float(body.get("timeout_s", 300))
+    except (TypeError, ValueError):
+        timeout = float("nan")
     if not timeout > 0:
-        return out(status=400, result={"error": f"timeout_s must be > 0, got {timeout}"})
-    import time
-
+        return out(status=400, result={"error": f"timeout_s must be a number > 0, got {body.get('timeout_s')!r}"})
     # every rank sets it in this iteration; new prompts wait from now on; the reply comes at the switch
     state.pending_switch = {"plan": t.plan, "req": req_of_the_call.get(), "result": result, "t0": time.monotonic(),
                             "deadline": time.monotonic() + timeout, "out": out}
@@ -268,10 +273,6 @@ def replan(scheduler, state, body: dict, out=FairKVControlReqOutput) -> FairKVCo
 
 
 # ---- the drain switch ------------------------------------------------------------------------------------
-import contextvars  # noqa: E402
-
-#: the control request being handled (the deferred reply of a drain switch answers it)
-req_of_the_call: contextvars.ContextVar = contextvars.ContextVar("fairkv_control_req", default=None)
 
 
 def gate_admission(state) -> bool:
@@ -297,8 +298,6 @@ def _group_decides(scheduler, expired: bool) -> bool:
 def ingest_hook(result, scheduler, *args, **kwargs):
     """AFTER ``Scheduler.ingest_requests`` (every iteration, every rank in lockstep): a drain switch past
     its deadline is cancelled (rank 0 decides, the group follows); plan A keeps serving."""
-    import time
-
     from .pool_hooks import process_state
 
     state = process_state()
@@ -318,8 +317,6 @@ def on_idle_hook(scheduler, *args, **kwargs):
     """BEFORE ``Scheduler.on_idle`` (no batch to run, every rank the same iteration): a drain switch whose
     requests are all gone commits here -- the prefix tier flushed, the state and the model's changed layers
     on the new plan, graphs recaptured where a shape changed -- and rank 0 answers."""
-    import time
-
     from .pool_hooks import process_state
 
     state = process_state()
