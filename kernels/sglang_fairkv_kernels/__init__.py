@@ -16,8 +16,8 @@ No SGLang import: the kernels know the pool's tensors, not the server.
 """
 
 from .decode_step import apply_table_writes, decode_step
-from .ragged_decode import DecodeWorkspace, paged_decode, plan_decode, target_programs_for
+from .ragged_decode import FP8_DTYPES, DecodeWorkspace, paged_decode, plan_decode, target_programs_for
 from .ragged_torch import paged_decode_torch
 
-__all__ = ["DecodeWorkspace", "apply_table_writes", "decode_step", "paged_decode", "paged_decode_torch", "plan_decode",
+__all__ = ["FP8_DTYPES", "DecodeWorkspace", "apply_table_writes", "decode_step", "paged_decode", "paged_decode_torch", "plan_decode",
            "target_programs_for"]

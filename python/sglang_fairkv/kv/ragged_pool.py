@@ -36,12 +36,8 @@ H]``, entries of heads a layer does not hold point at page 0). A tier token's ro
 ``h``: ``tier_pages[t // P, l, h] * P + t % P`` (:meth:`tier_rows`). Prefill writes a cached prompt's dense
 KV there and fills the request's segments from it (:meth:`fill_from_tier`).
 
-Row dtype: the model's, or fp8 (``float8_e4m3fn`` / ``float8_e5m2``, ``--kv-cache-dtype fp8_*``): rows
-then hold ``K / k_scale`` and ``V / v_scale`` (the layer's scales, SGLang's ``k_scale_float``, 1.0
-without checkpoint scales). :meth:`write_rows` quantises (a plain cast after the division, as SGLang's
-own pools do), :meth:`read_rows` dequantises what it gathers, moves (compaction, tier fills) copy the
-raw bytes: a row is quantised exactly once. Every indexed read, write and copy of fp8 rows goes
-through a ``uint8`` view (indexing kernels exist for it on every device).
+Row dtype: the model's, or fp8 (``--kv-cache-dtype fp8_*``): every row is written, read and copied
+through the row codec (:mod:`~sglang_fairkv.kv.pool_rows`: quantised once on write, dequantised on read).
 
 Ownership: under a FairKV plan a layer may hold fewer heads than ``num_kv_heads`` (the largest count
 over layers), and a copied head's replica holds only the requests assigned to it; inactive segments
@@ -56,17 +52,15 @@ import numpy as np
 import torch
 
 from .page_stack import PageStackMixin, RaggedPoolFull  # noqa: F401  (re-exported)
+from .pool_rows import RowCodecMixin
 from .pool_staging import StagingMixin
 from .pool_tier import _TIER, TierMixin
 
 
-#: fp8 row dtypes (SGLang's ``--kv-cache-dtype fp8_e4m3`` / ``fp8_e5m2``)
-FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
-
 _PAGES, _LEN, _ACTIVE = 0, 1, 2  # the device tables that pending writes target (and the tier's, _TIER = 3)
 
 
-class RaggedKVPool(PageStackMixin, StagingMixin, TierMixin):
+class RaggedKVPool(RowCodecMixin, PageStackMixin, StagingMixin, TierMixin):
     """Paged per-(request, layer, KV head) segments; KV rows and tables on ``device``, bookkeeping
     on the host.
 
@@ -97,11 +91,7 @@ class RaggedKVPool(PageStackMixin, StagingMixin, TierMixin):
         shape = (max_reqs, num_layers, num_kv_heads)
         self.k_rows = torch.zeros(rows, head_dim, dtype=dtype, device=self.device)
         self.v_rows = torch.zeros(rows, head_dim, dtype=dtype, device=self.device)
-        #: fp8 rows: quantised on write, dequantised on read (``read_rows``; the decode kernel in registers)
-        self.quantized = dtype in FP8_DTYPES
-        # what indexing touches: the rows themselves, or their bytes for fp8
-        self._k_raw = self.k_rows.view(torch.uint8) if self.quantized else self.k_rows
-        self._v_raw = self.v_rows.view(torch.uint8) if self.quantized else self.v_rows
+        self._init_codec()
         self.seg_pages = torch.zeros(*shape, self.max_pages, dtype=torch.int32, device=self.device)
         self.seg_len = torch.zeros(shape, dtype=torch.int32, device=self.device)
         self.active = torch.zeros(shape, dtype=torch.bool, device=self.device)
@@ -445,35 +435,6 @@ class RaggedKVPool(PageStackMixin, StagingMixin, TierMixin):
             seg = (r * self.num_layers + layer) * self.num_kv_heads + hcol
             src = self._page_rows(seg, pos)
             self.copy_rows(dst_rows, src)
-
-    # ---- row codec: the one place rows are written and read --------------------------------------
-    def write_rows(self, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_scale: float = 1.0,
-                   v_scale: float = 1.0) -> None:
-        """K/V ``[..., D]`` (any float dtype) into rows ``rows`` (int64, ``k.shape[:-1]``): one scatter
-        each; fp8 rows get ``K / k_scale`` cast (SGLang's ``set_kv_buffer`` quantisation)."""
-        self._k_raw[rows] = self._encode(k, k_scale)
-        self._v_raw[rows] = self._encode(v, v_scale)
-
-    def read_rows(self, rows: torch.Tensor, dtype: torch.dtype, k_scale: float = 1.0,
-                  v_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-        """(K, V) of rows ``rows`` as ``[*rows.shape, D]`` in ``dtype``, dequantised (one gather each)."""
-        return self._decode(self._k_raw[rows], dtype, k_scale), self._decode(self._v_raw[rows], dtype, v_scale)
-
-    def copy_rows(self, dst: torch.Tensor, src: torch.Tensor) -> None:
-        """Rows ``src`` to rows ``dst`` as they are (no re-quantisation); the gather reads before writing."""
-        self._k_raw[dst] = self._k_raw[src]
-        self._v_raw[dst] = self._v_raw[src]
-
-    def _encode(self, x: torch.Tensor, scale: float) -> torch.Tensor:
-        if not self.quantized:
-            return x if x.dtype == self.dtype else x.to(self.dtype)
-        return (x if scale == 1.0 else x / scale).to(self.dtype).view(torch.uint8)
-
-    def _decode(self, raw: torch.Tensor, dtype: torch.dtype, scale: float) -> torch.Tensor:
-        if not self.quantized:
-            return raw if raw.dtype == dtype else raw.to(dtype)
-        x = raw.view(self.dtype).to(dtype)
-        return x if scale == 1.0 else x * scale
 
     # ---- addressing ---------------------------------------------------------------------------
     def _page_rows(self, seg: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
