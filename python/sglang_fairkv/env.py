@@ -132,8 +132,8 @@ def set_prefix_tier_fraction(x: float) -> None:
     os.environ["FAIRKV_PREFIX_TIER"] = repr(float(x))
 
 
-#: ``--kv-cache-dtype`` names of the fp8 row dtypes the ragged pool stores
-_KV_STORE = {"fp8_e4m3": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2"}
+#: ``--kv-cache-dtype`` values the ragged pool stores itself (fp8 rows), and their torch dtype names
+KV_STORE_DTYPES = {"fp8_e4m3": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2"}
 
 
 def kv_store_dtype():
@@ -142,11 +142,11 @@ def kv_store_dtype():
     v = os.environ.get("FAIRKV_KV_DTYPE") or None
     if v is None:
         return None
-    if v not in _KV_STORE:
-        raise ValueError(f"FAIRKV_KV_DTYPE must be one of {', '.join(_KV_STORE)}, got {v!r}")
+    if v not in KV_STORE_DTYPES:
+        raise ValueError(f"FAIRKV_KV_DTYPE must be one of {', '.join(KV_STORE_DTYPES)}, got {v!r}")
     import torch
 
-    return getattr(torch, _KV_STORE[v])
+    return getattr(torch, KV_STORE_DTYPES[v])
 
 
 def set_kv_store_dtype(name: str | None) -> None:

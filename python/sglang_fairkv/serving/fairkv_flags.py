@@ -11,6 +11,8 @@ import json
 import os
 from pathlib import Path
 
+from .. import env
+
 PROG = "python -m sglang_fairkv.launch_server"
 
 
@@ -104,10 +106,6 @@ def drop(argv: list[str], flag: str) -> None:
             return
 
 
-#: ``--kv-cache-dtype`` values the ragged pool stores itself (rows quantised per layer scale)
-FP8_KV_DTYPES = ("fp8_e4m3", "fp8_e5m2")
-
-
 def model_config(model_path: str) -> dict:
     """The model folder's ``config.json`` (UsageError when it cannot be read)."""
     try:
@@ -166,7 +164,7 @@ def fairkv_setup(fk: argparse.Namespace, ns: argparse.Namespace, out: list[str],
         bad.append(f"{flag} {value(out, flag)} (CUDA-graph decode needs CUDA and the Triton decode kernel)")
     kv_dtype = value(out, "--kv-cache-dtype")
     fk.kv_store_dtype = None
-    if kv_dtype in FP8_KV_DTYPES:  # ours: SGLang sizes and builds nothing in fp8 (its CPU path needs AMX)
+    if kv_dtype in env.KV_STORE_DTYPES:  # ours: SGLang sizes and builds nothing in fp8 (its CPU path needs AMX)
         drop(out, "--kv-cache-dtype")
         fk.kv_store_dtype = kv_dtype
         notes.append(f"--kv-cache-dtype {kv_dtype}: the ragged pool stores K/V rows in fp8 (per-layer scales "
@@ -174,7 +172,7 @@ def fairkv_setup(fk: argparse.Namespace, ns: argparse.Namespace, out: list[str],
                      "memory holds 2x the rows of bf16, 4x of fp32")
     elif kv_dtype not in (None, "auto", "bf16", "bfloat16"):
         bad.append(f"--kv-cache-dtype {kv_dtype} (the ragged pool holds the model dtype, or fp8: "
-                   f"{' / '.join(FP8_KV_DTYPES)})")
+                   f"{' / '.join(env.KV_STORE_DTYPES)})")
     if given(out, "--cuda-graph-config"):
         bad.append("--cuda-graph-config (fairkv: set decode graphs with --cuda-graph-backend-decode; "
                    "prefill runs eager)")
