@@ -57,6 +57,25 @@ def planning_cost(plan: Plan, group_size: int, hidden: int) -> CostModel:
     return CostModel(c_head=float(cm["c_head"]), c_token=float(cm["c_token"]))
 
 
+def live_stats(plan: Plan, live_mean: np.ndarray, *, num_q_heads: int, head_dim: int,
+               hidden: int | None = None) -> tuple[KVStats, CostModel]:
+    """The live means (``[L, KV]``) as stats of the plan's model, and the cost model to plan them with."""
+    stats = KVStats(model=plan.model, num_layers=plan.num_layers, num_q_heads=num_q_heads,
+                    num_kv_heads=plan.num_kv_heads, head_dim=head_dim,
+                    kv_len_mean=np.asarray(live_mean, dtype=np.float64), hidden_size=hidden)
+    return stats, planning_cost(plan, stats.group_size, stats.hidden)
+
+
+def fresh_plan(plan: Plan, live_mean: np.ndarray, *, num_q_heads: int, head_dim: int, strategy: str,
+               max_copies_per_layer: int, hidden: int | None = None, balance_memory: bool = True) -> Plan:
+    """A plan for the live means with ``strategy`` (what a re-plan from the served traffic switches to)."""
+    from .planner import build_plan
+
+    stats, cost = live_stats(plan, live_mean, num_q_heads=num_q_heads, head_dim=head_dim, hidden=hidden)
+    return build_plan(stats, plan.tp, strategy, cost=cost, max_copies_per_layer=max_copies_per_layer,
+                      balance_memory=balance_memory)[0]
+
+
 def replan_gain(plan: Plan, live_mean: np.ndarray, *, num_q_heads: int, head_dim: int,
                 hidden: int | None = None) -> dict:
     """The cost-model gain of re-planning on ``live_mean`` (``[L, KV]`` mean kept tokens per request).
@@ -66,10 +85,7 @@ def replan_gain(plan: Plan, live_mean: np.ndarray, *, num_q_heads: int, head_dim
     rate under the cost model)."""
     from .planner import build_plan
 
-    live = np.asarray(live_mean, dtype=np.float64)
-    stats = KVStats(model=plan.model, num_layers=plan.num_layers, num_q_heads=num_q_heads,
-                    num_kv_heads=plan.num_kv_heads, head_dim=head_dim, kv_len_mean=live, hidden_size=hidden)
-    cost = planning_cost(plan, stats.group_size, stats.hidden)
+    stats, cost = live_stats(plan, live_mean, num_q_heads=num_q_heads, head_dim=head_dim, hidden=hidden)
     running = evaluate(replace(plan, cost_model={**plan.cost_model, **cost.to_json()}), stats)
     strategy = "fairkv" if plan.strategy == "sha" else plan.strategy
     copies = int(plan.cost_model.get("max_copies_per_layer") or 1) if strategy == "fairkv" else 0

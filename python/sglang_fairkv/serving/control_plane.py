@@ -187,18 +187,14 @@ def _plan_b(state, body: dict):
         live = state.traffic.live_mean()
         if live is None:
             raise ValueError("from_live: no compressed prompt profiled yet (the live profile is empty)")
-        from ..placement.drift import planning_cost
-        from ..placement.planner import build_plan
-        from ..placement.stats import KVStats
+        from ..placement.drift import fresh_plan
 
         strategy = str(body.get("strategy", "fairkv"))
         if strategy not in ("fairkv", "assign"):
             raise ValueError(f'strategy must be "fairkv" or "assign", got {strategy!r}')
-        stats = KVStats(model=a.model, num_layers=a.num_layers, num_q_heads=state.rank_plan.num_q_heads,
-                        num_kv_heads=a.num_kv_heads, head_dim=state.pool.head_dim, kv_len_mean=live)
         copies = int(body.get("max_copies_per_layer", 1)) if strategy == "fairkv" else 0
-        b, _ = build_plan(stats, a.tp, strategy, cost=planning_cost(a, stats.group_size, stats.hidden),
-                          max_copies_per_layer=copies)
+        b = fresh_plan(a, live, num_q_heads=state.rank_plan.num_q_heads, head_dim=state.pool.head_dim,
+                       strategy=strategy, max_copies_per_layer=copies)
     try:
         b.check_model(a.num_layers, a.num_kv_heads, a.tp, state.rank_plan.num_q_heads)
     except PlanError as e:
