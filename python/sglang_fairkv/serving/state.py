@@ -82,9 +82,7 @@ class FairKVState:
         if self.requests is None:
             self.requests = RequestTable(self.pool.max_reqs, self.rank_plan.tp)
         if self.traffic is None:
-            self.traffic = LiveTraffic(plan.num_layers, plan.num_kv_heads, window=env.live_window(),
-                                       sample_every=env.balance_sample_steps(),
-                                       drift_interval_s=env.drift_interval_s())
+            self.traffic = _new_traffic(plan)
         self._local_heads = self.rank_plan.local_heads
         self.heads_per_layer = [len(h) for h in self._local_heads]
 
@@ -199,17 +197,14 @@ class FairKVState:
         self.heads_per_layer = [len(h) for h in self._local_heads]
         self.assigner = ReplicaAssigner(plan)
         if self.tier is not None:
-            plans = [RankPlan(plan, q, self.rank_plan.num_q_heads) for q in range(plan.tp)]
             self.pool.enable_tier(self.tier.num_blocks, self.heads_per_layer)
-            self.ledger.attach_tier(self.tier, [sum(len(h) for h in p.local_heads) for p in plans])
-        self.traffic = LiveTraffic(plan.num_layers, plan.num_kv_heads, window=env.live_window(),
-                                   sample_every=env.balance_sample_steps(), drift_interval_s=env.drift_interval_s())
+            self.ledger.attach_tier(self.tier, _tier_pages_per_block(
+                [RankPlan(plan, q, self.rank_plan.num_q_heads) for q in range(plan.tp)]))
+        self.traffic = _new_traffic(plan)
         self.plan_epoch += 1
         # what the pool means under the new plan (the start-up capacity line's figures, in /server_info)
-        first_owner = self.assigner.owners_for(np.zeros(self.assigner.num_copied_heads, dtype=np.int64))
-        fit = footprint.capacity_summary(self.cfg, first_owner, self.ledger.usable.numpy().astype(np.int64),
-                                         self.pool.page_size, head_budgets=self.head_budgets)
-        self.capacity = {**fit, "compression": footprint.describe(self.cfg)}
+        self.capacity = _capacity(self.cfg, self.assigner, self.ledger.usable.numpy(), self.pool.page_size,
+                                  self.head_budgets)
         from .server_plan import set_current_plan
 
         set_current_plan(plan)  # the one owner of the current plan: what the model's layers are re-sliced to
@@ -256,6 +251,28 @@ class FairKVState:
         return None
 
 
+def _new_traffic(plan) -> LiveTraffic:
+    """The served-traffic record of a plan (live profile, balance since start, drift report)."""
+    return LiveTraffic(plan.num_layers, plan.num_kv_heads, window=env.live_window(),
+                       sample_every=env.balance_sample_steps(), drift_interval_s=env.drift_interval_s())
+
+
+def _tier_pages_per_block(plans: list[RankPlan]) -> list[int]:
+    """Pages one prefix-tier block takes on each rank: one per (layer, KV head) the rank holds, copies in."""
+    return [sum(len(h) for h in p.local_heads) for p in plans]
+
+
+def _capacity(cfg: CompressConfig, assigner: ReplicaAssigner, usable_pages, page_size: int,
+              head_budgets: torch.Tensor | None) -> dict:
+    """What the pool means in requests under the assigner's plan (a copied head counted on its first
+    replica: a request takes one replica of each), with the compression in words."""
+    first_owner = assigner.owners_for(np.zeros(assigner.num_copied_heads, dtype=np.int64))
+    fit = footprint.capacity_summary(cfg, first_owner, np.asarray(usable_pages, dtype=np.int64), page_size,
+                                     head_budgets=head_budgets)
+    fit["compression"] = footprint.describe(cfg)
+    return fit
+
+
 def build_state(cfg: CompressConfig, head_budgets: torch.Tensor | None, *, rank_plan: RankPlan,
                 max_total_tokens: int, rows_per_token_budget: int, page_size: int, head_dim: int,
                 max_reqs: int, max_context: int, dtype: torch.dtype, device: str, group: int = 1,
@@ -296,7 +313,7 @@ def build_state(cfg: CompressConfig, head_budgets: torch.Tensor | None, *, rank_
     # the dense prefix tier (``prefix_tier`` > 0): a block is one page per (layer, KV head) a rank holds;
     # its block table ``[blocks, L, H]`` (int32) comes out of each rank's pages, and the block count is
     # the same on every rank (tier tokens are group-wide ids): the tightest rank's
-    tier_ppb = [sum(len(h) for h in p.local_heads) for p in plans]
+    tier_ppb = _tier_pages_per_block(plans)
     num_blocks = 0
     if prefix_tier > 0:
         page_bytes = page_size * row_bytes
@@ -345,11 +362,7 @@ def build_state(cfg: CompressConfig, head_budgets: torch.Tensor | None, *, rank_
                 mine.allocator_bytes / 2**20,
                 rank_plan.plan.strategy, rank_plan.heads_per_layer(), cfg.to_json())
     assigner = ReplicaAssigner(rank_plan.plan)
-    # a copied head counted on its first replica (a request takes one replica of each)
-    first_owner = assigner.owners_for(np.zeros(assigner.num_copied_heads, dtype=np.int64))
-    fit = footprint.capacity_summary(cfg, first_owner, np.asarray(pages_of, dtype=np.int64), page_size,
-                                     head_budgets=head_budgets)
-    fit["compression"] = footprint.describe(cfg)
+    fit = _capacity(cfg, assigner, pages_of, page_size, head_budgets)
     if rank_plan.rank == 0:  # what the pool means, in plain words (once per group)
         logger.info("sglang-fairkv: %sKV compression: %s. KV pool: %d pages x %d rows per rank = %d tokens of "
                     "dense context. A request of %d prompt + %d output tokens holds %d pages compressed vs %d "
