@@ -29,7 +29,7 @@ from sglang_fairkv_kernels import paged_decode_torch
 from .. import env
 from ..serving.kv_cache import FairKVCache
 from ..serving.state import FairKVState
-from .capabilities import layer_problem
+from .capabilities import layer_problem, model_problem
 from .causal import varlen_usable
 from .prefill import ExtendMetadata, PrefillMixin, kv_scales
 
@@ -62,8 +62,6 @@ class FairKVAttnBackend(PrefillMixin, AttentionBackend):
         if not isinstance(pool, FairKVCache):
             raise RuntimeError("the fairkv attention backend needs the fairkv KV pool (start the server "
                                "with python -m sglang_fairkv.launch_server)")
-        from .capabilities import model_problem
-
         why = model_problem(model_runner.model, torch.device(model_runner.device).type)
         if why:
             raise RuntimeError(f"fairkv backend: {why}; serve this model without --kv-compress")

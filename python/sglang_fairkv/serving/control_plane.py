@@ -22,7 +22,6 @@ SGLang's msgpack IPC too (pickle is its default).
 
 from __future__ import annotations
 
-import contextvars
 import json
 import logging
 import time
@@ -40,8 +39,6 @@ T_INIT_DISPATCHER = "sglang.srt.managers.scheduler.Scheduler.init_request_dispat
 T_INGEST = "sglang.srt.managers.scheduler.Scheduler.ingest_requests"
 T_ON_IDLE = "sglang.srt.managers.scheduler.Scheduler.on_idle"
 MODES = ("drain", "migrate")
-#: the control request being handled (the deferred answer of a drain switch goes to it)
-req_of_the_call: contextvars.ContextVar = contextvars.ContextVar("fairkv_control_req", default=None)
 
 
 class FairKVControlReq(BaseReq, kw_only=True):
@@ -130,14 +127,7 @@ def init_dispatcher_hook(result, scheduler, *args, **kwargs):
     from sglang.utils import TypeBasedDispatcher
 
     _register_types()
-    def dispatch(req):
-        token = req_of_the_call.set(req)
-        try:
-            return handle(scheduler, req)
-        finally:
-            req_of_the_call.reset(token)
-
-    scheduler._request_dispatcher += TypeBasedDispatcher([(FairKVControlReq, dispatch)])
+    scheduler._request_dispatcher += TypeBasedDispatcher([(FairKVControlReq, lambda req: handle(scheduler, req))])
     return result
 
 
@@ -154,7 +144,7 @@ def handle(scheduler, req: FairKVControlReq):
         if req.op == "plan":
             return out(status=200, result=running_plan(state))
         if req.op in ("replan", "switch"):
-            return replan(scheduler, state, req.body, out)
+            return replan(scheduler, state, req, out)
         return out(status=400, result={"error": f"unknown fairkv control op {req.op!r}"})
     except Exception as e:  # noqa: BLE001 - one answer for the client, the server keeps serving
         logger.exception("fairkv control request %s failed", req.op)
@@ -222,10 +212,12 @@ def live_segments(scheduler, state):
                         np.array([owed.get(i, 0) for i in idx], dtype=np.int64))
 
 
-def replan(scheduler, state, body: dict, out=FairKVControlReqOutput) -> FairKVControlReqOutput | None:
-    """Dry run, or arm a drain switch (None: the answer comes at the switch, :func:`on_idle_hook`);
+def replan(scheduler, state, req: FairKVControlReq, out=FairKVControlReqOutput) -> FairKVControlReqOutput | None:
+    """Dry run, or arm a drain switch (None: the answer to ``req`` comes at the switch, :func:`on_idle_hook`);
     ``out`` the answer's type (the switch's own for ``op`` ``switch``)."""
     from ..placement.transition import plan_transition
+
+    body = req.body
 
     mode = body.get("mode", "migrate")
     if mode not in MODES:
@@ -261,7 +253,7 @@ def replan(scheduler, state, body: dict, out=FairKVControlReqOutput) -> FairKVCo
     if not timeout > 0:
         return out(status=400, result={"error": f"timeout_s must be a number > 0, got {body.get('timeout_s')!r}"})
     # every rank sets it in this iteration; new prompts wait from now on; the reply comes at the switch
-    state.pending_switch = {"plan": t.plan, "req": req_of_the_call.get(), "result": result, "t0": time.monotonic(),
+    state.pending_switch = {"plan": t.plan, "req": req, "result": result, "t0": time.monotonic(),
                             "deadline": time.monotonic() + timeout, "out": out}
     logger.info("fairkv: drain switch to plan %s armed (%d requests running; timeout %.0f s)",
                 result["transition"]["plan_hash"], len(live.rids), timeout)
