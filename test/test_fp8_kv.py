@@ -11,13 +11,11 @@ read its rows the other way (everything rounded, SGLang's torch_native), would f
 from __future__ import annotations
 
 import re
-import threading
 
 import numpy as np
 import pytest
-import requests
 import torch
-from helpers.server import STRICT, Server, wait_ranks_empty
+from helpers.server import STRICT, Server, generate_in_background, wait_ranks_empty
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
@@ -114,15 +112,7 @@ def _most_running(args: list[str], prompts: list[list[int]]) -> int:
     with Server(args + ["--max-total-tokens", str(MAX_TOTAL), "--max-running-requests", "64",
                         "--context-length", "1024", "--decode-log-interval", "1", "--disable-radix-cache"],
                 env=STRICT) as s:
-        outs: list = [None] * len(prompts)
-
-        def send(i):
-            outs[i] = requests.post(s.url + "/generate", json={"input_ids": prompts[i], "sampling_params": {
-                "max_new_tokens": NEW, "temperature": 0.0, "ignore_eos": True}}, timeout=900).json()
-
-        threads = [threading.Thread(target=send, args=(i,)) for i in range(len(prompts))]
-        for t in threads:
-            t.start()
+        outs, threads = generate_in_background(s, prompts, NEW, timeout=900)
         for t in threads:
             t.join()
         assert all(o is not None and len(o.get("output_ids", [])) == NEW for o in outs), outs[:2]

@@ -72,6 +72,12 @@ def test_kv_compress_bad_budget_one_line():
     (["--kv-compress", "adakv", "--kv-budget", "64", "--attention-backend", "torch_native"],
      "--kv-compress needs --attention-backend fairkv, got torch_native"),
     (["--kv-compress", "headkv"], "--kv-compress headkv needs --kv-head-budgets FILE"),
+    (["--kv-compress", "adakv", "--fairkv-auto-replan", "1.1"], "--fairkv-auto-replan needs --tp-size > 1"),
+    (["--tp-size", "2", "--kv-compress", "adakv", "--fairkv-auto-replan", "0.9"], "must be a gain >= 1"),
+    (["--tp-size", "2", "--fairkv-plan", "sha", "--fairkv-auto-replan", "1.1"], "needs --kv-compress"),
+    (["--tp-size", "2", "--kv-compress", "adakv", "--fairkv-replan-head-slots", "4"],
+     "--fairkv-replan-head-slots must be in [1, 3]"),
+    (["--kv-compress", "adakv", "--fairkv-replan-head-slots", "2"], "--fairkv-replan-head-slots needs --tp-size > 1"),
 ])
 def test_kv_compress_flag_errors(smollm2_path, args, needle):
     """Validated before anything starts (parse_launch): the message names the offending flag/value."""
@@ -277,3 +283,20 @@ def test_fp8_kv_dtype_is_the_pools_not_sglangs(smollm2_path):
         assert lc.kv_store_dtype == dt and not any(a.startswith("--kv-cache-dtype") for a in lc.sglang_argv)
     stock = parse_launch([*base, "--kv-cache-dtype", "fp8_e4m3"], on_cpu=False)
     assert stock.kv_store_dtype is None and "fp8_e4m3" in stock.sglang_argv
+
+
+def test_replan_flags_reach_the_schedulers(smollm2_path):
+    """``--fairkv-auto-replan`` (gain, interval, samples) and the head slots it reserves by default (twice the
+    start plan's most heads on a rank, at most the model's KV heads) travel in the launch config; an explicit
+    ``--fairkv-replan-head-slots`` wins."""
+    from sglang_fairkv.serving.launcher import parse_launch
+
+    base = ["--model-path", str(smollm2_path), "--tp-size", "2", "--kv-compress", "adakv"]
+    lc = parse_launch([*base, "--fairkv-auto-replan", "1.2", "--fairkv-auto-replan-interval", "30"], on_cpu=True)
+    assert lc.auto_replan == (1.2, 30.0, 64) and lc.replan_head_slots == 3  # sha 2 + 1: min(3, 2 * 2)
+    assert any(n.startswith("--fairkv-auto-replan 1.2:") for n in lc.notes), lc.notes
+    lc = parse_launch([*base, "--fairkv-replan-head-slots", "3"], on_cpu=True)
+    assert lc.auto_replan is None and lc.replan_head_slots == 3
+    assert any("--fairkv-replan-head-slots 3:" in n for n in lc.notes)
+    lc = parse_launch(base, on_cpu=True)
+    assert lc.auto_replan is None and lc.replan_head_slots is None

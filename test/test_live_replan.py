@@ -150,3 +150,107 @@ def test_a_drain_past_its_timeout_is_cancelled_and_a_second_switch_is_refused(se
     assert requests.get(s.url + "/fairkv/plan", timeout=30).json()["plan_hash"] == a["plan_hash"]
     assert [r["pages_used"] for r in wait_ranks_empty(s)[0]["ranks"]] == [0, 0]
 
+
+
+def _decoded(s, n: int, timeout: float = 60) -> None:
+    """Wait until every running request has decoded ``n`` tokens (the ledger's longest segment grows)."""
+    deadline = time.time() + timeout
+    start = None
+    while time.time() < deadline:
+        info = s.fairkv_info()
+        rows = info["kept_rows"]
+        if start is None and info["requests_admitted"] and not any(info["transient_rows"]):
+            start = rows
+        if start is not None and sum(rows) >= sum(start) + n * info["requests_admitted"]:
+            return
+        time.sleep(0.02)
+
+
+def test_migrate_switch_moves_running_requests_and_keeps_their_tokens(server, tp1_reference):
+    """``mode: migrate`` while requests decode: the switch runs at the first step boundary without waiting
+    for them, their segments move to their owners under B (the edge plan -> sha moves layer 1's heads 0-2
+    from rank 1 to rank 0) and their weight slices follow; every request -- running through the switch,
+    arriving during it, and a client that disconnects during it -- finishes, and the tokens of the ones
+    that ran through both plans equal a run without a switch (TP 1's in float32). Back to the edge plan the
+    same way. Pages return to 0, the ledger equals the pool, ``/server_info`` counts both switches."""
+    s = server
+    a = requests.get(s.url + "/fairkv/plan", timeout=30).json()
+    n_long = 48
+    no_switch = [s.greedy_ids(p, n_long) for p in PROMPTS]
+    assert [t[:N_NEW] for t in no_switch] == tp1_reference
+    replies = []
+    for target in (_sha(), a["plan"]):
+        out: list = [None] * len(PROMPTS)
+        threads = [threading.Thread(target=_send, args=(s, p, n_long, out, i)) for i, p in enumerate(PROMPTS)]
+        for t in threads:
+            t.start()
+        _wait_admitted(s, len(PROMPTS))
+        _decoded(s, 4)
+        dropped = threading.Thread(target=lambda: _quiet_post(s, PROMPTS[1], 400, timeout=1.0))
+        dropped.start()
+        late: list = [None] * 2
+        late_threads = [threading.Thread(target=_send, args=(s, PROMPTS[i], N_NEW, late, i)) for i in range(2)]
+        for t in late_threads:
+            t.start()
+        r = requests.post(s.url + "/fairkv/replan", json={"plan": target, "mode": "migrate"}, timeout=300)
+        during = s.fairkv_info()["requests_admitted"]
+        for t in [*threads, *late_threads, dropped]:
+            t.join()
+        assert r.status_code == 200, r.text
+        body = r.json()
+        replies.append(body)
+        assert body["success"] and body["verified"] and body["mode"] == "migrate", body
+        assert body["running_requests"] >= len(PROMPTS) and during >= 1, (body, during)
+        assert body["moved"]["segments"] > 0 and body["moved"]["kv_bytes"] > 0 and body["moved"]["weight_bytes"] > 0
+        assert all(q["ledger_ok"] for q in body["ranks"]) and len({q["plan_hash"] for q in body["ranks"]}) == 1
+        assert [o["output_ids"] for o in out] == no_switch  # decoded across the switch: unchanged tokens
+        assert [o["output_ids"] for o in late] == tp1_reference[:2]
+    assert replies[1]["epoch"] == replies[0]["epoch"] + 1 == a["epoch"] + 2
+    assert _same_up_to_rank_labels(requests.get(s.url + "/fairkv/plan", timeout=30).json()["plan"], a["plan"])
+    info = wait_ranks_empty(s)[0]
+    assert [q["pages_used"] for q in info["ranks"]] == [0, 0] and info["ledger_matches_pool"]
+    log = info["replan"]
+    assert log["switches"] >= 2 and log["last"]["mode"] == "migrate" and log["last"]["pause_ms"] > 0
+    assert log["kv_bytes_moved_total"] >= sum(b["moved"]["kv_bytes"] for b in replies)
+    assert [s.greedy_ids(p, N_NEW) for p in PROMPTS] == tp1_reference
+    # the prefix tier was flushed at each switch; a prompt cached under the new plan is reused, same tokens
+    long_prompt = PROMPTS[2] * 2
+    first = s.greedy(long_prompt, N_NEW)
+    again = s.greedy(long_prompt, N_NEW)
+    assert again["meta_info"]["cached_tokens"] == len(long_prompt) - 8 and again["output_ids"] == first["output_ids"]
+    assert [q["pages_used"] for q in wait_ranks_empty(s)[0]["ranks"]] == [0, 0]
+
+
+def _quiet_post(s, prompt, n, timeout):
+    try:
+        requests.post(s.url + "/generate", json={"input_ids": prompt, "sampling_params": {
+            "max_new_tokens": n, "temperature": 0.0, "ignore_eos": True}}, timeout=timeout)
+    except requests.exceptions.RequestException:
+        pass  # the client went away; the server aborts the request
+
+
+def test_migrate_dry_run_and_refusals(server):
+    """A migrate dry run reports what would move and changes nothing; a plan for another TP size is a 400,
+    a bad mode a 400, and plan A keeps serving."""
+    s = server
+    a = requests.get(s.url + "/fairkv/plan", timeout=30).json()
+    out: list = [None]
+    t = threading.Thread(target=_send, args=(s, PROMPTS[0], 200, out, 0))
+    t.start()
+    _wait_admitted(s, 1)
+    _decoded(s, 2)
+    dry = requests.post(s.url + "/fairkv/replan", json={"plan": _sha(), "mode": "migrate", "dry_run": True}, timeout=60)
+    from sglang_fairkv.placement.runtime import sha_plan
+
+    tp3 = requests.post(s.url + "/fairkv/replan", json={"plan": sha_plan("tiny-kv6", 3, 6, 12, 3).to_json(),
+                                                          "mode": "migrate"}, timeout=60)
+    mode = requests.post(s.url + "/fairkv/replan", json={"plan": _sha(), "mode": "teleport"}, timeout=60)
+    t.join()
+    assert dry.status_code == 200 and dry.json()["dry_run"] and dry.json()["running_requests"] == 1, dry.text
+    tr = dry.json()["transition"]
+    assert tr["fits"] and tr["segments_moved"] > 0 and tr["kv_bytes_moved"] > 0, tr
+    assert tp3.status_code == 400 and "tp" in tp3.json()["error"].lower(), tp3.text
+    assert mode.status_code == 400 and "mode must be one of" in mode.json()["error"], mode.text
+    now = requests.get(s.url + "/fairkv/plan", timeout=30).json()
+    assert now["plan_hash"] == a["plan_hash"] and now["epoch"] == a["epoch"]
+    assert [q["pages_used"] for q in wait_ranks_empty(s)[0]["ranks"]] == [0, 0]

@@ -10,6 +10,7 @@ strict idle check on every rank: a leaked page would stop the server).
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -43,7 +44,15 @@ def test_dp2_replicas_equal_kvpress_on_both_and_report_per_replica(smollm2_path,
             seen.setdefault(out["meta_info"]["dp_rank"], []).append((i, out["output_ids"]))
         states = wait_ranks_empty(s)
         metrics = requests.get(s.url + "/metrics", timeout=30).text
+        # the control plane reaches every replica (each its own group); at TP 1 there is nothing to switch
+        plans = requests.get(s.url + "/fairkv/plan", timeout=30).json()["replicas"]
+        switch = requests.post(s.url + "/fairkv/replan", json={"plan": plans[0]["plan"], "mode": "migrate"},
+                               timeout=120)
+        after_switch = s.greedy_ids(fairkv_prompts[0], N_NEW)
         log = s.log_text()
+    assert sorted(p["dp_rank"] for p in plans) == [0, 1] and all(p["epoch"] == 0 for p in plans)
+    assert switch.status_code == 400 and all("TP 1" in r["error"] for r in switch.json()["replicas"]), switch.text
+    assert after_switch == fairkv_references["adakv"][0]
     assert sorted(seen) == [0, 1], f"requests reached DP ranks {sorted(seen)}"
     for dp, outs in seen.items():
         for i, got in outs:
@@ -64,6 +73,7 @@ def test_two_node_tp2_with_copies_equals_tp1_and_a_dead_node_stops_the_group(
     group on a leak). Killing node 1 stops node 0 within 60 s with our message, not a hang."""
     from helpers.fairkv_refs import N_NEW
 
+    from sglang_fairkv.placement.runtime import sha_plan
     from sglang_fairkv.placement.stats import load_stats
 
     stats = tmp_path / "smollm2.json"
@@ -76,6 +86,20 @@ def test_two_node_tp2_with_copies_equals_tp1_and_a_dead_node_stops_the_group(
         with Server([*common, "--node-rank", "0"], env=STRICT) as s:
             got = [s.greedy_ids(ids, N_NEW) for ids in fairkv_prompts]
             info = s.fairkv_info()
+            # a migrate across the node boundary while a request decodes: to sha and back, tokens unchanged
+            plan = requests.get(s.url + "/fairkv/plan", timeout=30).json()
+            ref_long = s.greedy_ids(fairkv_prompts[1], 3 * N_NEW)
+            for target in (sha_plan(plan["plan"]["model"], 30, 3, 9, 2).to_json(), plan["plan"]):
+                out: dict = {}
+                t = threading.Thread(target=lambda: out.update(ids=s.greedy_ids(fairkv_prompts[1], 3 * N_NEW)))
+                t.start()
+                while s.fairkv_info()["requests_admitted"] == 0 and t.is_alive():
+                    time.sleep(0.05)
+                mig = requests.post(s.url + "/fairkv/replan", json={"plan": target, "mode": "migrate"}, timeout=300)
+                t.join()
+                assert mig.status_code == 200 and mig.json()["verified"], mig.text
+                assert out["ids"] == ref_long
+            moved = mig.json()["moved"]
             try:  # a client that gives up mid-decode: its pages come back on both ranks
                 s.greedy(fairkv_prompts[1], 400, timeout=3)
             except OSError:  # the client's timeout (urllib: TimeoutError or URLError)
@@ -99,6 +123,7 @@ def test_two_node_tp2_with_copies_equals_tp1_and_a_dead_node_stops_the_group(
         node1.stop()
     assert got == [fairkv_references["adakv"][i] for i in range(len(fairkv_prompts))]
     assert sum(info["plan_copies_per_layer"]) >= 1 and len(info["ranks"]) == 2
+    assert moved["segments"] > 0 and moved["kv_bytes"] > 0, moved
     assert [r["pages_used"] for r in after["ranks"]] == [0, 0] and after["requests_admitted"] == 0
     assert stopped_s < 60, f"node 0 still up {stopped_s:.0f} s after node 1 died"
     assert node0_gone, "processes of node 0 survived"

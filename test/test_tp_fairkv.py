@@ -109,7 +109,8 @@ def test_tp3_live_balance_and_plan_drift(tiny_kv6_path, tp1_run, tmp_path):
     0.788, fairkv 0.910-0.915, while sha's memory busy rate is 1.000), then serve each prompt alone (tokens
     equal TP 1). The drift report is large against the shuffled stats (measured 0.329, a fresh plan
     would gain 1.24x), zero against the matched ones; the Prometheus gauges say what
-    ``/server_info`` says."""
+    ``/server_info`` says. Then the sha server re-plans from its own live profile (``from_live``, migrate,
+    while a request decodes; issue 34) and its next batch is clearly more balanced than under sha."""
     matched = np.asarray(tp1_run["stats"]["kv_len_mean"])
     assert matched.min() < 0.6 * matched.max(), f"the model's heads must keep unequal counts: {matched}"
     stats = {"matched": tmp_path / "matched.json", "shuffled": tmp_path / "shuffled.json"}
@@ -120,7 +121,8 @@ def test_tp3_live_balance_and_plan_drift(tiny_kv6_path, tp1_run, tmp_path):
     base = ["--model-path", str(tiny_kv6_path), "--tp-size", "3", *ADAKV, "--enable-metrics",
             "--decode-log-interval", "1"]
     runs = {}
-    for name, extra in (("sha", ["--fairkv-plan", "sha", "--fairkv-stats", str(stats["shuffled"])]),
+    for name, extra in (("sha", ["--fairkv-plan", "sha", "--fairkv-stats", str(stats["shuffled"]),
+                                 "--fairkv-replan-head-slots", "4"]),  # room for the live re-plan below
                         ("fairkv", ["--fairkv-plan", "fairkv", "--fairkv-stats", str(stats["matched"]),
                                     "--chunked-prefill-size", "48"])):  # window queries cross chunks
         with Server([*base, *extra], env=env) as s:
@@ -132,6 +134,8 @@ def test_tp3_live_balance_and_plan_drift(tiny_kv6_path, tp1_run, tmp_path):
             got = [s.greedy_ids(p, N_NEW) for p in PROMPTS]
             info = s.fairkv_info()
             metrics = requests.get(s.url + "/metrics", timeout=30).text
+            if name == "sha":
+                live = _migrate_from_live(s, tp1_run["tokens"])
         assert got == tp1_run["tokens"], name
         info["busy_batch"] = busy
         assert [r["pages_used"] for r in info["ranks"]] == [0, 0, 0]
@@ -155,10 +159,43 @@ def test_tp3_live_balance_and_plan_drift(tiny_kv6_path, tp1_run, tmp_path):
           f"vs-matched {fair_drift['share_drift']:.4f} (gain {fair_drift['replan_gain']:.4f})")
     assert min(fair["plan_copies_per_layer"]) >= 1
     assert fair["busy_batch"] >= sha["busy_batch"] + 0.08
+    # the sha server re-planned from its own live profile while a request decoded: the batch after the switch
+    # is clearly more balanced (measured 0.788 -> 0.858; the fairkv server's plan, from TP 1's stats of each
+    # prompt once, 0.91)
+    print(f"live re-plan at TP 3 (migrate, from_live): busy rate of the batch {sha['busy_batch']:.3f} -> "
+          f"{live['busy_after']:.3f}; pause {live['reply']['pause_ms']:.1f} ms, moved {live['reply']['moved']}")
+    assert live["busy_after"] >= sha["busy_batch"] + 0.05
     assert sha_drift["share_drift"] > 0.2 and sha_drift["replan_gain"] > 1.1
     assert sha_gauge == pytest.approx(sha_drift["share_drift"], rel=1e-6)
     assert fair_drift["share_drift"] < 0.01 and fair_drift["replan_gain"] < 1.01
     assert fair_gauge == pytest.approx(fair_drift["share_drift"], rel=1e-6, abs=1e-9)
+
+
+def _migrate_from_live(s, tp1_tokens) -> dict:
+    """``POST /fairkv/replan {"from_live": true, "mode": "migrate"}`` while a request decodes (it finishes with
+    TP 1's tokens), then the batch again under the new plan: its busy rate (the since-start figures restart
+    at the switch), and every prompt alone equals TP 1."""
+    out: dict = {}
+    t = threading.Thread(target=lambda: out.update(ids=s.greedy_ids(PROMPTS[0], 3 * N_NEW)))
+    t.start()
+    deadline = time.time() + 60
+    while s.fairkv_info()["requests_admitted"] == 0 and time.time() < deadline:
+        time.sleep(0.02)
+    r = requests.post(s.url + "/fairkv/replan", json={"from_live": True, "strategy": "fairkv", "mode": "migrate"},
+                      timeout=300)
+    t.join()
+    assert r.status_code == 200, r.text
+    reply = r.json()
+    assert reply["success"] and reply["verified"] and reply["epoch"] == 1 and reply["running_requests"] == 1, reply
+    assert out["ids"][:N_NEW] == tp1_tokens[0]
+    with ThreadPoolExecutor(2 * len(PROMPTS)) as ex:
+        list(ex.map(lambda p: s.greedy_ids(p, 6), PROMPTS * 2))
+    busy_after = s.fairkv_info()["attention_busy_rate_since_start"]
+    assert [s.greedy_ids(p, N_NEW) for p in PROMPTS] == tp1_tokens
+    info = s.fairkv_info()
+    assert info["plan_epoch"] == 1 and min(info["plan_copies_per_layer"]) >= 1
+    assert [q["pages_used"] for q in info["ranks"]] == [0, 0, 0]
+    return {"reply": reply, "busy_after": busy_after}
 
 
 def test_smollm2_tp2_through_a_plan_equals_kvpress(smollm2_path, fairkv_references, fairkv_prompts, tmp_path):
@@ -246,8 +283,7 @@ def test_control_plane_reports_the_plan_and_dry_runs_a_replan(edge_server, tp1_r
     /fairkv/replan`` with ``dry_run`` while requests decode: what sha would move from the live segments
     (the rows of the segments whose owner changes, their bytes, pages per rank, rounds), and nothing
     changes: the requests finish with TP 1's tokens, the plan and its hash stay. Bad bodies get 400 naming
-    the problem; the migrate switch answers 501 and plan A keeps serving (the drain switch:
-    test_live_replan)."""
+    the problem and plan A keeps serving (the switches themselves: test_live_replan)."""
     from sglang_fairkv.placement.runtime import sha_plan
     from sglang_fairkv.placement.schema import load_plan
     from sglang_fairkv.placement.transition import plan_hash
@@ -291,8 +327,6 @@ def test_control_plane_reports_the_plan_and_dry_runs_a_replan(edge_server, tp1_r
                          ({"plan": {"format": "fairkv-plan/1"}, "dry_run": True}, "")):
         r = requests.post(s.url + "/fairkv/replan", json=body, timeout=60)
         assert r.status_code == 400 and needle in r.json()["error"], (body, r.text)
-    r = requests.post(s.url + "/fairkv/replan", json={"plan": sha, "mode": "migrate"}, timeout=60)
-    assert r.status_code == 501 and "migrate switch is not built yet" in r.json()["error"], r.text
     # the CLI: a plan file, dry run (an idle server: nothing would move), and the live-profile plan
     import subprocess
     import sys

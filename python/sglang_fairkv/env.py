@@ -154,3 +154,47 @@ def set_kv_store_dtype(name: str | None) -> None:
         os.environ.pop("FAIRKV_KV_DTYPE", None)
     else:
         os.environ["FAIRKV_KV_DTYPE"] = name
+
+
+def auto_replan() -> dict | None:
+    """The automatic re-plan (``--fairkv-auto-replan GAIN``, off when ``FAIRKV_AUTO_REPLAN`` is unset):
+    ``gain`` (switch when a fresh plan's cost-model gain is at least this), ``interval_s``
+    (``FAIRKV_AUTO_REPLAN_INTERVAL_S``, default 600: never more often), ``min_samples``
+    (``FAIRKV_AUTO_REPLAN_MIN_SAMPLES``, default 64 compressed prompts profiled), ``check_steps``
+    (``FAIRKV_AUTO_REPLAN_CHECK_STEPS``, default 256 scheduler iterations between checks), ``timeout_s``
+    (``FAIRKV_AUTO_REPLAN_TIMEOUT_S``, default 60: how long the armed switch waits for a step boundary)."""
+    v = os.environ.get("FAIRKV_AUTO_REPLAN") or None
+    if v is None:
+        return None
+    try:
+        gain = float(v)
+    except ValueError:
+        raise ValueError(f"FAIRKV_AUTO_REPLAN must be a number >= 1, got {v!r}") from None
+    if not gain >= 1.0:
+        raise ValueError(f"FAIRKV_AUTO_REPLAN must be a number >= 1, got {v!r}")
+    return {"gain": gain, "interval_s": _positive("FAIRKV_AUTO_REPLAN_INTERVAL_S", "600", float),
+            "min_samples": _positive("FAIRKV_AUTO_REPLAN_MIN_SAMPLES", "64"),
+            "check_steps": _positive("FAIRKV_AUTO_REPLAN_CHECK_STEPS", "256"),
+            "timeout_s": _positive("FAIRKV_AUTO_REPLAN_TIMEOUT_S", "60", float)}
+
+
+def set_auto_replan(gain: float | None, interval_s: float | None = None, min_samples: int | None = None) -> None:
+    """What ``launch_server`` hands the schedulers from ``--fairkv-auto-replan*`` (None: leave as is)."""
+    for name, x in (("FAIRKV_AUTO_REPLAN", gain), ("FAIRKV_AUTO_REPLAN_INTERVAL_S", interval_s),
+                    ("FAIRKV_AUTO_REPLAN_MIN_SAMPLES", min_samples)):
+        if x is not None:
+            os.environ[name] = repr(x) if isinstance(x, float) else str(x)
+
+
+def replan_head_slots() -> int | None:
+    """``FAIRKV_REPLAN_HEAD_SLOTS`` (``--fairkv-replan-head-slots``): KV head slots per layer every rank's pool
+    reserves for later plans (None: the start plan's most heads on a rank)."""
+    v = os.environ.get("FAIRKV_REPLAN_HEAD_SLOTS") or None
+    return None if v is None else _positive("FAIRKV_REPLAN_HEAD_SLOTS", v)
+
+
+def set_replan_head_slots(n: int | None) -> None:
+    if n is None:
+        os.environ.pop("FAIRKV_REPLAN_HEAD_SLOTS", None)
+    else:
+        os.environ["FAIRKV_REPLAN_HEAD_SLOTS"] = str(int(n))

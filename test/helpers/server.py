@@ -48,6 +48,23 @@ class Server(ServerProcess):
 
 
 
+def generate_in_background(server, prompts: list[list[int]], max_new_tokens: int, timeout: float = 600.0):
+    """Greedy ``ignore_eos`` requests of ``prompts``, each from its own started thread; returns (the list
+    their ``/generate`` answers land in, the threads to join)."""
+    import threading
+
+    out: list = [None] * len(prompts)
+
+    def send(i):
+        out[i] = requests.post(server.url + "/generate", json={"input_ids": prompts[i], "sampling_params": {
+            "max_new_tokens": max_new_tokens, "temperature": 0.0, "ignore_eos": True}}, timeout=timeout).json()
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    return out, threads
+
+
 def fairkv_states(server) -> list[dict]:
     """``/server_info``'s fairkv stats of every scheduler that reports (one per DP replica)."""
     info = requests.get(server.url + "/server_info", timeout=30).json()

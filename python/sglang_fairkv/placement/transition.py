@@ -86,6 +86,8 @@ class Transition:
     slots_fit: bool = True
     #: head instances whose weight slices a rank gains under ``plan``: (layer, head, rank)
     heads_gained: list[tuple[int, int, int]] = field(default_factory=list)
+    #: rows in the live segments (moved or not)
+    rows_live: int = 0
 
     @property
     def rows_moved(self) -> int:
@@ -94,7 +96,7 @@ class Transition:
     def summary(self, row_bytes: int) -> dict:
         """JSON-ready: what moves (segments, rows, bytes), pages per rank before / after, the rounds."""
         return {"fits": self.fits, "why": self.why, "plan_hash": plan_hash(self.plan),
-                "segments_moved": len(self.moves), "rows_moved": self.rows_moved,
+                "segments_moved": len(self.moves), "rows_moved": self.rows_moved, "rows_live": self.rows_live,
                 "kv_bytes_moved": self.rows_moved * int(row_bytes), "rounds": len(self.rounds),
                 "head_instances_gained": len(self.heads_gained),
                 "pages_now": self.pages_now.tolist(), "pages_after": self.pages_after.tolist(),
@@ -253,7 +255,7 @@ def plan_transition(a: Plan, b: Plan, live: LiveSegments, *, usable: np.ndarray,
               for r in sorted({r for r, _ in plan.layers[l][h]} - {r for r, _ in a.layers[l][h]})]
     return Transition(plan=plan, relabel=perms, owner=owner, moves=moves, rounds=rounds, pages_now=pages_now,
                       pages_after=pages_after, pages_promised=promised, usable=usable, fits=why is None,
-                      why=why, heads_gained=gained, slots_fit=slots_fit)
+                      why=why, heads_gained=gained, slots_fit=slots_fit, rows_live=int(live.rows.sum()))
 
 
 __all__ = ["LiveSegments", "Move", "PlanError", "Transition", "assign_owners", "plan_hash", "plan_transition",

@@ -1,4 +1,4 @@
-"""The fairkv control plane: ``GET /fairkv/plan`` and ``POST /fairkv/replan`` (issue 34, first part).
+"""The fairkv control plane: ``GET /fairkv/plan`` and ``POST /fairkv/replan`` (issue 34).
 
 SGLang's own control-plane pattern (``/update_weights_from_disk``, ``/flush_cache``): the HTTP route
 sends a request through the tokenizer manager's fan-out communicator; the scheduler of TP rank 0 of
@@ -13,7 +13,14 @@ input, each rank handles it from state identical on every rank (the group ledger
   400 naming the problem. ``dry_run``: the transition the switch would make from the live segments
   (:func:`~sglang_fairkv.placement.transition.plan_transition`: owners under B, segments / rows / bytes
   that move, pages per rank before and after, whether it fits and in how many rounds); nothing changes.
-  The switch itself (drain, migrate) is not built yet: 501 with that message, plan A keeps serving.
+  Otherwise the switch is armed on every rank in the same iteration (new prompts wait from then on, none
+  is refused) and answered when it is done (:mod:`~sglang_fairkv.serving.plan_switch` commits it):
+  ``drain`` at the first idle iteration, ``migrate`` at the first step boundary with no prompt half
+  prefilled (usually the iteration that received it) while the running requests keep decoding. Past
+  ``timeout_s`` (rank 0's clock, broadcast) the switch is cancelled (504); a migrate that does not fit the
+  running requests is refused (409, the reason); either way plan A keeps serving. 409 for a second switch.
+* ``--fairkv-auto-replan GAIN`` (off by default, :mod:`~sglang_fairkv.serving.auto_replan`): rank 0 arms
+  the same migrate by itself when the drift report's re-plan gain is at least GAIN.
 
 Hooks: AFTER ``TokenizerControlMixin.init_communicators`` (launcher process) and AFTER
 ``Scheduler.init_request_dispatcher`` (each scheduler); the message types are registered for
@@ -39,6 +46,7 @@ T_INIT_DISPATCHER = "sglang.srt.managers.scheduler.Scheduler.init_request_dispat
 T_INGEST = "sglang.srt.managers.scheduler.Scheduler.ingest_requests"
 T_ON_IDLE = "sglang.srt.managers.scheduler.Scheduler.on_idle"
 MODES = ("drain", "migrate")
+SLOTS_HINT = " (a server reserves more with --fairkv-replan-head-slots N at start)"
 
 
 class FairKVControlReq(BaseReq, kw_only=True):
@@ -117,7 +125,7 @@ def add_routes(app) -> None:
             return JSONResponse({"error": "the body must be a JSON object"}, status_code=400)
         if not isinstance(body, dict):
             return JSONResponse({"error": "the body must be a JSON object"}, status_code=400)
-        switching = body.get("mode") == "drain" and not body.get("dry_run")  # answered when the switch is done
+        switching = body.get("mode", "migrate") in MODES and not body.get("dry_run")  # answered when done
         return await call("switch" if switching else "replan", body)
 
 
@@ -202,7 +210,9 @@ def live_segments(scheduler, state):
     if not idx:
         return LiveSegments.empty(state.ledger.owner.shape[1], state.ledger.owner.shape[2])
     owed = {}
-    for r in getattr(getattr(scheduler, "running_batch", None), "reqs", None) or []:
+    last = getattr(scheduler, "last_batch", None)  # overlap scheduling: launched, not yet merged into running
+    for r in [*(getattr(getattr(scheduler, "running_batch", None), "reqs", None) or []),
+              *(getattr(last, "reqs", None) or [])]:
         slot = getattr(getattr(r, "kv", None), "req_pool_idx", None)
         if slot is not None:
             owed[int(slot)] = max(0, int(r.sampling_params.max_new_tokens or 0) - len(r.output_ids))
@@ -213,8 +223,9 @@ def live_segments(scheduler, state):
 
 
 def replan(scheduler, state, req: FairKVControlReq, out=FairKVControlReqOutput) -> FairKVControlReqOutput | None:
-    """Dry run, or arm a drain switch (None: the answer to ``req`` comes at the switch, :func:`on_idle_hook`);
-    ``out`` the answer's type (the switch's own for ``op`` ``switch``)."""
+    """Dry run, or arm a switch (None: the answer to ``req`` comes at the switch: :func:`ingest_hook` for a
+    migrate, :func:`on_idle_hook` for a drain); ``out`` the answer's type (the switch's own for ``op``
+    ``switch``)."""
     from ..placement.transition import plan_transition
 
     body = req.body
@@ -222,30 +233,30 @@ def replan(scheduler, state, req: FairKVControlReq, out=FairKVControlReqOutput) 
     mode = body.get("mode", "migrate")
     if mode not in MODES:
         return out(status=400, result={"error": f'mode must be one of {", ".join(MODES)}, got {mode!r}'})
+    if state.rank_plan.tp == 1:
+        return out(status=400, result={"error": "this server runs at TP 1: one rank holds every KV head, there is "
+                                                "no placement to switch (re-planning balances the ranks of a TP group)"})
     try:
         b = _plan_b(state, body)
     except (ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
         return out(status=400, result={"error": str(e)})
     a = state.rank_plan.plan
     live = live_segments(scheduler, state)
-    tier = state.ledger.tier_pages()
-    usable = (state.ledger.usable - tier).numpy()
+    # a migrate flushes the prefix tier before it moves anything: its pages count as free there
+    usable = (state.ledger.usable - (0 if mode == "migrate" else state.ledger.tier_pages())).numpy()
     pool_heads = np.array(state.pool_heads_of or [state.pool.num_kv_heads] * a.tp)
     t = plan_transition(a, b, live, usable=usable, page_size=state.pool.page_size, pool_heads=pool_heads)
     row_bytes = 2 * state.pool.head_dim * state.pool.k_rows.element_size()
     result = {"dry_run": bool(body.get("dry_run")), "mode": mode, "epoch": int(state.plan_epoch),
+              "dp_rank": state.dp_rank or 0,
               "running_requests": len(live.rids), "transition": t.summary(row_bytes)}
     if body.get("dry_run"):
         result["success"] = t.fits
         return out(status=200, result=result)
-    if mode == "migrate":
-        result.update(success=False, error="the migrate switch is not built yet (issue 34): use \"mode\": "
-                      "\"drain\", or \"dry_run\": true; plan A keeps serving")
-        return out(status=501, result=result)
     if state.pending_switch is not None:
         return out(status=409, result={"error": "a plan switch is already in progress"})
     if not t.slots_fit:
-        return out(status=400, result={**result, "success": False, "error": t.why})
+        return out(status=400, result={**result, "success": False, "error": t.why + SLOTS_HINT})
     try:
         timeout = float(body.get("timeout_s", 300))
     except (TypeError, ValueError):
@@ -253,89 +264,129 @@ def replan(scheduler, state, req: FairKVControlReq, out=FairKVControlReqOutput) 
     if not timeout > 0:
         return out(status=400, result={"error": f"timeout_s must be a number > 0, got {body.get('timeout_s')!r}"})
     # every rank sets it in this iteration; new prompts wait from now on; the reply comes at the switch
-    state.pending_switch = {"plan": t.plan, "req": req, "result": result, "t0": time.monotonic(),
-                            "deadline": time.monotonic() + timeout, "out": out}
-    logger.info("fairkv: drain switch to plan %s armed (%d requests running; timeout %.0f s)",
+    # (a migrate relabels B again from the live segments of its boundary, so it keeps B as given)
+    arm(state, plan=t.plan if mode == "drain" else b, mode=mode, timeout=timeout, req=req, result=result, out=out)
+    logger.info("fairkv: %s switch to plan %s armed (%d requests running; timeout %.0f s)", mode,
                 result["transition"]["plan_hash"], len(live.rids), timeout)
     return None
 
 
-# ---- the drain switch ------------------------------------------------------------------------------------
+def arm(state, *, plan, mode: str, timeout: float, req=None, result: dict | None = None, out=None) -> None:
+    """A switch to ``plan`` pending on this rank (every rank, the same iteration); ``req`` None: nobody
+    waits for the answer (an automatic switch)."""
+    now = time.monotonic()
+    state.pending_switch = {"plan": plan, "mode": mode, "req": req, "result": result or {"mode": mode},
+                            "t0": now, "deadline": now + timeout, "out": out or FairKVSwitchReqOutput}
+
+
+# ---- the switch: armed above, committed by the hooks below ---------------------------------------------
 
 
 def gate_admission(state) -> bool:
-    """Whether a new prompt must wait (a drain switch is armed)."""
+    """Whether a new prompt must wait (a switch is armed)."""
     return state is not None and state.pending_switch is not None
 
 
-def _group_decides(scheduler, expired: bool) -> bool:
-    """Rank 0's ``expired`` on every rank of the TP group (one broadcast on its CPU group): a deadline is
-    a per-rank clock, so only rank 0 reads it."""
+def group_decides(decision):
+    """Rank 0's ``decision`` (any picklable value) on every rank of the TP group (one broadcast on its CPU
+    group): deadlines and the automatic re-plan read rank 0's clock and profile only."""
     from sglang.srt.runtime_context import get_parallel
 
     tp = get_parallel().tp_group
     if tp.world_size == 1:
-        return expired
+        return decision
     import torch.distributed as dist
 
-    box = [bool(expired)]
+    box = [decision]
     dist.broadcast_object_list(box, src=tp.ranks[0], group=tp.cpu_group)
-    return bool(box[0])
+    return box[0]
+
+
+def _answer(scheduler, sw: dict, status: int, fields: dict) -> None:
+    if sw["req"] is not None:
+        scheduler.send_control_output(sw["out"](status=status, result={**sw["result"], **fields}), sw["req"])
+
+
+def _record(state, sw: dict, reply: dict) -> None:
+    """The switch in ``/server_info`` / Prometheus (``state.replan_log``) and the log."""
+    log = state.replan_log
+    log["switches"] += 1
+    log["auto_switches"] += int(sw["req"] is None)
+    log["last"] = {k: reply.get(k) for k in ("mode", "epoch", "plan_hash", "pause_ms", "drain_ms", "moved",
+                                              "graphs_recaptured", "verified")}
+    log["last"]["auto"] = sw["req"] is None
+    for k in ("kv_bytes", "weight_bytes", "segments"):
+        log[f"{k}_moved_total"] += int((reply.get("moved") or {}).get(k, 0))
+    log["last_switch_at"] = time.monotonic()
+    logger.info("fairkv: plan switched (%s%s) to %s, epoch %d: %.0f ms waiting, %.1f ms pause; moved %s; "
+                "layers re-sliced on this rank %s", sw["mode"], ", automatic" if sw["req"] is None else "",
+                reply["plan_hash"], reply["epoch"], reply.get("drain_ms", 0.0), reply["pause_ms"], reply.get("moved"),
+                reply.get("layers_resliced_here"))
+
+
+def _commit(scheduler, state, sw: dict, commit) -> None:
+    """Run ``commit()`` (every rank); answer and record. A failure after commit cannot be rolled back:
+    answered 500 and raised (the server stops, as SGLang does when a weight update fails half-way)."""
+    from .plan_switch import SwitchRefused
+
+    state.pending_switch = None
+    waited = (time.monotonic() - sw["t0"]) * 1e3
+    try:
+        fields = commit()
+    except SwitchRefused as e:
+        _answer(scheduler, sw, 409, {"success": False, "error": f"switch refused: {e}; plan A keeps serving"})
+        logger.warning("fairkv: %s switch refused (%s); plan A keeps serving", sw["mode"], e)
+        if sw["req"] is None:  # an automatic one: not again before the interval
+            state.replan_log["last_auto_attempt_at"] = time.monotonic()
+            state.replan_log["last_auto_skipped"] = str(e)
+        return
+    except Exception as e:  # noqa: BLE001 - after commit nothing can be rolled back: say so and stop serving
+        logger.exception("fairkv: plan switch failed after commit")
+        _answer(scheduler, sw, 500, {"success": False, "error": f"switch failed after commit: {type(e).__name__}: {e}"})
+        raise
+    reply = {**sw["result"], **fields, "success": bool(fields.get("verified", True)), "epoch": int(state.plan_epoch),
+             "drain_ms": round(waited, 3), "mode": sw["mode"]}
+    _record(state, sw, reply)
+    _answer(scheduler, sw, 200 if reply["success"] else 500, reply)
 
 
 def ingest_hook(result, scheduler, *args, **kwargs):
-    """AFTER ``Scheduler.ingest_requests`` (every iteration, every rank in lockstep): a drain switch past
-    its deadline is cancelled (rank 0 decides, the group follows); plan A keeps serving."""
+    """AFTER ``Scheduler.ingest_requests`` (every iteration, every rank in lockstep): a switch past its
+    deadline is cancelled (rank 0 decides, the group follows; plan A keeps serving); a migrate commits at
+    the first step boundary; without a switch, the automatic re-plan is checked now and then."""
+    from .plan_switch import commit_migrate, migrate_boundary
     from .pool_hooks import process_state
 
     state = process_state()
-    sw = None if state is None else state.pending_switch
-    if sw is None:
+    if state is None:
         return result
-    if _group_decides(scheduler, time.monotonic() > sw["deadline"]):
+    sw = state.pending_switch
+    if sw is None:
+        from .auto_replan import auto_replan_check
+
+        auto_replan_check(scheduler, state)
+        return result
+    if group_decides(time.monotonic() > sw["deadline"]):
         state.pending_switch = None
-        out = {**sw["result"], "success": False,
-               "error": "the drain did not finish before timeout_s: switch cancelled, plan A keeps serving"}
-        scheduler.send_control_output(sw["out"](status=504, result=out), sw["req"])
-        logger.warning("fairkv: drain switch cancelled at its timeout; plan A keeps serving")
+        _answer(scheduler, sw, 504, {"success": False, "error": f"the {sw['mode']} switch could not run before "
+                                                                "timeout_s: cancelled, plan A keeps serving"})
+        logger.warning("fairkv: %s switch cancelled at its timeout; plan A keeps serving", sw["mode"])
+    elif sw["mode"] == "migrate" and migrate_boundary(scheduler, state):
+        _commit(scheduler, state, sw, lambda: commit_migrate(scheduler, state, sw["plan"], live_segments))
     return result
 
 
 def on_idle_hook(scheduler, *args, **kwargs):
     """BEFORE ``Scheduler.on_idle`` (no batch to run, every rank the same iteration): a drain switch whose
-    requests are all gone commits here -- the prefix tier flushed, the state and the model's changed layers
-    on the new plan, graphs recaptured where a shape changed -- and rank 0 answers."""
+    requests are all gone commits here (:func:`~sglang_fairkv.serving.plan_switch.commit_drain`)."""
+    from .plan_switch import commit_drain
     from .pool_hooks import process_state
 
     state = process_state()
     sw = None if state is None else state.pending_switch
-    if sw is None or state.requests.admitted or scheduler.chunked_req is not None or scheduler.running_batch.reqs:
+    if sw is None or sw["mode"] != "drain" or state.requests.admitted or scheduler.chunked_req is not None \
+            or scheduler.running_batch.reqs:
         return None
-    t1 = time.monotonic()
-    runner = scheduler.tp_worker.model_runner
-    scheduler.tree_cache.reset()  # the tier's blocks: priced per held head, so they go with plan A
-    from ..model.reslice import reslice_attention
-    from ..placement.transition import plan_hash
-
-    state.pending_switch = None
-    try:
-        state.switch_plan(sw["plan"])
-        changed = reslice_attention(runner.model, state.rank_plan, runner.model_config.model_path)
-        backend = getattr(runner, "attn_backend", None)
-        if backend is not None and hasattr(backend, "_checked_layers"):
-            backend._checked_layers.clear()
-        if changed and str(runner.device).startswith("cuda") and getattr(runner, "decode_cuda_graph_runner", None):
-            runner.recapture_decode_cuda_graph()
-    except Exception as e:  # noqa: BLE001 - after commit nothing can be rolled back: say so and stop serving
-        logger.exception("fairkv: plan switch failed after commit")
-        scheduler.send_control_output(sw["out"](status=500, result={
-            **sw["result"], "success": False, "error": f"switch failed after commit: {type(e).__name__}: {e}"}), sw["req"])
-        raise
-    done = time.monotonic()
-    out = {**sw["result"], "success": True, "epoch": int(state.plan_epoch), "plan_hash": plan_hash(sw["plan"]),
-           "drain_ms": round((t1 - sw["t0"]) * 1e3, 3), "pause_ms": round((done - t1) * 1e3, 3),
-           "layers_resliced_here": changed, "pages_used": [int(x) for x in state.ledger.pages_used().tolist()]}
-    logger.info("fairkv: plan switched to %s (epoch %d) after a %.0f ms drain, %.1f ms pause; layers re-sliced on "
-                "this rank: %s", out["plan_hash"], out["epoch"], out["drain_ms"], out["pause_ms"], changed)
-    scheduler.send_control_output(sw["out"](status=200, result=out), sw["req"])
+    _commit(scheduler, state, sw, lambda: {**commit_drain(scheduler, state, sw["plan"]),
+                                           "plan_hash": sw["result"]["transition"]["plan_hash"]})
     return None

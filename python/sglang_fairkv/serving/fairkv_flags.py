@@ -65,6 +65,18 @@ def add_fairkv_args(parser: argparse.ArgumentParser) -> None:
                         "plan-drift report compares the live traffic with")
     g.add_argument("--fairkv-max-copies-per-layer", type=int, default=1, metavar="K",
                    help="extra head replicas per layer for --fairkv-plan fairkv (default 1)")
+    g.add_argument("--fairkv-auto-replan", type=float, metavar="GAIN",
+                   help="re-plan while serving (off by default): when the cost-model gain of a plan made from the "
+                        "live profile is at least GAIN (>= 1), the TP group migrates to it by itself (POST "
+                        "/fairkv/replan mode migrate), never more often than --fairkv-auto-replan-interval")
+    g.add_argument("--fairkv-auto-replan-interval", type=float, default=600.0, metavar="S",
+                   help="seconds between automatic re-plans at least (from the start or the last switch; default 600)")
+    g.add_argument("--fairkv-auto-replan-min-samples", type=int, default=64, metavar="N",
+                   help="compressed prompts profiled before an automatic re-plan is considered (default 64)")
+    g.add_argument("--fairkv-replan-head-slots", type=int, metavar="N",
+                   help="KV head slots per layer each rank's pool reserves for plans switched to later (POST "
+                        "/fairkv/replan): the page table's width, fixed at start (default: the start plan's most "
+                        "heads on a rank; with --fairkv-auto-replan twice that, at most the model's KV heads)")
     g.add_argument("--fairkv-prefix-tier", type=float, default=1.0, metavar="F",
                    help="the dense prefix tier (prefix caching with --kv-compress): the most of each rank's KV "
                         "pages cached prompts' dense KV may keep, in [0, 1]; evicted (LRU) before any request "
@@ -284,3 +296,44 @@ def placement_setup(fk: argparse.Namespace, ns: argparse.Namespace, out: list[st
     note = (f"--fairkv-plan {spec}: {plan.strategy} plan, tp={plan.tp}, {copies} head copies over "
             f"{plan.num_layers} layers; {heads}" + default)
     return json.dumps(plan.to_json()), (note,), warnings
+
+
+def replan_setup(fk: argparse.Namespace, ns: argparse.Namespace, cfg, placement_json: str | None
+                 ) -> tuple[tuple[float, float, int] | None, int | None, tuple[str, ...]]:
+    """``--fairkv-auto-replan*`` and ``--fairkv-replan-head-slots``: (gain, interval s, min samples) for the
+    schedulers or None, the head slots to reserve or None, and notes."""
+    gain, slots, notes = fk.fairkv_auto_replan, fk.fairkv_replan_head_slots, []
+    if gain is None and slots is None:
+        return None, None, ()
+    if placement_json is None or ns.tp_size < 2:
+        flag = "--fairkv-auto-replan" if gain is not None else "--fairkv-replan-head-slots"
+        raise UsageError(f"{flag} needs --tp-size > 1 (a FairKV placement to re-plan)")
+    from ..placement.runtime import RankPlan
+    from ..placement.schema import plan_from_json
+
+    plan = plan_from_json(json.loads(placement_json))
+    most = max(RankPlan(plan, q, plan.num_q_heads or plan.num_kv_heads).max_local_heads for q in range(plan.tp))
+    if slots is not None and not 1 <= slots <= plan.num_kv_heads:
+        raise UsageError(f"--fairkv-replan-head-slots must be in [1, {plan.num_kv_heads}] (the model's KV heads), "
+                         f"got {slots}")
+    auto = None
+    if gain is not None:
+        if not gain >= 1.0:
+            raise UsageError(f"--fairkv-auto-replan must be a gain >= 1 (1.1: switch when a fresh plan is 10% "
+                             f"faster in attention), got {gain:g}")
+        if cfg is None or not cfg.enabled:
+            raise UsageError("--fairkv-auto-replan needs --kv-compress (the live profile it plans from is the "
+                             "kept tokens per head)")
+        if not fk.fairkv_auto_replan_interval >= 0 or fk.fairkv_auto_replan_min_samples < 1:
+            raise UsageError("--fairkv-auto-replan-interval must be >= 0 and --fairkv-auto-replan-min-samples >= 1")
+        if slots is None:
+            slots = min(plan.num_kv_heads, 2 * most)
+        auto = (float(gain), float(fk.fairkv_auto_replan_interval), int(fk.fairkv_auto_replan_min_samples))
+        notes.append(f"--fairkv-auto-replan {gain:g}: the group migrates to a plan made from the live profile when "
+                     f"its cost-model gain is >= {gain:g} (>= {fk.fairkv_auto_replan_min_samples} prompts profiled, "
+                     f"at most every {fk.fairkv_auto_replan_interval:g} s)")
+    if slots is not None and slots > most:
+        notes.append(f"--fairkv-replan-head-slots {slots}: each rank's page table has {slots} KV head slots per "
+                     f"layer (the start plan needs {most}), so a later plan may put up to {slots} heads of a "
+                     "layer on a rank")
+    return auto, slots, tuple(notes)

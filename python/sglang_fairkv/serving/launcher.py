@@ -28,7 +28,7 @@ from pathlib import Path
 
 from . import machine
 from .fairkv_flags import (PROG, UsageError, add_fairkv_args, fairkv_parser, fairkv_setup,  # noqa: F401
-                           given, model_config, placement_setup, value)
+                           given, model_config, placement_setup, replan_setup, value)
 
 
 #: Defaults applied on CPU when the user did not give the flag: (flag, value; None for a switch).
@@ -71,6 +71,10 @@ class LaunchConfig:
     warnings: tuple[str, ...] = ()
     #: ``--kv-cache-dtype fp8_e4m3 | fp8_e5m2`` taken by the ragged pool (FAIRKV_KV_DTYPE), or None
     kv_store_dtype: str | None = None
+    #: ``--fairkv-auto-replan`` (gain, interval s, min samples), or None (off)
+    auto_replan: tuple[float, float, int] | None = None
+    #: ``--fairkv-replan-head-slots`` (or its default with auto re-plan): FAIRKV_REPLAN_HEAD_SLOTS
+    replan_head_slots: int | None = None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,12 +152,14 @@ def parse_launch(argv: list[str], on_cpu: bool) -> LaunchConfig:
             f"--model-path {model_path}: no such model folder (hub downloads are off; "
             "give a local Hugging Face folder)"
         )
-    cfg_json, notes, placement_json, warnings = None, (), None, ()
+    cfg_json, notes, placement_json, warnings, cfg = None, (), None, (), None
     if fk.kv_compress is not None or ns.attention_backend == "fairkv":
         mc = model_config(model_path)  # config.json, read once for both
         cfg, notes, warnings = fairkv_setup(fk, ns, out, model_path, mc, on_cpu)
         placement_json, plan_notes, plan_warnings = placement_setup(fk, ns, out, model_path, mc, cfg)
         cfg_json, notes, warnings = cfg.to_json(), notes + plan_notes, warnings + plan_warnings
+    auto_replan, head_slots, replan_notes = replan_setup(fk, ns, cfg, placement_json)
+    notes += replan_notes
     notes = embedded_notes + notes + scale_out_setup(ns, out)
     if on_cpu:
         applied = []
@@ -170,7 +176,8 @@ def parse_launch(argv: list[str], on_cpu: bool) -> LaunchConfig:
         raise UsageError(f"port {port} on {host} is already in use (choose another with --port)")
     return LaunchConfig(out, on_cpu, model_path, host, port, ns.tp_size, cfg_json, notes, placement_json,
                         warnings=warnings, prefix_tier=float(getattr(fk, "prefix_tier_effective", 0.0)),
-                        kv_store_dtype=getattr(fk, "kv_store_dtype", None))
+                        kv_store_dtype=getattr(fk, "kv_store_dtype", None), auto_replan=auto_replan,
+                        replan_head_slots=head_slots)
 
 
 def export_settings(launch: LaunchConfig) -> str | None:
@@ -186,6 +193,9 @@ def export_settings(launch: LaunchConfig) -> str | None:
         env.set_kv_compress_json(launch.kv_compress_json)
     env.set_prefix_tier_fraction(launch.prefix_tier)
     env.set_kv_store_dtype(launch.kv_store_dtype)
+    if launch.auto_replan is not None:
+        env.set_auto_replan(*launch.auto_replan)
+    env.set_replan_head_slots(launch.replan_head_slots)
     if launch.placement_json is None:
         return None
     import tempfile

@@ -60,7 +60,7 @@ def build_pool_hook(original, self, *args, **kwargs):
                         dtype=self.kv_cache_dtype, store_dtype=env.kv_store_dtype(), device=self.device,
                         group=max(1, mc.num_attention_heads // max(1, mc.num_key_value_heads)),
                         profile_path=_profile_path(p.tp_rank, dp_rank), dp_rank=dp_rank,
-                        prefix_tier=env.prefix_tier_fraction())
+                        prefix_tier=env.prefix_tier_fraction(), head_slots=env.replan_head_slots())
     global _PROCESS_STATE
     _PROCESS_STATE = state
     return FairKVCache(state, size=sizes.max_total_num_tokens, page_size=1, dtype=self.kv_cache_dtype,

@@ -62,7 +62,7 @@ def adder_request_hook(original, adder, req, *args, **kwargs):
     if getattr(original, "__name__", "") == "add_one_req":
         from .control_plane import gate_admission
 
-        if gate_admission(process_state()):  # a drain switch is armed: new prompts wait in the queue
+        if gate_admission(process_state()):  # a plan switch is armed: new prompts wait in the queue
             from sglang.srt.managers.schedule_policy import AddReqResult
 
             return AddReqResult.OTHER

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -60,8 +61,15 @@ class FairKVState:
     dp_rank: int | None = None
     #: plan switches so far (``GET /fairkv/plan``); 0: the plan the server started with
     plan_epoch: int = 0
-    #: a drain switch in progress (:mod:`~sglang_fairkv.serving.control_plane`): new prompts wait
+    #: a plan switch armed (:mod:`~sglang_fairkv.serving.control_plane`): new prompts wait until it commits
     pending_switch: dict | None = None
+    #: plan switches so far and the last one (``/server_info``, Prometheus; :mod:`.control_plane`)
+    replan_log: dict = field(default_factory=lambda: {
+        "switches": 0, "auto_switches": 0, "last": None, "kv_bytes_moved_total": 0, "weight_bytes_moved_total": 0,
+        "segments_moved_total": 0, "last_auto_gain": None, "last_auto_skipped": None,
+        "last_switch_at": -math.inf, "last_auto_attempt_at": -math.inf})
+    #: scheduler iterations counted by the automatic re-plan (the same on every rank)
+    auto_iter: int = 0
     #: every rank's pool head slots (fixed at start: the tables' width); a plan may not need more
     pool_heads_of: list[int] | None = None
     #: the dense prefix tier's block ids (None: no tier; see :mod:`~sglang_fairkv.kv.prefix_tier`)
@@ -184,18 +192,37 @@ class FairKVState:
                            "reading them back from the device (a host sync per step)")
         return forward_batch.req_pool_indices.cpu().numpy().astype(np.int64)
 
-    def switch_plan(self, plan) -> None:
-        """Serve ``plan`` from now on (the pool and the ledger empty: a drained switch). This rank's plan,
-        its heads per layer, the replica assigner, the prefix tier's price per block (one page per held
-        (layer, head)), the live traffic's baseline and the capacity figures follow; the epoch counts the
-        switch. The ledger's token price (``rows_per_token``) stays the start plan's: SGLang copied the
-        scalar capacity it implies into its components at start-up."""
-        if self.requests.admitted or self.pool.used_pages():
+    def switch_plan(self, plan, running: "RunningUnderB | None" = None) -> None:
+        """Serve ``plan`` from now on. Without ``running`` the pool and the ledger are empty (a drained
+        switch); with it, the running requests' segments have been moved to their owners under ``plan``
+        (a migrate switch, :mod:`~sglang_fairkv.kv.segment_mover`) and their ledger owners, charges and
+        replica choices follow. This rank's plan, its heads per layer, the replica assigner, the prefix
+        tier's price per block (one page per held (layer, head); the tier must be empty), the live
+        traffic's baseline and the capacity figures follow; the epoch counts the switch. The ledger's token
+        price (``rows_per_token``) stays the start plan's: SGLang copied the scalar capacity it implies into
+        its components at start-up."""
+        if running is None and (self.requests.admitted or self.pool.used_pages()):
             raise RuntimeError("fairkv: a plan switch needs an empty pool (requests still hold segments)")
+        if self.tier is not None and self.tier.blocks_used:
+            raise RuntimeError("fairkv: a plan switch needs an empty prefix tier (flush the radix tree first)")
         self.rank_plan = RankPlan(plan, self.rank_plan.rank, self.rank_plan.num_q_heads)
         self._local_heads = self.rank_plan.local_heads
         self.heads_per_layer = [len(h) for h in self._local_heads]
         self.assigner = ReplicaAssigner(plan)
+        reqs = self.requests
+        reqs.planned.clear()  # replica choices priced under the old plan (the next admission pass redoes them)
+        reqs.planned_charge.clear()
+        reqs.planned_tier.clear()
+        if running is not None:
+            ranks = self.assigner.copied_ranks
+            copied = [(l, h) for l, layer in enumerate(plan.layers) for h, reps in enumerate(layer) if len(reps) > 1]
+            for i, r in enumerate(running.req_idx.tolist()):
+                own = running.owner[i]
+                chosen = np.array([int(np.nonzero(ranks[c] == own[l, h])[0][0]) for c, (l, h) in enumerate(copied)],
+                                  dtype=np.int64)
+                self.assigner.admit(reqs.admitted[r], max(1.0, float(running.weights[i])), chosen)
+                self.ledger.owner[r] = torch.from_numpy(np.ascontiguousarray(own, dtype=np.int64))
+                reqs.charged[r] = running.charged[i]
         if self.tier is not None:
             self.pool.enable_tier(self.tier.num_blocks, self.heads_per_layer)
             self.ledger.attach_tier(self.tier, _tier_pages_per_block(
@@ -251,6 +278,18 @@ class FairKVState:
         return None
 
 
+@dataclass(frozen=True)
+class RunningUnderB:
+    """The running requests of a migrate switch under the new plan: ``req_idx`` int64 ``[R]`` (admission
+    order), ``weights`` float64 ``[R]`` (the assigner's), ``owner`` int64 ``[R, L, KV]`` (each segment's rank
+    under the new plan), ``charged`` int64 ``[R, tp]`` (pages each rank now holds for it for its life)."""
+
+    req_idx: np.ndarray
+    weights: np.ndarray
+    owner: np.ndarray
+    charged: np.ndarray
+
+
 def _new_traffic(plan) -> LiveTraffic:
     """The served-traffic record of a plan (live profile, balance since start, drift report)."""
     return LiveTraffic(plan.num_layers, plan.num_kv_heads, window=env.live_window(),
@@ -278,13 +317,15 @@ def build_state(cfg: CompressConfig, head_budgets: torch.Tensor | None, *, rank_
                 max_reqs: int, max_context: int, dtype: torch.dtype, device: str, group: int = 1,
                 store_dtype: torch.dtype | None = None,
                 profile_path: str | None = None, metadata_in_budget: bool = True,
-                dp_rank: int | None = None, prefix_tier: float = 0.0) -> FairKVState:
+                dp_rank: int | None = None, prefix_tier: float = 0.0, head_slots: int | None = None) -> FairKVState:
     """The pool in the bytes SGLang's stock pool would take for ``max_total_tokens`` tokens
     (:func:`~sglang_fairkv.kv.sizing.rank_pool_sizes`; the pool's head dimension is the most heads the
     plan gives this rank in any layer), the TP group's ledger pricing every rank against that rank's own
     pages, and the rest of the state. Raises ValueError when the budget cannot hold the tables.
     ``dtype``: SGLang's KV dtype (the model's: what the budget is sized in); ``store_dtype``: the rows'
-    (fp8 with ``--kv-cache-dtype fp8_*``; default ``dtype``): the same bytes hold more rows."""
+    (fp8 with ``--kv-cache-dtype fp8_*``; default ``dtype``): the same bytes hold more rows.
+    ``head_slots``: KV head slots every rank's pool reserves at least (``--fairkv-replan-head-slots``: the
+    tables' width, fixed for the server's life, bounds the heads a later plan may give a rank in a layer)."""
     num_layers = rank_plan.plan.num_layers
     store_dtype = dtype if store_dtype is None else store_dtype
     budget_row_bytes = 2 * head_dim * torch.empty(0, dtype=dtype).element_size()
@@ -306,7 +347,8 @@ def build_state(cfg: CompressConfig, head_budgets: torch.Tensor | None, *, rank_
     # every rank's pool size (its tables depend on the heads the plan gives it), known on every rank:
     # the ledger must price each rank against that rank's own pages
     plans = [RankPlan(rank_plan.plan, q, rank_plan.num_q_heads) for q in range(rank_plan.tp)]
-    heads_of = [max(1, p.max_local_heads) for p in plans]
+    reserve = min(int(head_slots or 0), rank_plan.plan.num_kv_heads)
+    heads_of = [max(1, p.max_local_heads, reserve) for p in plans]
     pages_of = [sizes(h).pages for h in heads_of]
     heads = heads_of[rank_plan.rank]
     mine = sizes(heads)

@@ -18,6 +18,8 @@ series carries ``dp_rank``: under ``--dp-size N`` each replica's rank 0 exports 
     sglang:fairkv_plan_share_drift                    live kept shares vs the plan's source (-1: none)
     sglang:fairkv_replan_gain                         cost-model speedup of a fresh plan on live shares
     sglang:fairkv_plan_epoch                          plan switches so far (0: the plan the server started with)
+    sglang:fairkv_replan_last_pause_seconds           the last switch's pause (-1: none yet)
+    sglang:fairkv_replan_kv_bytes_moved               KV bytes moved between ranks by switches since start
     sglang:fairkv_live_profile_prompts                compressed prompts the live profile holds
     sglang:fairkv_prefix_tier_cached_tokens           prompt tokens the prefix cache holds (-1: cache off)
     sglang:fairkv_prefix_tier_hit_tokens              prompt tokens served from the cache since start
@@ -41,6 +43,8 @@ _SCALARS = {
     "replan_gain": "Cost-model speedup a fresh plan made from the live shares would give over the running one.",
     "live_profile_prompts": "Compressed prompts in the live profile.",
     "plan_epoch": "FairKV plan switches so far (0: the plan the server started with).",
+    "replan_last_pause_seconds": "The last FairKV plan switch's pause, seconds (-1: no switch yet).",
+    "replan_kv_bytes_moved": "KV bytes moved between TP ranks by FairKV plan switches since start.",
     "prefix_tier_cached_tokens": "Prompt tokens the dense prefix tier (prefix cache) holds (-1: prefix caching off).",
     "prefix_tier_hit_tokens": "Prompt tokens served from the dense prefix tier since start.",
     "prefix_tier_hits": "Prefills that reused a cached prefix since start.",
@@ -89,6 +93,9 @@ def export(collector, state) -> None:
                "plan_share_drift": -1.0 if drift is None or drift["share_drift"] is None else drift["share_drift"],
                "replan_gain": 1.0 if drift is None else drift["replan_gain"],
                "live_profile_prompts": 0 if prof is None else prof["samples"], "plan_epoch": st["plan_epoch"]}
+    last = st["replan"]["last"]
+    scalars.update(replan_last_pause_seconds=-1.0 if last is None else last["pause_ms"] / 1e3,
+                   replan_kv_bytes_moved=st["replan"]["kv_bytes_moved_total"])
     tier = st.get("prefix_tier")
     scalars.update(prefix_tier_cached_tokens=-1 if tier is None else tier["cached_tokens"],
                    prefix_tier_hit_tokens=0 if tier is None else tier["hit_tokens"],

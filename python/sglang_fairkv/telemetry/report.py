@@ -73,6 +73,8 @@ def fairkv_stats(state) -> dict:
         "capacity": state.capacity,
         "plan": state.rank_plan.plan.strategy,
         "plan_epoch": int(state.plan_epoch),  # switches so far (GET /fairkv/plan has the plan and its hash)
+        # switches (automatic ones apart), the last one (mode, pause, what moved), bytes moved since start
+        "replan": {k: v for k, v in state.replan_log.items() if not k.endswith("_at")},  # (monotonic clocks)
         "tp_rank": state.rank_plan.rank,
         "dp_rank": state.dp_rank or 0,
         "page_size": p.page_size,
