@@ -195,6 +195,11 @@ def _migrate_from_live(s, tp1_tokens) -> dict:
     info = s.fairkv_info()
     assert info["plan_epoch"] == 1 and min(info["plan_copies_per_layer"]) >= 1
     assert [q["pages_used"] for q in info["ranks"]] == [0, 0, 0]
+    assert info["replan"]["switches"] == 1 and info["replan"]["last"]["pause_ms"] == reply["pause_ms"]
+    metrics = requests.get(s.url + "/metrics", timeout=30).text  # exported at the batch's decode logs
+    assert metric_scalar(metrics, "sglang:fairkv_plan_epoch") == 1
+    assert metric_scalar(metrics, "sglang:fairkv_replan_last_pause_seconds") == pytest.approx(reply["pause_ms"] / 1e3)
+    assert metric_scalar(metrics, "sglang:fairkv_replan_kv_bytes_moved") == info["replan"]["kv_bytes_moved_total"]
     return {"reply": reply, "busy_after": busy_after}
 
 
