@@ -89,3 +89,53 @@ def test_launcher_takes_dp_size_with_compression(smollm2_path):
     launch = parse_launch(["--model-path", str(smollm2_path), "--dp-size", "2", "--kv-compress", "snapkv",
                            "--port", str(free_port())], on_cpu=True)
     assert "--dp-size" in launch.sglang_argv and launch.kv_compress_json is not None
+
+
+_FAKE_SERVER = """
+import http.server, sys, time
+port = int(sys.argv[sys.argv.index("--port") + 1])
+
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200 if self.path == "/health" else 404)
+        self.end_headers()
+
+    def log_message(self, *a):
+        pass
+
+try:
+    srv = http.server.HTTPServer(("127.0.0.1", port), H)
+except OSError:  # what uvicorn logs; SGLang's processes keep running
+    print(f"ERROR:    [Errno 98] error while attempting to bind on address ('127.0.0.1', {port}): "
+          "address already in use", flush=True)
+    time.sleep(600)
+srv.serve_forever()
+"""
+
+
+def test_a_port_taken_between_choice_and_bind_is_replaced(tmp_path, monkeypatch):
+    """``ServerProcess`` chooses a free port, and the server binds it seconds later: when another process
+    took it meanwhile (the server logs it and hangs), a fresh port is chosen and the server relaunched,
+    instead of waiting out the start-up timeout."""
+    import os
+    import socket
+
+    from sglang_fairkv import server_process as sp
+
+    (tmp_path / "fake_server.py").write_text(_FAKE_SERVER)
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    taken = held.getsockname()[1]
+    real = sp.free_port
+    ports = iter([taken])
+    monkeypatch.setattr(sp, "free_port", lambda: next(ports, None) or real())
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    try:
+        with sp.ServerProcess([], module="fake_server", env=env, startup_timeout=60) as s:
+            assert s.port != taken and s.healthy()
+            log = s.log_path.read_text()
+    finally:
+        held.close()
+    assert f"('127.0.0.1', {taken}): address already in use" in log
+    assert s.up_s < 30

@@ -52,12 +52,16 @@ class ServerProcess:
     SIGTERM path costs 6-30 s).
     """
 
+    #: a port chosen here (not given) that another process took before the server bound it is replaced
+    #: by a fresh one this many times (the choice and the bind are 10-30 s apart on a busy machine)
+    PORT_RETRIES = 3
+
     def __init__(self, args: list[str], *, module: str = LAUNCHER, env: dict[str, str] | None = None,
                  port: int | None = None, log: Path | str | None = None, cwd: Path | str | None = None,
                  startup_timeout: float = 240.0, graceful_s: float = 0.0, host: str = "127.0.0.1"):
-        self.port = port or free_port()
-        self.url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{self.port}"
-        self.cmd = [sys.executable, "-m", module, *args, "--host", host, "--port", str(self.port)]
+        self._args, self._module, self._host = list(args), module, host
+        self._own_port = port is None
+        self._set_port(port or free_port())
         self.env = dict(os.environ if env is None else env)
         if log is None:
             fd, log = tempfile.mkstemp(prefix="fairkv-server-", suffix=".log")
@@ -70,6 +74,22 @@ class ServerProcess:
         #: seconds from start to healthy
         self.up_s: float | None = None
 
+    def _set_port(self, port: int) -> None:
+        self.port = port
+        host = self._host
+        self.url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+        self.cmd = [sys.executable, "-m", self._module, *self._args, "--host", host, "--port", str(port)]
+
+    def _lost_port(self) -> bool:
+        """The server logged that its HTTP port was taken (since its last launch)."""
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(self._log_start)
+                text = f.read().decode(errors="replace")
+        except OSError:
+            return False
+        return "address already in use" in text and f"{self.port})" in text
+
     # ---- lifecycle ---------------------------------------------------------------------------
     def start(self) -> "ServerProcess":
         """Start and wait for ``/health``; raises RuntimeError (with the log's tail) when the server exits
@@ -80,15 +100,25 @@ class ServerProcess:
         """Start the process group without waiting (several servers that start together, or a
         multi-node rank that cannot be healthy before its peers); :meth:`wait_healthy` waits."""
         self._t0 = time.time()
+        self._log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
                                          cwd=self.cwd, start_new_session=True)
         return self
 
     def wait_healthy(self) -> "ServerProcess":
-        """Wait for ``/health`` of a launched server (``startup_timeout`` counted from its launch)."""
+        """Wait for ``/health`` of a launched server (``startup_timeout`` counted from its launch). A port this
+        object chose that was taken meanwhile (the server logs it and hangs) is replaced and the server
+        relaunched (:attr:`PORT_RETRIES` times)."""
         t0 = self._t0
+        retries = self.PORT_RETRIES
         while time.time() - t0 < self.startup_timeout:
+            if self._own_port and retries and self._lost_port():
+                retries -= 1
+                self.stop()
+                self._set_port(free_port())
+                self.launch()
+                continue
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode} before it was healthy:\n"
                                    f"{self.log_tail()}")
