@@ -3,7 +3,8 @@ pool's own API (prefill extend with K/V generated on the GPU, skewed per-head co
 then per layer the page-table Triton kernel (``paged_decode``) against the torch path the CPU server
 runs (``paged_decode_torch``), bf16 and fp16, NaN-aware; and the time of a whole decode step (host
 bookkeeping + one upload + every layer's K/V write and attention), per layer, for a SmolLM2-shaped and a
-70B-per-rank-shaped (TP 8) model.
+70B-per-rank-shaped (TP 8) model; and a live re-plan's pool work (pack, unpack, table re-lay) for a
+70B-per-rank-shaped pool, without the wire.
 
 Every part runs and reports even when an earlier one fails; exit status 1 if any failed. Writes its
 figures after every part (``$RESULT_JSON`` under ``run.py``, else ``$OUT/pool_check.json``).
@@ -153,6 +154,60 @@ def time_step(dev: str, dry: bool, name: str, *, layers, heads, group, d, bs, ma
     return out
 
 
+def time_migrate(dev: str, dry: bool, *, layers: int, d: int, bs: int, max_len: int) -> dict:
+    """A live re-plan's pool work on one device, without the wire (issue 34): rank 0 holds one KV head per
+    layer (a filled pool, skewed kept lengths) and every segment of it moves to rank 1 (an empty pool): rank 0
+    packs (one gather per destination, its tables re-laid), a loopback exchange hands the bytes over, rank 1
+    unpacks (pages popped, one scatter) and re-lays. Checks every row arrived bit for bit; times each side
+    (host + device, synchronised). What NVLink / InfiniBand add is the bytes over the link's bandwidth."""
+    from sglang_fairkv.kv.segment_mover import move_segments
+    from sglang_fairkv.placement.transition import Move
+
+    src, reqs, _ = filled_pool(layers=layers, heads=1, d=d, bs=bs, max_len=max_len, dtype=torch.bfloat16, dev=dev,
+                               seed=11)
+    dst = RaggedKVPool(num_pages=src.num_pages, page_size=src.page_size, num_layers=layers, num_kv_heads=1,
+                       head_dim=d, max_reqs=src.max_reqs, max_context=src.max_context, dtype=torch.bfloat16,
+                       device=dev)
+    P = src.page_size
+    moves, want = [], []
+    for i, r in enumerate(reqs.tolist()):
+        for l in range(layers):
+            n = int(src.seg_len_host[r, l, 0])
+            t = np.arange(n)
+            rows = torch.as_tensor(src.seg_pages_host[r, l, 0, t // P].astype(np.int64) * P + t % P, device=dev)
+            want.append((r, l, src.k_rows[rows].clone(), src.v_rows[rows].clone()))
+            moves.append(Move(i, l, 0, 0, 1, n, -(-n // P)))
+    owner_b = np.ones((len(reqs), layers, 1), dtype=np.int64)
+    mailbox: dict = {}
+    kw = dict(moves=moves, rounds=[list(range(len(moves)))], req_idx=reqs, owner_b=owner_b)
+
+    def timed(fn):
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = fn()
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        return out, (time.perf_counter() - t0) * 1e3
+
+    sent, pack_ms = timed(lambda: move_segments(src, rank=0, heads_a=[[0]] * layers, heads_b=[[]] * layers,
+                                                exchange=lambda s, r: mailbox.update(s) or {}, **kw))
+    got, unpack_ms = timed(lambda: move_segments(dst, rank=1, heads_a=[[]] * layers, heads_b=[[0]] * layers,
+                                                 exchange=lambda s, r: {0: mailbox[1]}, **kw))
+    for r, l, k, v in want:
+        n = int(dst.seg_len_host[r, l, 0])
+        t = np.arange(n)
+        rows = torch.as_tensor(dst.seg_pages_host[r, l, 0, t // P].astype(np.int64) * P + t % P, device=dev)
+        assert n == k.shape[0] and torch.equal(dst.k_rows[rows], k) and torch.equal(dst.v_rows[rows], v), (r, l)
+    assert src.used_pages() == 0 and dst.used_pages() == sum(m.pages for m in moves)
+    mb = sent["bytes_sent"] / 1e6
+    out = {"layers": layers, "batch": bs, "segments": len(moves), "mb_moved": round(mb, 2),
+           "pack_ms": round(pack_ms, 3), "unpack_ms": round(unpack_ms, 3),
+           "pack_gb_s": round(mb / max(pack_ms, 1e-6), 2), "unpack_gb_s": round(mb / max(unpack_ms, 1e-6), 2)}
+    print(f"migrate pool work: {len(moves)} segments, {mb:.1f} MB: pack {pack_ms:.2f} ms, unpack {unpack_ms:.2f} ms")
+    return out
+
+
 def table(report: dict) -> str:
     """Markdown of the figures so far."""
     rows = ["| part | figure |", "|---|---|"]
@@ -164,6 +219,10 @@ def table(report: dict) -> str:
         if k.startswith("step_") and isinstance(v, dict) and "step_ms" in v:
             rows.append(f"| decode step {v['shape']} (batch {v['batch']}, {v['layers']} layers) | "
                         f"{v['step_ms']:.2f} ms, {v['per_layer_us']:.1f} us/layer, host {v['append_host_us']:.0f} us |")
+    m = report.get("migrate")
+    if isinstance(m, dict) and "pack_ms" in m:
+        rows.append(f"| live re-plan pool work, {m['segments']} segments, {m['mb_moved']} MB (no wire) | pack "
+                    f"{m['pack_ms']:.2f} ms, unpack {m['unpack_ms']:.2f} ms |")
     rows += [f"| {k} | ERROR |" for k, v in report.items() if isinstance(v, dict) and "error" in v]
     return "\n".join(rows)
 
@@ -182,6 +241,8 @@ def main() -> int:
         if a.dry_run:
             shp = {**shp, "layers": 2}
         parts.append((f"step_{name}", lambda n=name, s=shp, z=sizes: time_step(dev, a.dry_run, n, **s, **z)))
+    mig = dict(layers=2, d=64, bs=2, max_len=100) if a.dry_run else dict(layers=80, d=128, bs=16, max_len=4096)
+    parts.append(("migrate", lambda: time_migrate(dev, a.dry_run, **mig)))
     for name, fn in parts:
         try:
             report[name] = fn()
