@@ -36,18 +36,7 @@ def reslice_attention(model, rank_plan, model_path: str) -> list[int]:
     changed = [l for l, layer in enumerate(layers) if list(layer.self_attn.heads) != list(rank_plan.local_heads[l])]
     if not changed:
         return []
-    fresh: dict[int, FairKVAttention] = {}
-    for l in changed:
-        old = layers[l].self_attn
-        ref = old.qkv_proj.weight
-        with torch.device(ref.device):
-            attn = FairKVAttention(heads=rank_plan.local_heads[l], rank=rank_plan.rank, **old.build_args)
-        for mod in (attn.qkv_proj, attn.o_proj):
-            mod.to(dtype=ref.dtype)
-        if attn.q_norm is not None:
-            attn.q_norm.load_state_dict(old.q_norm.state_dict())
-            attn.k_norm.load_state_dict(old.k_norm.state_dict())
-        fresh[l] = attn
+    fresh = {l: _rebuilt(layers[l].self_attn, rank_plan.local_heads[l], rank_plan.rank) for l in changed}
     loaded = _load_slices(fresh, model_path)
     missing = [l for l in changed if (l, "weight") not in loaded]
     if missing:
@@ -57,6 +46,22 @@ def reslice_attention(model, rank_plan, model_path: str) -> list[int]:
     if hasattr(model.model, "rank_plan"):  # the Llama family's model keeps the plan it was built with
         model.model.rank_plan = rank_plan
     return changed
+
+
+def _rebuilt(old: FairKVAttention, heads: list[int], rank: int) -> FairKVAttention:
+    """A new attention over ``heads`` like ``old`` (its device, dtype and build arguments), the weights that
+    are not sliced per head copied (q/k norms, the o_proj bias); the sliced ones left for the caller."""
+    ref = old.qkv_proj.weight
+    with torch.device(ref.device):
+        attn = FairKVAttention(heads=heads, rank=rank, **old.build_args)
+    for mod in (attn.qkv_proj, attn.o_proj):
+        mod.to(dtype=ref.dtype)
+    if attn.q_norm is not None:
+        attn.q_norm.load_state_dict(old.q_norm.state_dict())
+        attn.k_norm.load_state_dict(old.k_norm.state_dict())
+    if old.o_proj.bias is not None:
+        attn.o_proj.bias.data.copy_(old.o_proj.bias.data)
+    return attn
 
 
 def _load_slices(fresh: dict[int, FairKVAttention], model_path: str) -> set:
@@ -174,16 +179,7 @@ def exchange_attention(model, a, b, rank_plan_b, exchange) -> tuple[list[int], i
             attn.qkv_proj.kv_rows = _head_rows(heads, attn.head_dim)
             attn.o_proj.cols = _head_rows(heads, attn.group * attn.head_dim)
         else:
-            ref_w = old.qkv_proj.weight
-            with torch.device(ref_w.device):
-                attn = FairKVAttention(heads=heads, rank=me, **old.build_args)
-            for mod in (attn.qkv_proj, attn.o_proj):
-                mod.to(dtype=ref_w.dtype)
-            if attn.q_norm is not None:
-                attn.q_norm.load_state_dict(old.q_norm.state_dict())
-                attn.k_norm.load_state_dict(old.k_norm.state_dict())
-            if old.o_proj.bias is not None:
-                attn.o_proj.bias.data.copy_(old.o_proj.bias.data)
+            attn = _rebuilt(old, heads, me)
         with torch.no_grad():
             for i, parts in enumerate(pieces):
                 for dst, src in zip(_head_pieces(attn, i), parts):

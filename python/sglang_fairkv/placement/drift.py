@@ -76,6 +76,13 @@ def fresh_plan(plan: Plan, live_mean: np.ndarray, *, num_q_heads: int, head_dim:
                       balance_memory=balance_memory)[0]
 
 
+def fresh_strategy(plan: Plan) -> tuple[str, int]:
+    """The strategy and copy limit a re-plan of ``plan`` is priced with: its own (its copy limit, one by
+    default), ``fairkv`` at one copy per layer for ``sha`` (the launcher's default)."""
+    strategy = "fairkv" if plan.strategy == "sha" else plan.strategy
+    return strategy, int(plan.cost_model.get("max_copies_per_layer") or 1) if strategy == "fairkv" else 0
+
+
 def replan_gain(plan: Plan, live_mean: np.ndarray, *, num_q_heads: int, head_dim: int,
                 hidden: int | None = None) -> dict:
     """The cost-model gain of re-planning on ``live_mean`` (``[L, KV]`` mean kept tokens per request).
@@ -87,8 +94,7 @@ def replan_gain(plan: Plan, live_mean: np.ndarray, *, num_q_heads: int, head_dim
 
     stats, cost = live_stats(plan, live_mean, num_q_heads=num_q_heads, head_dim=head_dim, hidden=hidden)
     running = evaluate(replace(plan, cost_model={**plan.cost_model, **cost.to_json()}), stats)
-    strategy = "fairkv" if plan.strategy == "sha" else plan.strategy
-    copies = int(plan.cost_model.get("max_copies_per_layer") or 1) if strategy == "fairkv" else 0
+    strategy, copies = fresh_strategy(plan)
     fresh, _ = build_plan(stats, plan.tp, strategy, cost=cost, max_copies_per_layer=copies,
                           balance_memory=False)
     f = fresh.predicted

@@ -84,6 +84,21 @@ class ReplicaAssigner:
         return [c[2] for c in self._copied]
 
     @property
+    def copied_heads(self) -> list[tuple[int, int]]:
+        """Per copied head (the order of a choice): its (layer, KV head)."""
+        return [(l, h) for l, h, _, _ in self._copied]
+
+    def choice_for(self, owner: np.ndarray) -> np.ndarray:
+        """The inverse of :meth:`owners_for`: int64 ``[num_copied_heads]``, the index of ``owner[l, h]`` (int
+        ``[layers, kv_heads]``) among each copied head's replicas, -1 where that rank holds no replica."""
+        out = np.full(len(self._copied), -1, dtype=np.int64)
+        for i, (l, h, ranks, _) in enumerate(self._copied):
+            hit = np.nonzero(ranks == owner[l, h])[0]
+            if hit.size:
+                out[i] = hit[0]
+        return out
+
+    @property
     def base_owner(self) -> np.ndarray:
         """int64 ``[layers, kv_heads]``: the rank of each single-replica head, -1 for copied heads."""
         return self._base_owner.copy()

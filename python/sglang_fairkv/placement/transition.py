@@ -148,18 +148,13 @@ def assign_owners(b: Plan, live: LiveSegments) -> np.ndarray:
     """int64 ``[R, L, KV]``: each live segment's owner under ``b`` (kept where A's owner holds a replica,
     else B's deficit rule, requests in admission order)."""
     asg = ReplicaAssigner(b)
-    out = np.broadcast_to(asg.base_owner, live.owner.shape).copy() if len(live.rids) else live.owner.copy()
-    copied = [(l, h) for l, layer in enumerate(b.layers) for h, reps in enumerate(layer) if len(reps) > 1]
-    ranks = asg.copied_ranks
+    out = live.owner.copy()
     for i, rid in enumerate(live.rids):
-        chosen = asg.choose(float(max(live.weights[i], 1e-9)))
-        for c, (l, h) in enumerate(copied):
-            keep = np.nonzero(ranks[c] == live.owner[i, l, h])[0]
-            if keep.size:
-                chosen[c] = int(keep[0])
-        asg.admit(rid, float(max(live.weights[i], 1e-9)), chosen)
-        for c, (l, h) in enumerate(copied):
-            out[i, l, h] = ranks[c][chosen[c]]
+        weight = float(max(live.weights[i], 1e-9))
+        kept = asg.choice_for(live.owner[i])  # A's owner where it holds a replica under B
+        chosen = np.where(kept >= 0, kept, asg.choose(weight))
+        asg.admit(rid, weight, chosen)
+        out[i] = asg.owners_for(chosen)
     return out
 
 
@@ -172,6 +167,15 @@ def rank_pages(owner: np.ndarray, rows: np.ndarray, tp: int, page_size: int) -> 
     out = np.zeros(tp, dtype=np.int64)
     np.add.at(out, owner.reshape(-1), _pages(rows, page_size).reshape(-1))
     return out
+
+
+def request_pages(owner: np.ndarray, rows: np.ndarray, tp: int, page_size: int) -> np.ndarray:
+    """int64 ``[R, tp]``: pages each request's segments (``owner`` / ``rows`` int ``[R, L, KV]``) take on
+    each rank."""
+    R = owner.shape[0]
+    slot = np.arange(R)[:, None, None] * tp + owner
+    return np.bincount(slot.reshape(-1), weights=_pages(rows, page_size).reshape(-1),
+                       minlength=R * tp).astype(np.int64).reshape(R, tp)
 
 
 def schedule_rounds(moves: list[Move], free: np.ndarray) -> tuple[list[list[int]], str | None]:
@@ -259,4 +263,4 @@ def plan_transition(a: Plan, b: Plan, live: LiveSegments, *, usable: np.ndarray,
 
 
 __all__ = ["LiveSegments", "Move", "PlanError", "Transition", "assign_owners", "plan_hash", "plan_transition",
-           "rank_pages", "relabel_to_overlap", "schedule_rounds"]
+           "rank_pages", "relabel_to_overlap", "request_pages", "schedule_rounds"]

@@ -57,8 +57,10 @@ def auto_replan_check(scheduler, state) -> None:
 
 def _auto_plan(state, cfg: dict) -> dict | None:
     """Rank 0: the plan to switch to now (JSON, with why), or None."""
-    from ..placement.drift import fresh_plan
-    from ..placement.transition import LiveSegments, plan_transition
+    from ..placement.drift import fresh_plan, fresh_strategy
+    from ..placement.transition import LiveSegments
+
+    from .plan_switch import transition_for
 
     traffic, plan, log = state.traffic, state.rank_plan.plan, state.replan_log
     samples = min(traffic.seen, traffic.window)
@@ -74,13 +76,10 @@ def _auto_plan(state, cfg: dict) -> dict | None:
     log["last_auto_gain"] = round(gain, 6)
     if gain < cfg["gain"]:
         return None
-    strategy = drift["replan"]["fresh_strategy"]  # the plan the gain was computed for (same copy limit)
-    copies = int(plan.cost_model.get("max_copies_per_layer") or 1) if strategy == "fairkv" else 0
+    strategy, copies = fresh_strategy(plan)  # the plan the gain was computed for
     b = fresh_plan(plan, traffic.live_mean(), num_q_heads=nq, head_dim=hd, strategy=strategy,
                    max_copies_per_layer=copies, balance_memory=False)
-    t = plan_transition(plan, b, LiveSegments.empty(plan.num_layers, plan.num_kv_heads),
-                        usable=state.ledger.usable.numpy(), page_size=state.pool.page_size,
-                        pool_heads=np.array(state.pool_heads_of))
+    t = transition_for(state, b, LiveSegments.empty(plan.num_layers, plan.num_kv_heads), tier_flushed=True)
     if not t.slots_fit:  # the pools cannot take it: say so, and not again before the interval
         log["last_auto_attempt_at"] = time.monotonic()
         log["last_auto_skipped"] = t.why + SLOTS_HINT

@@ -226,7 +226,7 @@ def replan(scheduler, state, req: FairKVControlReq, out=FairKVControlReqOutput) 
     """Dry run, or arm a switch (None: the answer to ``req`` comes at the switch: :func:`ingest_hook` for a
     migrate, :func:`on_idle_hook` for a drain); ``out`` the answer's type (the switch's own for ``op``
     ``switch``)."""
-    from ..placement.transition import plan_transition
+    from .plan_switch import transition_for
 
     body = req.body
 
@@ -240,13 +240,10 @@ def replan(scheduler, state, req: FairKVControlReq, out=FairKVControlReqOutput) 
         b = _plan_b(state, body)
     except (ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
         return out(status=400, result={"error": str(e)})
-    a = state.rank_plan.plan
     live = live_segments(scheduler, state)
     # a migrate flushes the prefix tier before it moves anything: its pages count as free there
-    usable = (state.ledger.usable - (0 if mode == "migrate" else state.ledger.tier_pages())).numpy()
-    pool_heads = np.array(state.pool_heads_of or [state.pool.num_kv_heads] * a.tp)
-    t = plan_transition(a, b, live, usable=usable, page_size=state.pool.page_size, pool_heads=pool_heads)
-    row_bytes = 2 * state.pool.head_dim * state.pool.k_rows.element_size()
+    t = transition_for(state, b, live, tier_flushed=mode == "migrate")
+    row_bytes = state.pool.bytes_per_row()
     result = {"dry_run": bool(body.get("dry_run")), "mode": mode, "epoch": int(state.plan_epoch),
               "dp_rank": state.dp_rank or 0,
               "running_requests": len(live.rids), "transition": t.summary(row_bytes)}
@@ -387,6 +384,5 @@ def on_idle_hook(scheduler, *args, **kwargs):
     if sw is None or sw["mode"] != "drain" or state.requests.admitted or scheduler.chunked_req is not None \
             or scheduler.running_batch.reqs:
         return None
-    _commit(scheduler, state, sw, lambda: {**commit_drain(scheduler, state, sw["plan"]),
-                                           "plan_hash": sw["result"]["transition"]["plan_hash"]})
+    _commit(scheduler, state, sw, lambda: commit_drain(scheduler, state, sw["plan"]))
     return None

@@ -30,7 +30,7 @@ import torch
 
 from ..kv.segment_mover import move_segments, p2p_exchange
 from ..placement.runtime import RankPlan
-from ..placement.transition import LiveSegments, Transition, plan_hash
+from ..placement.transition import LiveSegments, Transition, plan_hash, request_pages
 from .state import FairKVState, RunningUnderB
 
 logger = logging.getLogger(__name__)
@@ -40,16 +40,22 @@ class SwitchRefused(Exception):
     """The switch cannot be made now (it does not fit the running requests): plan A keeps serving."""
 
 
+def transition_for(state: FairKVState, plan_b, live: LiveSegments, *, tier_flushed: bool) -> Transition:
+    """The transition from ``state``'s plan to ``plan_b`` for ``live``, against every rank's usable pages (with
+    the prefix tier's counted as free when the switch flushes it first: ``tier_flushed``) and pool head slots."""
+    from ..placement.transition import plan_transition
+
+    a = state.rank_plan.plan
+    usable = state.ledger.usable - (0 if tier_flushed else state.ledger.tier_pages())
+    pool_heads = np.array(state.pool_heads_of or [state.pool.num_kv_heads] * a.tp)
+    return plan_transition(a, plan_b, live, usable=usable.numpy(), page_size=state.pool.page_size,
+                           pool_heads=pool_heads)
+
+
 def charged_under(t: Transition, live: LiveSegments, page_size: int) -> np.ndarray:
     """int64 ``[R, tp]``: pages each rank holds for each running request for the rest of its life under
     the transition's plan (its rows and the decode rows it is still owed, on B's owners)."""
-    R, tp = len(live.rids), t.plan.tp
-    out = np.zeros((R, tp), dtype=np.int64)
-    if R:
-        pages = -(-(live.rows + live.owed[:, None, None]) // page_size)
-        slot = np.arange(R)[:, None, None] * tp + t.owner
-        out = np.bincount(slot.reshape(-1), weights=pages.reshape(-1), minlength=R * tp).astype(np.int64).reshape(R, tp)
-    return out
+    return request_pages(t.owner, live.rows + live.owed[:, None, None], t.plan.tp, page_size)
 
 
 def migrate_state(state: FairKVState, t: Transition, live: LiveSegments, req_idx: np.ndarray, exchange,
@@ -153,7 +159,8 @@ def commit_drain(scheduler, state, plan) -> dict:
     state.switch_plan(plan)
     changed = reslice_attention(runner.model, state.rank_plan, runner.model_config.model_path)
     out = _after_switch(scheduler, state, a, plan)
-    return {**out, "layers_resliced_here": changed, "pause_ms": round((time.perf_counter() - t0) * 1e3, 3)}
+    return {**out, "layers_resliced_here": changed, "plan_hash": plan_hash(plan),
+            "pause_ms": round((time.perf_counter() - t0) * 1e3, 3)}
 
 
 def migrate_boundary(scheduler, state) -> bool:
@@ -185,8 +192,6 @@ def commit_migrate(scheduler, state, plan_b, live_segments) -> dict:
     """The migrate switch at a step boundary (every rank, the same iteration); ``live_segments(scheduler,
     state)`` gives the running requests. Raises :class:`SwitchRefused` (nothing changed) when B does not
     fit them now. Returns the reply's fields."""
-    from ..placement.transition import plan_transition
-
     runner = scheduler.tp_worker.model_runner
     device = state.pool.device
     t0 = time.perf_counter()
@@ -194,10 +199,7 @@ def commit_migrate(scheduler, state, plan_b, live_segments) -> dict:
         torch.cuda.synchronize(device)  # the launched step (overlap scheduling) has written its rows
     a = state.rank_plan.plan
     live = live_segments(scheduler, state)
-    pool_heads = np.array(state.pool_heads_of or [state.pool.num_kv_heads] * a.tp)
-    # the prefix tier is flushed before anything moves, so its pages count as free
-    t = plan_transition(a, plan_b, live, usable=state.ledger.usable.numpy(), page_size=state.pool.page_size,
-                        pool_heads=pool_heads)
+    t = transition_for(state, plan_b, live, tier_flushed=True)  # the tier is flushed before anything moves
     if not t.fits:
         from .control_plane import SLOTS_HINT
 
@@ -214,5 +216,5 @@ def commit_migrate(scheduler, state, plan_b, live_segments) -> dict:
             "pause_ms": round((time.perf_counter() - t0) * 1e3, 3)}
 
 
-__all__ = ["SwitchRefused", "any_shape_changed", "charged_under", "commit_drain", "commit_migrate",
+__all__ = ["SwitchRefused", "any_shape_changed", "transition_for", "charged_under", "commit_drain", "commit_migrate",
            "flush_prefix_tier", "group_exchange", "group_gather", "migrate_boundary", "migrate_state"]

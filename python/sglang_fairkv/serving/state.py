@@ -214,12 +214,11 @@ class FairKVState:
         reqs.planned_charge.clear()
         reqs.planned_tier.clear()
         if running is not None:
-            ranks = self.assigner.copied_ranks
-            copied = [(l, h) for l, layer in enumerate(plan.layers) for h, reps in enumerate(layer) if len(reps) > 1]
             for i, r in enumerate(running.req_idx.tolist()):
                 own = running.owner[i]
-                chosen = np.array([int(np.nonzero(ranks[c] == own[l, h])[0][0]) for c, (l, h) in enumerate(copied)],
-                                  dtype=np.int64)
+                chosen = self.assigner.choice_for(own)
+                if (chosen < 0).any():
+                    raise AssertionError(f"fairkv: request {reqs.admitted[r]} owned by a rank without a replica")
                 self.assigner.admit(reqs.admitted[r], max(1.0, float(running.weights[i])), chosen)
                 self.ledger.owner[r] = torch.from_numpy(np.ascontiguousarray(own, dtype=np.int64))
                 reqs.charged[r] = running.charged[i]
