@@ -30,6 +30,7 @@ from .. import env
 from ..serving.kv_cache import FairKVCache
 from ..serving.state import FairKVState
 from .capabilities import layer_problem, model_problem
+from .decode_compress import DecodeCompressor
 from .causal import varlen_usable
 from .prefill import ExtendMetadata, PrefillMixin, kv_scales
 
@@ -44,13 +45,15 @@ class DecodeMetadata:
     token; ``lens`` int32 [b, L, H] lengths after the step; ``max_len`` (host, torch path only): the
     longest segment of each layer in the batch. The Triton kernel needs nothing more: each segment's
     split count comes from ``seg_len`` in the kernel. Per-layer entries are views made once per step
-    (a list index per layer).
+    (a list index per layer). ``ring_slot`` int64 [b] (device, decode-time compression only): where each
+    request's queries of this step go in the decode query ring.
     """
 
     req_pool_idx: torch.Tensor
     write_rows: tuple[torch.Tensor, ...]
     lens: torch.Tensor
     max_len: list[int] | None
+    ring_slot: torch.Tensor | None = None
 
 
 class FairKVAttnBackend(PrefillMixin, AttentionBackend):
@@ -101,11 +104,14 @@ class FairKVAttnBackend(PrefillMixin, AttentionBackend):
             from sglang.srt.runtime_context import get_parallel
 
             self._group = get_parallel().tp_group.device_group
+        #: decode-time compression (``--kv-decode-compress``), else None
+        self.decode_press = DecodeCompressor(self) if self.state.cfg.decode_enabled else None
 
     # ---- metadata (once per step; host decisions, one upload) --------------------------------
     def init_forward_metadata(self, forward_batch):
         """Eager step (no CUDA graph): host bookkeeping, one upload, metadata of this batch."""
         mode = forward_batch.forward_mode
+        self.run_pending_compression()
         self.pool.begin_step()
         if mode.is_idle():
             self.forward_metadata = None
@@ -116,16 +122,26 @@ class FairKVAttnBackend(PrefillMixin, AttentionBackend):
         else:
             raise NotImplementedError(f"fairkv backend: forward mode {mode} is not supported")
 
+    def run_pending_compression(self) -> None:
+        """Decode-time compression of the requests the last decode step brought to their interval (the
+        ``ModelRunner.forward`` AFTER hook runs it right after that step; a step that finds it still
+        pending -- a caller without the hook -- runs it first)."""
+        if self.decode_press is not None:
+            self.decode_press.run_pending()
+
     def _decode_step(self, idx_host: np.ndarray, idx_dev: torch.Tensor,
-                     out: tuple[torch.Tensor, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     out: tuple[torch.Tensor, ...] | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """A decode step's bookkeeping, eager or graph replay alike: one new row per segment of each
         request (host ``[b]`` and device ``[b]`` indices) in the pool and the ledger; returns the new
-        rows ``[L, b, H]`` and lengths after the step ``[b, L, H]`` (device, one upload). ``out``: the
-        graph runner's static buffers, written in place (padding slots zeroed)."""
-        rows, lens = self.pool.append(idx_host, idx_dev, out=out)
+        rows ``[L, b, H]``, lengths after the step ``[b, L, H]`` and (decode-time compression) the query
+        ring's slots ``[b]`` (device, one upload). ``out``: the graph runner's static buffers, written in
+        place (padding slots zeroed)."""
+        slots = self.decode_press.step_slots(idx_host) if self.decode_press is not None else None
+        rows, lens = self.pool.append(idx_host, idx_dev, out=out, extra=slots)
         self.ledger.append(idx_host)
         self.state.sample_decode_balance(idx_host)  # host, from the ledger, every few steps
-        return rows, lens
+        return rows, lens, self.pool.step_extra if slots is not None else None
 
     def _plan_step(self, idx_dev: torch.Tensor) -> None:
         """The step's decode work plan for every layer (Triton path; one launch into the workspace's
@@ -136,14 +152,14 @@ class FairKVAttnBackend(PrefillMixin, AttentionBackend):
     def _decode_metadata(self, forward_batch) -> DecodeMetadata:
         idx_dev = forward_batch.req_pool_indices
         idx_host = self.state.host_req_pool_indices(forward_batch)
-        write_rows, lens = self._decode_step(idx_host, idx_dev)
+        write_rows, lens, slots = self._decode_step(idx_host, idx_dev)
         write_rows = write_rows.unbind(0)
         if self.decode_kernel == "triton":
             self._plan_step(idx_dev)
-            return DecodeMetadata(idx_dev, write_rows, lens, None)
+            return DecodeMetadata(idx_dev, write_rows, lens, None, slots)
         lens_h = self.pool.seg_len_host[idx_host]  # [b, L, H] after the step (host mirror)
         max_len = lens_h.max(axis=(0, 2)).tolist() if lens_h.size else [0] * self.num_layers
-        return DecodeMetadata(idx_dev, write_rows, lens, max_len)
+        return DecodeMetadata(idx_dev, write_rows, lens, max_len, slots)
 
     # ---- CUDA graphs (decode) ----------------------------------------------------------------
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int):
@@ -159,17 +175,19 @@ class FairKVAttnBackend(PrefillMixin, AttentionBackend):
         self._g_idx = torch.zeros(max_bs, dtype=torch.int64, device=dev)
         self._g_rows = torch.zeros(L, max_bs, H, dtype=torch.int64, device=dev)
         self._g_lens = torch.zeros(max_bs, L, H, dtype=torch.int32, device=dev)
+        self._g_slot = torch.zeros(max_bs, dtype=torch.int64, device=dev)  # decode query ring slots
         self._g_meta: dict[int, DecodeMetadata] = {}
 
     def graph_buffers(self) -> tuple[torch.Tensor, ...]:
         """The static buffers (tests check they are never reallocated)."""
-        return self._g_idx, self._g_rows, self._g_lens
+        return self._g_idx, self._g_rows, self._g_lens, self._g_slot
 
     def _graph_metadata(self, bs: int) -> DecodeMetadata:
         """The decode metadata of a captured batch size: views of the static buffers (made once)."""
         md = self._g_meta.get(bs)
         if md is None:
-            md = DecodeMetadata(self._g_idx[:bs], self._g_rows[:, :bs].unbind(0), self._g_lens[:bs], None)
+            md = DecodeMetadata(self._g_idx[:bs], self._g_rows[:, :bs].unbind(0), self._g_lens[:bs], None,
+                                self._g_slot[:bs])
             self._g_meta[bs] = md
         return md
 
@@ -190,15 +208,21 @@ class FairKVAttnBackend(PrefillMixin, AttentionBackend):
             self._g_idx[:bs].zero_()
             self._g_rows[:, :bs].zero_()
             self._g_lens[:bs].zero_()
+            self._g_slot[:bs].zero_()
             self._plan_step(self._g_idx[:bs])  # every slot empty: no piece
             self.forward_metadata = self._graph_metadata(bs)
             return
+        self.run_pending_compression()
         self.pool.begin_step()
         raw = bs - int(getattr(forward_batch, "num_padding", 0) or 0)
         idx_dev = forward_batch.req_pool_indices[:raw]
         idx_host = self.state.host_req_pool_indices(forward_batch)[:raw]
         # rows, lengths and indices straight into the static buffers (on CUDA: one upload, two launches)
-        self._decode_step(idx_host, idx_dev, out=(self._g_rows[:, :bs], self._g_lens[:bs], self._g_idx[:bs]))
+        _, _, slots = self._decode_step(idx_host, idx_dev,
+                                        out=(self._g_rows[:, :bs], self._g_lens[:bs], self._g_idx[:bs]))
+        if slots is not None:  # the query ring's slots (padding slots: slot 0 of the padding row 0)
+            self._g_slot[:raw].copy_(slots)
+            self._g_slot[raw:bs].zero_()
         self._plan_step(self._g_idx[:bs])  # padding slots: request 0, no piece
         self.forward_metadata = self._graph_metadata(bs)
 
@@ -221,6 +245,8 @@ class FairKVAttnBackend(PrefillMixin, AttentionBackend):
         if problem is not None:
             raise NotImplementedError(f"the fairkv attention backend cannot serve this model: {problem}")
         self._checked_layers.add(layer.layer_id)
+        if self.decode_press is not None:  # what decode-time scoring of this layer needs (host floats)
+            self.decode_press.scaling[layer.layer_id] = (layer.scaling, kv_scales(layer)[0])
 
     # ---- decode ----------------------------------------------------------------------------
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
@@ -238,6 +264,8 @@ class FairKVAttnBackend(PrefillMixin, AttentionBackend):
             rows = md.write_rows[lid][:, :hkv] if hkv < pool.num_kv_heads else md.write_rows[lid]
             # page-0 rows: segments not held here; fp8 rows quantised here, the new token's included
             pool.write_rows(rows, k.reshape(b, hkv, d), v.reshape(b, hkv, dv), k_scale, v_scale)
+        if self.decode_press is not None:  # the step's queries, for the next decode-time compression
+            self.decode_press.write(q.reshape(b, hq, d), lid, md.req_pool_idx, md.ring_slot)
         # q in the rows' dtype (fp8 rows: q's own, the kernel widens the rows in registers)
         qg = _as(q.reshape(b, hkv, hq // hkv, d), q.dtype if pool.quantized else pool.dtype)
         if self.decode_kernel == "triton":

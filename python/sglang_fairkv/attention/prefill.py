@@ -150,7 +150,7 @@ class PrefillMixin:
         # compressed, the same on every rank); a tier prefill's segments stay empty until its last chunk
         book = ~tier | last
         self.ledger.extend(idx[book].tolist(), seq[book].tolist())
-        reqs.mark_prompt_done(idx[last])
+        reqs.mark_prompt_done(idx[last], seq[last])
         b, max_ext, max_seq = len(idx), int(ext.max()), int(seq.max())
         starts = np.concatenate([[0], np.cumsum(ext)[:-1]]).astype(np.int64)
         key_starts = np.concatenate([[0], np.cumsum(seq)[:-1]]).astype(np.int64)

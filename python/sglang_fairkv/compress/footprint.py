@@ -74,8 +74,40 @@ def kept_pages(cfg: CompressConfig, seq_len: int, extra: int, owner: np.ndarray 
     """int64 ``[tp, L]``: pages each rank holds per layer for one request once its ``seq_len``-token prompt
     is compressed and ``extra`` more tokens are appended (its decode), its segments held as ``owner``
     says (int ``[L, KV]``: the rank of each, -1 not held). Exact except AdaKV (an upper bound per rank;
-    exact rows at TP 1, pages up to the rounding of each head)."""
+    exact rows at TP 1, pages up to the rounding of each head). With decode-time compression the decode
+    rows are bounded (:func:`decode_bound_pages`): a long generation is charged its bounded size."""
     own = np.asarray(owner, dtype=np.int64)
+    full = _prefill_kept_pages(cfg, seq_len, extra, own, tp, page_size, head_budgets)
+    if not cfg.decode_enabled or extra <= cfg.decode_interval:
+        return full
+    first = _prefill_kept_pages(cfg, seq_len, cfg.decode_interval, own, tp, page_size, head_budgets)
+    return np.minimum(full, np.maximum(first, decode_bound_pages(cfg, own, tp, page_size)))
+
+
+def decode_bound_pages(cfg: CompressConfig, owner: np.ndarray, tp: int, page_size: int) -> np.ndarray:
+    """int64 ``[tp, L]``: the most pages a request's segments hold on each rank once decode-time
+    compression has run (``--kv-decode-compress``): each compression leaves at most ``T`` rows per head
+    (SnapKV) or ``KV x T`` per layer (AdaKV, split by score: a rank's heads take at most that minus the
+    other heads' floors, each of which keeps ``min(int(T x alpha), K)`` rows -- every head has the
+    interval's ``K`` new rows when it is scored), and ``K`` rows per head come before the next one.
+    Before the first decode compression the request holds its prefill-kept rows plus ``K``
+    (:func:`kept_pages` takes the larger of the two, capped by the uncompressed growth)."""
+    own = np.asarray(owner, dtype=np.int64)
+    T, K, P = cfg.decode_budget, cfg.decode_interval, page_size
+    if cfg.decode_method == "snapkv":
+        return _per_rank_layer(-(-(T + K) // P), own, tp)
+    kv = own.shape[1]
+    floor = int(T * cfg.alpha)
+    if cfg.alpha > 0:
+        floor = max(1, floor)
+    segs = _per_rank_layer(1, own, tp)
+    rows = np.maximum(0, kv * T - (kv - segs) * min(floor, K)) + segs * K
+    return np.where(segs > 0, (rows + segs * (P - 1)) // P, 0)
+
+
+def _prefill_kept_pages(cfg: CompressConfig, seq_len: int, extra: int, own: np.ndarray, tp: int,
+                        page_size: int, head_budgets: torch.Tensor | None) -> np.ndarray:
+    """:func:`kept_pages` without decode-time compression."""
     num_layers, kv = own.shape
     P = page_size
     kept = kept_per_head(cfg, seq_len, num_layers, kv, head_budgets)
@@ -126,8 +158,13 @@ def capacity_summary(cfg: CompressConfig, owner: np.ndarray, usable_pages: np.nd
 
 def describe(cfg: CompressConfig) -> str:
     """The compression config in plain words (start-up lines)."""
+    return _describe_prefill(cfg) + _describe_decode(cfg)
+
+
+def _describe_prefill(cfg: CompressConfig) -> str:
     if not cfg.enabled:
-        return "no compression (the ragged per-head pool keeps every token)"
+        return ("no prompt compression" if cfg.decode_enabled
+                else "no compression (the ragged per-head pool keeps every token)")
     share = (f"{1 - cfg.ratio:.0%} of each prompt's tokens" if cfg.ratio is not None
              else f"{cfg.budget} tokens of each prompt" if cfg.budget is not None else "its budgets")
     what = {"snapkv": f"every KV head keeps {share} (SnapKV scores)",
@@ -136,3 +173,14 @@ def describe(cfg: CompressConfig) -> str:
             "headkv": "each KV head keeps its static budget from --kv-head-budgets (HeadKV)"}[cfg.method]
     return (f"{what}; the last {cfg.window} prompt tokens are always kept and prompts of at most {cfg.window} "
             "tokens are kept whole")
+
+
+def _describe_decode(cfg: CompressConfig) -> str:
+    if not cfg.decode_enabled:
+        return ""
+    T, K, W = cfg.decode_budget, cfg.decode_interval, cfg.decode_window
+    who = ("every KV head keeps" if cfg.decode_method == "snapkv"
+           else "each layer keeps on average per KV head, split by score,")
+    return (f"; while decoding, every {K} steps {who} {T} tokens of prompt + answer (SnapKV scores of the last "
+            f"{W} decode queries{', AdaKV split' if cfg.decode_method == 'adakv' else ''}): a request holds at "
+            f"most about {T} + {K} rows per head however long it generates")

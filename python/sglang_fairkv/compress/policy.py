@@ -33,6 +33,13 @@ class CompressConfig:
     kernel: int = 5
     alpha: float = 0.2
     head_budgets: str | None = None
+    #: decode-time compression (kvpress ``DecodingPress``): ``none``, ``snapkv`` or ``adakv`` -- every
+    #: ``decode_interval`` decode steps a request's segments are re-scored with its last ``decode_window``
+    #: decode queries and cut to ``decode_budget`` rows per head (AdaKV: per layer on average)
+    decode_method: str = "none"
+    decode_budget: int = 2048
+    decode_interval: int = 512
+    decode_window: int = 32
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -52,10 +59,17 @@ class CompressConfig:
             raise ValueError("--kv-compress headkv needs --kv-head-budgets FILE")
         if self.method != "headkv" and self.head_budgets:
             raise ValueError("--kv-head-budgets is only used with --kv-compress headkv")
+        check_decode(self)
 
     @property
     def enabled(self) -> bool:
+        """Prefill compression is on (a prompt's last chunk is compressed)."""
         return self.method != "none"
+
+    @property
+    def decode_enabled(self) -> bool:
+        """Decode-time compression is on (``--kv-decode-compress``)."""
+        return self.decode_method != "none"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -80,6 +94,32 @@ class CompressConfig:
 
 #: ``--kv-compress-ratio`` when a method that needs a budget is given none
 DEFAULT_RATIO = 0.5
+#: ``--kv-decode-compress`` choices (the base scorer of the decoding press)
+DECODE_METHODS = ("none", "snapkv", "adakv")
+
+
+def check_decode(cfg: CompressConfig) -> None:
+    """The decode-time settings' rules (ValueError, one line, naming the flag): kvpress's ``DecodingPress``
+    needs an interval longer than the scorer's window (the window's queries are the interval's last decode
+    steps), a budget of at least the window (the window's rows are always kept: a smaller budget keeps only
+    the newest tokens), positive sizes, and a prefill method it can follow (HeadKV / PyramidKV fix budgets
+    per head or layer that a decode re-scoring would overrule)."""
+    m = cfg.decode_method
+    if m not in DECODE_METHODS:
+        raise ValueError(f"--kv-decode-compress must be one of {', '.join(DECODE_METHODS)}, got {m!r}")
+    if m == "none":
+        return
+    if cfg.decode_window < 1:
+        raise ValueError(f"--kv-decode-window must be >= 1, got {cfg.decode_window}")
+    if cfg.decode_interval <= cfg.decode_window:
+        raise ValueError(f"--kv-decode-interval {cfg.decode_interval} must be longer than --kv-decode-window "
+                         f"{cfg.decode_window} (the window's queries are the interval's last decode steps)")
+    if cfg.decode_budget < cfg.decode_window:
+        raise ValueError(f"--kv-decode-budget {cfg.decode_budget} is below --kv-decode-window {cfg.decode_window}: "
+                         "the window's rows are always kept, so every head would keep only the newest tokens")
+    if cfg.method in ("pyramidkv", "headkv"):
+        raise ValueError(f"--kv-decode-compress {m} cannot follow --kv-compress {cfg.method}: its per-layer / "
+                         "per-head budgets would be overruled by the decode re-scoring (use snapkv, adakv or none)")
 
 
 def check_against_context(cfg: CompressConfig, context_len: int) -> list[str]:

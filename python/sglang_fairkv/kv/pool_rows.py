@@ -37,6 +37,10 @@ class RowCodecMixin:
         """(K, V) of rows ``rows`` as ``[*rows.shape, D]`` in ``dtype``, dequantised (one gather each)."""
         return self._decode(self._k_raw[rows], dtype, k_scale), self._decode(self._v_raw[rows], dtype, v_scale)
 
+    def read_keys(self, rows: torch.Tensor, dtype: torch.dtype, k_scale: float = 1.0) -> torch.Tensor:
+        """K of rows ``rows`` as ``[*rows.shape, D]`` in ``dtype``, dequantised (one gather)."""
+        return self._decode(self._k_raw[rows], dtype, k_scale)
+
     def copy_rows(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         """Rows ``src`` to rows ``dst`` as they are (no re-quantisation); the gather reads before writing."""
         self._k_raw[dst] = self._k_raw[src]

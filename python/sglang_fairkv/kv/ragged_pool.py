@@ -52,15 +52,16 @@ import numpy as np
 import torch
 
 from .page_stack import PageStackMixin, RaggedPoolFull  # noqa: F401  (re-exported)
+from .pool_compact import CompactMixin
 from .pool_rows import RowCodecMixin
 from .pool_staging import StagingMixin
 from .pool_tier import _TIER, TierMixin
 
 
-_PAGES, _LEN, _ACTIVE = 0, 1, 2  # the device tables that pending writes target (and the tier's, _TIER = 3)
+from .pool_compact import _ACTIVE, _LEN, _PAGES  # noqa: E402  the device tables that pending writes target (and the tier's, _TIER = 3)
 
 
-class RaggedKVPool(RowCodecMixin, PageStackMixin, StagingMixin, TierMixin):
+class RaggedKVPool(CompactMixin, RowCodecMixin, PageStackMixin, StagingMixin, TierMixin):
     """Paged per-(request, layer, KV head) segments; KV rows and tables on ``device``, bookkeeping
     on the host.
 
@@ -110,6 +111,7 @@ class RaggedKVPool(RowCodecMixin, PageStackMixin, StagingMixin, TierMixin):
         #: the stream the last launched step runs on (CUDA; the overlap scheduler's forward stream)
         self._step_stream = None
         self.uploads = 0  # host-to-device copies made by flush (a test counts them)
+        self.step_extra: torch.Tensor | None = None  # see append
         self.tier_pages: torch.Tensor | None = None  # see enable_tier
         self.tier_pages_host: np.ndarray | None = None
         self.clear()
@@ -315,8 +317,8 @@ class RaggedKVPool(RowCodecMixin, PageStackMixin, StagingMixin, TierMixin):
         return int(((self.seg_len_host[idx] % self.page_size == 0) & self.active_host[idx]).sum())
 
     def append(self, req_pool_idx_host, req_pool_idx: torch.Tensor,
-               out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+               out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+               extra: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Add one token to every active segment of each request (a decode step).
 
         ``req_pool_idx_host``: host ints ``[b]``; ``req_pool_idx``: the same on the device (int64).
@@ -329,7 +331,9 @@ class RaggedKVPool(RowCodecMixin, PageStackMixin, StagingMixin, TierMixin):
 
         ``out``: ``(rows [L, bs, H], lens [bs, L, H], idx [bs])`` buffers with ``bs >= b`` (a CUDA-graph
         runner's static buffers) written in place, slots past ``b`` zeroed (padding); returns views of
-        them. With :attr:`fused_step` (CUDA) the device part is two launches
+        them. ``extra``: int64 host data the caller needs on the device this step (the decode query ring's
+        slots), in the same upload: :attr:`step_extra` is its device view afterwards (else None).
+        With :attr:`fused_step` (CUDA) the device part is two launches
         (:func:`~sglang_fairkv_kernels.apply_table_writes`, :func:`~sglang_fairkv_kernels.decode_step`)
         after the one upload; else torch ops.
         """
@@ -347,7 +351,7 @@ class RaggedKVPool(RowCodecMixin, PageStackMixin, StagingMixin, TierMixin):
             self.seg_pages_host[idx[b_i], l_i, h_i, slot] = pages
             self._queue(_PAGES, ((idx[b_i] * L + l_i) * H + h_i) * MP + slot, pages)
         self.seg_len_host[idx] = lens + act
-        self.flush()
+        self.step_extra = self.flush(extra=extra)
         b = idx.size
         if self.fused_step:  # one launch: rows, lengths, seg_len and the step's metadata buffers
             from sglang_fairkv_kernels import decode_step
@@ -398,43 +402,6 @@ class RaggedKVPool(RowCodecMixin, PageStackMixin, StagingMixin, TierMixin):
         self.seg_len_host[r] = 0
         self._queue(_LEN, flat, np.zeros(flat.size))
         return total
-
-    def compact(self, req_pool_idx: int, layer: int, kept: list[torch.Tensor],
-                heads: list[int] | None = None) -> None:
-        """Keep only ``kept[i]`` (sorted positions, a tensor on any device) of head ``heads[i]``'s
-        segment (default: head ``i``), moved to the segment's front; the tail pages go back to the
-        free stack. All heads move in one gather/scatter of K and of V; the destination rows and head
-        ids come from the host tables (one small upload), the sources are read from the device page
-        table (the positions stay on the device)."""
-        r, P = int(req_pool_idx), self.page_size
-        heads = list(range(len(kept))) if heads is None else list(heads)
-        move_h, move_pos, dst = [], [], []
-        for h, pos in zip(heads, kept):
-            old, n = int(self.seg_len_host[r, layer, h]), int(pos.numel())
-            if n == old:
-                continue
-            if n > old:
-                raise ValueError(f"compact keeps {n} of {old} tokens")
-            t = np.arange(n)
-            dst.append(self.seg_pages_host[r, layer, h, t // P].astype(np.int64) * P + t % P)
-            move_h.append(np.full(n, h, dtype=np.int64))
-            move_pos.append(pos)
-            keep_p, old_p = -(-n // P), -(-old // P)
-            self._push(self.seg_pages_host[r, layer, h, keep_p:old_p].copy())
-            self.seg_len_host[r, layer, h] = n
-            seg = (r * self.num_layers + layer) * self.num_kv_heads + h
-            self._queue(_LEN, np.array([seg]), np.array([n]))
-        if not move_h:
-            return
-        n_tot = sum(x.size for x in move_h)
-        if n_tot:
-            self.flush((_PAGES,))  # no-op in the server (its step's pages are flushed already)
-            host = self._upload(np.concatenate([*move_h, *dst]))
-            hcol, dst_rows = host[:n_tot], host[n_tot:]
-            pos = torch.cat([p.to(self.device, torch.int64) for p in move_pos])
-            seg = (r * self.num_layers + layer) * self.num_kv_heads + hcol
-            src = self._page_rows(seg, pos)
-            self.copy_rows(dst_rows, src)
 
     # ---- addressing ---------------------------------------------------------------------------
     def _page_rows(self, seg: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:

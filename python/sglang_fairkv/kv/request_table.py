@@ -51,6 +51,14 @@ class RequestTable:
         self.fixed_length = np.zeros(n, dtype=np.bool_)
         #: int64 [max_reqs, tp]: pages each rank was charged for the request's whole life
         self.charged = np.zeros((n, self.tp), dtype=np.int64)
+        #: int64 [max_reqs]: decode steps since the prompt or the last decode-time compression
+        self.decode_steps = np.zeros(n, dtype=np.int64)
+        #: int64 [max_reqs]: rows (group-wide, every layer and head) decode-time compression evicted, and
+        #: how many times it ran, for the request in its slot now
+        self.decode_evicted = np.zeros(n, dtype=np.int64)
+        self.decode_compressions = np.zeros(n, dtype=np.int64)
+        #: int64 [max_reqs]: the request's sequence length (prompt + decoded), for the live profile
+        self.decode_context = np.zeros(n, dtype=np.int64)
 
     def admitted_indices(self) -> np.ndarray:
         """int64 ``[n]``: the ``req_pool_idx`` of every admitted request, in admission order."""
@@ -63,9 +71,24 @@ class RequestTable:
         charge = self.planned_charge.pop(rid, None)
         self.charged[req_pool_idx] = 0 if charge is None else charge
 
-    def mark_prompt_done(self, req_pool_idx: np.ndarray) -> None:
-        """These requests' prompts end in the step being built (compressed by its end)."""
-        self.prompt_done[np.asarray(req_pool_idx, dtype=np.int64)] = True
+    def mark_prompt_done(self, req_pool_idx: np.ndarray, seq_len: np.ndarray | None = None) -> None:
+        """These requests' prompts (of ``seq_len`` tokens each) end in the step being built (compressed by
+        its end)."""
+        idx = np.asarray(req_pool_idx, dtype=np.int64)
+        self.prompt_done[idx] = True
+        self.decode_steps[idx] = 0  # a re-prefilled (retracted) request counts its interval afresh
+        if seq_len is not None:
+            self.decode_context[idx] = seq_len
+
+    def count_decode_step(self, req_pool_idx: np.ndarray, interval: int) -> np.ndarray:
+        """A decode step of these requests (host ``[b]``) is launched: returns those that reach their
+        decode-compression interval with it (their counters restart)."""
+        idx = np.asarray(req_pool_idx, dtype=np.int64)
+        self.decode_steps[idx] += 1
+        self.decode_context[idx] += 1
+        due = idx[self.decode_steps[idx] >= interval]
+        self.decode_steps[due] = 0
+        return due
 
     def release(self, req_pool_idx: int) -> str | None:
         """Reset the row; returns the rid that held it (None if it was never admitted)."""
@@ -75,4 +98,8 @@ class RequestTable:
         self.prompt_done[req_pool_idx] = False
         self.fixed_length[req_pool_idx] = False
         self.charged[req_pool_idx] = 0
+        self.decode_steps[req_pool_idx] = 0
+        self.decode_evicted[req_pool_idx] = 0
+        self.decode_compressions[req_pool_idx] = 0
+        self.decode_context[req_pool_idx] = 0
         return self.admitted.pop(req_pool_idx, None)

@@ -54,6 +54,18 @@ def add_fairkv_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-window", type=int, default=64, help="SnapKV observation window (tokens)")
     g.add_argument("--kv-pool-kernel", type=int, default=5, help="SnapKV avg-pool kernel (odd)")
     g.add_argument("--kv-alpha", type=float, default=0.2, help="AdaKV safeguard fraction")
+    g.add_argument("--kv-decode-compress", choices=("snapkv", "adakv"),
+                   help="decode-time compression (kvpress DecodingPress): every --kv-decode-interval decode steps "
+                        "a request's KV is re-scored with its last --kv-decode-window queries and cut to "
+                        "--kv-decode-budget tokens per head (adakv: per layer on average, split by score); with "
+                        "or without --kv-compress (which compresses the prompt first)")
+    g.add_argument("--kv-decode-budget", type=int, metavar="N",
+                   help="tokens kept per KV head at each decode-time compression (kvpress target_size; default 2048)")
+    g.add_argument("--kv-decode-interval", type=int, metavar="K",
+                   help="decode steps between decode-time compressions (kvpress compression_interval; default 512)")
+    g.add_argument("--kv-decode-window", type=int, metavar="W",
+                   help="decode queries that score the cache at each decode-time compression (SnapKV window, < K; "
+                        "default 32): kept per request on the device, their bytes out of the KV budget")
     g.add_argument("--kv-head-budgets", help="HeadKV static budgets JSON {\"head_budgets\": [[layers][kv_heads]]}")
     g.add_argument("--fairkv-plan", metavar="PATH|sha|assign|fairkv",
                    help="FairKV head placement across TP ranks: a fairkv-plan/1 file (python -m "
@@ -126,6 +138,24 @@ def model_config(model_path: str) -> dict:
         raise UsageError(f"cannot read {model_path}/config.json: {e}") from None
 
 
+def decode_orphans(argv: list[str], fk: argparse.Namespace) -> None:
+    """The decode-time sizes need ``--kv-decode-compress`` (one line, exit 2)."""
+    orphan = [f for f in ("--kv-decode-budget", "--kv-decode-interval", "--kv-decode-window") if given(argv, f)]
+    if orphan and fk.kv_decode_compress is None:
+        raise UsageError(f"{', '.join(orphan)} need --kv-decode-compress snapkv|adakv")
+
+
+def decode_note(cfg) -> str:
+    """What decode-time compression does with these settings, and how it meets the prompt's compression."""
+    first = (f"the prompt is compressed first (--kv-compress {cfg.method}: what each head keeps of it), then "
+             if cfg.enabled else "the prompt is kept whole (no --kv-compress), then ")
+    return (f"--kv-decode-compress {cfg.decode_method}: {first}every {cfg.decode_interval} decode steps prompt + "
+            f"answer so far are re-scored with the last {cfg.decode_window} decode queries and cut to "
+            f"{cfg.decode_budget} tokens per head{' on average (AdaKV split per layer)' if cfg.decode_method == 'adakv' else ''}; "
+            f"a request is charged at most about {cfg.decode_budget} + {cfg.decode_interval} rows per head, not "
+            "prompt + max_new_tokens")
+
+
 def fairkv_setup(fk: argparse.Namespace, ns: argparse.Namespace, out: list[str], model_path: str, mc: dict,
                  on_cpu: bool) -> tuple[object, tuple[str, ...], tuple[str, ...]]:
     """Validate the compression flags, adjust SGLang's argv in place; returns (``CompressConfig``, notes,
@@ -138,12 +168,20 @@ def fairkv_setup(fk: argparse.Namespace, ns: argparse.Namespace, out: list[str],
         ratio = DEFAULT_RATIO
         notes.append(f"--kv-compress-ratio {DEFAULT_RATIO}: the default for --kv-compress {fk.kv_compress} "
                      "(give --kv-budget N or --kv-compress-ratio R to change it)")
+    decode = {}
+    if fk.kv_decode_compress is not None:
+        decode = {"decode_method": fk.kv_decode_compress}
+        for key in ("budget", "interval", "window"):
+            if getattr(fk, f"kv_decode_{key}") is not None:
+                decode[f"decode_{key}"] = getattr(fk, f"kv_decode_{key}")
     try:
         cfg = CompressConfig(method=fk.kv_compress or "none", budget=fk.kv_budget,
                              ratio=ratio, window=fk.kv_window, kernel=fk.kv_pool_kernel,
-                             alpha=fk.kv_alpha, head_budgets=fk.kv_head_budgets)
+                             alpha=fk.kv_alpha, head_budgets=fk.kv_head_budgets, **decode)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    if cfg.decode_enabled:
+        notes.append(decode_note(cfg))
     from ..attention.capabilities import unsupported_features
 
     missing = unsupported_features(mc)

@@ -83,6 +83,7 @@ def scheduler_hooks(on_cpu: bool) -> list[Hook]:
                   Hook(s.T_INTERNAL_STATE, s.internal_state_hook, "AFTER"),
                   Hook(s.T_METRICS, s.metrics_hook, "AFTER"),
                   Hook(s.T_INPUT_LENGTH, s.input_length_hook, "AFTER"),
+                  Hook(s.T_MODEL_FORWARD, s.model_forward_hook, "AFTER"),  # decode-time compression
                   Hook(cp.T_INGEST, cp.ingest_hook, "AFTER"),  # a switch: deadline, migrate, auto re-plan
                   Hook(cp.T_ON_IDLE, cp.on_idle_hook, "BEFORE")]  # a drain switch commits at idle
     return hooks

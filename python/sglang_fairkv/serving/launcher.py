@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import machine
-from .fairkv_flags import (PROG, UsageError, add_fairkv_args, fairkv_parser, fairkv_setup,  # noqa: F401
+from .fairkv_flags import (PROG, UsageError, add_fairkv_args, decode_orphans, fairkv_parser, fairkv_setup,  # noqa: F401
                            given, model_config, placement_setup, replan_setup, value)
 
 
@@ -130,8 +130,10 @@ def parse_launch(argv: list[str], on_cpu: bool) -> LaunchConfig:
     if unknown:
         raise UsageError(f"unrecognized arguments: {' '.join(unknown)} (see {PROG} --help)")
     fk, out = fairkv_parser().parse_known_args(argv)
-    if fk.fairkv_plan is not None and fk.kv_compress is None:
-        fk.kv_compress = "none"  # a plan serves through the fairkv backend (ragged pool, no compression)
+    decode_orphans(argv, fk)
+    if (fk.fairkv_plan is not None or fk.kv_decode_compress is not None) and fk.kv_compress is None:
+        # a plan, or decode-time compression alone, serves through the fairkv backend (ragged pool)
+        fk.kv_compress = "none"
     if fk.kv_compress is None and ns.attention_backend != "fairkv":
         ours = [a.option_strings[0] for a in fairkv_parser()._actions if a.dest != "kv_compress"]
         orphan = [f for f in ours if given(argv, f)]

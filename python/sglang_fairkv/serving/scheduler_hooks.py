@@ -18,6 +18,9 @@
 * ``SchedulerMetricsCollector.log_stats`` (AFTER, ``--enable-metrics``): the fairkv gauges.
 * ``managers.utils.validate_input_length`` (AFTER): a prompt refused for its length is told why the
   limit is the dense size with compression (:data:`DENSE_PROMPT_LIMIT`).
+* ``ModelRunner.forward`` (AFTER, ``--kv-decode-compress``): the decode-time compression of the requests the
+  step just launched brought to their interval (:mod:`~sglang_fairkv.attention.decode_compress`), outside
+  any CUDA graph, before the next step's metadata.
 
 Every hook finds the state the same way, :func:`~sglang_fairkv.serving.pool_hooks.process_state`, and
 does nothing when it is None (fairkv off in this process).
@@ -42,6 +45,7 @@ T_METRICS = "sglang.srt.observability.metrics_collector.SchedulerMetricsCollecto
 T_INTERNAL_STATE = ("sglang.srt.managers.scheduler_components.internal_state."
                     "SchedulerInternalStateController._add_memory_usage")
 T_INPUT_LENGTH = "sglang.srt.managers.utils.validate_input_length"
+T_MODEL_FORWARD = "sglang.srt.model_executor.model_runner.ModelRunner.forward"
 
 #: Why a compressed server's longest prompt is what the pool holds dense (appended to SGLang's 400)
 DENSE_PROMPT_LIMIT = (
@@ -133,6 +137,15 @@ def replay_view_hook(result, *args, **kwargs):
     cpu = getattr(fb, "req_pool_indices_cpu", None)
     if cpu is not None and getattr(result, "req_pool_indices_cpu", None) is None:
         result.req_pool_indices_cpu = cpu
+    return result
+
+
+def model_forward_hook(result, runner, *args, **kwargs):
+    """AFTER ``ModelRunner.forward``: run the decode-time compression the step marked (fairkv backend
+    with ``--kv-decode-compress``; a no-op otherwise)."""
+    run = getattr(getattr(runner, "attn_backend", None), "run_pending_compression", None)
+    if run is not None and process_state() is not None:
+        run()
     return result
 
 

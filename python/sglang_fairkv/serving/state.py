@@ -76,6 +76,12 @@ class FairKVState:
     tier: TierBlocks | None = None
     #: the most pages the tier keeps once its prefills are done, per rank (int64 [tp]; eviction beyond)
     tier_cap_pages: torch.Tensor | None = None
+    #: decode-time compression counters (``/server_info`` ``decode_compress``): passes, request compressions,
+    #: rows evicted (group-wide) since start
+    decode_stats: dict = field(default_factory=lambda: {"passes": 0, "request_compressions": 0,
+                                                        "rows_evicted_total": 0})
+    #: decode-time compression's query ring ``[max_reqs, L, W, Hq, D]`` (``--kv-decode-compress``; else None)
+    decode_ring: torch.Tensor | None = None
     #: the radix tree of this process (set by :class:`~sglang_fairkv.serving.prefix_cache.FairKVRadixCache`)
     tree: object | None = None
     #: what the pool means in requests (:func:`~sglang_fairkv.compress.footprint.capacity_summary`, plus the
@@ -351,6 +357,18 @@ def build_state(cfg: CompressConfig, head_budgets: torch.Tensor | None, *, rank_
     pages_of = [sizes(h).pages for h in heads_of]
     heads = heads_of[rank_plan.rank]
     mine = sizes(heads)
+    # decode-time compression's query ring ``[max_reqs, L, W, group x heads, D]`` (model dtype): each rank's
+    # out of its own pages (its head slots)
+    ring_pages = [0] * rank_plan.tp
+    if cfg.decode_enabled:
+        from ..attention.decode_compress import ring_bytes
+
+        page_bytes = page_size * row_bytes
+        for q in range(rank_plan.tp):
+            rb = ring_bytes(max_reqs=max_reqs, num_layers=num_layers, window=cfg.decode_window,
+                            q_heads=group * heads_of[q], head_dim=head_dim, dtype=dtype)
+            ring_pages[q] = -(-rb // page_bytes)
+            pages_of[q] = int(pages_of[q]) - ring_pages[q]
     # the dense prefix tier (``prefix_tier`` > 0): a block is one page per (layer, KV head) a rank holds;
     # its block table ``[blocks, L, H]`` (int32) comes out of each rank's pages, and the block count is
     # the same on every rank (tier tokens are group-wide ids): the tightest rank's
@@ -371,6 +389,10 @@ def build_state(cfg: CompressConfig, head_budgets: torch.Tensor | None, *, rank_
             f"({mine.scratch_bytes / 2**20:.1f} MB) and the allocator's logical slots "
             f"({mine.allocator_bytes / 2**20:.1f} MB): lower --max-running-requests or --context-length, or give "
             "more memory (--mem-fraction-static / --max-total-tokens)")
+    decode_ring = None
+    if cfg.decode_enabled:
+        decode_ring = torch.zeros(max_reqs, num_layers, cfg.decode_window, group * heads, head_dim, dtype=dtype,
+                                  device=device)
     pool = RaggedKVPool(num_pages=int(pages_of[rank_plan.rank]) + 1, page_size=page_size, num_layers=num_layers,
                         num_kv_heads=heads, head_dim=head_dim, max_reqs=max_reqs, max_context=max_context,
                         dtype=store_dtype, device=device)
@@ -402,6 +424,11 @@ def build_state(cfg: CompressConfig, head_budgets: torch.Tensor | None, *, rank_
                 mine.table_bytes / 2**20, max_reqs, pool.max_context, mine.scratch_bytes / 2**20,
                 mine.allocator_bytes / 2**20,
                 rank_plan.plan.strategy, rank_plan.heads_per_layer(), cfg.to_json())
+    if decode_ring is not None:
+        logger.info("sglang-fairkv: rank %d decode query ring %.1f MB (%d pages of the KV budget): %d requests x %d "
+                    "layers x the last %d decode steps' queries", rank_plan.rank,
+                    decode_ring.numel() * decode_ring.element_size() / 2**20, ring_pages[rank_plan.rank], max_reqs,
+                    num_layers, cfg.decode_window)
     assigner = ReplicaAssigner(rank_plan.plan)
     fit = _capacity(cfg, assigner, pages_of, page_size, head_budgets)
     if rank_plan.rank == 0:  # what the pool means, in plain words (once per group)
@@ -414,4 +441,5 @@ def build_state(cfg: CompressConfig, head_budgets: torch.Tensor | None, *, rank_
                     fit["requests_dense"], f"on (up to {prefix_tier:.0%} of the pages)" if num_blocks > 0 else "off")
     return FairKVState(pool=pool, cfg=cfg, head_budgets=head_budgets, rank_plan=rank_plan, ledger=ledger,
                        assigner=assigner, profile_path=profile_path, workspace=workspace,
-                       dp_rank=dp_rank, tier=tier, tier_cap_pages=cap, capacity=fit, pool_heads_of=list(heads_of))
+                       dp_rank=dp_rank, tier=tier, tier_cap_pages=cap, capacity=fit, pool_heads_of=list(heads_of),
+                       decode_ring=decode_ring)

@@ -51,6 +51,22 @@ def plan_drift(state) -> dict | None:
     return state.traffic.drift(rp.plan, num_q_heads=rp.num_q_heads, head_dim=state.pool.head_dim)
 
 
+def decode_compress_stats(state) -> dict | None:
+    """Decode-time compression (``--kv-decode-compress``): the settings, what it did since start (passes,
+    request compressions, rows evicted group-wide) and for the requests admitted now; None when off."""
+    cfg = state.cfg
+    if not cfg.decode_enabled:
+        return None
+    reqs = state.requests
+    admitted = reqs.admitted_indices()
+    ring = state.decode_ring
+    return {"method": cfg.decode_method, "budget": cfg.decode_budget, "interval": cfg.decode_interval,
+            "window": cfg.decode_window, **state.decode_stats,
+            "running_rows_evicted": int(reqs.decode_evicted[admitted].sum()),
+            "running_compressed_requests": int((reqs.decode_compressions[admitted] > 0).sum()),
+            "query_ring_bytes": 0 if ring is None else ring.numel() * ring.element_size()}
+
+
 def fairkv_stats(state) -> dict:
     """``/server_info`` -> ``internal_states[i]["fairkv"]``: this rank's pool, the TP group's pages and
     balances from the ledger (identical on every rank), the live traffic and the plan's drift."""
@@ -124,6 +140,7 @@ def fairkv_stats(state) -> dict:
         "plan_copies_per_layer": state.rank_plan.plan.copies_per_layer(),
         "replicas": state.assigner.served(),
         "roomiest_admissions": state.roomiest_admissions,
+        "decode_compress": decode_compress_stats(state),
     }
     for alias, key in ALIASES.items():
         out[alias] = out[key]
