@@ -78,6 +78,15 @@ def test_kv_compress_bad_budget_one_line():
     (["--tp-size", "2", "--kv-compress", "adakv", "--fairkv-replan-head-slots", "4"],
      "--fairkv-replan-head-slots must be in [1, 3]"),
     (["--kv-compress", "adakv", "--fairkv-replan-head-slots", "2"], "--fairkv-replan-head-slots needs --tp-size > 1"),
+    (["--kv-decode-budget", "64"], "--kv-decode-budget need --kv-decode-compress snapkv|adakv"),
+    (["--kv-compress", "adakv", "--kv-decode-interval", "64"], "--kv-decode-interval need --kv-decode-compress"),
+    (["--kv-decode-compress", "adakv", "--kv-decode-interval", "8", "--kv-decode-window", "8"],
+     "--kv-decode-interval 8 must be longer than --kv-decode-window 8"),
+    (["--kv-decode-compress", "snapkv", "--kv-decode-budget", "16", "--kv-decode-window", "32"],
+     "--kv-decode-budget 16 is below --kv-decode-window 32"),
+    (["--kv-decode-compress", "snapkv", "--kv-decode-window", "0"], "--kv-decode-window must be >= 1, got 0"),
+    (["--kv-decode-compress", "adakv", "--kv-compress", "pyramidkv"],
+     "--kv-decode-compress adakv cannot follow --kv-compress pyramidkv"),
 ])
 def test_kv_compress_flag_errors(smollm2_path, args, needle):
     """Validated before anything starts (parse_launch): the message names the offending flag/value."""

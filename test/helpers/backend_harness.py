@@ -28,10 +28,11 @@ class Geometry:
 
 
 def make_backend(geo: Geometry, method: str = "none", ratio: float | None = None, window: int = 8,
-                 dtype=torch.float32, prefix_tier: float = 0.0, store_dtype=None):
+                 dtype=torch.float32, prefix_tier: float = 0.0, store_dtype=None, **decode):
     """A backend over a fresh pool (TP 1, every head on rank 0); ``prefix_tier`` > 0: with the dense
     prefix tier (no radix tree: a test hands prefixes over with ``state.tier_begin``); ``store_dtype``:
-    the rows' dtype (fp8: ``--kv-cache-dtype fp8_*``; default ``dtype``)."""
+    the rows' dtype (fp8: ``--kv-cache-dtype fp8_*``; default ``dtype``); ``decode``: the
+    ``CompressConfig`` decode fields (``decode_method=...``: decode-time compression)."""
     from sglang.srt.mem_cache.memory_pool import KVCache  # noqa: F401  (SGLang importable)
 
     from sglang_fairkv.attention.fairkv_backend import FairKVAttnBackend
@@ -40,12 +41,12 @@ def make_backend(geo: Geometry, method: str = "none", ratio: float | None = None
     from sglang_fairkv.serving.state import build_state
     from sglang_fairkv.placement.runtime import RankPlan, sha_plan
 
-    cfg = CompressConfig(method=method, ratio=ratio, window=window, kernel=3)
+    cfg = CompressConfig(method=method, ratio=ratio, window=window, kernel=3, **decode)
     plan = sha_plan("harness", geo.layers, geo.kv_heads, geo.q_heads, 1)
     state = build_state(cfg, None, rank_plan=RankPlan(plan, 0, geo.q_heads), max_total_tokens=geo.max_total_tokens,
                         rows_per_token_budget=geo.layers * geo.kv_heads, page_size=16, head_dim=geo.head_dim,
                         max_reqs=geo.max_reqs, max_context=geo.max_context, dtype=dtype, device="cpu",
-                        prefix_tier=prefix_tier, store_dtype=store_dtype)
+                        prefix_tier=prefix_tier, store_dtype=store_dtype, group=geo.q_heads // geo.kv_heads)
     cache = FairKVCache(state, size=geo.max_total_tokens, page_size=1, dtype=dtype, layer_num=geo.layers,
                         device="cpu")
     runner = SimpleNamespace(token_to_kv_pool=cache, device="cpu", model=SimpleNamespace(), dtype=dtype)
