@@ -55,3 +55,18 @@ def references(smollm2_path, kvpress_python, prompts, tmp_dir):
     }
 
 
+
+
+def decode_references(kvpress_python, model, prompts: list[list[int]], n_new: int, configs: list[dict],
+                      tmp_path) -> list[list[list[int]]]:
+    """Greedy tokens of kvpress's decoding presses (``kvpress_decode.py``, one model load): for each config
+    (``{"decode": {...} | absent, "prefill": {...} | absent}``; neither: no press) the tokens of each prompt."""
+    jobs = [{"ids": ids, "n_new": n_new, "decode": c.get("decode"), "prefill": c.get("prefill")}
+            for c in configs for ids in prompts]
+    src, out = tmp_path / "decode-jobs.json", tmp_path / "decode-out.json"
+    src.write_text(json.dumps(jobs))
+    r = subprocess.run([str(kvpress_python), str(REPO / "test" / "helpers" / "kvpress_decode.py"), str(model),
+                        str(src), str(out)], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(out.read_text())
+    return [got[i * len(prompts):(i + 1) * len(prompts)] for i in range(len(configs))]
