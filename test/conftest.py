@@ -111,6 +111,15 @@ def fairkv_references(smollm2_path, kvpress_python, fairkv_prompts, tmp_path_fac
         smollm2_path, kvpress_python, fairkv_prompts, tmp_path_factory.mktemp("kvp")))
 
 
+@pytest.fixture(scope="session")
+def decode_prompts(smollm2_path):
+    """Retrieval prompts of 600, 1100 and 1700 tokens for the decode-time compression tests (the 600 / 1100
+    ones are ``fairkv_prompts``)."""
+    from helpers.fairkv_refs import long_prompt_ids
+
+    return {n: long_prompt_ids(smollm2_path, n, seed) for n, seed in ((600, 1), (1100, 2), (1700, 3))}
+
+
 def shared_model(tmp_path_factory, name: str, **kw) -> Path:
     """A tiny local checkpoint built once per run in the folder every worker shares."""
     from filelock import FileLock

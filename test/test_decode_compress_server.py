@@ -18,24 +18,15 @@ import time
 import numpy as np
 import pytest
 import requests
-from helpers.fairkv_refs import decode_references, long_prompt_ids
+from helpers.fairkv_refs import (DECODE_K, DECODE_N, DECODE_W, decode_press, decode_references,
+                                 prefill_decode_references)
 from helpers.server import STRICT, Server
 
 pytestmark = [pytest.mark.server]
 
-N, K, W = 64, 16, 8
+N, K, W = DECODE_N, DECODE_K, DECODE_W
 DECODE = ["--kv-decode-interval", str(K), "--kv-decode-window", str(W)]
 LAYERS, KV_HEADS = 30, 3  # SmolLM2-135M
-
-
-@pytest.fixture(scope="session")
-def decode_prompts(smollm2_path):
-    """Retrieval prompts of 600, 1100 and 1700 tokens (the 600 / 1100 ones are the fairkv server tests')."""
-    return {n: long_prompt_ids(smollm2_path, n, seed) for n, seed in ((600, 1), (1100, 2), (1700, 3))}
-
-
-def decode_press(method: str, target: int) -> dict:
-    return {"method": method, "interval": K, "target": target, "window": W}
 
 
 def wait_empty(server, timeout=60.0) -> dict:
@@ -97,7 +88,7 @@ def prefill_decode_server():
 def test_prefill_decoding_press_equals_kvpress(prefill_decode_server, decode_prompts, smollm2_path, kvpress_python,
                                                shared, tmp_path_factory):
     prompts = [decode_prompts[600], decode_prompts[1700]]
-    ref = shared("decode-ref-prefill", lambda: prefill_decode_references(
+    ref = shared("decode-ref-prefill", lambda: prefill_decode_references(  # test_tp_fairkv shares it
         kvpress_python, smollm2_path, prompts, tmp_path_factory.mktemp("kvp-pd")))
     s = prefill_decode_server
     before = s.fairkv_info()["decode_compress"]
@@ -106,13 +97,6 @@ def test_prefill_decoding_press_equals_kvpress(prefill_decode_server, decode_pro
         assert got == want
         assert got != prefill_only, "the decode press did not change these tokens: pick another case"
     check_decode_stats(s, before, len(prompts))
-
-
-def prefill_decode_references(kvpress_python, smollm2_path, prompts, tmp):
-    """``PrefillDecodingPress(AdaKV 0.5, DecodingPress(AdaKV, 16, 48))`` and the prefill press alone."""
-    pre = {"method": "adakv", "ratio": 0.5}
-    return decode_references(kvpress_python, smollm2_path, prompts, N,
-                             [{"prefill": pre, "decode": decode_press("adakv", 48)}, {"prefill": pre}], tmp)
 
 
 @pytest.mark.xdist_group("decode-snapkv")

@@ -203,19 +203,30 @@ def _migrate_from_live(s, tp1_tokens) -> dict:
     return {"reply": reply, "busy_after": busy_after}
 
 
-def test_smollm2_tp2_through_a_plan_equals_kvpress(smollm2_path, fairkv_references, fairkv_prompts, tmp_path):
+def test_smollm2_tp2_through_a_plan_equals_kvpress(smollm2_path, fairkv_references, fairkv_prompts, tmp_path,
+                                                   decode_prompts, kvpress_python, shared, tmp_path_factory):
     """SmolLM2 has 3 KV heads: no even TP=2 split. A fairkv plan computed at start-up from SmolLM2's
-    measured AdaKV stats serves it at TP=2 with AdaKV, and gives kvpress's AdaKV tokens."""
-    from helpers.fairkv_refs import N_NEW as N, RATIO
+    measured AdaKV stats serves it at TP=2 with AdaKV, and gives kvpress's AdaKV tokens. The same server
+    compresses while decoding too (``--kv-decode-compress adakv``, budget 48 every 16 steps: the 16-token
+    requests never reach a decode compression): a 64-token generation equals kvpress's
+    ``PrefillDecodingPress`` (AdaKV at prefill, ``DecodingPress(AdaKV)``) -- the layer-wide top-k over both
+    ranks' heads, copies served by their replica -- and a prefix-cache hit of that prompt afterwards gives the
+    same tokens (decode-time compression touches the request's own segments, never the cached dense prefix)."""
+    from helpers.fairkv_refs import DECODE_K, DECODE_N, DECODE_W, N_NEW as N, RATIO, prefill_decode_references
 
     from sglang_fairkv.placement.stats import load_stats
 
     stats = tmp_path / "smollm2.json"
     measured = load_stats(REPO_STATS)
     measured.save(stats)
+    long_prompts = [decode_prompts[600], decode_prompts[1700]]
+    dec_ref = shared("decode-ref-prefill", lambda: prefill_decode_references(  # test_decode_compress_server's
+        kvpress_python, smollm2_path, long_prompts, tmp_path_factory.mktemp("kvp-pd")))
     # a 32k-token pool: the 1100-token prompt is within the prefix tier's write share (1/16), so it is cached
     args = ["--tp-size", "2", "--kv-compress", "adakv", "--kv-compress-ratio", str(RATIO),
-            "--fairkv-plan", "fairkv", "--fairkv-stats", str(stats), "--max-total-tokens", "32768"]
+            "--fairkv-plan", "fairkv", "--fairkv-stats", str(stats), "--max-total-tokens", "32768",
+            "--kv-decode-compress", "adakv", "--kv-decode-budget", "48", "--kv-decode-interval", str(DECODE_K),
+            "--kv-decode-window", str(DECODE_W)]
     with Server(args, env=STRICT) as s:
         first = s.greedy(fairkv_prompts[1], N)
         got = first["output_ids"]
@@ -224,6 +235,9 @@ def test_smollm2_tp2_through_a_plan_equals_kvpress(smollm2_path, fairkv_referenc
         # heads, copies included, whichever replica served the first request); only the window runs
         again = s.greedy(fairkv_prompts[1], N)
         states = wait_ranks_empty(s)
+        long_first = s.greedy(long_prompts[0], DECODE_N)
+        long_again = s.greedy(long_prompts[0], DECODE_N)
+        after = wait_ranks_empty(s)
     assert got == fairkv_references["adakv"][1]
     assert got != fairkv_references["hf"][1]
     assert sum(info["plan_copies_per_layer"]) >= 1
@@ -232,6 +246,13 @@ def test_smollm2_tp2_through_a_plan_equals_kvpress(smollm2_path, fairkv_referenc
     assert again["meta_info"]["cached_tokens"] == len(fairkv_prompts[1]) - 64
     ranks = states[0]["ranks"]
     assert [r["pages_used"] for r in ranks] == [0, 0] and all(r["prefix_tier_pages"] > 0 for r in ranks), ranks
+    assert states[0]["decode_compress"]["request_compressions"] == 0  # 15 decode steps each: none reached 16
+    assert long_first["output_ids"] == dec_ref[0][0] != dec_ref[1][0]
+    assert long_again["output_ids"] == long_first["output_ids"]
+    assert long_again["meta_info"]["cached_tokens"] == len(long_prompts[0]) - 64
+    dc = after[0]["decode_compress"]  # three compressions per 64-token request, every rank's pages back
+    assert dc["request_compressions"] == 6 and dc["rows_evicted_total"] > 0, dc
+    assert [r["pages_used"] for r in after[0]["ranks"]] == [0, 0]
 
 
 def test_smollm2_tp2_with_defaults_only_equals_tp1(smollm2_path, fairkv_references, fairkv_prompts):

@@ -70,3 +70,20 @@ def decode_references(kvpress_python, model, prompts: list[list[int]], n_new: in
     assert r.returncode == 0, r.stderr[-3000:]
     got = json.loads(out.read_text())
     return [got[i * len(prompts):(i + 1) * len(prompts)] for i in range(len(configs))]
+
+
+#: decode-time compression tests: kvpress's DecodingPress(compression_interval=16) with SnapKVPress(window_size=8),
+#: 64 new tokens (compressions after decode steps 16, 32, 48)
+DECODE_N, DECODE_K, DECODE_W = 64, 16, 8
+
+
+def decode_press(method: str, target: int) -> dict:
+    """A ``kvpress_decode.py`` decoding press at the tests' interval and window."""
+    return {"method": method, "interval": DECODE_K, "target": target, "window": DECODE_W}
+
+
+def prefill_decode_references(kvpress_python, model, prompts, tmp_path) -> list[list[list[int]]]:
+    """``PrefillDecodingPress(AdaKV 0.5, DecodingPress(AdaKV, 16, 48))``, then the prefill press alone."""
+    pre = {"method": "adakv", "ratio": 0.5}
+    return decode_references(kvpress_python, model, prompts, DECODE_N,
+                             [{"prefill": pre, "decode": decode_press("adakv", 48)}, {"prefill": pre}], tmp_path)
