@@ -120,6 +120,7 @@ def test_admission_bound_holds_over_simulated_compressions(method):
     charge = kept_pages(cfg, n, extra, owner, 2, P)
     assert (charge < kept_pages(CompressConfig(), n, extra, owner, 2, P)).all()
     lens = np.full((L, KV), n)
+    history = [lens.copy()]
     for step in range(1, extra + 1):
         lens += 1
         if step % 8 == 0:
@@ -135,6 +136,14 @@ def test_admission_bound_holds_over_simulated_compressions(method):
             for h in range(KV):
                 pages[owner[lid, h], lid] += -(-lens[lid, h] // P)
         assert (pages <= charge).all(), (step, pages, charge)
+        history.append(lens.copy())
+    # a live re-plan prices what each running request may still gain (control_plane.decode_growth_bound)
+    from sglang_fairkv.serving.control_plane import decode_growth_bound
+
+    hist = np.stack(history)  # [steps + 1, L, KV]
+    for t in range(0, extra, 7):
+        gain = (hist[t:] - hist[t]).max()
+        assert gain <= decode_growth_bound(cfg, hist[t][None])[0], (t, gain)
 
 
 def test_config_round_trip_and_words():

@@ -6,7 +6,8 @@ kvpress's settings throughout: ``DecodingPress(base, compression_interval=16, ta
 ``SnapKVPress(window_size=8)`` (``--kv-decode-interval 16 --kv-decode-window 8 --kv-decode-budget 64``), 64
 new tokens (63 decode steps: compressions after steps 16, 32 and 48). Every case was chosen where the decode
 press changes the tokens (vs dense, vs prefill-only): SmolLM2 often repeats itself, and a comparison that the
-feature does not move proves nothing. The TP 2 case with a plan with copies: test_tp_fairkv.
+feature does not move proves nothing. The TP 2 case with a plan with copies: test_tp_fairkv; DecodingPress
+with SnapKV alone: test_fairkv_methods (on its ``--kv-compress none`` server).
 """
 
 from __future__ import annotations
@@ -61,9 +62,9 @@ def adakv_decode_server():
 @pytest.mark.xdist_group("decode-adakv")
 def test_adakv_decoding_press_equals_kvpress(adakv_decode_server, decode_prompts, smollm2_path, kvpress_python,
                                              shared, tmp_path_factory):
-    prompts = [decode_prompts[600], decode_prompts[1700]]
+    prompts = [decode_prompts[600], decode_prompts[1100]]
     ref = shared("decode-ref-adakv", lambda: decode_references(
-        kvpress_python, smollm2_path, prompts, N, [{"decode": decode_press("adakv", 64)}, {}],
+        kvpress_python, smollm2_path, prompts, N, [decode_press("adakv", 64), None],
         tmp_path_factory.mktemp("kvp-dec")))
     s = adakv_decode_server
     before = s.fairkv_info()["decode_compress"]
@@ -97,24 +98,6 @@ def test_prefill_decoding_press_equals_kvpress(prefill_decode_server, decode_pro
         assert got == want
         assert got != prefill_only, "the decode press did not change these tokens: pick another case"
     check_decode_stats(s, before, len(prompts))
-
-
-@pytest.mark.xdist_group("decode-snapkv")
-def test_snapkv_decoding_press_equals_kvpress(decode_prompts, smollm2_path, kvpress_python, shared,
-                                              tmp_path_factory):
-    prompts = [decode_prompts[1100]]
-    ref = shared("decode-ref-snapkv", lambda: decode_references(
-        kvpress_python, smollm2_path, prompts, N, [{"decode": decode_press("snapkv", 64)}, {}],
-        tmp_path_factory.mktemp("kvp-snap")))
-    args = ["--kv-decode-compress", "snapkv", "--kv-decode-budget", "64", *DECODE]
-    with Server(args, env=STRICT) as s:
-        before = s.fairkv_info()["decode_compress"]
-        got = s.greedy_ids(prompts[0], N)
-        info = s.fairkv_info()
-        dc = check_decode_stats(s, before, 1)
-    assert got == ref[0][0]
-    assert got != ref[1][0], "the decode press did not change these tokens: pick another case"
-    assert info["kv_compress"] == "none" and dc["method"] == "snapkv"
 
 
 def running_at_once(server, prompts: list[list[int]], new: int, settle_steps: int, check=None) -> int:

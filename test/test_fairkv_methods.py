@@ -1,5 +1,5 @@
-"""``--kv-compress snapkv`` and ``none`` on a real CPU server (one server per test, started after
-the references are computed; the adakv server of test_fairkv_server is gone by then)."""
+"""``--kv-compress snapkv`` and ``none`` (with decode-time SnapKV) on a real CPU server (one server per test,
+started after the references are computed; the adakv server of test_fairkv_server is gone by then)."""
 
 from __future__ import annotations
 
@@ -22,13 +22,36 @@ def test_snapkv_greedy_equals_kvpress(fairkv_references, fairkv_prompts):
         assert st["pages_used"] == 0 and st["prefix_tier"] is None
 
 
-def test_none_equals_hf_transformers(fairkv_references, fairkv_prompts):
-    """``--kv-compress none``: the ragged pool without compression is the full cache."""
-    with Server(["--kv-compress", "none"], env=STRICT) as s:
+def test_none_equals_hf_transformers_and_snapkv_decoding_press_equals_kvpress(
+        fairkv_references, fairkv_prompts, decode_prompts, smollm2_path, kvpress_python, shared, tmp_path_factory):
+    """``--kv-compress none``: the ragged pool without prompt compression is the full cache. The server
+    compresses while decoding (``--kv-decode-compress snapkv``, budget 64 every 16 steps), which the HF
+    comparisons never reach (15 decode steps; the 24-token answer of the short prompt holds fewer rows than
+    the budget): its query ring changes nothing. A 64-token generation then equals kvpress's
+    ``DecodingPress(SnapKVPress(window_size=8), compression_interval=16, target_size=64)`` -- tokens the
+    decode press changes (vs dense) -- and each request is compressed three times (after steps 16, 32, 48).
+    (DecodingPress with AdaKV and PrefillDecodingPress: test_decode_compress_server.)"""
+    from helpers.fairkv_refs import DECODE_K, DECODE_N, DECODE_W, decode_press, decode_references
+
+    prompt = decode_prompts[1100]
+    ref = shared("decode-ref-snapkv", lambda: decode_references(
+        kvpress_python, smollm2_path, [prompt], DECODE_N, [decode_press("snapkv", 64), None],
+        tmp_path_factory.mktemp("kvp-snap")))
+    args = ["--kv-compress", "none", "--kv-decode-compress", "snapkv", "--kv-decode-budget", "64",
+            "--kv-decode-interval", str(DECODE_K), "--kv-decode-window", str(DECODE_W)]
+    with Server(args, env=STRICT) as s:
         assert s.greedy_ids(fairkv_references["short"], 24) == fairkv_references["hf_short"]
         assert s.greedy_ids(fairkv_prompts[1], N_NEW) == fairkv_references["hf"][1]
         st = wait_pool_empty(s)
         assert st["kv_compress"] == "none" and st["pages_used"] == 0
+        assert st["decode_compress"]["request_compressions"] == 0
+        got = s.greedy_ids(prompt, DECODE_N)
+        st = wait_pool_empty(s)
+    assert got == ref[0][0]
+    assert got != ref[1][0], "the decode press did not change these tokens: pick another case"
+    dc = st["decode_compress"]
+    assert dc["method"] == "snapkv" and dc["request_compressions"] == 3 and dc["rows_evicted_total"] > 0, dc
+    assert st["pages_used"] == 0 and dc["running_rows_evicted"] == 0
 
 
 def test_retraction_frees_and_recompresses_pyramidkv(fairkv_prompts):

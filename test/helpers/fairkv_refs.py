@@ -57,19 +57,19 @@ def references(smollm2_path, kvpress_python, prompts, tmp_dir):
 
 
 
-def decode_references(kvpress_python, model, prompts: list[list[int]], n_new: int, configs: list[dict],
-                      tmp_path) -> list[list[list[int]]]:
-    """Greedy tokens of kvpress's decoding presses (``kvpress_decode.py``, one model load): for each config
-    (``{"decode": {...} | absent, "prefill": {...} | absent}``; neither: no press) the tokens of each prompt."""
-    jobs = [{"ids": ids, "n_new": n_new, "decode": c.get("decode"), "prefill": c.get("prefill")}
-            for c in configs for ids in prompts]
+def decode_references(kvpress_python, model, prompts: list[list[int]], n_new: int, decodes: list[dict | None],
+                      tmp_path, prefill: dict | None = None) -> list[list[list[int]]]:
+    """Greedy tokens of kvpress's decoding presses (``kvpress_decode.py``, one model load, each prompt
+    prefilled once with ``prefill``): for each of ``decodes`` (a decoding press, or None: without one) the
+    tokens of each prompt."""
+    jobs = [{"ids": ids, "n_new": n_new, "prefill": prefill, "decodes": decodes} for ids in prompts]
     src, out = tmp_path / "decode-jobs.json", tmp_path / "decode-out.json"
     src.write_text(json.dumps(jobs))
     r = subprocess.run([str(kvpress_python), str(REPO / "test" / "helpers" / "kvpress_decode.py"), str(model),
                         str(src), str(out)], capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
-    got = json.loads(out.read_text())
-    return [got[i * len(prompts):(i + 1) * len(prompts)] for i in range(len(configs))]
+    got = json.loads(out.read_text())  # [prompt][decode]
+    return [[got[p][d] for p in range(len(prompts))] for d in range(len(decodes))]
 
 
 #: decode-time compression tests: kvpress's DecodingPress(compression_interval=16) with SnapKVPress(window_size=8),
@@ -84,6 +84,5 @@ def decode_press(method: str, target: int) -> dict:
 
 def prefill_decode_references(kvpress_python, model, prompts, tmp_path) -> list[list[list[int]]]:
     """``PrefillDecodingPress(AdaKV 0.5, DecodingPress(AdaKV, 16, 48))``, then the prefill press alone."""
-    pre = {"method": "adakv", "ratio": 0.5}
-    return decode_references(kvpress_python, model, prompts, DECODE_N,
-                             [{"prefill": pre, "decode": decode_press("adakv", 48)}, {"prefill": pre}], tmp_path)
+    return decode_references(kvpress_python, model, prompts, DECODE_N, [decode_press("adakv", 48), None], tmp_path,
+                             prefill={"method": "adakv", "ratio": 0.5})

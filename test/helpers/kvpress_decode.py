@@ -3,10 +3,11 @@ compression), alone or inside ``PrefillDecodingPress``, as a server that frees p
 
     .venv-kvpress/bin/python test/helpers/kvpress_decode.py MODEL JOBS OUT
 
-``JOBS``: JSON list of ``{"ids": [...], "n_new": N, "decode": {"method": "snapkv"|"adakv", "interval": K,
-"target": T, "window": W}, "prefill": null | {"method": "snapkv"|"adakv", "ratio": R}}``; ``"decode":
-null`` runs the prefill press alone (or nothing). Writes a JSON list of output id lists; with ``"trace":
-true`` a job's entry is ``{"tokens": [...], "kept": [[layer][head] -> rows kept after each compression]}``.
+``JOBS``: JSON list of ``{"ids": [...], "n_new": N, "prefill": null | {"method": "snapkv"|"adakv", "ratio":
+R}, "decodes": [{"method": "snapkv"|"adakv", "interval": K, "target": T, "window": W} | null, ...]}``: the
+prompt is prefilled once (with the prefill press), then decoded once per entry of ``decodes`` from a copy
+of that cache (null: the prefill press alone, or no press). Writes, per job, the list of output id lists;
+with ``"trace": true`` each entry is ``{"tokens": [...], "kept": [layer][compression] -> rows per head}``.
 
 kvpress's ``DecodingPress(base_press, compression_interval=K, target_size=T)`` is used as it is -- its
 hook buffers each layer's decode hidden states and every ``K`` decode steps (after that step's attention)
@@ -32,6 +33,7 @@ of the last prompt position, then ``N - 1`` greedy decode steps at positions ``S
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import sys
@@ -143,42 +145,52 @@ def adakv_keep(scores: list[torch.Tensor], T: int, alpha: float) -> list[torch.T
     return [keep[owner[keep] == h] - offset[h] for h in range(kv)]
 
 
-def make_press(job: dict, trace: dict | None):
-    dec, pre = job.get("decode"), job.get("prefill")
-    decoding = None
-    if dec is not None:
-        snap = SnapKVPress(window_size=int(dec["window"]))
-        base = AdaKVPress(snap) if dec["method"] == "adakv" else snap
-        decoding = EvictingDecodingPress(base_press=base, compression_interval=int(dec["interval"]),
-                                         target_size=int(dec["target"]), trace=trace)
-    prefilling = None
-    if pre is not None:
-        snap = SnapKVPress(compression_ratio=float(pre["ratio"]))
-        prefilling = AdaKVPress(snap) if pre["method"] == "adakv" else snap
-    if decoding is not None and prefilling is not None:
-        return PrefillDecodingPress(prefilling_press=prefilling, decoding_press=decoding)
-    return decoding or prefilling
+def decoding_press(dec: dict | None, trace: dict | None) -> EvictingDecodingPress | None:
+    if dec is None:
+        return None
+    snap = SnapKVPress(window_size=int(dec["window"]))
+    base = AdaKVPress(snap) if dec["method"] == "adakv" else snap
+    return EvictingDecodingPress(base_press=base, compression_interval=int(dec["interval"]),
+                                 target_size=int(dec["target"]), trace=trace)
 
 
-def generate(model, job: dict):
-    ids, n_new = job["ids"], int(job["n_new"])
-    trace = {} if job.get("trace") else None
-    press = make_press(job, trace)
+def prefill_press(pre: dict | None):
+    if pre is None:
+        return None
+    snap = SnapKVPress(compression_ratio=float(pre["ratio"]))
+    return AdaKVPress(snap) if pre["method"] == "adakv" else snap
+
+
+def generate(model, ids: list[int], n_new: int, prefill: dict | None, decodes: list[dict | None],
+             trace: bool = False) -> list:
+    """The prompt prefilled once with the prefill press (kvpress's own), then each decoding press of
+    ``decodes`` (None: none) from its own copy of that cache -- as ``PrefillDecodingPress(prefill, decoding)``
+    does, whose prefill half does not depend on the decoding press."""
+    pre = prefill_press(prefill)
     cache = DynamicCache()
+    attn = [layer.self_attn for layer in model.model.layers]
     with torch.no_grad():
-        ctx = press(model) if press is not None else _null()
-        with ctx:
+        with (pre(model) if pre is not None else _null()):
             out = model(input_ids=torch.tensor([ids]), past_key_values=cache)
-            gen = [int(out.logits[0, -1].argmax())]
-            for i in range(n_new - 1):
-                out = model(input_ids=torch.tensor([[gen[-1]]]), past_key_values=cache,
-                            position_ids=torch.tensor([[len(ids) + i]]))
-                gen.append(int(out.logits[0, -1].argmax()))
-    for layer in model.model.layers:  # the next job starts without this one's mask
-        layer.self_attn.masked_key_indices = None
-    if trace is None:
-        return gen
-    return {"tokens": gen, "kept": [trace[l] for l in sorted(trace)]}
+        first = int(out.logits[0, -1].argmax())
+        masks = [getattr(m, "masked_key_indices", None) for m in attn]
+        results = []
+        for dec in decodes:
+            for m, mask in zip(attn, masks):  # the prefill's masks (a decoding press replaces them)
+                m.masked_key_indices = mask
+            kept = {} if trace else None
+            press = decoding_press(dec, kept)
+            c = copy.deepcopy(cache)  # kvpress's attention patch writes fake keys into the cache in place
+            gen = [first]
+            with (press(model) if press is not None else _null()):
+                for i in range(n_new - 1):
+                    out = model(input_ids=torch.tensor([[gen[-1]]]), past_key_values=c,
+                                position_ids=torch.tensor([[len(ids) + i]]))
+                    gen.append(int(out.logits[0, -1].argmax()))
+            results.append({"tokens": gen, "kept": [kept[l] for l in sorted(kept)]} if trace else gen)
+    for m in attn:  # the next prompt starts without this one's masks
+        m.masked_key_indices = None
+    return results
 
 
 class _null:
@@ -194,7 +206,8 @@ def main():
     jobs = json.load(open(jobs_path))
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32,
                                                  attn_implementation="sdpa").eval()
-    json.dump([generate(model, j) for j in jobs], open(out_path, "w"))
+    json.dump([generate(model, j["ids"], int(j["n_new"]), j.get("prefill"), j["decodes"], bool(j.get("trace")))
+               for j in jobs], open(out_path, "w"))
 
 
 if __name__ == "__main__":

@@ -83,7 +83,9 @@ class DecodeCompressor:
         if due is None:
             return
         reqs = self.state.requests
-        due = np.asarray([r for r in dict.fromkeys(due.tolist()) if r in reqs.admitted], dtype=np.int64)
+        # still admitted and past its prompt (a slot released and taken by a new prompt meanwhile is not it)
+        due = np.asarray([r for r in dict.fromkeys(due.tolist()) if r in reqs.admitted and reqs.prompt_done[r]],
+                         dtype=np.int64)
         if not due.size:
             return
         self.state.decode_stats["passes"] += 1
@@ -139,12 +141,13 @@ class DecodeCompressor:
         after = self.ledger.length[torch.from_numpy(due)]
         evicted = before - after.sum(dim=(1, 2)).numpy()
         reqs = st.requests
+        cut = evicted > 0  # a request at or under its budget everywhere kept all: not a compression
         reqs.decode_evicted[due] += evicted
-        reqs.decode_compressions[due] += 1
+        reqs.decode_compressions[due] += cut
         stats = st.decode_stats
-        stats["request_compressions"] += int(n)
+        stats["request_compressions"] += int(cut.sum())
         stats["rows_evicted_total"] += int(evicted.sum())
-        for r, kept_lk in zip(due.tolist(), after.numpy()):
+        for r, kept_lk in zip(due[cut].tolist(), after.numpy()[cut]):
             st.traffic.record(kept_lk, int(reqs.decode_context[r]))  # the live profile sees decode-time sizes
         if logger.isEnabledFor(logging.DEBUG):
             for r, e in zip(due.tolist(), evicted.tolist()):

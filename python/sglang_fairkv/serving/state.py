@@ -228,6 +228,9 @@ class FairKVState:
                 self.assigner.admit(reqs.admitted[r], max(1.0, float(running.weights[i])), chosen)
                 self.ledger.owner[r] = torch.from_numpy(np.ascontiguousarray(own, dtype=np.int64))
                 reqs.charged[r] = running.charged[i]
+            # the decode query ring holds each running request's queries per *local* head slot, which the
+            # switch re-laid: their intervals restart, so no compression scores with queries of other heads
+            reqs.decode_steps[running.req_idx] = 0
         if self.tier is not None:
             self.pool.enable_tier(self.tier.num_blocks, self.heads_per_layer)
             self.ledger.attach_tier(self.tier, _tier_pages_per_block(
@@ -386,9 +389,11 @@ def build_state(cfg: CompressConfig, head_budgets: torch.Tensor | None, *, rank_
             f"sglang-fairkv: the KV budget ({mine.budget_bytes / 2**20:.1f} MB for {max_total_tokens} tokens) "
             f"does not hold the segment page table ({mine.table_bytes / 2**20:.1f} MB for {max_reqs} requests x "
             f"{num_layers} layers x {heads} heads x context {max_context}) the decode scratch "
-            f"({mine.scratch_bytes / 2**20:.1f} MB) and the allocator's logical slots "
-            f"({mine.allocator_bytes / 2**20:.1f} MB): lower --max-running-requests or --context-length, or give "
-            "more memory (--mem-fraction-static / --max-total-tokens)")
+            f"({mine.scratch_bytes / 2**20:.1f} MB), the allocator's logical slots "
+            f"({mine.allocator_bytes / 2**20:.1f} MB) and the decode query ring "
+            f"({ring_pages[rank_plan.rank] * page_size * row_bytes / 2**20:.1f} MB, --kv-decode-window): lower "
+            "--max-running-requests or --context-length, or give more memory (--mem-fraction-static / "
+            "--max-total-tokens)")
     decode_ring = None
     if cfg.decode_enabled:
         decode_ring = torch.zeros(max_reqs, num_layers, cfg.decode_window, group * heads, head_dim, dtype=dtype,
