@@ -304,3 +304,44 @@ def test_decode_step_and_snapkv_pass_are_sync_free():
         assert sum(counter.values()) == allowed, counter
         lens = be.pool.seg_len_host[1]
         assert (lens.max() if method == "snapkv" else lens.sum(axis=1).max() / GEO.kv_heads) <= T
+
+
+def test_retraction_restarts_the_interval_and_the_pass_skips_released_requests():
+    """A request retracted mid-interval (released, then re-prefilled from prompt + answer, as SGLang does)
+    counts its interval afresh and is compressed K steps after its new prompt; a request released after it
+    reached its interval but before the pass (a finish, an abort) is skipped, its slot untouched."""
+    be = make_backend(GEO, decode_method="snapkv", decode_budget=T, decode_interval=K, decode_window=W)
+    ref, gen = Reference("snapkv"), torch.Generator().manual_seed(5)
+    st, pool = be.state, be.pool
+    prefill(be, ref, [1, 2], [50, 60], gen)
+    for _ in range(K - 3):
+        run_step(be, ref, [1, 2], gen, check_attention=False)
+    st.release(1)  # retracted with 3 steps left in its interval
+    assert st.requests.decode_steps[1] == 0
+    ref.steps.pop(1)
+    for key in [k for k in ref.k if k[0] == 1]:
+        del ref.k[key], ref.v[key], ref.q[key], ref.live[key]
+    prefill(be, ref, [1], [50 + K - 3], gen)  # prompt + generated, dense again
+    for _ in range(3):
+        run_step(be, ref, [1, 2], gen, check_attention=False)
+    be.run_pending_compression()
+    assert pool.seg_len_host[2].max() <= T  # request 2 reached K: compressed
+    assert pool.seg_len_host[1].min() == 50 + K - 3 + 3  # request 1 counts afresh: not yet
+    for _ in range(K - 3):
+        run_step(be, ref, [1], gen, check_attention=False)  # the last: request 1's K-th step since re-prefill
+    be.run_pending_compression()
+    assert pool.seg_len_host[1].max() <= T
+    for lid in range(GEO.layers):
+        for h in range(GEO.kv_heads):
+            pos = ref.live[1, lid][h]
+            rows = pool.rows_of(1, lid, h, torch.arange(len(pos)))
+            assert torch.equal(pool.k_rows[rows], ref.k[1, lid][pos, h])
+    for _ in range(K):
+        run_step(be, ref, [2], gen, check_attention=False, compress_ref=False)
+    assert be.decode_press.pending is not None and 2 in be.decode_press.pending
+    before = dict(st.decode_stats)
+    st.release(2)  # finished in the step that reached its interval: released before the pass
+    be.run_pending_compression()
+    assert st.decode_stats == before and be.decode_press.pending is None
+    st.release(1)
+    assert pool.used_pages() == 0 and st.ledger_mismatch() is None

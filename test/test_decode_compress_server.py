@@ -67,13 +67,19 @@ def test_adakv_decoding_press_equals_kvpress(adakv_decode_server, decode_prompts
         kvpress_python, smollm2_path, prompts, N, [decode_press("adakv", 64), None],
         tmp_path_factory.mktemp("kvp-dec")))
     s = adakv_decode_server
-    before = s.fairkv_info()["decode_compress"]
+    info = s.fairkv_info()
+    before, seen = info["decode_compress"], (info["live_profile"] or {}).get("seen", 0)
     for ids, want, dense in zip(prompts, ref[0], ref[1]):
         got = s.greedy_ids(ids, N)
         assert got == want
         assert got != dense, "the decode press did not change these tokens: pick another case"
     dc = check_decode_stats(s, before, len(prompts))
     assert (dc["method"], dc["budget"], dc["interval"], dc["window"]) == ("adakv", 64, K, W)
+    # the live profile (what a re-plan is made from) sampled every decode-time compression's kept sizes: the
+    # prompts themselves were not compressed (no --kv-compress), each generation was three times
+    profile = s.fairkv_info()["live_profile"]
+    assert profile["seen"] - seen == 3 * len(prompts), profile
+    assert profile["decode_method"] == "adakv" and profile["decode_budget"] == 64, profile
 
 
 @pytest.fixture(scope="module")

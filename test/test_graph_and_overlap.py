@@ -28,11 +28,16 @@ PROMPTS = {1: 40, 2: 17, 3: 64, 5: 33, 6: 90}
 INACTIVE = (5, 1, 1)  # request 5 head 1 in layer 1: a copy served by another rank replica
 
 
-def twin(seed: int = 0, fused: bool = False, store=None):
+#: decode-time compression small enough to run inside the replay test's four steps (a request reaching 3 decode
+#: steps is cut to 12 rows per head)
+DECODE = dict(decode_method="snapkv", decode_budget=12, decode_interval=3, decode_window=2)
+
+
+def twin(seed: int = 0, fused: bool = False, store=None, decode: bool = False):
     """A backend on the CUDA branch with the prompts prefilled (same K/V for every twin). ``fused``: the
     pool's step runs as on CUDA, two Triton launches (interpreted) instead of torch ops; ``store``: the
-    rows' dtype (fp8: ``--kv-cache-dtype fp8_e4m3``)."""
-    b = make_backend(GEO, store_dtype=store)
+    rows' dtype (fp8: ``--kv-cache-dtype fp8_e4m3``); ``decode``: with decode-time compression (:data:`DECODE`)."""
+    b = make_backend(GEO, store_dtype=store, **(DECODE if decode else {}))
     use_cuda_branch(b, min_split=32, block_n=16)
     b.pool.fused_step = fused
     st, gen = b.state, torch.Generator().manual_seed(seed)
@@ -80,13 +85,16 @@ def _raw(rows: torch.Tensor) -> torch.Tensor:
     return rows.view(torch.uint8) if rows.element_size() == 1 else rows
 
 
-@pytest.mark.parametrize("fused,store", [(False, None), (True, None), (True, torch.float8_e4m3fn)],
-                         ids=["torch-step", "fused-step", "fused-step-fp8-rows"])
-def test_graph_replay_equals_eager_steps_and_never_reallocates(fused, store):
+@pytest.mark.parametrize("fused,store,decode", [(False, None, False), (True, None, False),
+                                                (True, torch.float8_e4m3fn, False), (True, None, True)],
+                         ids=["torch-step", "fused-step", "fused-step-fp8-rows", "fused-step-decode-compress"])
+def test_graph_replay_equals_eager_steps_and_never_reallocates(fused, store, decode):
     """Graph replays (static buffers, padding slots) equal eager steps of a twin, with the pool's step
     in torch ops or in the fused Triton launches (the CUDA path), over model-dtype or fp8 rows: same
-    outputs, same tables, same rows."""
-    eager, graph = twin(store=store), twin(fused=fused, store=store)
+    outputs, same tables, same rows. With decode-time compression the queries reach the ring through the
+    static slot buffer (padding slots on the padding row 0) and the compressions between steps (outside
+    the graph) leave both twins alike."""
+    eager, graph = twin(store=store, decode=decode), twin(fused=fused, store=store, decode=decode)
     gen = torch.Generator().manual_seed(1)
     graph.init_cuda_graph_state(max_bs=8, max_num_tokens=8)
     buffers = [t.data_ptr() for t in graph.graph_buffers()]
@@ -127,6 +135,18 @@ def test_graph_replay_equals_eager_steps_and_never_reallocates(fused, store):
         P = graph.pool.page_size
         assert torch.equal(_raw(graph.pool.k_rows[P:]), _raw(eager.pool.k_rows[P:]))
         assert torch.equal(_raw(graph.pool.v_rows[P:]), _raw(eager.pool.v_rows[P:]))
+        if decode:  # the same queries in the ring (row 0: padding), then the same compressions
+            ring_e, ring_g = eager.state.decode_ring, graph.state.decode_ring
+            assert torch.equal(ring_g[1:], ring_e[1:])
+            assert np.array_equal(eager.decode_press.pending if eager.decode_press.pending is not None else [],
+                                  graph.decode_press.pending if graph.decode_press.pending is not None else [])
+            eager.run_pending_compression()
+            graph.run_pending_compression()
+            assert np.array_equal(graph.pool.seg_len_host, eager.pool.seg_len_host)
+            assert torch.equal(graph.pool.seg_len, eager.pool.seg_len)
+    if decode:
+        assert graph.state.decode_stats["request_compressions"] >= 3
+        assert graph.state.decode_stats == eager.state.decode_stats
     assert graph.pool.k_rows.dtype == (store or torch.float32)
     assert [t.data_ptr() for t in graph.graph_buffers()] == buffers  # never reallocated
     assert graph.state.host_index_readbacks == 0

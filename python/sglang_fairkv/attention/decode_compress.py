@@ -34,8 +34,9 @@ from ..compress.decode_press import select_adakv, select_uniform, window_scores
 logger = logging.getLogger(__name__)
 
 #: the most score elements (requests x query heads x window x padded rows) one pass scores at once:
-#: requests that reach their interval together are compressed in chunks of this size (float32: 256 MB)
-SCORE_ELEMENTS = 1 << 26
+#: requests that reach their interval together are compressed in chunks of this size (float32 logits and
+#: probabilities: 64 MB each, transient, outside the KV budget like the prefill's scoring)
+SCORE_ELEMENTS = 1 << 24
 
 
 def ring_bytes(*, max_reqs: int, num_layers: int, window: int, q_heads: int, head_dim: int, dtype) -> int:

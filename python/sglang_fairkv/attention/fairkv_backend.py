@@ -30,8 +30,8 @@ from .. import env
 from ..serving.kv_cache import FairKVCache
 from ..serving.state import FairKVState
 from .capabilities import layer_problem, model_problem
-from .decode_compress import DecodeCompressor
 from .causal import varlen_usable
+from .decode_compress import DecodeCompressor
 from .prefill import ExtendMetadata, PrefillMixin, kv_scales
 
 logger = logging.getLogger(__name__)

@@ -52,13 +52,11 @@ import numpy as np
 import torch
 
 from .page_stack import PageStackMixin, RaggedPoolFull  # noqa: F401  (re-exported)
-from .pool_compact import CompactMixin
+# the device tables that pending writes target (_PAGES, _LEN, _ACTIVE; the tier's: _TIER)
+from .pool_compact import _ACTIVE, _LEN, _PAGES, CompactMixin
 from .pool_rows import RowCodecMixin
 from .pool_staging import StagingMixin
 from .pool_tier import _TIER, TierMixin
-
-
-from .pool_compact import _ACTIVE, _LEN, _PAGES  # noqa: E402  the device tables that pending writes target (and the tier's, _TIER = 3)
 
 
 class RaggedKVPool(CompactMixin, RowCodecMixin, PageStackMixin, StagingMixin, TierMixin):

@@ -38,7 +38,10 @@ def live_profile(state) -> dict | None:
     plan, cfg = state.rank_plan.plan, state.cfg
     return {**prof, "model": plan.model, "num_layers": plan.num_layers, "num_kv_heads": plan.num_kv_heads,
             "num_q_heads": state.rank_plan.num_q_heads, "head_dim": state.pool.head_dim,
-            "method": cfg.method, "budget": cfg.budget, "ratio": cfg.ratio}
+            "method": cfg.method, "budget": cfg.budget, "ratio": cfg.ratio,
+            # with decode-time compression the samples include each decode compression's kept sizes
+            "decode_method": cfg.decode_method if cfg.decode_enabled else None,
+            "decode_budget": cfg.decode_budget if cfg.decode_enabled else None}
 
 
 def plan_drift(state) -> dict | None:
