@@ -11,15 +11,33 @@ from test_fairkv_server import wait_pool_empty
 pytestmark = pytest.mark.server
 
 
-def test_snapkv_greedy_equals_kvpress(fairkv_references, fairkv_prompts):
+def test_snapkv_greedy_equals_kvpress_and_prefill_decoding_press(fairkv_references, fairkv_prompts, decode_prompts,
+                                                                  smollm2_path, kvpress_python, shared,
+                                                                  tmp_path_factory):
     """SnapKV with prefix caching off (``--disable-radix-cache``: SGLang's radix cache disabled, no tier):
-    the classic prefill, as before prefix caching existed."""
+    the classic prefill, as before prefix caching existed. The server also compresses while decoding
+    (``--kv-decode-compress adakv``, budget 48 every 16 steps), which the 16-token check never reaches: a
+    64-token generation then equals kvpress's ``PrefillDecodingPress(SnapKVPress(0.5),
+    DecodingPress(AdaKVPress(SnapKVPress(window_size=8)), 16, 48))``, tokens the decode press changes (vs
+    the prefill press alone)."""
+    from helpers.fairkv_refs import DECODE_K, DECODE_N, DECODE_W, prefill_decode_references
+
     assert fairkv_references["snapkv"] != fairkv_references["adakv"][1]  # the two methods keep different sets here
-    with Server(["--kv-compress", "snapkv", "--kv-compress-ratio", str(RATIO), "--disable-radix-cache"],
-                env=STRICT) as s:
+    prompt = decode_prompts[600]
+    ref = shared("decode-ref-prefill-snapkv", lambda: prefill_decode_references(
+        kvpress_python, smollm2_path, [prompt], tmp_path_factory.mktemp("kvp-pds"), prefill_method="snapkv"))
+    with Server(["--kv-compress", "snapkv", "--kv-compress-ratio", str(RATIO), "--disable-radix-cache",
+                 "--kv-decode-compress", "adakv", "--kv-decode-budget", "48", "--kv-decode-interval", str(DECODE_K),
+                 "--kv-decode-window", str(DECODE_W)], env=STRICT) as s:
         assert s.greedy_ids(fairkv_prompts[1], N_NEW) == fairkv_references["snapkv"]
         st = wait_pool_empty(s)
         assert st["pages_used"] == 0 and st["prefix_tier"] is None
+        got = s.greedy_ids(prompt, DECODE_N)
+        st = wait_pool_empty(s)
+    assert got == ref[0][0]
+    assert got != ref[1][0], "the decode press did not change these tokens: pick another case"
+    dc = st["decode_compress"]
+    assert dc["request_compressions"] == 3 and dc["rows_evicted_total"] > 0 and st["pages_used"] == 0, dc
 
 
 def test_none_equals_hf_transformers_and_snapkv_decoding_press_equals_kvpress(
@@ -30,7 +48,7 @@ def test_none_equals_hf_transformers_and_snapkv_decoding_press_equals_kvpress(
     the budget): its query ring changes nothing. A 64-token generation then equals kvpress's
     ``DecodingPress(SnapKVPress(window_size=8), compression_interval=16, target_size=64)`` -- tokens the
     decode press changes (vs dense) -- and each request is compressed three times (after steps 16, 32, 48).
-    (DecodingPress with AdaKV and PrefillDecodingPress: test_decode_compress_server.)"""
+    (DecodingPress with AdaKV: test_decode_compress_server.)"""
     from helpers.fairkv_refs import DECODE_K, DECODE_N, DECODE_W, decode_press, decode_references
 
     prompt = decode_prompts[1100]

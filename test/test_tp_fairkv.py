@@ -219,8 +219,8 @@ def test_smollm2_tp2_through_a_plan_equals_kvpress(smollm2_path, fairkv_referenc
     stats = tmp_path / "smollm2.json"
     measured = load_stats(REPO_STATS)
     measured.save(stats)
-    long_prompts = [decode_prompts[600], decode_prompts[1700]]
-    dec_ref = shared("decode-ref-prefill", lambda: prefill_decode_references(  # test_decode_compress_server's
+    long_prompts = [decode_prompts[600]]
+    dec_ref = shared("decode-ref-prefill", lambda: prefill_decode_references(
         kvpress_python, smollm2_path, long_prompts, tmp_path_factory.mktemp("kvp-pd")))
     # a 32k-token pool: the 1100-token prompt is within the prefix tier's write share (1/16), so it is cached
     args = ["--tp-size", "2", "--kv-compress", "adakv", "--kv-compress-ratio", str(RATIO),

@@ -82,7 +82,8 @@ def decode_press(method: str, target: int) -> dict:
     return {"method": method, "interval": DECODE_K, "target": target, "window": DECODE_W}
 
 
-def prefill_decode_references(kvpress_python, model, prompts, tmp_path) -> list[list[list[int]]]:
-    """``PrefillDecodingPress(AdaKV 0.5, DecodingPress(AdaKV, 16, 48))``, then the prefill press alone."""
+def prefill_decode_references(kvpress_python, model, prompts, tmp_path, prefill_method: str = "adakv"
+                              ) -> list[list[list[int]]]:
+    """``PrefillDecodingPress(<prefill_method> 0.5, DecodingPress(AdaKV, 16, 48))``, then the prefill press alone."""
     return decode_references(kvpress_python, model, prompts, DECODE_N, [decode_press("adakv", 48), None], tmp_path,
-                             prefill={"method": "adakv", "ratio": 0.5})
+                             prefill={"method": prefill_method, "ratio": 0.5})

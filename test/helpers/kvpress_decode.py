@@ -25,7 +25,8 @@ behaviour there cannot be a server's that gives pages back (docs/DESIGN.md, deco
    the current step's RoPE (``position_embeddings`` of a one-token forward); here each buffered step keeps
    its own ``(cos, sin)`` (the queries the model computed at that step).
 3. **Kept rows in position order.** kvpress's ``ScorerPress`` gathers in top-k order, which changes the
-   next interval's pooling neighbours; here the kept rows stay in position order.
+   next interval's pooling neighbours; here the kept rows stay in position order -- at decode time and
+   after a prefill ``SnapKVPress`` (:class:`PositionOrderSnapKVPress`; a prefill AdaKV masks in place).
 
 The prompt is prefilled with the prefill press (kvpress's own, unchanged), the first token is the argmax
 of the last prompt position, then ``N - 1`` greedy decode steps at positions ``S, S + 1, ...``.
@@ -42,7 +43,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from kvpress import AdaKVPress, DecodingPress, PrefillDecodingPress, SnapKVPress
-from kvpress.utils import get_prerope_query_states
+from kvpress.utils import compute_n_kept, get_prerope_query_states
 from transformers import AutoModelForCausalLM, DynamicCache
 from transformers.models.llama.modeling_llama import rotate_half
 
@@ -154,11 +155,28 @@ def decoding_press(dec: dict | None, trace: dict | None) -> EvictingDecodingPres
                                  target_size=int(dec["target"]), trace=trace)
 
 
+@dataclass
+class PositionOrderSnapKVPress(SnapKVPress):
+    """kvpress's ``SnapKVPress`` at prefill with change 3: the kept rows gathered in position order (kvpress's
+    ``ScorerPress.compress`` gathers in top-k order; attention does not care, the next decode-time scoring's
+    pooling does)."""
+
+    def compress(self, module, hidden_states, keys, values, attentions, kwargs):
+        if self.compression_ratio == 0:
+            return keys, values
+        scores = self.score(module, hidden_states, keys, values, attentions, kwargs)
+        n_kept = compute_n_kept(keys.shape[2], self.compression_ratio)
+        idx = scores.topk(n_kept, dim=-1).indices.sort(dim=-1).values
+        idx = idx.unsqueeze(-1).expand(-1, -1, -1, module.head_dim)
+        return keys.gather(2, idx).contiguous(), values.gather(2, idx).contiguous()
+
+
 def prefill_press(pre: dict | None):
     if pre is None:
         return None
-    snap = SnapKVPress(compression_ratio=float(pre["ratio"]))
-    return AdaKVPress(snap) if pre["method"] == "adakv" else snap
+    if pre["method"] == "adakv":  # masks in place: rows stay in position order
+        return AdaKVPress(SnapKVPress(compression_ratio=float(pre["ratio"])))
+    return PositionOrderSnapKVPress(compression_ratio=float(pre["ratio"]))
 
 
 def generate(model, ids: list[int], n_new: int, prefill: dict | None, decodes: list[dict | None],
