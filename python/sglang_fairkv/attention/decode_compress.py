@@ -112,22 +112,20 @@ class DecodeCompressor:
             hkv = len(heads)
             lens_full = self.ledger.length[torch.from_numpy(due), lid].numpy()  # [n, KV] every rank's heads
             s = int(lens_full.max())
-            if s <= cfg.decode_budget and cfg.decode_method == "snapkv":
-                continue  # no head is over its budget (the same decision on every rank)
-            if cfg.decode_method == "adakv" and int(lens_full.sum(axis=1).max()) <= lens_full.shape[1] * cfg.decode_budget:
-                continue  # no request's layer is over its budget
+            snapkv = cfg.decode_method == "snapkv"
+            if (s if snapkv else int(lens_full.sum(axis=1).max()) / lens_full.shape[1]) <= cfg.decode_budget:
+                continue  # no head (SnapKV) / no request's layer (AdaKV) over its budget: the same on every rank
             active = pool.active_host[due, lid, :hkv]  # [n, hkv]
             lens = pool.seg_len_host[due, lid, :hkv]
             scores = None
             if hkv and active.any():
                 scores = self._scores(idx, lid, hkv, lens, order, s)  # [n, hkv, s]
-            if cfg.decode_method == "snapkv":
-                if scores is None:
-                    counts_full = np.minimum(lens_full, cfg.decode_budget)
+            if snapkv:
+                counts_full = np.minimum(lens_full, cfg.decode_budget)
+                if scores is None:  # nothing of this layer here for these requests: the ledger only
                     self.ledger.length[torch.from_numpy(due), lid] = torch.from_numpy(counts_full)
                     continue
                 kept, counts = select_uniform(scores, lens, cfg.decode_budget)
-                counts_full = np.minimum(lens_full, cfg.decode_budget)
             else:
                 full = self._all_heads(scores, heads, active, n, lens_full.shape[1], s)
                 kept_full, counts_full = select_adakv(full, lens_full, cfg.decode_budget, cfg.alpha)

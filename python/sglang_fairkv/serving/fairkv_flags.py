@@ -149,9 +149,10 @@ def decode_note(cfg) -> str:
     """What decode-time compression does with these settings, and how it meets the prompt's compression."""
     first = (f"the prompt is compressed first (--kv-compress {cfg.method}: what each head keeps of it), then "
              if cfg.enabled else "the prompt is kept whole (no --kv-compress), then ")
+    split = " on average (AdaKV split per layer)" if cfg.decode_method == "adakv" else ""
     return (f"--kv-decode-compress {cfg.decode_method}: {first}every {cfg.decode_interval} decode steps prompt + "
             f"answer so far are re-scored with the last {cfg.decode_window} decode queries and cut to "
-            f"{cfg.decode_budget} tokens per head{' on average (AdaKV split per layer)' if cfg.decode_method == 'adakv' else ''}; "
+            f"{cfg.decode_budget} tokens per head{split}; "
             f"a request is charged at most about {cfg.decode_budget} + {cfg.decode_interval} rows per head, not "
             "prompt + max_new_tokens")
 
