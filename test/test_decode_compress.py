@@ -137,8 +137,8 @@ def test_admission_bound_holds_over_simulated_compressions(method):
                 pages[owner[lid, h], lid] += -(-lens[lid, h] // P)
         assert (pages <= charge).all(), (step, pages, charge)
         history.append(lens.copy())
-    # a live re-plan prices what each running request may still gain (control_plane.decode_growth_bound)
-    from sglang_fairkv.serving.control_plane import decode_growth_bound
+    # a live re-plan prices what each running request may still gain (footprint.decode_growth_bound)
+    from sglang_fairkv.compress.footprint import decode_growth_bound
 
     hist = np.stack(history)  # [steps + 1, L, KV]
     for t in range(0, extra, 7):

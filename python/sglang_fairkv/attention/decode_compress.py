@@ -65,10 +65,7 @@ class DecodeCompressor:
     def step_slots(self, req_pool_idx: np.ndarray) -> np.ndarray:
         """A decode step of these requests (host ``[b]``) is launched: count it, remember those that reach
         their interval, and return each one's ring slot for this step's queries (host int64 ``[b]``)."""
-        reqs = self.state.requests
-        due = reqs.count_decode_step(req_pool_idx, self.cfg.decode_interval)
-        # the step count before the reset: K for those due, their last query lands in slot (K - 1) % W
-        steps = np.where(np.isin(req_pool_idx, due), self.cfg.decode_interval, reqs.decode_steps[req_pool_idx])
+        due, steps = self.state.requests.count_decode_step(req_pool_idx, self.cfg.decode_interval)
         if due.size:
             self.pending = due if self.pending is None else np.concatenate([self.pending, due])
         return (steps - 1) % self.window

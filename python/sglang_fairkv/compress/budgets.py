@@ -38,6 +38,15 @@ def select_uniform(scores: torch.Tensor, n_kept: int) -> list[torch.Tensor]:
     return _sorted_rows(scores.topk(n_kept, dim=-1).indices)
 
 
+def adakv_floor(n_kept: int, alpha: float) -> int:
+    """AdaKV's safeguard (kvpress ``AdaKVPress``): rows each head keeps first, ``int(n_kept * alpha)``, at least
+    1 when ``alpha > 0`` and anything is kept."""
+    n_safe = int(n_kept * alpha)
+    if alpha > 0:
+        n_safe = max(1, n_safe) if n_kept > 0 else 0
+    return n_safe
+
+
 def select_adakv(scores: torch.Tensor, n_kept: int, alpha: float = 0.2) -> list[torch.Tensor]:
     """AdaKV (Feng et al. 2024, arXiv 2407.11550): the layer keeps ``H * n_kept`` positions in total.
 
@@ -48,9 +57,7 @@ def select_adakv(scores: torch.Tensor, n_kept: int, alpha: float = 0.2) -> list[
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     h, s = scores.shape
     n_kept = min(n_kept, s)
-    n_safe = int(n_kept * alpha)
-    if alpha > 0:
-        n_safe = max(1, n_safe) if n_kept > 0 else 0
+    n_safe = adakv_floor(n_kept, alpha)
     scores = scores.clone()
     top = torch.topk(scores, n_safe, dim=-1).indices
     scores.scatter_(-1, top, torch.finfo(scores.dtype).max)

@@ -28,6 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .budgets import adakv_floor
+
 #: score of the window's rows: above any pooled attention probability (kvpress uses ``max + 1``)
 WINDOW_SCORE = 2.0
 
@@ -92,9 +94,7 @@ def select_adakv(scores: torch.Tensor, lens: np.ndarray, budget: int, alpha: flo
     n, kv, s = scores.shape
     dev = scores.device
     live = torch.arange(s, device=dev) < torch.as_tensor(lens, device=dev)[..., None]  # [n, KV, S]
-    n_safe = int(budget * alpha)
-    if alpha > 0:
-        n_safe = max(1, n_safe)
+    n_safe = adakv_floor(budget, alpha)
     sc = scores.clone()
     if n_safe:
         top = sc.topk(min(n_safe, s), dim=-1).indices

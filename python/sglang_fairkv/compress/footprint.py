@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .budgets import pyramid_layer_budget
+from .budgets import adakv_floor, pyramid_layer_budget
 from .policy import CompressConfig
 
 
@@ -53,10 +53,7 @@ def kept_per_head(cfg: CompressConfig, seq_len: int, num_layers: int, num_kv_hea
 def adakv_layer_rule(cfg: CompressConfig, seq_len: int, num_kv_heads: int) -> tuple[int, int]:
     """AdaKV for a compressed ``seq_len``-token prompt: ``(rows the layer keeps in all, floor per head)``."""
     n_kept = min(cfg.n_kept(seq_len), seq_len)
-    floor = int(n_kept * cfg.alpha)
-    if cfg.alpha > 0:
-        floor = max(1, floor) if n_kept > 0 else 0
-    return num_kv_heads * n_kept, floor
+    return num_kv_heads * n_kept, adakv_floor(n_kept, cfg.alpha)
 
 
 def _per_rank_layer(values: np.ndarray | int, own: np.ndarray, tp: int) -> np.ndarray:
@@ -97,12 +94,26 @@ def decode_bound_pages(cfg: CompressConfig, owner: np.ndarray, tp: int, page_siz
     if cfg.decode_method == "snapkv":
         return _per_rank_layer(-(-(T + K) // P), own, tp)
     kv = own.shape[1]
-    floor = int(T * cfg.alpha)
-    if cfg.alpha > 0:
-        floor = max(1, floor)
     segs = _per_rank_layer(1, own, tp)
-    rows = np.maximum(0, kv * T - (kv - segs) * min(floor, K)) + segs * K
+    rows = np.maximum(0, kv * T - (kv - segs) * _decode_floor(cfg)) + segs * K
     return np.where(segs > 0, (rows + segs * (P - 1)) // P, 0)
+
+
+def _decode_floor(cfg: CompressConfig) -> int:
+    """Rows every head keeps at least after a decode-time AdaKV compression: its floor, or all its rows --
+    at least the interval's ``K`` new ones -- when it has fewer."""
+    return min(adakv_floor(cfg.decode_budget, cfg.alpha), cfg.decode_interval)
+
+
+def decode_growth_bound(cfg: CompressConfig, rows: np.ndarray) -> np.ndarray:
+    """int64 ``[R]``: rows any segment of each running request (``rows`` ``[R, L, KV]``) may still gain with
+    decode-time compression on (a live re-plan prices the decode still owed with it): at most ``K`` before its
+    next compression, after which a head holds at most ``T`` (SnapKV) or the layer's ``KV x T`` less the other
+    heads' floors (AdaKV, :func:`decode_bound_pages`' rule for one segment), plus ``K`` again."""
+    K, T, kv = cfg.decode_interval, cfg.decode_budget, rows.shape[2]
+    head_max = T if cfg.decode_method == "snapkv" else kv * T - (kv - 1) * _decode_floor(cfg)
+    least = rows.reshape(rows.shape[0], -1).min(axis=1) if rows.size else np.zeros(0, dtype=np.int64)
+    return np.maximum(K, head_max + K - least)
 
 
 def _prefill_kept_pages(cfg: CompressConfig, seq_len: int, extra: int, own: np.ndarray, tp: int,

@@ -80,15 +80,17 @@ class RequestTable:
         if seq_len is not None:
             self.decode_context[idx] = seq_len
 
-    def count_decode_step(self, req_pool_idx: np.ndarray, interval: int) -> np.ndarray:
+    def count_decode_step(self, req_pool_idx: np.ndarray, interval: int) -> tuple[np.ndarray, np.ndarray]:
         """A decode step of these requests (host ``[b]``) is launched: returns those that reach their
-        decode-compression interval with it (their counters restart)."""
+        decode-compression interval with it (their counters restart) and each request's step count in its
+        interval with this step (``[b]``, 1 .. ``interval``)."""
         idx = np.asarray(req_pool_idx, dtype=np.int64)
         self.decode_steps[idx] += 1
         self.decode_context[idx] += 1
-        due = idx[self.decode_steps[idx] >= interval]
+        steps = self.decode_steps[idx]
+        due = idx[steps >= interval]
         self.decode_steps[due] = 0
-        return due
+        return due, steps
 
     def release(self, req_pool_idx: int) -> str | None:
         """Reset the row; returns the rid that held it (None if it was never admitted)."""

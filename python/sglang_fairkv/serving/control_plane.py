@@ -221,18 +221,10 @@ def live_segments(scheduler, state):
     rows = state.ledger.length[idx].numpy().copy()
     owed_rows = np.array([owed.get(i, 0) for i in idx], dtype=np.int64)
     if state.cfg.decode_enabled:  # decode-time compression bounds what a segment still grows by
+        from ..compress.footprint import decode_growth_bound
+
         owed_rows = np.minimum(owed_rows, decode_growth_bound(state.cfg, rows))
     return LiveSegments(rids, weights, state.ledger.owner[idx].numpy().copy(), rows, owed_rows)
-
-
-def decode_growth_bound(cfg, rows: np.ndarray) -> np.ndarray:
-    """int64 ``[R]``: rows any segment of each running request (``rows`` ``[R, L, KV]``) may still gain with
-    decode-time compression on: at most ``K`` before its next compression, after which a head holds at most
-    ``T`` (SnapKV) or the layer's ``KV x T`` less the other heads' floors (AdaKV), plus ``K`` again."""
-    K, T, kv = cfg.decode_interval, cfg.decode_budget, rows.shape[2]
-    head_max = T if cfg.decode_method == "snapkv" else kv * T - (kv - 1) * min(max(1, int(T * cfg.alpha)), K)
-    least = rows.reshape(rows.shape[0], -1).min(axis=1) if rows.size else np.zeros(0, dtype=np.int64)
-    return np.maximum(K, head_max + K - least)
 
 
 def replan(scheduler, state, req: FairKVControlReq, out=FairKVControlReqOutput) -> FairKVControlReqOutput | None:
